@@ -1,0 +1,17 @@
+"""The `replicator` command. Only this package turns errors into exit codes and messages."""
+
+from __future__ import annotations
+
+import click
+
+from replicator import __version__
+from replicator.cli.dev import dev
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="replicator")
+def main() -> None:
+    """Change-data-capture replicator and point-in-time backup for WedSync."""
+
+
+main.add_command(dev)
