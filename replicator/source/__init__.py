@@ -1,0 +1,1 @@
+"""Capture from Postgres: the replication stream, the pgoutput decoder, value conversion."""
