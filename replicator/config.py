@@ -1,0 +1,202 @@
+"""Typed configuration: one TOML file, plus the environment for secrets.
+
+Every model is frozen and rejects unknown keys, so a typo is an error naming the key, not a
+silently ignored setting. Secrets never live in the file: the source password comes from
+`REPLICATOR_SOURCE_PASSWORD` (or the file named by `REPLICATOR_SOURCE_PASSWORD_FILE`) and is
+held as a `SecretStr`, which prints as `**********`.
+
+Example: `examples/local.toml`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from replicator.events import Tier
+
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_$]*")
+
+
+class ConfigError(ValueError):
+    """The configuration cannot be used; the message names the file and the key."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+def _qualified(name: str) -> str:
+    """`guests` -> `public.guests`; validates `schema.table`."""
+    parts = name.split(".")
+    if len(parts) == 1:
+        parts = ["public", parts[0]]
+    if len(parts) != 2 or not all(_IDENT.fullmatch(p) for p in parts):
+        raise ValueError(f"{name!r} is not a table name like 'public.guests'")
+    return ".".join(parts)
+
+
+class SourceConfig(_Model):
+    dsn: str = Field(description="libpq connection string of the WedSync database")
+    password: SecretStr | None = Field(default=None, exclude=True)
+    slot: str = "wedsync_replicator"
+    publication: str = "wedsync_replicator"
+    tables: tuple[str, ...] = Field(
+        default=(), description="tables to capture; empty means the publication's tables, or "
+        "every table when the publication must be created")
+    protocol_version: Literal["auto", 1, 2, 3, 4] = "auto"
+    streaming: bool = True
+    two_phase: bool = False
+    snapshot: Literal["initial", "never"] = "initial"
+    heartbeat_interval_s: float = Field(default=10.0, gt=0)
+    status_interval_s: float = Field(default=1.0, gt=0)
+    reconnect_max_backoff_s: float = Field(default=30.0, gt=0)
+
+    @field_validator("slot", "publication")
+    @classmethod
+    def _identifier(cls, value: str) -> str:
+        if not re.fullmatch(r"[a-z0-9_]{1,63}", value):
+            raise ValueError("use 1-63 lower-case letters, digits or underscores")
+        return value
+
+    @field_validator("tables")
+    @classmethod
+    def _tables(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(_qualified(t) for t in value)
+
+
+class WeddingLink(_Model):
+    """How one table's rows lead to their wedding.
+
+    Either directly, `column` holding the wedding id; or through a parent table:
+    `column` holds the parent's key, and the parent's `parent_wedding_column` the wedding id.
+    """
+
+    column: str
+    parent: str | None = None
+    parent_key: str = "id"
+    parent_wedding_column: str = "wedding_id"
+
+    @field_validator("parent")
+    @classmethod
+    def _parent(cls, value: str | None) -> str | None:
+        return _qualified(value) if value is not None else None
+
+
+class PriorityConfig(_Model):
+    weddings_table: str = "public.weddings"
+    wedding_id_column: str = "id"
+    wedding_date_column: str = "wedding_date"
+    tables: dict[str, WeddingLink] = Field(default_factory=dict)
+    critical_days: int = Field(default=7, ge=0)
+    high_days: int = Field(default=30, ge=0)
+    normal_days: int = Field(default=90, ge=0)
+    default_tier: Tier = Tier.LOW
+    timezone: str = "UTC"
+
+    @field_validator("weddings_table")
+    @classmethod
+    def _weddings(cls, value: str) -> str:
+        return _qualified(value)
+
+    @field_validator("tables")
+    @classmethod
+    def _links(cls, value: dict[str, WeddingLink]) -> dict[str, WeddingLink]:
+        return {_qualified(k): v for k, v in value.items()}
+
+    @model_validator(mode="after")
+    def _ordered(self) -> PriorityConfig:
+        if not self.critical_days <= self.high_days <= self.normal_days:
+            raise ValueError("need critical_days <= high_days <= normal_days")
+        return self
+
+
+class KafkaConfig(_Model):
+    bootstrap_servers: str = "127.0.0.1:19092"
+    topic_prefix: str = "wedsync"
+    partitions: int = Field(default=6, ge=1)
+    replication_factor: int = Field(default=1, ge=1)
+    compression: Literal["zstd", "lz4", "gzip", "none"] = "zstd"
+    linger_ms: int = Field(default=5, ge=0)
+    max_batch_bytes: int = Field(default=1_048_576, ge=1024)
+    schema_registry_url: str | None = None
+
+    @field_validator("topic_prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9._-]{1,200}", value):
+            raise ValueError("Kafka topic names allow letters, digits, '.', '_' and '-'")
+        return value
+
+
+class MetricsConfig(_Model):
+    listen: str = "127.0.0.1:9187"
+
+
+class Config(_Model):
+    source: SourceConfig
+    priority: PriorityConfig = Field(default_factory=PriorityConfig)
+    kafka: KafkaConfig = Field(default_factory=KafkaConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    shutdown_deadline_s: Annotated[float, Field(gt=0)] = 30.0
+
+
+def load_config(path: Path, environ: Mapping[str, str] | None = None) -> Config:
+    """Read and validate *path*; secrets come from *environ* (default: the process's)."""
+    env = os.environ if environ is None else environ
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such configuration file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    source = raw.get("source")
+    if isinstance(source, dict):
+        if "password" in source:
+            raise ConfigError(f"{path}: source.password must not be in the file; set "
+                              "REPLICATOR_SOURCE_PASSWORD or REPLICATOR_SOURCE_PASSWORD_FILE")
+        secret = _secret(env, "REPLICATOR_SOURCE_PASSWORD")
+        if secret is not None:
+            source = {**source, "password": secret}
+            raw = {**raw, "source": source}
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"{path}: {_describe(exc)}") from None
+
+
+def _secret(env: Mapping[str, str], name: str) -> str | None:
+    if env.get(name):
+        return env[name]
+    file = env.get(f"{name}_FILE")
+    if file:
+        try:
+            return Path(file).read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"{name}_FILE={file}: cannot read it ({exc.strerror})") from None
+    return None
+
+
+def _describe(exc: ValidationError) -> str:
+    """One line per problem, each naming the dotted key; input values are left out because
+    they may hold secrets."""
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        message = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        lines.append(f"{key}: {message}")
+    return "; ".join(lines)

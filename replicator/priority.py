@@ -1,0 +1,187 @@
+"""Wedding tier of each change: how many days until the wedding the row belongs to.
+
+critical: the wedding is today or within `critical_days` (default 7); high: within
+`high_days` (30); normal: within `normal_days` (90); low: later, already past, or unknown.
+Rows of tables with no configured link to a wedding get `default_tier`.
+
+The calendar (wedding id -> date, and parent key -> wedding id for tables linked through a
+parent) is warmed by one query per table at start-up and then kept current from the change
+stream itself: a change to the weddings table or to a parent table updates it before the
+change is classified, so no query runs per change.
+
+A wedding id that does not resolve (a row pointing at a wedding the calendar has never seen)
+is not an error that stops capture: the change gets `default_tier`, the id is kept on the
+event, and `unresolved` counts it so the operator sees it in the metrics.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from datetime import date, datetime
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import psycopg
+from psycopg import sql
+
+from replicator.config import PriorityConfig, WeddingLink
+from replicator.events import ChangeEvent, Op, Tier
+
+log = logging.getLogger(__name__)
+
+
+def _today(zone: str) -> Callable[[], date]:
+    tz = ZoneInfo(zone)
+    return lambda: datetime.now(tz).date()
+
+
+def _as_date(value: object) -> date | None:
+    if isinstance(value, datetime):
+        return value.date()
+    if isinstance(value, date):
+        return value
+    return None  # NULL, or an Infinity marker: no wedding day to count towards
+
+
+class WeddingCalendar:
+    def __init__(self, config: PriorityConfig, today: Callable[[], date] | None = None) -> None:
+        self.config = config
+        self.today = today or _today(config.timezone)
+        self.dates: dict[str, date | None] = {}
+        # parent table -> parent key (as text) -> wedding id (as text)
+        self.parents: dict[str, dict[str, str]] = {
+            link.parent: {} for link in config.tables.values() if link.parent is not None
+        }
+        self.unresolved = 0
+        self._parent_links = {
+            link.parent: link for link in config.tables.values() if link.parent is not None
+        }
+
+    # --- warm-up --------------------------------------------------------------------------
+
+    async def warm(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """One query for the weddings table, one per parent table."""
+        c = self.config
+        schema, table = c.weddings_table.split(".")
+        query = sql.SQL("SELECT {}::text, {} FROM {}.{}").format(
+            sql.Identifier(c.wedding_id_column), sql.Identifier(c.wedding_date_column),
+            sql.Identifier(schema), sql.Identifier(table))
+        cur = await conn.execute(query)
+        self.dates = {str(wid): _as_date(day) for wid, day in await cur.fetchall()}
+        for parent, link in self._parent_links.items():
+            schema, table = parent.split(".")
+            query = sql.SQL("SELECT {}::text, {}::text FROM {}.{} WHERE {} IS NOT NULL").format(
+                sql.Identifier(link.parent_key), sql.Identifier(link.parent_wedding_column),
+                sql.Identifier(schema), sql.Identifier(table),
+                sql.Identifier(link.parent_wedding_column))
+            cur = await conn.execute(query)
+            self.parents[parent] = {str(k): str(w) for k, w in await cur.fetchall()}
+        log.info("wedding calendar warmed: %d weddings, %d parent tables",
+                 len(self.dates), len(self.parents))
+
+    # --- classification -------------------------------------------------------------------
+
+    def tier_for_date(self, day: date | None) -> Tier:
+        if day is None:
+            return Tier.LOW
+        days = (day - self.today()).days
+        c = self.config
+        if days < 0:
+            return Tier.LOW
+        if days <= c.critical_days:
+            return Tier.CRITICAL
+        if days <= c.high_days:
+            return Tier.HIGH
+        if days <= c.normal_days:
+            return Tier.NORMAL
+        return Tier.LOW
+
+    def tier_for_wedding(self, wedding_id: str) -> Tier:
+        if wedding_id not in self.dates:
+            self.unresolved += 1
+            return self.config.default_tier
+        return self.tier_for_date(self.dates[wedding_id])
+
+    def classify(self, event: ChangeEvent) -> None:
+        """Set `event.tier` and `event.wedding_id`, learning from the event first."""
+        self.observe(event)
+        qualified = event.qualified_table
+        row = event.after if event.after is not None else event.before
+        wedding_id: str | None = None
+        if qualified == self.config.weddings_table:
+            wedding_id = _text(row, self.config.wedding_id_column)
+        else:
+            link = self.config.tables.get(qualified)
+            if link is None:
+                event.tier = self.config.default_tier
+                return
+            wedding_id = self._wedding_of(link, row)
+        event.wedding_id = wedding_id
+        event.tier = (self.config.default_tier if wedding_id is None
+                      else self.tier_for_wedding(wedding_id))
+
+    def observe(self, event: ChangeEvent) -> None:
+        """Keep the calendar current from the weddings table's and parent tables' changes."""
+        qualified = event.qualified_table
+        c = self.config
+        if qualified == c.weddings_table:
+            self._observe_wedding(event)
+        elif qualified in self.parents:
+            self._observe_parent(qualified, event)
+
+    def _observe_wedding(self, event: ChangeEvent) -> None:
+        c = self.config
+        if event.op is Op.TRUNCATE:
+            self.dates.clear()
+            return
+        if event.op is Op.DELETE:
+            wid = _text(event.before or event.key, c.wedding_id_column)
+            if wid is not None:
+                self.dates.pop(wid, None)
+            return
+        after = event.after or {}
+        wid = _text(after, c.wedding_id_column)
+        if wid is None:
+            return
+        if event.before is not None:
+            old = _text(event.before, c.wedding_id_column)
+            if old is not None and old != wid:
+                self.dates.pop(old, None)
+        if c.wedding_date_column in after:  # absent only when unchanged (TOAST): keep the old
+            self.dates[wid] = _as_date(after[c.wedding_date_column])
+        else:
+            self.dates.setdefault(wid, None)
+
+    def _observe_parent(self, parent: str, event: ChangeEvent) -> None:
+        link = self._parent_links[parent]
+        known = self.parents[parent]
+        if event.op is Op.TRUNCATE:
+            known.clear()
+            return
+        if event.op is Op.DELETE:
+            key = _text(event.before or event.key, link.parent_key)
+            if key is not None:
+                known.pop(key, None)
+            return
+        after = event.after or {}
+        key = _text(after, link.parent_key)
+        wedding = _text(after, link.parent_wedding_column)
+        if key is not None and wedding is not None:
+            known[key] = wedding
+
+    def _wedding_of(self, link: WeddingLink, row: Mapping[str, Any] | None) -> str | None:
+        value = _text(row, link.column)
+        if value is None or link.parent is None:
+            return value
+        wedding = self.parents[link.parent].get(value)
+        if wedding is None:
+            self.unresolved += 1
+        return wedding
+
+
+def _text(row: Mapping[str, Any] | None, column: str) -> str | None:
+    if not row:
+        return None
+    value = row.get(column)
+    return None if value is None else str(value)

@@ -1,0 +1,65 @@
+"""What the capture needs to know from the catalog, read once at start-up.
+
+- the database's own types (enums, domains, their arrays, text-like extension types), so
+  the decoder can convert them; pgoutput's Type messages give only a name;
+- each captured table's primary key, which stays the row's identity (the Kafka key) even
+  when the replica identity is FULL;
+- each table's columns and types, for the snapshot's COPY.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+
+from replicator.source.values import TypeRegistry
+
+_TYPES = """
+SELECT t.oid, n.nspname || '.' || t.typname, t.typtype, t.typcategory, t.typbasetype, t.typelem
+FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace
+WHERE t.oid >= 16384 AND t.typtype IN ('b', 'd', 'e')
+"""
+
+_COLUMNS = """
+SELECT a.attname, a.atttypid
+FROM pg_attribute a
+WHERE a.attrelid = %s::regclass AND a.attnum > 0 AND NOT a.attisdropped
+ORDER BY a.attnum
+"""
+
+_PK_ORDER = """
+SELECT a.attname
+FROM pg_index i
+JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord) ON true
+JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+WHERE i.indrelid = %s::regclass AND i.indisprimary
+ORDER BY k.ord
+"""
+
+
+@dataclass(frozen=True)
+class TableInfo:
+    qualified: str
+    columns: tuple[tuple[str, int], ...]  # (name, type OID)
+    primary_key: tuple[str, ...]
+
+
+async def load_types(conn: psycopg.AsyncConnection[Any], registry: TypeRegistry) -> None:
+    """Register every user-defined type the converters can handle."""
+    cur = await conn.execute(_TYPES)
+    rows = await cur.fetchall()
+    # Arrays can name element types registered later in the same listing: two passes.
+    for oid, name, typtype, category, base, elem in sorted(rows, key=lambda r: r[3] == "A"):
+        registry.register_catalog_type(oid, name, typtype, category, base, elem)
+
+
+async def table_info(conn: psycopg.AsyncConnection[Any], qualified: str) -> TableInfo:
+    schema, name = qualified.split(".")
+    regclass = f'"{schema}"."{name}"'
+    cur = await conn.execute(_COLUMNS, (regclass,))
+    columns = tuple((r[0], r[1]) for r in await cur.fetchall())
+    cur = await conn.execute(_PK_ORDER, (regclass,))
+    pk = tuple(r[0] for r in await cur.fetchall())
+    return TableInfo(qualified, columns, pk)

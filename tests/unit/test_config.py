@@ -1,0 +1,67 @@
+"""Configuration is validated at load; errors name the file and the key; secrets stay out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from replicator.config import ConfigError, load_config
+
+GOOD = """
+[source]
+dsn = "postgresql://replicator@db.internal:5432/wedsync"
+tables = ["weddings", "public.guests"]
+
+[priority.tables."guests"]
+column = "wedding_id"
+
+[kafka]
+topic_prefix = "wedsync"
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "replicator.toml"
+    path.write_text(text)
+    return path
+
+
+def test_a_good_file_loads_with_defaults(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, GOOD), environ={})
+    assert cfg.source.tables == ("public.weddings", "public.guests")
+    assert "public.guests" in cfg.priority.tables
+    assert cfg.kafka.partitions == 6 and cfg.source.slot == "wedsync_replicator"
+
+
+def test_the_example_config_is_valid() -> None:
+    cfg = load_config(Path(__file__).parents[2] / "examples" / "local.toml", environ={})
+    assert cfg.kafka.bootstrap_servers == "127.0.0.1:19092"
+
+
+@pytest.mark.parametrize(("text", "needle"), [
+    (GOOD.replace("topic_prefix", "topic_prefx"), "kafka.topic_prefx: unknown key"),
+    (GOOD.replace('tables = ["weddings"', 'tables = ["bad name"'), "source.tables"),
+    ("[kafka]\n", "source: Field required"),
+    (GOOD + "\n[priority]\ncritical_days = 40\n", "priority: Value error, need critical_days"),
+    ("[source\n", "not valid TOML"),
+    (GOOD.replace("[kafka]", "[kafka]\npartitions = 0"), "kafka.partitions"),
+])
+def test_errors_name_the_key(tmp_path: Path, text: str, needle: str) -> None:
+    with pytest.raises(ConfigError, match=r"replicator\.toml") as info:
+        load_config(write(tmp_path, text), environ={})
+    assert needle in str(info.value)
+
+
+def test_password_comes_from_the_environment_and_is_never_printed(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, GOOD), environ={"REPLICATOR_SOURCE_PASSWORD": "s3cret"})
+    assert cfg.source.password is not None
+    assert cfg.source.password.get_secret_value() == "s3cret"
+    assert "s3cret" not in repr(cfg) and "s3cret" not in str(cfg.model_dump())
+
+
+def test_a_password_in_the_file_is_refused(tmp_path: Path) -> None:
+    text = GOOD.replace("[source]", '[source]\npassword = "hunter2"')
+    with pytest.raises(ConfigError, match="must not be in the file") as info:
+        load_config(write(tmp_path, text), environ={})
+    assert "hunter2" not in str(info.value)
