@@ -15,6 +15,7 @@ import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -33,7 +34,11 @@ def unique(prefix: str) -> str:
 
 @pytest.fixture(scope="session")
 def dev_stack() -> Iterator[Stack]:
-    stack = Stack(StackSettings.from_env(os.environ))
+    # Anchored to the checkout, not the working directory: pytest run from anywhere must find
+    # (and adopt) the same stack, never start a second one on the same ports.
+    default_dir = Path(__file__).resolve().parents[1] / ".replicator-dev"
+    stack = Stack(StackSettings.from_env(os.environ, None if os.environ.get(
+        "REPLICATOR_DEV_DIR") else default_dir))
     already = {n for n, s in stack.services.items() if not s.managed or s.pid() is not None}
     started = [n for n in stack.services if n not in already]
     try:
