@@ -8,7 +8,9 @@ keep running, so `replicator dev status` shows what is up and `down` stops it.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Sequence
+import contextlib
+import fcntl
+from collections.abc import Iterable, Iterator, Sequence
 
 from replicator.devstack.base import Health, Service, ServiceError
 from replicator.devstack.kafka import KafkaService
@@ -58,8 +60,21 @@ class Stack:
             if service.managed:
                 service.install()
 
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """One `up` or `down` at a time per state directory: two test sessions starting the
+        stack together must not both spawn a service and overwrite each other's PID file."""
+        self.settings.state_dir.mkdir(parents=True, exist_ok=True)
+        with (self.settings.state_dir / ".lock").open("w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+
     async def up(self, names: Iterable[str] | None = None) -> dict[str, str]:
         """Start the services (idempotent); returns what happened to each."""
+        with self._locked():
+            return await self._up(names)
+
+    async def _up(self, names: Iterable[str] | None) -> dict[str, str]:
         services = self.select(names)
         # Installs run one at a time: apt, Maven and npm each saturate the two cores.
         for service in services:
@@ -74,7 +89,8 @@ class Stack:
 
     def down(self, names: Iterable[str] | None = None) -> dict[str, bool]:
         """Stop the managed services; returns which were running."""
-        return {s.name: s.stop() for s in self.select(names)}
+        with self._locked():
+            return {s.name: s.stop() for s in self.select(names)}
 
     async def status(self, names: Sequence[str] | None = None) -> list[Health]:
         return list(await asyncio.gather(*(s.health() for s in self.select(names))))

@@ -80,6 +80,8 @@ class Assembler:
         self.primary_keys = primary_keys or {}
         self.on_message = on_message
         self.tables: dict[int, _Table] = {}
+        #: "schema.table" -> column -> base type name, which the encoder needs (json vs text...)
+        self.column_kinds: dict[str, dict[str, str]] = {}
         self._current: _Open | None = None
         self._streams: dict[int, _Open] = {}
         self._prepared: dict[str, _Open] = {}
@@ -201,6 +203,7 @@ class Assembler:
                 f"deletes cannot be told apart; add a primary key or run ALTER TABLE "
                 f"{qualified} REPLICA IDENTITY FULL")
         decoder = RowDecoder.from_relation(rel, self.registry)
+        self.column_kinds[qualified] = column_types(rel.columns, self.registry)
         self.tables[rel.oid] = _Table(rel, decoder, rel.namespace, rel.name, key, names)
 
     def _table(self, oid: int) -> _Table:
@@ -287,6 +290,19 @@ class Assembler:
 
 
 _NO_POSITION = ChangePosition(Lsn(0), -1)
+
+
+def column_types(columns: Iterable[tuple[str, int]] | Iterable[pg.Column],
+                 registry: TypeRegistry) -> dict[str, str]:
+    """Column name -> Postgres base type name, for the encoder."""
+    out: dict[str, str] = {}
+    for column in columns:
+        name, oid = ((column.name, column.type_oid) if isinstance(column, pg.Column)
+                     else column)
+        type_name = registry.base_type_name(oid)
+        if type_name is not None:
+            out[name] = type_name
+    return out
 
 
 def _image(names: tuple[str, ...], values: Iterable[object], kind: str | None,

@@ -354,6 +354,18 @@ class TypeRegistry:
     def type_name(self, oid: int) -> str | None:
         return _BUILTIN_NAMES.get(oid) or self._names.get(oid)
 
+    def base_type_name(self, oid: int) -> str | None:
+        """The name of the type a column's values really have: domains resolved to their
+        base (the encoder needs `date` or `jsonb`, not `public.wedding_day`)."""
+        seen: set[int] = set()
+        while oid not in seen:
+            seen.add(oid)
+            kind, target = self._kinds.get(oid, (None, 0))
+            if kind is not _Kind.DOMAIN:
+                return self.type_name(oid)
+            oid = target
+        return None
+
     def converter(self, oid: int, *, table: str = "?", column: str = "?") -> Converter:
         """The converter for a column type; raises `UnknownTypeError` naming the column."""
         seen: set[int] = set()

@@ -1,0 +1,136 @@
+"""The capture's own durable state, kept in Kafka next to the data it describes.
+
+Topic `<prefix>.capture-state`: one partition, compacted, JSON values keyed by what they
+describe. On restart the capture reads it from the beginning, so its state comes from the
+durable side, never from local memory (like Kafka Connect's offsets topic for Debezium):
+
+- `slot` -> `{"slot", "created_lsn", "system_id"}`: which slot this capture created, so a
+  missing slot later is known to be *lost*, not new;
+- `snapshot/<schema.table>` -> `{"table", "lsn", "rows"}`: the table's snapshot is complete in
+  Kafka at that LSN; a crash mid-snapshot redoes only the tables without one;
+- `gap/<from>-<to>` -> `{"from_lsn", "to_lsn", "reason", "recorded_at"}`: changes between
+  these LSNs may be missing (a lost slot replaced after the operator confirmed); replay
+  refuses points inside it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+
+from replicator.position import Lsn
+
+
+def state_topic(prefix: str) -> str:
+    return f"{prefix}.capture-state"
+
+
+class CaptureState:
+    """A read-everything-then-append view of the state topic."""
+
+    def __init__(self, bootstrap: str, prefix: str, replication_factor: int = 1) -> None:
+        self.bootstrap = bootstrap
+        self.topic = state_topic(prefix)
+        self.replication_factor = replication_factor
+        self.entries: dict[str, dict[str, Any]] = {}
+        self._producer: AIOKafkaProducer | None = None
+
+    async def load(self) -> None:
+        """Create the topic if missing, then read it to the end."""
+        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap)
+        await admin.start()
+        try:
+            await admin.create_topics([NewTopic(
+                self.topic, num_partitions=1, replication_factor=self.replication_factor,
+                topic_configs={"cleanup.policy": "compact"})])
+        except TopicAlreadyExistsError:
+            pass
+        finally:
+            await admin.close()
+        tp = TopicPartition(self.topic, 0)
+        consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False,
+                                    isolation_level="read_committed")
+        await consumer.start()
+        try:
+            consumer.assign([tp])
+            end = (await consumer.end_offsets([tp]))[tp]
+            await consumer.seek_to_beginning(tp)
+            while await consumer.position(tp) < end:
+                batch = await consumer.getmany(tp, timeout_ms=1000)
+                for record in batch.get(tp, []):
+                    if record.key is None:
+                        continue
+                    key = record.key.decode()
+                    if record.value is None:
+                        self.entries.pop(key, None)
+                    else:
+                        self.entries[key] = json.loads(record.value)
+        finally:
+            await consumer.stop()
+
+    async def put(self, key: str, value: dict[str, Any]) -> None:
+        """Write one entry and wait until Kafka has it (acks=all)."""
+        if self._producer is None:
+            self._producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all",
+                                              enable_idempotence=True)
+            await self._producer.start()
+        await self._producer.send_and_wait(self.topic, json.dumps(value, sort_keys=True).encode(),
+                                           key=key.encode())
+        self.entries[key] = value
+
+    async def close(self) -> None:
+        if self._producer is not None:
+            await self._producer.stop()
+            self._producer = None
+
+    # --- typed views ----------------------------------------------------------------------
+
+    def snapshot_done(self, table: str) -> Lsn | None:
+        entry = self.entries.get(f"snapshot/{table}")
+        return Lsn(entry["lsn"]) if entry else None
+
+    async def mark_snapshot(self, table: str, lsn: Lsn, rows: int) -> None:
+        await self.put(f"snapshot/{table}", {"table": table, "lsn": int(lsn), "rows": rows})
+
+    @property
+    def slot(self) -> dict[str, Any] | None:
+        return self.entries.get("slot")
+
+    async def mark_slot(self, slot: str, created_lsn: Lsn, system_id: str) -> None:
+        await self.put("slot", {"slot": slot, "created_lsn": int(created_lsn),
+                                "system_id": system_id})
+
+    def gaps(self) -> list[tuple[Lsn, Lsn]]:
+        return sorted((Lsn(v["from_lsn"]), Lsn(v["to_lsn"]))
+                      for k, v in self.entries.items() if k.startswith("gap/"))
+
+    async def record_gap(self, start: Lsn, end: Lsn, reason: str) -> None:
+        await self.put(f"gap/{start.hex_key()}-{end.hex_key()}", {
+            "from_lsn": int(start), "to_lsn": int(end), "reason": reason,
+            "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+
+
+async def last_transaction_lsn(bootstrap: str, topic: str) -> Lsn | None:
+    """The commit LSN of the newest transaction record in *topic* (its `lsn` header)."""
+    tp = TopicPartition(topic, 0)
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        consumer.assign([tp])
+        end = (await consumer.end_offsets([tp]))[tp]
+        if end == 0:
+            return None
+        consumer.seek(tp, end - 1)
+        batch = await consumer.getmany(tp, timeout_ms=5000)
+        for record in reversed(batch.get(tp, [])):
+            headers = dict(record.headers)
+            if "lsn" in headers:
+                return Lsn.parse(headers["lsn"].decode())
+        return None
+    finally:
+        await consumer.stop()
