@@ -9,6 +9,10 @@ parent) is warmed by one query per table at start-up and then kept current from 
 stream itself: a change to the weddings table or to a parent table updates it before the
 change is classified, so no query runs per change.
 
+A delete under the default replica identity carries only the row's key, so its wedding is
+unknown and it gets `default_tier`; tables whose deletes must travel with their wedding's tier
+need `REPLICA IDENTITY FULL` (or the link column in the primary key).
+
 A wedding id that does not resolve (a row pointing at a wedding the calendar has never seen)
 is not an error that stops capture: the change gets `default_tier`, the id is kept on the
 event, and `unresolved` counts it so the operator sees it in the metrics.

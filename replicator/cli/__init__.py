@@ -6,6 +6,7 @@ import click
 
 from replicator import __version__
 from replicator.cli.dev import dev
+from replicator.cli.run import run
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -15,3 +16,4 @@ def main() -> None:
 
 
 main.add_command(dev)
+main.add_command(run)

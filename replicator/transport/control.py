@@ -54,12 +54,12 @@ class CaptureState:
             await admin.close()
         tp = TopicPartition(self.topic, 0)
         consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False,
-                                    isolation_level="read_committed")
+                                    auto_offset_reset="earliest")
         await consumer.start()
         try:
             consumer.assign([tp])
             end = (await consumer.end_offsets([tp]))[tp]
-            await consumer.seek_to_beginning(tp)
+            consumer.seek(tp, (await consumer.beginning_offsets([tp]))[tp])
             while await consumer.position(tp) < end:
                 batch = await consumer.getmany(tp, timeout_ms=1000)
                 for record in batch.get(tp, []):
