@@ -29,13 +29,16 @@ RUN_AS_ROOT_USER = "wedsync-pg"
 DEBIAN_BIN = Path("/usr/lib/postgresql/15/bin")
 SHARED_ROOT = Path("/var/tmp/wedsync-replicator-dev")
 
+# Passed as `-c` options at every start, so a data directory made by an older version of the
+# stack gets the current settings on its next start.
 SERVER_SETTINGS = {
-    "listen_addresses": "'127.0.0.1'",
-    "unix_socket_directories": "''",
+    "listen_addresses": "127.0.0.1",
+    "unix_socket_directories": "",
     "wal_level": "logical",
     "max_replication_slots": "20",
     "max_wal_senders": "20",
     "max_connections": "200",
+    "max_prepared_transactions": "20",  # lets the tests exercise two-phase decoding
     "shared_buffers": "128MB",
     "fsync": "on",
     "log_min_messages": "warning",
@@ -143,18 +146,15 @@ class PostgresService(Service):
         if result.returncode != 0:
             shutil.rmtree(self.data_dir, ignore_errors=True)
             raise ServiceError(f"{self.name}: initdb failed:\n{result.stdout}{result.stderr}")
-        with (self.data_dir / "postgresql.conf").open("a") as conf:
-            conf.write("\n# managed by `replicator dev`\n")
-            for key, value in SERVER_SETTINGS.items():
-                conf.write(f"{key} = {value}\n")
         (self.data_dir / "pg_hba.conf").write_text(HBA)
         if user is not None:
-            for name in ("postgresql.conf", "pg_hba.conf"):
-                shutil.chown(self.data_dir / name, user, user)
+            shutil.chown(self.data_dir / "pg_hba.conf", user, user)
 
     def launch(self) -> Launch:
         return Launch(
-            argv=[str(self.bin_dir() / "postgres"), "-D", str(self.data_dir), "-p", str(self.port)],
+            argv=[str(self.bin_dir() / "postgres"), "-D", str(self.data_dir), "-p", str(self.port),
+                  *(arg for key, value in SERVER_SETTINGS.items()
+                    for arg in ("-c", f"{key}={value}"))],
             cwd=self.server_dir,
             user=self.run_user,
         )
