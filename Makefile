@@ -17,11 +17,11 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@
 
-# Main job on embedded defaults. Until capture and archive land, it starts the local stack
-# and reports what runs.
+# Main job on embedded defaults: the local stack, a sample wedding database, capture into
+# Kafka under a live workload, and a status summary (`replicator demo`).
 run: install
 	$(BIN)/replicator dev up
-	$(BIN)/replicator dev status
+	$(BIN)/replicator demo
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from replicator import __version__
+from replicator.cli.demo import demo
 from replicator.cli.dev import dev
 from replicator.cli.run import run
 
@@ -15,5 +16,6 @@ def main() -> None:
     """Change-data-capture replicator and point-in-time backup for WedSync."""
 
 
+main.add_command(demo)
 main.add_command(dev)
 main.add_command(run)

@@ -24,6 +24,9 @@ def setup_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("aiokafka").setLevel(logging.WARNING)
+    # "Topic ... not found in cluster metadata" at ERROR while a just-created topic's metadata
+    # propagates; real failures surface as exceptions on the calls that need the topic.
+    logging.getLogger("aiokafka.cluster").setLevel(logging.CRITICAL)
 
 
 @click.command()
