@@ -33,24 +33,33 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import psycopg
 from aiokafka.errors import KafkaError
+from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from replicator.config import Config
-from replicator.events import ChangeEvent
+from replicator.events import ChangeEvent, Tier, TransactionRecord
 from replicator.position import INVALID_LSN, Lsn
 from replicator.priority import WeddingCalendar
 from replicator.source import pgoutput as pg
 from replicator.source import slot as slots
 from replicator.source.assembler import Assembler, CaptureError, Committed, column_types
 from replicator.source.catalog import TableInfo, load_types, table_info
-from replicator.source.snapshot import snapshot_table
+from replicator.source.snapshot import (
+    SnapshotRequestError,
+    check_filter,
+    qualified_name,
+    snapshot_table,
+    wedding_filters,
+)
 from replicator.source.stream import (
     Backoff,
     ReplicationStream,
@@ -94,6 +103,37 @@ class CaptureStats:
     events_by_tier: dict[str, int] = field(default_factory=dict)
 
 
+#: Called once a table's snapshot rows are all acknowledged: (table, lsn, rows).
+SnapshotRecorder = Callable[[str, Lsn, int], Awaitable[None]]
+Boundary = Literal["now", "deferred", "none"]
+
+
+def snapshot_record(lsn: Lsn, table: str, tiers: Counter[Tier]) -> TransactionRecord:
+    """The boundary record of one table's snapshot rows at *lsn*: xid 0, and an end LSN just
+    below *lsn*, so a snapshot never lets a sink's checkpoint reach its own LSN while other
+    tables of it may still come; the first streamed transaction after it does."""
+    return TransactionRecord(lsn, Lsn(max(0, lsn - 1)), time.time_ns() // 1000, 0,
+                             {table: sum(tiers.values())},
+                             tier_counts={t.value: n for t, n in tiers.items()})
+
+
+@dataclass
+class SnapshotResult:
+    """What one snapshot published, all at `lsn`: rows per table (in the order taken) and
+    per tier; for an on-demand snapshot also what was asked and the tables left out."""
+
+    lsn: Lsn
+    rows: dict[str, int] = field(default_factory=dict)
+    tiers: Counter[Tier] = field(default_factory=Counter)
+    table: str | None = None
+    wedding: str | None = None
+    skipped: tuple[str, ...] = ()
+
+    @property
+    def total(self) -> int:
+        return sum(self.rows.values())
+
+
 class Capture:
     def __init__(self, config: Config, *, accept_gap: bool = False,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -117,6 +157,8 @@ class Capture:
         self._stopping = asyncio.Event()
         self._heartbeat_sent: dict[str, float] = {}
         self._failing_since: float | None = None
+        # Snapshot boundary records waiting for the stream to pass their LSN (see _snapshot).
+        self._deferred: list[tuple[TransactionRecord, Lsn, str, int, SnapshotRecorder]] = []
         self._backoff = Backoff(max_s=config.source.reconnect_max_backoff_s)
 
     # --- lifecycle ------------------------------------------------------------------------
@@ -169,7 +211,7 @@ class Capture:
             slots.check_slot_usable(status, src.slot, self.db)
             pending = [t for t in self.tables if self.state.snapshot_done(t) is None]
             if pending and src.snapshot == "initial":
-                await self.snapshot_with_temporary_slot(pending)
+                await self.snapshot_with_temporary_slot(pending, boundary="deferred")
             return status.confirmed_flush_lsn or status.restart_lsn or Lsn(0)
         last = (await last_transaction_lsn(self.config.kafka.bootstrap_servers,
                                            transactions_topic(self.config.kafka.topic_prefix))
@@ -187,7 +229,12 @@ class Capture:
             if src.snapshot == "initial":
                 tables = list(self.tables) if recorded is not None else [
                     t for t in self.tables if self.state.snapshot_done(t) is None]
-                await self._snapshot(tables, created.snapshot_name, created.consistent_point)
+                async with self._snapshot_transaction(created.snapshot_name) as conn:
+                    # Warmed inside the export: the calendar is exactly right where the
+                    # stream starts.
+                    await self._snapshot(conn, tables, created.consistent_point,
+                                         record=self._record_initial, calendar=self.calendar,
+                                         boundary="now")
         return created.consistent_point
 
     async def _system_id(self) -> str:
@@ -196,40 +243,242 @@ class Capture:
             row = await cur.fetchone()
         return str(row[0]) if row else ""
 
-    async def snapshot_with_temporary_slot(self, tables: list[str],
-                                           where: dict[str, Any] | None = None) -> Lsn:
-        """Snapshot *tables* at a fresh consistent point while the main slot keeps its place."""
-        name = f"{self.config.source.slot}_snap_{int(time.time())}"[:63]
-        async with slots.create_slot(self.dsn, name, temporary=True) as created:
-            await self._snapshot(tables, created.snapshot_name, created.consistent_point)
-        return created.consistent_point
+    # --- snapshots: one path for the initial, the resumed and the on-demand snapshot -------
+    #
+    # Every snapshot is `_snapshot` inside a REPEATABLE READ transaction that imported a slot's
+    # exported snapshot (`_snapshot_transaction`), its rows positioned at `(consistent_point, n)`:
+    # - initial: the capture slot's own export at creation, recorded as `snapshot/<table>`;
+    # - resumed (a table whose initial snapshot was cut short, or added later): a temporary
+    #   slot's export (`snapshot_with_temporary_slot`), recorded as `snapshot/<table>`;
+    # - on demand (`snapshot_on_demand`, one table or one wedding, from a separate process
+    #   while `run` streams): a temporary slot's export with WHERE filters, recorded as
+    #   `ondemand/<lsn>/<table>[/wedding/<id>]`, never as the initial snapshot's records.
 
-    async def _snapshot(self, tables: list[str], snapshot_name: str, lsn: Lsn) -> None:
-        async with await psycopg.AsyncConnection.connect(self.dsn) as conn:
+    async def snapshot_with_temporary_slot(
+        self, tables: Sequence[str], where: Mapping[str, sql.Composable] | None = None, *,
+        record: SnapshotRecorder | None = None, calendar: WeddingCalendar | None = None,
+        boundary: Boundary = "none",
+    ) -> SnapshotResult:
+        """Snapshot *tables* at a fresh consistent point while the main slot keeps its place.
+
+        *where* restricts a table's rows (a table not in it is read whole). *record* is called
+        once a table's rows are all acknowledged by Kafka; by default it records the table's
+        initial snapshot as done, which only an unfiltered snapshot may do. *calendar*: see
+        `_snapshot`. The temporary slot lives only until the snapshot is imported: the reading
+        transaction holds the snapshot itself, so the slot (and its WAL sender) are not held
+        for the whole COPY. Creating it waits for the transactions running at that moment.
+        """
+        if record is None:
+            if where:
+                raise ValueError("a filtered snapshot cannot stand for a table's initial "
+                                 "snapshot: give `record`")
+            record = self._record_initial
+        async with contextlib.AsyncExitStack() as stack:
+            async with slots.create_slot(self.dsn, self._temporary_slot_name(),
+                                         temporary=True) as created:
+                conn = await stack.enter_async_context(
+                    self._snapshot_transaction(created.snapshot_name))
+            result = await self._snapshot(conn, tables, created.consistent_point, where=where,
+                                          record=record, calendar=calendar, boundary=boundary)
+        return result
+
+    def _temporary_slot_name(self) -> str:
+        # Unique per call, so on-demand snapshots (several processes) never collide.
+        return f"{self.config.source.slot[:40]}_snap_{secrets.token_hex(6)}"
+
+    @contextlib.asynccontextmanager
+    async def _snapshot_transaction(
+            self, snapshot_name: str) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        """A connection inside a read-only REPEATABLE READ transaction showing exactly the
+        data of the exported snapshot *snapshot_name*."""
+        async with await psycopg.AsyncConnection.connect(self.dsn, autocommit=True) as conn:
             await conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-            await conn.execute(f"SET TRANSACTION SNAPSHOT '{snapshot_name}'")
-            for table in tables:
-                rows = await self._snapshot_one(conn, self.tables[table], lsn)
-                await self.state.mark_snapshot(table, lsn, rows)
-                log.info("snapshot of %s: %d rows at %s", table, rows, lsn)
+            await conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(
+                sql.Literal(snapshot_name)))
+            yield conn
             await conn.execute("COMMIT")
 
+    async def _record_initial(self, table: str, lsn: Lsn, rows: int) -> None:
+        await self.state.mark_snapshot(table, lsn, rows)
+
+    def _snapshot_order(self, tables: Sequence[str]) -> list[str]:
+        """The weddings table first, then the parent tables, then the others as given: the
+        calendar learns a wedding's date and a parent's wedding before their rows are
+        classified."""
+        c = self.config.priority
+        parents = {link.parent for link in c.tables.values() if link.parent is not None}
+        return sorted(tables, key=lambda t: 0 if t == c.weddings_table else
+                      1 if t in parents else 2)
+
+    async def _snapshot(self, conn: psycopg.AsyncConnection[Any], tables: Sequence[str],
+                        lsn: Lsn, *, record: SnapshotRecorder,
+                        where: Mapping[str, sql.Composable] | None = None,
+                        calendar: WeddingCalendar | None = None,
+                        boundary: Boundary = "none") -> SnapshotResult:
+        """Publish *tables* (read through *conn*, inside the snapshot's transaction) as op `r`
+        events at `(lsn, n)`; call *record* for each table once Kafka holds all its rows.
+
+        *calendar* classifies the rows after being warmed inside the snapshot, so it shows
+        exactly the snapshot's weddings; without one, the capture's own calendar is used as it
+        is (warmed at start-up, kept current by the stream).
+
+        *boundary* says when the table's boundary record goes to the transactions topic (the
+        sinks count a snapshot's rows with it, as they count a transaction's changes):
+        `now` for the initial snapshot (nothing streamed can be older than it); `deferred`
+        for a snapshot through a temporary slot before streaming resumes, whose LSN is ahead
+        of the stream: its record waits until the stream passes that LSN, so the topic stays
+        in commit order, and *record* waits with it; `none` for on-demand snapshots, which
+        are extra copies outside the checkpoint's accounting.
+        """
+        if calendar is not None:
+            await calendar.warm(conn)
+        result = SnapshotResult(lsn)
+        seq = 0
+        for table in self._snapshot_order(tables):
+            tiers = await self._snapshot_one(conn, self.tables[table], lsn, first_seq=seq,
+                                             where=(where or {}).get(table), calendar=calendar)
+            rows = sum(tiers.values())
+            seq += rows
+            result.rows[table] = rows
+            result.tiers.update(tiers)
+            boundary_record = snapshot_record(lsn, table, tiers)
+            if boundary == "deferred":
+                self._deferred.append((boundary_record, lsn, table, rows, record))
+            else:
+                if boundary == "now":
+                    await (await self.producer.send_transaction(boundary_record))
+                await record(table, lsn, rows)
+            log.info("snapshot of %s: %d rows at %s", table, rows, lsn)
+        return result
+
+    async def _emit_deferred(self) -> None:
+        """The stream has passed the deferred snapshots' LSN: send their boundary records
+        (in commit order now) and only then record the tables as snapshotted."""
+        deferred, self._deferred = self._deferred, []
+        for boundary_record, lsn, table, rows, record in deferred:
+            await (await self.producer.send_transaction(boundary_record))
+            await record(table, lsn, rows)
+
     async def _snapshot_one(self, conn: psycopg.AsyncConnection[Any], info: TableInfo,
-                            lsn: Lsn) -> int:
-        rows = 0
-        futures: list[asyncio.Future[Any]] = []
+                            lsn: Lsn, *, first_seq: int = 0,
+                            where: sql.Composable | None = None,
+                            calendar: WeddingCalendar | None = None) -> Counter[Tier]:
+        """Send the (matching) rows of one table; return once Kafka acknowledged every one.
+        Returns the number of rows sent to each tier."""
+        calendar = calendar or self.calendar
+        tiers: Counter[Tier] = Counter()
+        pending: list[asyncio.Future[Any]] = []
         kinds = column_types(info.columns, self.registry)
-        async for batch in snapshot_table(conn, info, self.registry, lsn=lsn, db=self.db):
+        async for batch in snapshot_table(conn, info, self.registry, lsn=lsn, db=self.db,
+                                          where=where, first_seq=first_seq):
             for event in batch:
-                self.calendar.classify(event)
-                futures.append(await self.producer.send_event(event, kinds))
-            rows += len(batch)
+                calendar.classify(event)
+                tiers[event.tier] += 1
+                pending.append(await self.producer.send_event(event, kinds))
             self.stats.snapshot_rows += len(batch)
+            # Keep only the deliveries still in flight (memory bounded by what is in flight,
+            # not by the table); a failed one raises here.
+            still = []
+            for future in pending:
+                if future.done():
+                    future.result()
+                else:
+                    still.append(future)
+            pending = still
         # The table counts as snapshotted only once Kafka holds every row.
         await self.producer.flush()
-        for future in futures:
+        for future in pending:
             await future
-        return rows
+        return tiers
+
+    # --- on-demand snapshot (a separate process next to `run`) ----------------------------
+
+    async def snapshot_on_demand(self, *, table: str | None = None,
+                                 wedding: str | None = None) -> SnapshotResult:
+        """Snapshot one captured table, or every row of one wedding, at a fresh consistent
+        point, while `replicator run` goes on streaming: publish the rows as op `r` events
+        to their tier topics, wait for every acknowledgement, and record the snapshot under
+        `ondemand/...` in the state topic. The capture slot and the initial snapshot's records
+        are not touched. A wedding snapshot covers the tables linked to a wedding (the others
+        are in `skipped`); rows are classified by a calendar warmed inside the snapshot.
+
+        Raises SnapshotRequestError for a table that is not captured or a wedding id the id
+        column cannot hold, and CaptureFatal for what `run` would stop on.
+        """
+        if (table is None) == (wedding is None):
+            raise ValueError("give exactly one of table and wedding")
+        try:
+            captured = await self._prepare_on_demand()
+            if table is not None:
+                name = qualified_name(table)
+                if name not in captured:
+                    raise SnapshotRequestError(
+                        f"{name} is not captured: publication "
+                        f"{self.config.source.publication!r} has "
+                        f"{', '.join(captured) or 'no tables'}")
+                tables, where = [name], None
+            else:
+                assert wedding is not None
+                where = wedding_filters(self.config.priority, captured, wedding)
+                tables = self._snapshot_order(list(where))
+                if not tables:
+                    raise SnapshotRequestError(
+                        f"no captured table leads to a wedding: configure "
+                        f"{self.config.priority.weddings_table} or priority.tables")
+            async with await psycopg.AsyncConnection.connect(self.dsn, autocommit=True) as conn:
+                await load_types(conn, self.registry)
+                for name in tables:
+                    self.tables[name] = await table_info(conn, name)
+                    # Before anything is published: the id fits every column it is compared
+                    # with, and the configured link columns exist.
+                    await check_filter(conn, self.tables[name], (where or {}).get(name),
+                                       wedding=wedding)
+            await self.producer.start()
+            result = await self.snapshot_with_temporary_slot(
+                tables, where, record=self._ondemand_recorder(where, wedding),
+                calendar=WeddingCalendar(self.config.priority, today=self.calendar.today))
+            result.table = tables[0] if table is not None else None
+            result.wedding = wedding
+            if wedding is not None:
+                result.skipped = tuple(t for t in captured if t not in tables)
+            return result
+        except (CaptureError, UnknownTypeError, ValueConversionError, slots.SourceConfigError,
+                SlotError) as exc:
+            raise CaptureFatal(str(exc)) from exc
+        finally:
+            await self.producer.stop()
+            await self.state.close()
+
+    async def _prepare_on_demand(self) -> list[str]:
+        """Check the server can create the temporary slot, read the publication's tables
+        (never creating it: the tables are the ones `run` captures), create missing topics."""
+        src, kafka = self.config.source, self.config.kafka
+        info = await slots.check_server(self.dsn)
+        self.server_version = info.version_num
+        async with await psycopg.AsyncConnection.connect(self.dsn, autocommit=True) as conn:
+            cur = await conn.execute("SELECT 1 FROM pg_publication WHERE pubname = %s",
+                                     (src.publication,))
+            exists = await cur.fetchone() is not None
+        if not exists:
+            raise SnapshotRequestError(
+                f"publication {src.publication!r} does not exist, so no table is captured yet: "
+                f"start `replicator run` first")
+        published = await slots.ensure_publication(self.dsn, src.publication, src.tables)
+        await ensure_topics(kafka.bootstrap_servers, kafka.topic_prefix, kafka.partitions,
+                            kafka.replication_factor)
+        return list(published)
+
+    def _ondemand_recorder(self, where: Mapping[str, sql.Composable] | None,
+                           wedding: str | None) -> SnapshotRecorder:
+        async def record(table: str, lsn: Lsn, rows: int) -> None:
+            key = f"ondemand/{lsn.hex_key()}/{table}" + (
+                f"/wedding/{wedding}" if wedding is not None else "")
+            condition = (where or {}).get(table)
+            await self.state.put(key, {
+                "table": table, "lsn": int(lsn), "rows": rows, "wedding": wedding,
+                "where": condition.as_string() if condition is not None else None,
+                "taken_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        return record
 
     # --- steps 5-7 ------------------------------------------------------------------------
 
@@ -303,6 +552,10 @@ class Capture:
                             await self._publish(committed, assembler)
                     self._confirm(stream, assembler)
                     self._raise_if_failed()
+                    if heartbeat.done():
+                        # Its connection dropped: surface the error; streaming restarts
+                        # (and the heartbeat with it) after the usual backoff.
+                        heartbeat.result()
                 await self._drain(stream, assembler)
             finally:
                 heartbeat.cancel()
@@ -311,6 +564,8 @@ class Capture:
 
     async def _publish(self, tx: Committed, assembler: Assembler) -> None:
         record, events = tx.record, tx.events
+        if self._deferred and record.commit_lsn > self._deferred[0][1]:
+            await self._emit_deferred()
         self.stats.transactions += 1
         self.stats.last_commit_ts_us = record.commit_ts_us
         watermark = self.watermark
@@ -322,11 +577,14 @@ class Capture:
         commit_lsn = record.commit_lsn
         watermark.begin_tx(commit_lsn, record.end_lsn, len(events) + 1)
         kinds = assembler.column_kinds
+        tiers: Counter[str] = Counter()
         for event in events:
             self.calendar.classify(event)
             self._count(event)
+            tiers[event.tier.value] += 1
             delivery = await self.producer.send_event(event, kinds.get(event.qualified_table))
             watermark.track(commit_lsn, delivery)
+        record.tier_counts = dict(tiers)
         watermark.track(commit_lsn, await self.producer.send_transaction(record))
         self.stats.events += len(events)
 

@@ -143,6 +143,55 @@ class KafkaConfig(_Model):
         return value
 
 
+STORE_SCHEMES = ("s3", "az", "gs", "file", "mem")
+
+
+class FlushConfig(_Model):
+    """When a sink writes what it has buffered: per tier interval, or a size bound."""
+
+    critical_s: float = Field(default=5.0, gt=0)
+    high_s: float = Field(default=30.0, gt=0)
+    normal_s: float = Field(default=60.0, gt=0)
+    low_s: float = Field(default=300.0, gt=0)
+    max_rows: int = Field(default=50_000, ge=1)
+    max_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+
+    def interval(self, tier: Tier) -> float:
+        return float(getattr(self, f"{tier.value}_s"))
+
+
+class DestinationConfig(_Model):
+    name: str
+    url: str
+    compression: Literal["zstd", "deflate"] = "zstd"
+    bandwidth_bytes_per_s: int = Field(default=0, ge=0, description="0 means no limit")
+    flush: FlushConfig = Field(default_factory=FlushConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,62}", value):
+            raise ValueError("use 1-63 lower-case letters, digits, '-' or '_'")
+        return value
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        scheme, sep, rest = value.partition("://")
+        if not sep or scheme not in STORE_SCHEMES or not rest:
+            raise ValueError(f"{value!r} is not a store URL; use one of "
+                             + ", ".join(f"{s}://..." for s in STORE_SCHEMES))
+        return value
+
+
+class EncryptionConfig(_Model):
+    """Key-encryption keys: from `keyring_file` (one `name base64` per line) or, when unset,
+    from `REPLICATOR_KEK_<NAME>` variables; `REPLICATOR_KEK_ACTIVE` names the key new
+    objects use."""
+
+    keyring_file: Path | None = None
+
+
 class MetricsConfig(_Model):
     listen: str = "127.0.0.1:9187"
 
@@ -152,7 +201,19 @@ class Config(_Model):
     priority: PriorityConfig = Field(default_factory=PriorityConfig)
     kafka: KafkaConfig = Field(default_factory=KafkaConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    destinations: tuple[DestinationConfig, ...] = ()
+    encryption: EncryptionConfig = Field(default_factory=EncryptionConfig)
     shutdown_deadline_s: Annotated[float, Field(gt=0)] = 30.0
+
+    @field_validator("destinations")
+    @classmethod
+    def _unique(cls, value: tuple[DestinationConfig, ...]) -> tuple[DestinationConfig, ...]:
+        names = [d.name for d in value]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"destination names must be unique; repeated: "
+                             f"{', '.join(duplicates)}")
+        return value
 
 
 def load_config(path: Path, environ: Mapping[str, str] | None = None) -> Config:

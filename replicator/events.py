@@ -84,6 +84,7 @@ class TransactionRecord:
     xid: int
     counts: dict[str, int] = field(default_factory=dict)  # "schema.table" -> changes
     origin: str | None = None
+    tier_counts: dict[str, int] = field(default_factory=dict)  # tier -> changes
 
     @property
     def total(self) -> int:

@@ -8,6 +8,7 @@ from replicator import __version__
 from replicator.cli.demo import demo
 from replicator.cli.dev import dev
 from replicator.cli.run import run
+from replicator.cli.snapshot import snapshot
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -19,3 +20,4 @@ def main() -> None:
 main.add_command(demo)
 main.add_command(dev)
 main.add_command(run)
+main.add_command(snapshot)

@@ -14,23 +14,33 @@ and after it, and a replay that orders by position is right without any de-dupli
 
 Rows are read with `COPY (SELECT ...) TO STDOUT` in text format, which is the same text form
 pgoutput sends, so the same converters (`values.py`) apply.
+
+One wedding's rows (`wedding_filter`) are, per table: in the weddings table, the row whose
+`wedding_id_column` is the id; in a table linked directly, the rows whose link `column` is the
+id; in a table linked through a parent, the rows whose `column` is the key of a parent row of
+that wedding (`column IN (SELECT parent_key FROM parent WHERE parent_wedding_column = id)`).
+Tables without a link have no rows of a wedding. COPY takes no bind parameters, so the id is
+quoted into the statement as an untyped literal (`sql.Literal`), which Postgres reads as the
+column's type, and identifiers are quoted (`sql.Identifier`).
 """
 
 from __future__ import annotations
 
 import re
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any
 
 import psycopg
 from psycopg import sql
 
+from replicator.config import PriorityConfig
 from replicator.events import ChangeEvent, Op
 from replicator.position import ChangePosition, Lsn
 from replicator.source.catalog import TableInfo
 from replicator.source.values import Converter, TypeRegistry
 
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_$]*")
 _ESCAPE = re.compile(rb"\\(?:[0-7]{1,3}|x[0-9A-Fa-f]{1,2}|.)")
 _SIMPLE = {b"b": b"\b", b"f": b"\f", b"n": b"\n", b"r": b"\r", b"t": b"\t", b"v": b"\v"}
 
@@ -94,8 +104,11 @@ async def snapshot_table(
     db: str,
     where: sql.Composable | None = None,
     batch_size: int = 2000,
+    first_seq: int = 0,
 ) -> AsyncIterator[list[ChangeEvent]]:
-    """Batches of op `r` events for the rows of one table, positioned at `(lsn, n)`.
+    """Batches of op `r` events for the rows of one table, positioned at `(lsn, n)` from
+    `n = first_seq`: the tables of one snapshot share its LSN, so they number their rows on
+    from each other and every position stays unique.
 
     `conn` must already be inside the transaction that imported the snapshot.
     """
@@ -105,7 +118,7 @@ async def snapshot_table(
         registry.converter(oid, table=info.qualified, column=c) for c, oid in info.columns)
     key_names = info.primary_key or names
     now_us = time.time_ns() // 1000
-    seq = 0
+    seq = first_seq
     batch: list[ChangeEvent] = []
     async for raw in copy_rows(conn, select_query(info, where)):
         row = {n: (None if v is None else f(v))
@@ -119,3 +132,67 @@ async def snapshot_table(
             batch = []
     if batch:
         yield batch
+
+
+# --- what to snapshot on demand -------------------------------------------------------------
+
+
+class SnapshotRequestError(ValueError):
+    """An on-demand snapshot cannot be taken as asked (a table that is not captured, a wedding
+    id that the id column cannot hold); the message says why. Nothing was published."""
+
+
+def qualified_name(name: str) -> str:
+    """`guests` -> `public.guests`; raise SnapshotRequestError for anything else but
+    `schema.table` (plain identifiers, as in the configuration)."""
+    parts = name.strip().split(".")
+    if len(parts) == 1:
+        parts = ["public", parts[0]]
+    if len(parts) != 2 or not all(_IDENT.fullmatch(p) for p in parts):
+        raise SnapshotRequestError(f"{name!r} is not a table name like 'public.guests'")
+    return ".".join(parts)
+
+
+def wedding_filter(priority: PriorityConfig, table: str, wedding_id: str) -> sql.Composable | None:
+    """The condition selecting the rows of *table* (`schema.table`) that belong to wedding
+    *wedding_id*, or None when the table has no link to a wedding (see the module docstring)."""
+    wid = sql.Literal(wedding_id)
+    if table == priority.weddings_table:
+        return sql.SQL("{} = {}").format(sql.Identifier(priority.wedding_id_column), wid)
+    link = priority.tables.get(table)
+    if link is None:
+        return None
+    if link.parent is None:
+        return sql.SQL("{} = {}").format(sql.Identifier(link.column), wid)
+    schema, name = link.parent.split(".")
+    return sql.SQL("{} IN (SELECT {} FROM {}.{} WHERE {} = {})").format(
+        sql.Identifier(link.column), sql.Identifier(link.parent_key), sql.Identifier(schema),
+        sql.Identifier(name), sql.Identifier(link.parent_wedding_column), wid)
+
+
+def wedding_filters(priority: PriorityConfig, tables: Iterable[str],
+                    wedding_id: str) -> dict[str, sql.Composable]:
+    """`wedding_filter` of each of *tables* that links to a wedding (in the order given)."""
+    filters = {}
+    for table in tables:
+        condition = wedding_filter(priority, table, wedding_id)
+        if condition is not None:
+            filters[table] = condition
+    return filters
+
+
+async def check_filter(conn: psycopg.AsyncConnection[Any], info: TableInfo,
+                       where: sql.Composable | None, *, wedding: str | None = None) -> None:
+    """Plan the snapshot's query of *info* without reading a row: raise SnapshotRequestError
+    when the wedding id does not fit a column it is compared with, or a configured column or
+    parent table does not exist."""
+    try:
+        await conn.execute(sql.SQL("{} LIMIT 0").format(select_query(info, where)))
+    except psycopg.errors.DataError as exc:
+        raise SnapshotRequestError(
+            f"wedding id {wedding!r} does not fit {info.qualified}: "
+            f"{exc.diag.message_primary}") from exc
+    except (psycopg.errors.UndefinedColumn, psycopg.errors.UndefinedTable) as exc:
+        raise SnapshotRequestError(
+            f"cannot select the rows of {info.qualified}: {exc.diag.message_primary}; check the "
+            f"priority configuration of this table") from exc

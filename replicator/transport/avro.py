@@ -366,6 +366,7 @@ def transaction_from_dict(decoded: Mapping[str, Any]) -> TransactionRecord:
         xid=decoded["xid"],
         counts=dict(decoded["counts"]),
         origin=decoded["origin"],
+        tier_counts=dict(decoded.get("tier_counts") or {}),
     )
 
 
@@ -519,6 +520,7 @@ class EventCodec:
             "origin": record.origin,
             "counts": record.counts,
             "total": record.total,
+            "tier_counts": record.tier_counts,
         }
 
     def encode_transaction(self, record: TransactionRecord, *, schema_id: int | None = None

@@ -65,3 +65,34 @@ def test_a_password_in_the_file_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="must not be in the file") as info:
         load_config(write(tmp_path, text), environ={})
     assert "hunter2" not in str(info.value)
+
+
+DEST = """
+[[destinations]]
+name = "local"
+url = "file:///var/lib/wedsync/archive"
+
+[[destinations]]
+name = "{second}"
+url = "{url}"
+"""
+
+
+def test_destinations_load(tmp_path: Path) -> None:
+    text = GOOD + DEST.format(second="s3", url="s3://wedsync-backup/prod?region=eu-west-2")
+    cfg = load_config(write(tmp_path, text), environ={})
+    assert [d.name for d in cfg.destinations] == ["local", "s3"]
+    assert cfg.destinations[1].flush.critical_s == 5.0
+
+
+@pytest.mark.parametrize(("second", "url", "needle"), [
+    ("local", "mem://x", "repeated: local"),
+    ("ftp", "ftp://host/path", "destinations.1.url"),
+    ("ftp", "ftp://host/path", "s3://..., az://..., gs://..., file://..., mem://..."),
+    ("Bad Name", "mem://x", "destinations.1.name"),
+])
+def test_destination_mistakes_are_named(tmp_path: Path, second: str, url: str,
+                                        needle: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, GOOD + DEST.format(second=second, url=url)), environ={})
+    assert needle in str(info.value)

@@ -1,0 +1,130 @@
+"""A destination's checkpoints: the highest LSN at or below which every transaction is
+complete in that destination, overall and per wedding tier.
+
+`CompletenessTracker` is pure logic. It learns each transaction from its boundary record
+(commit LSN, end LSN, and the number of changes per tier; the transactions topic is in commit
+order), and learns which changes are durable from the segments the sink has written. The
+checkpoint advances over the longest prefix of transactions whose record and changes are all
+durable. A tier's checkpoint advances over the longest prefix whose changes *of that tier*
+are durable: critical changes are flushed every few seconds, and their recovery point must
+not wait for the low tier's flush every few minutes.
+
+Duplicates are expected (capture resends unconfirmed transactions after a restart; the sink
+re-reads uncommitted offsets after its own restart): a change is counted once per position,
+and anything at or below the overall checkpoint is ignored.
+
+Checkpoint objects (empty, create-only; names sort by LSN, so the newest is the last listed):
+`checkpoints/<destination>/<16 hex digits>` overall and
+`checkpoints/<destination>/<tier>/<16 hex digits>` per tier.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from replicator.events import TIER_ORDER, Tier, TransactionRecord
+from replicator.position import INVALID_LSN, Lsn
+
+
+@dataclass(slots=True)
+class _Tx:
+    commit_lsn: Lsn
+    end_lsn: Lsn
+    expected: dict[Tier, int] | None = None  # None until the boundary record is durable
+    seen: dict[Tier, set[int]] = field(default_factory=dict)
+
+    def complete_for(self, tier: Tier) -> bool:
+        if self.expected is None:
+            return False
+        return len(self.seen.get(tier, ())) >= self.expected.get(tier, 0)
+
+    def complete(self) -> bool:
+        return self.expected is not None and all(self.complete_for(t) for t in TIER_ORDER)
+
+
+class CompletenessTracker:
+    def __init__(self, checkpoint: Lsn = INVALID_LSN,
+                 tier_checkpoints: dict[Tier, Lsn] | None = None) -> None:
+        self.checkpoint = checkpoint
+        self.tier_checkpoints = {t: max(checkpoint, (tier_checkpoints or {}).get(t, checkpoint))
+                                 for t in TIER_ORDER}
+        self._txs: dict[Lsn, _Tx] = {}
+        self._order: list[Lsn] = []  # commit LSNs with a durable record, ascending
+        self._cursor: dict[Tier, int] = dict.fromkeys(TIER_ORDER, 0)
+
+    def _tx(self, commit_lsn: Lsn, end_lsn: Lsn) -> _Tx:
+        tx = self._txs.get(commit_lsn)
+        if tx is None:
+            tx = self._txs[commit_lsn] = _Tx(commit_lsn, end_lsn)
+        return tx
+
+    def records_durable(self, records: Iterable[TransactionRecord]) -> None:
+        """Boundary records now durable in the destination."""
+        for record in records:
+            if record.commit_lsn <= self.checkpoint:
+                continue
+            tx = self._tx(record.commit_lsn, record.end_lsn)
+            if tx.expected is not None:
+                continue  # a duplicate
+            tx.end_lsn = record.end_lsn
+            tx.expected = {Tier(t): n for t, n in record.tier_counts.items()}
+            if not tx.expected and record.total:
+                # A record without tier counts (older capture): count every change as low.
+                tx.expected = {Tier.LOW: record.total}
+            if not self._order or record.commit_lsn > self._order[-1]:
+                self._order.append(record.commit_lsn)
+            else:
+                index = bisect.bisect_left(self._order, record.commit_lsn)
+                self._order.insert(index, record.commit_lsn)
+                for tier, cursor in self._cursor.items():
+                    self._cursor[tier] = min(cursor, index)
+
+    def changes_durable(self, changes: Iterable[tuple[Tier, Lsn, int]]) -> None:
+        """Changes now durable in the destination: (tier, commit LSN, seq)."""
+        for tier, commit_lsn, seq in changes:
+            if commit_lsn <= self.checkpoint:
+                continue
+            seen = self._tx(commit_lsn, commit_lsn).seen
+            bucket = seen.get(tier)
+            if bucket is None:
+                bucket = seen[tier] = set()
+            bucket.add(seq)
+
+    def advance(self) -> Lsn:
+        """Move the checkpoints over the complete prefix; returns the overall checkpoint."""
+        order, txs = self._order, self._txs
+        for tier in TIER_ORDER:
+            cursor = self._cursor[tier]
+            while cursor < len(order) and txs[order[cursor]].complete_for(tier):
+                self.tier_checkpoints[tier] = max(self.tier_checkpoints[tier],
+                                                  txs[order[cursor]].end_lsn)
+                cursor += 1
+            self._cursor[tier] = cursor
+        done = min(self._cursor.values())
+        if done:
+            self.checkpoint = max(self.checkpoint, txs[order[done - 1]].end_lsn)
+            for commit_lsn in order[:done]:
+                del txs[commit_lsn]
+            del order[:done]
+            for tier in TIER_ORDER:
+                self._cursor[tier] -= done
+            # Changes of transactions now below the checkpoint (duplicates) need no tracking.
+            for commit_lsn in [k for k in txs if k <= self.checkpoint]:
+                del txs[commit_lsn]
+        return self.checkpoint
+
+    @property
+    def incomplete(self) -> int:
+        """Transactions whose record is durable but not yet all of whose changes are."""
+        return len(self._order)
+
+
+def checkpoint_key(destination: str, lsn: Lsn, tier: Tier | None = None) -> str:
+    middle = f"{tier.value}/" if tier is not None else ""
+    return f"checkpoints/{destination}/{middle}{lsn.hex_key()}"
+
+
+def parse_checkpoint_key(key: str) -> Lsn:
+    return Lsn.from_key(key.rsplit("/", 1)[-1])

@@ -1,0 +1,98 @@
+"""Checkpoints advance only over transactions complete in the destination, per tier too."""
+
+from __future__ import annotations
+
+import random
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from replicator.events import TIER_ORDER, Tier, TransactionRecord
+from replicator.position import Lsn
+from replicator.sink.checkpoint import CompletenessTracker, checkpoint_key, parse_checkpoint_key
+
+
+def record(commit: int, tiers: dict[Tier, int]) -> TransactionRecord:
+    total = sum(tiers.values())
+    return TransactionRecord(Lsn(commit), Lsn(commit + 1), 0, 1, {"public.t": total},
+                             tier_counts={t.value: n for t, n in tiers.items()})
+
+
+def test_waits_for_every_change_and_the_record() -> None:
+    tracker = CompletenessTracker()
+    tracker.changes_durable([(Tier.CRITICAL, Lsn(10), 0)])
+    assert tracker.advance() == Lsn(0)  # record not durable yet
+    tracker.records_durable([record(10, {Tier.CRITICAL: 1, Tier.LOW: 1})])
+    assert tracker.advance() == Lsn(0)  # the low change is not durable yet
+    assert tracker.tier_checkpoints[Tier.CRITICAL] == Lsn(11)  # critical part is
+    tracker.changes_durable([(Tier.LOW, Lsn(10), 1), (Tier.LOW, Lsn(10), 1)])
+    assert tracker.advance() == Lsn(11)
+    assert tracker.incomplete == 0
+
+
+def test_critical_checkpoint_is_not_held_back_by_low_tier() -> None:
+    tracker = CompletenessTracker()
+    tracker.records_durable([record(10, {Tier.LOW: 1}), record(20, {Tier.CRITICAL: 1})])
+    tracker.changes_durable([(Tier.CRITICAL, Lsn(20), 0)])
+    assert tracker.advance() == Lsn(0)
+    assert tracker.tier_checkpoints[Tier.CRITICAL] == Lsn(21)
+    assert tracker.tier_checkpoints[Tier.LOW] == Lsn(0)
+
+
+def test_duplicates_below_the_checkpoint_are_ignored() -> None:
+    tracker = CompletenessTracker(Lsn(100))
+    tracker.records_durable([record(50, {Tier.HIGH: 1})])
+    tracker.changes_durable([(Tier.HIGH, Lsn(50), 0)])
+    assert tracker.advance() == Lsn(100) and tracker.incomplete == 0
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.dictionaries(st.sampled_from(TIER_ORDER), st.integers(1, 3), min_size=1),
+                min_size=1, max_size=12), st.randoms(use_true_random=False))
+def test_any_delivery_order_reaches_the_last_transaction(
+        shapes: list[dict[Tier, int]], rnd: random.Random) -> None:
+    records = [record(10 * (i + 1), shape) for i, shape in enumerate(shapes)]
+    changes = [(tier, Lsn(10 * (i + 1)), seq)
+               for i, shape in enumerate(shapes)
+               for seq, tier in enumerate(t for t, n in shape.items() for _ in range(n))]
+    # Changes arrive in any order, with duplicates; boundary records in commit order (the
+    # transactions topic has one partition, written in commit order), re-sent ones included.
+    shuffled: list[tuple[str, object]] = [("c", c) for c in changes]
+    shuffled += rnd.sample(shuffled, len(shuffled) // 3)
+    rnd.shuffle(shuffled)
+    in_order: list[tuple[str, object]] = [("r", r) for r in records]
+    resent = rnd.randrange(len(records))
+    in_order += [("r", r) for r in records[resent:]]
+    events: list[tuple[str, object]] = []
+    while shuffled or in_order:
+        source = shuffled if (shuffled and (not in_order or rnd.random() < 0.6)) else in_order
+        events.append(source.pop(0))
+    tracker = CompletenessTracker()
+    durable_records: set[int] = set()
+    durable_changes: set[tuple[int, int]] = set()
+    last = Lsn(0)
+    for kind, item in events:
+        if kind == "r":
+            assert isinstance(item, TransactionRecord)
+            tracker.records_durable([item])
+            durable_records.add(item.commit_lsn)
+        else:
+            tier, lsn, seq = item  # type: ignore[misc]
+            tracker.changes_durable([(tier, lsn, seq)])
+            durable_changes.add((lsn, seq))
+        checkpoint = tracker.advance()
+        assert checkpoint >= last  # monotonic
+        last = checkpoint
+        # Never past a transaction with anything missing.
+        for r in records:
+            if r.end_lsn <= checkpoint:
+                assert r.commit_lsn in durable_records
+                assert all((r.commit_lsn, s) in durable_changes for s in range(r.total))
+    assert last == records[-1].end_lsn
+
+
+def test_keys_sort_by_lsn() -> None:
+    keys = [checkpoint_key("s3", Lsn(n)) for n in (2**32 + 5, 9, 2**40)]
+    assert sorted(keys) == [keys[1], keys[0], keys[2]]
+    assert parse_checkpoint_key(keys[2]) == Lsn(2**40)
+    assert checkpoint_key("s3", Lsn(1), Tier.CRITICAL).startswith("checkpoints/s3/critical/")
