@@ -34,6 +34,7 @@ class _Tx:
     end_lsn: Lsn
     expected: dict[Tier, int] | None = None  # None until the boundary record is durable
     seen: dict[Tier, set[int]] = field(default_factory=dict)
+    tables: set[str] = field(default_factory=set)  # of the snapshot records counted
 
     def complete_for(self, tier: Tier) -> bool:
         if self.expected is None:
@@ -66,13 +67,20 @@ class CompletenessTracker:
             if record.commit_lsn <= self.checkpoint:
                 continue
             tx = self._tx(record.commit_lsn, record.end_lsn)
-            if tx.expected is not None:
-                continue  # a duplicate
-            tx.end_lsn = record.end_lsn
-            tx.expected = {Tier(t): n for t, n in record.tier_counts.items()}
-            if not tx.expected and record.total:
+            expected = {Tier(t): n for t, n in record.tier_counts.items()}
+            if not expected and record.total:
                 # A record without tier counts (older capture): count every change as low.
-                tx.expected = {Tier.LOW: record.total}
+                expected = {Tier.LOW: record.total}
+            if tx.expected is not None:
+                # A duplicate; or, for a snapshot (xid 0), another table's rows at one LSN.
+                if record.xid == 0 and not tx.tables & record.counts.keys():
+                    for tier, n in expected.items():
+                        tx.expected[tier] = tx.expected.get(tier, 0) + n
+                    tx.tables.update(record.counts)
+                continue
+            tx.end_lsn = record.end_lsn
+            tx.expected = expected
+            tx.tables.update(record.counts)
             if not self._order or record.commit_lsn > self._order[-1]:
                 self._order.append(record.commit_lsn)
             else:

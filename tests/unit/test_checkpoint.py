@@ -96,3 +96,19 @@ def test_keys_sort_by_lsn() -> None:
     assert sorted(keys) == [keys[1], keys[0], keys[2]]
     assert parse_checkpoint_key(keys[2]) == Lsn(2**40)
     assert checkpoint_key("s3", Lsn(1), Tier.CRITICAL).startswith("checkpoints/s3/critical/")
+
+
+def test_snapshot_records_of_one_lsn_add_up_and_never_reach_their_lsn() -> None:
+    tracker = CompletenessTracker()
+    weddings = TransactionRecord(Lsn(100), Lsn(99), 0, 0, {"public.weddings": 2},
+                                 tier_counts={"critical": 2})
+    guests = TransactionRecord(Lsn(100), Lsn(99), 0, 0, {"public.guests": 1},
+                               tier_counts={"low": 1})
+    tracker.records_durable([weddings, guests, weddings])  # the last one is a duplicate
+    tracker.changes_durable([(Tier.CRITICAL, Lsn(100), 0), (Tier.CRITICAL, Lsn(100), 1)])
+    assert tracker.advance() == Lsn(0)  # guests' row is not durable yet
+    tracker.changes_durable([(Tier.LOW, Lsn(100), 2)])
+    assert tracker.advance() == Lsn(99)
+    tracker.records_durable([record(150, {Tier.HIGH: 1})])
+    tracker.changes_durable([(Tier.HIGH, Lsn(150), 0)])
+    assert tracker.advance() == Lsn(151)
