@@ -32,16 +32,20 @@ def setup_logging(level: str) -> None:
 @click.command()
 @click.option("--config", "config_path", type=click.Path(path_type=Path), required=True,
               help="TOML configuration file (see examples/local.toml).")
+@click.option("--only", type=click.Choice(["capture", "sinks"]), default=None,
+              help="Run one side only (to scale them out separately); default both.")
 @click.option("--accept-gap", is_flag=True,
               help="The slot was lost: create a new one, snapshot again, and record the gap.")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
-def run(config_path: Path, accept_gap: bool, log_level: str) -> None:
-    """Capture every committed change into Kafka, by wedding tier.
+def run(config_path: Path, only: str | None, accept_gap: bool, log_level: str) -> None:
+    """Capture every committed change into Kafka by wedding tier, and archive it into every
+    configured destination.
 
     The first SIGTERM (or Ctrl-C) stops intake, waits for Kafka to acknowledge what is in
-    flight (within shutdown_deadline_s) and confirms it to the slot; a second one exits at once.
-    Nothing is lost either way: unconfirmed changes are sent again on the next start.
+    flight (within shutdown_deadline_s), confirms it to the slot, and lets each sink flush and
+    commit; a second one exits at once. Nothing is lost either way: what was not confirmed or
+    committed is read again on the next start.
     """
     setup_logging(log_level)
     try:
@@ -50,8 +54,10 @@ def run(config_path: Path, accept_gap: bool, log_level: str) -> None:
         click.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_NEEDS_OPERATOR)
     from replicator.capture import Capture, CaptureFatal
+    from replicator.sink.service import Sinks, SinkSetupError
 
-    capture = Capture(config, accept_gap=accept_gap)
+    capture = Capture(config, accept_gap=accept_gap) if only != "sinks" else None
+    sinks = Sinks(config) if only != "capture" and config.destinations else None
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
@@ -62,21 +68,31 @@ def run(config_path: Path, accept_gap: bool, log_level: str) -> None:
             signals += 1
             if signals == 1:
                 log.info("stopping: draining in-flight changes (signal again to exit at once)")
-                capture.stop()
+                if capture is not None:
+                    capture.stop()
+                if sinks is not None:
+                    sinks.stop()
             else:
-                log.warning("second signal: exiting at once; unconfirmed changes will be "
-                            "sent again on restart")
+                log.warning("second signal: exiting at once; what was not confirmed is read "
+                            "again on restart")
                 os._exit(130)
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, on_signal)
-        await capture.run()
+        if sinks is not None:
+            await sinks.open()
+        async with asyncio.TaskGroup() as group:
+            if capture is not None:
+                group.create_task(capture.run(), name="capture")
+            if sinks is not None:
+                group.create_task(sinks.run(), name="sinks")
 
     try:
         import uvloop
 
         uvloop.run(main())
-    except CaptureFatal as exc:
-        log.error("capture stopped: %s", exc)
-        click.echo(f"error: {exc}", err=True)
+    except* (CaptureFatal, SinkSetupError) as group:
+        for problem in group.exceptions:
+            log.error("stopped: %s", problem)
+            click.echo(f"error: {problem}", err=True)
         sys.exit(EXIT_NEEDS_OPERATOR)

@@ -1,0 +1,651 @@
+"""Segments: the Avro object container files of the archive (DESIGN, "Object layout").
+
+Two kinds, both plain Avro object container files (OCF) once decrypted, so `fastavro`,
+`avro-tools tojson` or Spark open them with the schema stored inside:
+
+- a **change segment**, `segments/<table>/<first>-<last>.seg`, holds change events of one
+  table, as records of the Kafka envelope schema (`schemas/change_event.avsc`), built by the
+  same code that builds the Kafka messages (`EventCodec.event_datum`);
+- a **transaction segment**, `transactions/<first>-<last>.seg`, holds transaction records
+  (`schemas/transaction.avsc`).
+
+Records are in position order, `(source.lsn, source.seq)` for changes and `commit_lsn` for
+transactions, and no position appears twice: the encoders sort, and drop a repeated position
+(an at-least-once redelivery) keeping its first occurrence.
+
+**Names.** `<first>` and `<last>` are the first and last commit LSNs as `Lsn.hex_key()`, so a
+LIST of `segments/<table>/` returns the table's segments in position order. `<table>` is the
+qualified table name percent-encoded with `quote(table, safe="")` (`public.guests` stays as it
+is; a `/` in a quoted identifier becomes `%2F`). A sink appends `-<digest>` (a hash of the
+object's bytes) before `.seg`, because one transaction's changes to one table can reach it in
+two batches, and two segments of the same LSN range must not collide.
+
+**Header.** The OCF metadata carries, besides Avro's own `avro.schema` and `avro.codec`:
+
+| key | value (UTF-8 text) |
+|---|---|
+| `wedsync.format` | format version of these keys, `1` |
+| `wedsync.kind` | `changes` or `transactions` |
+| `wedsync.table` | qualified table (`public.guests`); empty for transactions |
+| `wedsync.first_lsn`, `wedsync.first_seq` | position of the first record (`16/B374D848`, `0`) |
+| `wedsync.last_lsn`, `wedsync.last_seq` | position of the last record (seq is 0 for transactions) |
+| `wedsync.min_commit_ts_us`, `wedsync.max_commit_ts_us` | commit-time range, µs since the epoch |
+| `wedsync.rows` | number of records |
+| `wedsync.ops` | records per op code, JSON (`{"c":3,"u":1}`); `{}` for transactions |
+| `wedsync.wedding_ids` | the `wedding_id`s present, a sorted JSON array, or `many` (below) |
+| `wedsync.schema_fingerprint` | CRC-64-AVRO of the records' schema, hex, as in Kafka messages |
+
+The wedding list is capped so the header stays small enough to fetch first (every header this
+module writes fits in `HEADER_PREFIX_SIZE`): above `MAX_WEDDING_IDS` ids, or
+`MAX_WEDDING_IDS_BYTES` bytes of JSON, it is the word `many`, and a restore of one wedding must
+read the segment (`SegmentHeader.may_hold_wedding` says so). `ops` shows truncates, which
+concern every wedding of the table.
+
+**Verification.** The decoders check the content against the header while they stream: the
+table of every record, strict position order, and at the end the first and last positions,
+commit-time range, row count, op counts and wedding ids. A mismatch raises `SegmentCorrupt`
+(only after the records before it were yielded: act on a segment once its iterator is
+exhausted, as `verify_segment` does).
+
+**Memory.** Encoding builds the file in memory (the caller holds the events already); decoding
+holds one OCF block (`BLOCK_SIZE` bytes of records before compression) at a time, also from a
+stream of decrypted chunks (`chunk_stream`).
+
+**Compression**, the caller's choice: `zstandard` (fastavro needs `backports.zstd` for it on
+Python < 3.14) or `deflate`.
+"""
+
+from __future__ import annotations
+
+import enum
+import importlib.util
+import io
+import itertools
+import json
+import re
+import sys
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, fields
+from functools import cache, lru_cache, partial
+from typing import IO, TYPE_CHECKING, Any, Final, NamedTuple, TypeVar, cast
+from urllib.parse import quote, unquote
+
+import fastavro
+from fastavro import parse_schema, schemaless_reader
+from fastavro.schema import fingerprint, to_parsing_canonical_form
+
+from replicator.events import ChangeEvent, TransactionRecord
+from replicator.position import ChangePosition, Lsn
+from replicator.transport.avro import CodecError, EventCodec, event_from_dict, transaction_from_dict
+
+if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer
+
+__all__ = [
+    "BLOCK_SIZE", "FORMAT_VERSION", "HEADER_PREFIX_SIZE", "MAX_WEDDING_IDS",
+    "MAX_WEDDING_IDS_BYTES", "SegmentCorrupt", "SegmentError", "SegmentHeader",
+    "SegmentHeaderIncomplete", "SegmentKey", "SegmentKind", "chunk_stream",
+    "decode_record_segment", "decode_segment", "decode_transaction_segment",
+    "encode_record_segment", "encode_segment", "encode_transaction_segment", "parse_key",
+    "read_header", "segment_key", "transactions_key", "verify_segment",
+]
+
+FORMAT_VERSION: Final = 1
+BLOCK_SIZE: Final = 256 * 1024  # uncompressed record bytes per OCF block
+HEADER_PREFIX_SIZE: Final = 64 * 1024
+MAX_WEDDING_IDS: Final = 1000
+MAX_WEDDING_IDS_BYTES: Final = 40_000
+MANY: Final = "many"
+_CODECS: Final = {"zstandard": "zstandard", "zstd": "zstandard", "deflate": "deflate"}
+_OCF_MAGIC: Final = b"Obj\x01"
+_OCF_HEADER: Final = parse_schema({
+    "type": "record", "name": "org.apache.avro.file.Header",
+    "fields": [
+        {"name": "magic", "type": {"type": "fixed", "name": "Magic", "size": 4}},
+        {"name": "meta", "type": {"type": "map", "values": "bytes"}},
+        {"name": "sync", "type": {"type": "fixed", "name": "Sync", "size": 16}},
+    ],
+})
+_KEY: Final = re.compile(
+    r"(?:.*/)?(?:segments/(?P<table>[^/]+)|(?P<tx>transactions))"
+    r"/(?P<first>[0-9A-F]{16})-(?P<last>[0-9A-F]{16})(?:-(?P<digest>[0-9a-f]{1,64}))?\.seg"
+)
+
+Source = bytes | bytearray | memoryview | IO[bytes]
+_T = TypeVar("_T")
+
+
+class SegmentError(ValueError):
+    """A segment cannot be written or read as asked."""
+
+
+class SegmentCorrupt(SegmentError):
+    """The bytes are not a valid segment, or its content contradicts its header."""
+
+
+class SegmentHeaderIncomplete(SegmentError):
+    """The prefix given to `read_header` ends inside the header: fetch more bytes."""
+
+
+class SegmentKind(enum.StrEnum):
+    CHANGES = "changes"
+    TRANSACTIONS = "transactions"
+
+
+class SegmentKey(NamedTuple):
+    """What an object name says: kind, table (empty for transactions), LSN range."""
+
+    kind: SegmentKind
+    table: str
+    first: Lsn
+    last: Lsn
+    digest: str = ""
+
+
+# --- names -----------------------------------------------------------------------------------
+
+
+def _check_range(first: Lsn, last: Lsn) -> None:
+    if last < first:
+        raise ValueError(f"segment range {first}-{last} ends before it starts")
+
+
+def _suffix(digest: str) -> str:
+    if digest and not re.fullmatch(r"[0-9a-f]{1,64}", digest):
+        raise ValueError(f"invalid segment digest {digest!r}: lower-case hex expected")
+    return f"-{digest}" if digest else ""
+
+
+def segment_key(table: str, first_lsn: Lsn, last_lsn: Lsn, digest: str = "") -> str:
+    """`segments/<table>/<first>-<last>[-<digest>].seg`, relative to the namespace root.
+
+    The optional digest (of the object's content) keeps names unique when two segments of one
+    table cover the same LSN range with different changes, which a sink produces when it
+    flushes one transaction's changes that arrived in two batches; names still sort by LSN."""
+    if not table or table in (".", ".."):
+        raise ValueError(f"invalid table name {table!r} for a segment")
+    _check_range(first_lsn, last_lsn)
+    return (f"segments/{quote(table, safe='')}/{first_lsn.hex_key()}-{last_lsn.hex_key()}"
+            f"{_suffix(digest)}.seg")
+
+
+def transactions_key(first_lsn: Lsn, last_lsn: Lsn, digest: str = "") -> str:
+    """`transactions/<first>-<last>[-<digest>].seg`, relative to the namespace root."""
+    _check_range(first_lsn, last_lsn)
+    return f"transactions/{first_lsn.hex_key()}-{last_lsn.hex_key()}{_suffix(digest)}.seg"
+
+
+def parse_key(key: str) -> SegmentKey:
+    """The inverse of `segment_key` and `transactions_key`; a leading `<root>/<namespace>/`
+    is allowed. Raises `ValueError` for any other name, including a non-canonical one."""
+    match = _KEY.fullmatch(key)
+    if match is None:
+        raise ValueError(f"{key!r} is not a segment name (segments/<table>/<16 hex>-<16 hex>.seg "
+                         "or transactions/<16 hex>-<16 hex>.seg)")
+    first, last = Lsn.from_key(match["first"]), Lsn.from_key(match["last"])
+    digest = match["digest"] or ""
+    if match["tx"]:
+        _check_range(first, last)
+        return SegmentKey(SegmentKind.TRANSACTIONS, "", first, last, digest)
+    table = unquote(match["table"], errors="strict")
+    if segment_key(table, first, last, digest) != key[match.start("table") - len("segments/"):]:
+        raise ValueError(f"{key!r} is not the canonical segment name of its table")
+    return SegmentKey(SegmentKind.CHANGES, table, first, last, digest)
+
+
+# --- the header ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentHeader:
+    """The `wedsync.*` metadata of a segment (module docstring), plus its Avro codec."""
+
+    kind: SegmentKind
+    table: str  # qualified, "public.guests"; empty for transactions
+    first: ChangePosition
+    last: ChangePosition
+    min_commit_ts_us: int
+    max_commit_ts_us: int
+    rows: int
+    ops: Mapping[str, int]
+    wedding_ids: tuple[str, ...] | None  # None: more than the cap ("many")
+    schema_fingerprint: str
+    codec: str
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def key(self) -> str:
+        """The object name this segment belongs under."""
+        first, last = self.first.commit_lsn, self.last.commit_lsn
+        if self.kind is SegmentKind.TRANSACTIONS:
+            return transactions_key(first, last)
+        return segment_key(self.table, first, last)
+
+    def may_hold_wedding(self, wedding_id: str) -> bool:
+        """False only when the header proves no row of *wedding_id* is inside."""
+        return self.wedding_ids is None or wedding_id in self.wedding_ids
+
+    def metadata(self) -> dict[str, str]:
+        ids = MANY if self.wedding_ids is None else _json(list(self.wedding_ids))
+        return {
+            "wedsync.format": str(self.format_version),
+            "wedsync.kind": str(self.kind),
+            "wedsync.table": self.table,
+            "wedsync.first_lsn": str(self.first.commit_lsn),
+            "wedsync.first_seq": str(self.first.seq),
+            "wedsync.last_lsn": str(self.last.commit_lsn),
+            "wedsync.last_seq": str(self.last.seq),
+            "wedsync.min_commit_ts_us": str(self.min_commit_ts_us),
+            "wedsync.max_commit_ts_us": str(self.max_commit_ts_us),
+            "wedsync.rows": str(self.rows),
+            "wedsync.ops": _json(dict(sorted(self.ops.items()))),
+            "wedsync.wedding_ids": ids,
+            "wedsync.schema_fingerprint": self.schema_fingerprint,
+        }
+
+    @classmethod
+    def from_metadata(cls, meta: Mapping[str, str], codec: str) -> SegmentHeader:
+        if "wedsync.format" not in meta:
+            raise SegmentCorrupt("not a wedsync segment: its Avro header has no wedsync.format")
+
+        def get(key: str, parse: Callable[[str], _T]) -> _T:
+            try:
+                return parse(meta[f"wedsync.{key}"])
+            except (KeyError, ValueError, TypeError, AttributeError):
+                raise SegmentCorrupt(f"segment header field wedsync.{key} is missing or not "
+                                     "valid") from None
+
+        version = get("format", int)
+        if version > FORMAT_VERSION:
+            raise SegmentError(f"segment format {version} is newer than this replicator reads "
+                               f"({FORMAT_VERSION}): upgrade it")
+        return cls(
+            kind=get("kind", SegmentKind), table=get("table", str),
+            first=ChangePosition(get("first_lsn", Lsn.parse), get("first_seq", int)),
+            last=ChangePosition(get("last_lsn", Lsn.parse), get("last_seq", int)),
+            min_commit_ts_us=get("min_commit_ts_us", int),
+            max_commit_ts_us=get("max_commit_ts_us", int), rows=get("rows", int),
+            ops=get("ops", _parse_ops), wedding_ids=get("wedding_ids", _parse_wedding_ids),
+            schema_fingerprint=get("schema_fingerprint", str), codec=codec,
+            format_version=version)
+
+
+def _parse_ops(text: str) -> dict[str, int]:
+    return {str(op): int(count) for op, count in json.loads(text).items()}
+
+
+def _parse_wedding_ids(text: str) -> tuple[str, ...] | None:
+    if text == MANY:
+        return None
+    ids = json.loads(text)
+    if not isinstance(ids, list):
+        raise TypeError("not a list")
+    return tuple(str(wedding_id) for wedding_id in ids)
+
+
+def _json(value: object) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+class _Summary:
+    """Builds a header from records in position order; refuses records out of order."""
+
+    def __init__(self, kind: SegmentKind, table: str, *, writing: bool = False) -> None:
+        self.kind, self.table, self.writing = kind, table, writing
+        self.first: ChangePosition | None = None
+        self.last: ChangePosition | None = None
+        self.low = self.high = self.rows = 0
+        self.ops: dict[str, int] = {}
+        self.weddings: set[str] | None = set()  # None once past the cap: memory stays bounded
+
+    def add(self, table: str, position: ChangePosition, commit_ts_us: int, op: str | None,
+            wedding_id: str | None) -> None:
+        if table != self.table and self.writing:
+            raise SegmentError(f"cannot put a record of {table} ({position}) in a segment of "
+                               f"{self.table}: a segment holds one table")
+        if table != self.table:
+            raise SegmentCorrupt(f"a segment of {self.table or 'transactions'} holds a record of "
+                                 f"{table or 'transactions'} at {position}")
+        if self.last is None:
+            self.first, self.low, self.high = position, commit_ts_us, commit_ts_us
+        elif position < self.last or (position == self.last
+                                      and self.kind is not SegmentKind.TRANSACTIONS):
+            # Transactions may share an LSN: a snapshot has one boundary record per table.
+            raise SegmentCorrupt(f"segment of {self.table or 'transactions'}: record at "
+                                 f"{position} follows {self.last} (not in position order)")
+        self.last = position
+        self.low, self.high = min(self.low, commit_ts_us), max(self.high, commit_ts_us)
+        self.rows += 1
+        if op is not None:
+            self.ops[op] = self.ops.get(op, 0) + 1
+        if wedding_id is not None and self.weddings is not None:
+            self.weddings.add(wedding_id)
+            if len(self.weddings) > MAX_WEDDING_IDS:
+                self.weddings = None
+
+    def header(self, schema_fingerprint: str, codec: str) -> SegmentHeader:
+        if self.first is None or self.last is None:
+            raise SegmentError("a segment needs at least one record")
+        ids = None if self.weddings is None else tuple(sorted(self.weddings))
+        if ids is not None and len(_json(list(ids)).encode()) > MAX_WEDDING_IDS_BYTES:
+            ids = None
+        return SegmentHeader(
+            kind=self.kind, table=self.table, first=self.first, last=self.last,
+            min_commit_ts_us=self.low, max_commit_ts_us=self.high, rows=self.rows,
+            ops=self.ops, wedding_ids=ids, schema_fingerprint=schema_fingerprint, codec=codec)
+
+
+_Facts = tuple[str, ChangePosition, int, str | None, str | None]  # table, position, ts, op, wedding
+
+
+def _event_facts(record: Mapping[str, Any]) -> _Facts:
+    source = record["source"]
+    return (f"{source['schema']}.{source['table']}",
+            ChangePosition(Lsn(source["lsn"]), source["seq"]), source["ts_us"], record["op"],
+            record["wedding_id"])
+
+
+def _transaction_facts(record: Mapping[str, Any]) -> _Facts:
+    return "", ChangePosition(Lsn(record["commit_lsn"]), 0), record["commit_ts_us"], None, None
+
+
+# --- encoding --------------------------------------------------------------------------------
+
+
+@cache
+def _default_codec() -> EventCodec:
+    return EventCodec()
+
+
+def _codec_name(codec: str) -> str:
+    name = _CODECS.get(codec)
+    if name is None:
+        raise SegmentError(f"unknown segment codec {codec!r}: use 'zstandard' or 'deflate'")
+    if name == "zstandard" and not _zstd_available():
+        raise SegmentError("the zstandard codec needs the backports.zstd package on Python "
+                           "< 3.14: install it, or use codec='deflate'")
+    return name
+
+
+@cache
+def _zstd_available() -> bool:
+    module = "compression.zstd" if sys.version_info >= (3, 14) else "backports.zstd"
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # the parent package is missing
+        return False
+
+
+def _ordered(items: Iterable[_T], position: Callable[[_T], ChangePosition],
+             identity: Callable[[_T], object] | None = None) -> list[_T]:
+    """Sorted by position (then identity), a repeated identity kept once (its first
+    occurrence). The identity is the position, except for transaction records: a snapshot's
+    records (xid 0) share their LSN, one per table."""
+    ident = identity or position
+    out: list[_T] = []
+    seen: set[object] = set()
+    last: ChangePosition | None = None
+    for item in sorted(items, key=lambda i: (position(i), repr(ident(i)))):
+        here, key = position(item), ident(item)
+        if here != last:
+            seen.clear()
+            last = here
+        if key not in seen:
+            seen.add(key)
+            out.append(item)
+    return out
+
+
+def _transaction_identity(record: Mapping[str, Any]) -> object:
+    return record["commit_lsn"], record["xid"], tuple(sorted(record["counts"]))
+
+
+def _write(parsed: Any, records: Iterable[Mapping[str, Any]], header: SegmentHeader,
+           level: int | None) -> bytes:
+    buffer = io.BytesIO()
+    try:
+        fastavro.writer(buffer, parsed, records, codec=header.codec, sync_interval=BLOCK_SIZE,
+                        metadata=header.metadata(), codec_compression_level=level)
+    except CodecError:
+        raise
+    except (ValueError, TypeError, OverflowError, KeyError) as exc:
+        # fastavro's messages can quote the record; say only which segment failed.
+        raise SegmentError(f"cannot write the segment of {header.table or 'transactions'} at "
+                           f"{header.first}: {type(exc).__name__}") from exc
+    return buffer.getvalue()
+
+
+def encode_segment(
+    events: Sequence[ChangeEvent], *, table: str,
+    column_types: Mapping[str, Mapping[str, str]] | None, codec: str,
+    level: int | None = None, event_codec: EventCodec | None = None,
+) -> tuple[bytes, SegmentHeader]:
+    """A change segment of *events*, all of *table* (qualified, `public.guests`).
+
+    *column_types* is qualified table -> column -> Postgres type name (as
+    `Assembler.column_kinds`); the encoder needs it for json/jsonb and infinity values
+    (`replicator.transport.avro`). *event_codec* supplies `source.name` (the topic prefix) and
+    `ts_ms`; pass the one the Kafka producer uses. *level* is the compression level.
+    """
+    avro = event_codec or _default_codec()
+    name = _codec_name(codec)
+    ordered = _ordered(events, lambda event: event.position)
+    summary = _Summary(SegmentKind.CHANGES, table, writing=True)
+    for event in ordered:
+        summary.add(event.qualified_table, event.position, event.commit_ts_us, str(event.op),
+                    event.wedding_id)
+    header = summary.header(avro.event_fingerprint.hex(), name)
+    hints = column_types.get(table) if column_types else None
+    datums = (avro.event_datum(event, hints) for event in ordered)
+    return _write(avro.parsed_event_schema, datums, header, level), header
+
+
+def encode_record_segment(
+    records: Sequence[Mapping[str, Any]], *, table: str, codec: str, level: int | None = None,
+) -> tuple[bytes, SegmentHeader]:
+    """A change segment of envelope records as `EventCodec.decode_event` returns them.
+
+    This is the lossless path for a sink: the records are written exactly as they came from
+    Kafka (json stays Json, infinities keep their type, `ts_ms` is kept), with no type hints.
+    """
+    avro = _default_codec()
+    name = _codec_name(codec)
+    ordered = _ordered(records, lambda record: _event_facts(record)[1])
+    summary = _Summary(SegmentKind.CHANGES, table, writing=True)
+    for record in ordered:
+        summary.add(*_event_facts(record))
+    header = summary.header(avro.event_fingerprint.hex(), name)
+    return _write(avro.parsed_event_schema, ordered, header, level), header
+
+
+def encode_transaction_segment(
+    records: Sequence[TransactionRecord | Mapping[str, Any]], *, codec: str,
+    level: int | None = None,
+) -> tuple[bytes, SegmentHeader]:
+    """A transaction segment of `TransactionRecord`s, or of the records as
+    `EventCodec.decode_transaction` returns them."""
+    avro = _default_codec()
+    name = _codec_name(codec)
+    datums = [avro.transaction_datum(r) if isinstance(r, TransactionRecord) else r
+              for r in records]
+    ordered = _ordered(datums, lambda record: _transaction_facts(record)[1],
+                       _transaction_identity)
+    summary = _Summary(SegmentKind.TRANSACTIONS, "", writing=True)
+    for record in ordered:
+        summary.add(*_transaction_facts(record))
+    header = summary.header(avro.transaction_fingerprint.hex(), name)
+    return _write(avro.parsed_transaction_schema, ordered, header, level), header
+
+
+# --- decoding --------------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=16)
+def _fingerprint_of(schema_json: str) -> str:
+    result: str = fingerprint(to_parsing_canonical_form(json.loads(schema_json)), "CRC-64-AVRO")
+    return result
+
+
+def _checked_header(meta: Mapping[str, str], codec: str) -> SegmentHeader:
+    header = SegmentHeader.from_metadata(meta, codec)
+    try:
+        actual = _fingerprint_of(meta["avro.schema"])
+    except (KeyError, ValueError, TypeError) as exc:
+        raise SegmentCorrupt(f"segment's Avro schema is not readable: {type(exc).__name__}"
+                             ) from None
+    if actual != header.schema_fingerprint:
+        raise SegmentCorrupt(f"segment header says schema {header.schema_fingerprint}, but its "
+                             f"records are written with schema {actual}")
+    return header
+
+
+class _Recorder:
+    """Keeps what is read from a stream, so the header can be read twice without seeking."""
+
+    def __init__(self, stream: IO[bytes]) -> None:
+        self.stream = stream
+        self.seen = bytearray()
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.stream.read(size)
+        self.seen += data
+        return data
+
+
+def _read_meta(stream: Any, available: int | None) -> dict[str, str]:
+    try:
+        raw = schemaless_reader(stream, _OCF_HEADER, None)
+    except EOFError:
+        where = "" if available is None else f" within the first {available} bytes"
+        raise SegmentHeaderIncomplete(f"the segment header does not end{where}") from None
+    if not isinstance(raw, dict) or raw["magic"] != _OCF_MAGIC:
+        raise SegmentCorrupt("not an Avro object container file")
+    try:
+        return {key: value.decode("utf-8") for key, value in raw["meta"].items()}
+    except UnicodeDecodeError:
+        raise SegmentCorrupt("segment header metadata is not UTF-8 text") from None
+
+
+def read_header(data_prefix: bytes | bytearray | memoryview) -> SegmentHeader:
+    """The header of a (decrypted) segment from its first bytes; `HEADER_PREFIX_SIZE` bytes
+    always hold a header this module wrote. Raises `SegmentHeaderIncomplete` when they do not.
+    """
+    meta = _read_meta(io.BytesIO(data_prefix), len(data_prefix))
+    return _checked_header(meta, meta.get("avro.codec", "null"))
+
+
+def _open(data: Source, kind: SegmentKind | None
+          ) -> tuple[SegmentHeader, Iterator[dict[str, Any]]]:
+    """Reads the header first, to give fastavro a reader schema only when the segment was
+    written with another schema (resolution halves the reading speed)."""
+    stream: IO[bytes]
+    try:
+        if isinstance(data, bytes | bytearray | memoryview):
+            meta = _read_meta(io.BytesIO(data), None)
+            stream = io.BytesIO(data)
+        else:
+            recorder = _Recorder(data)
+            meta = _read_meta(recorder, None)
+            rest = iter(partial(data.read, BLOCK_SIZE), b"")
+            stream = chunk_stream(itertools.chain((bytes(recorder.seen),), rest))
+    except SegmentHeaderIncomplete:
+        raise SegmentCorrupt("the segment ends inside its header") from None
+    header = _checked_header(meta, meta.get("avro.codec", "null"))
+    if kind is not None and header.kind is not kind:
+        raise SegmentError(f"this is a {header.kind} segment, not a {kind} one")
+    if header.codec == "zstandard":
+        _codec_name(header.codec)  # says which package is missing, rather than "corrupt"
+    avro = _default_codec()
+    if header.kind is SegmentKind.CHANGES:
+        ours, schema, facts = (avro.event_fingerprint, avro.parsed_event_schema, _event_facts)
+    else:
+        ours, schema, facts = (avro.transaction_fingerprint, avro.parsed_transaction_schema,
+                               _transaction_facts)
+    reader_schema = None if header.schema_fingerprint == ours.hex() else schema
+    try:
+        reader = fastavro.reader(stream, reader_schema=reader_schema, return_record_name=True)
+    except Exception as exc:  # fastavro raises assorted types on bytes that are not an OCF
+        raise SegmentCorrupt(f"segment of {header.table or 'transactions'} is not readable: "
+                             f"{type(exc).__name__}") from exc
+    return header, _verified(header, cast(Iterator[dict[str, Any]], iter(reader)), facts)
+
+
+def _verified(header: SegmentHeader, records: Iterator[dict[str, Any]],
+              facts: Callable[[Mapping[str, Any]], _Facts],
+              ) -> Iterator[dict[str, Any]]:
+    summary = _Summary(header.kind, header.table)
+    where = f"segment of {header.table or 'transactions'} starting at {header.first}"
+    while True:
+        try:
+            record = next(records)
+        except StopIteration:
+            break
+        except Exception as exc:  # fastavro, zlib and zstd each raise their own types
+            raise SegmentCorrupt(f"{where} is corrupt after {summary.rows} records: "
+                                 f"{type(exc).__name__}") from exc
+        summary.add(*facts(record))
+        yield record
+    try:
+        actual = summary.header(header.schema_fingerprint, header.codec)
+    except SegmentError:
+        raise SegmentCorrupt(f"{where} holds no records") from None
+    differ = [f.name for f in fields(SegmentHeader)
+              if getattr(actual, f.name) != getattr(header, f.name)
+              and f.name != "format_version"]
+    if differ:
+        raise SegmentCorrupt(f"{where}: the header does not match the content "
+                             f"({', '.join(differ)})")
+
+
+def decode_record_segment(data: Source) -> tuple[SegmentHeader, Iterator[dict[str, Any]]]:
+    """The header and the envelope records of a change segment (fastavro's dicts, with
+    record-typed Values as `(name, fields)`), streamed and verified (module docstring)."""
+    return _open(data, SegmentKind.CHANGES)
+
+
+def decode_segment(data: Source) -> tuple[SegmentHeader, Iterator[ChangeEvent]]:
+    """The header and the events of a change segment, streamed and verified."""
+    header, records = _open(data, SegmentKind.CHANGES)
+    return header, (event_from_dict(record) for record in records)
+
+
+def decode_transaction_segment(data: Source) -> tuple[SegmentHeader, Iterator[TransactionRecord]]:
+    """The header and the records of a transaction segment, streamed and verified."""
+    header, records = _open(data, SegmentKind.TRANSACTIONS)
+    return header, (transaction_from_dict(record) for record in records)
+
+
+def verify_segment(data: Source) -> SegmentHeader:
+    """Read a whole segment of either kind; its header, if the content matches it."""
+    header, records = _open(data, None)
+    for _ in records:
+        pass
+    return header
+
+
+class _ChunkIO(io.RawIOBase):
+    def __init__(self, chunks: Iterable[bytes]) -> None:
+        super().__init__()
+        self._chunks = iter(chunks)
+        self._pending = memoryview(b"")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: WriteableBuffer) -> int:
+        while not self._pending:
+            chunk = next(self._chunks, None)
+            if chunk is None:
+                return 0
+            self._pending = memoryview(chunk).cast("B")
+        with memoryview(buffer) as target:
+            size = min(len(target), len(self._pending))
+            target[:size] = self._pending[:size]
+        self._pending = self._pending[size:]
+        return size
+
+
+def chunk_stream(chunks: Iterable[bytes], buffer_size: int = 64 * 1024) -> IO[bytes]:
+    """A readable binary file over an iterator of byte chunks, e.g. `crypto.decrypt_stream`,
+    so that a segment decodes while it is being decrypted."""
+    return io.BufferedReader(_ChunkIO(chunks), buffer_size)

@@ -1,0 +1,76 @@
+"""All destinations of a configuration, each its own `SinkWorker`, run side by side.
+
+A destination that fails (store down, credentials refused mid-run) only trips its own
+breaker; the others go on. A destination that cannot even be opened at start-up (an unknown
+scheme, missing credentials) is a configuration problem: `SinkSetupError` names it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Mapping
+
+from connectors.base import ObjectStore
+from connectors.errors import StoreError
+from connectors.registry import open_store
+from connectors.retry import RetryingStore
+from replicator.config import Config
+from replicator.crypto import CryptoError, Keyring
+from replicator.sink.worker import SinkStats, SinkWorker
+
+log = logging.getLogger(__name__)
+
+
+class SinkSetupError(RuntimeError):
+    """A destination cannot be set up; the message names it and what to fix."""
+
+
+def load_keyring(config: Config, environ: Mapping[str, str]) -> Keyring:
+    try:
+        if config.encryption.keyring_file is not None:
+            return Keyring.from_file(config.encryption.keyring_file)
+        return Keyring.from_env(environ)
+    except (CryptoError, OSError, ValueError) as exc:
+        raise SinkSetupError(f"encryption keys: {exc}") from exc
+
+
+class Sinks:
+    def __init__(self, config: Config, environ: Mapping[str, str] | None = None) -> None:
+        self.config = config
+        self.environ = os.environ if environ is None else environ
+        self.workers: dict[str, SinkWorker] = {}
+        self._stores: list[ObjectStore] = []
+
+    @property
+    def stats(self) -> dict[str, SinkStats]:
+        return {name: worker.stats for name, worker in self.workers.items()}
+
+    async def open(self) -> None:
+        keyring = load_keyring(self.config, self.environ)
+        for destination in self.config.destinations:
+            try:
+                # Retries of retriable errors here; a failure that outlasts them trips the
+                # destination's breaker in its worker.
+                store: ObjectStore = RetryingStore(open_store(destination.url, self.environ))
+            except (StoreError, ValueError) as exc:
+                raise SinkSetupError(f"destination {destination.name!r}: {exc}") from exc
+            self._stores.append(store)
+            self.workers[destination.name] = SinkWorker(destination, self.config.kafka, store,
+                                                        keyring)
+
+    def stop(self) -> None:
+        for worker in self.workers.values():
+            worker.stop()
+
+    async def run(self) -> None:
+        if not self.workers:
+            await self.open()
+        try:
+            async with asyncio.TaskGroup() as group:
+                for name, worker in self.workers.items():
+                    group.create_task(worker.run(), name=f"sink:{name}")
+        finally:
+            for store in self._stores:
+                await store.close()

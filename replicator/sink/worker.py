@@ -1,0 +1,325 @@
+"""One destination's sink: Kafka -> segments in an object store, compressed and encrypted.
+
+Each destination is its own consumer group (`<prefix>.sink.<destination>`) over the four tier
+topics and the transactions topic, so a slow or failing destination never holds back another.
+
+Buffers are kept per tier and table. A tier is flushed when its interval has passed since
+its oldest buffered change (critical 5 s, high 30 s, normal 60 s, low 300 s by default), or
+when the buffers reach `max_rows` / `max_bytes`. Under backlog, critical partitions are read
+first: lower tiers are paused while critical partitions are behind.
+
+A flush, in this order:
+
+1. write the buffered changes as segments, one per table, named by their position range
+   (`segments/<table>/<first>-<last>-<digest>.seg`), and the buffered transaction records
+   (`transactions/<first>-<last>-<digest>.seg`); writes are create-only, and an existing
+   name means the same content was already written;
+2. advance the checkpoint over the transactions now complete in this destination and write
+   it (`checkpoints/<destination>/<lsn>`);
+3. commit the Kafka offsets of records at or below the checkpoint, and only those.
+
+A crash between any two steps repeats work on restart and loses nothing: the checkpoint is
+rebuilt from the newest checkpoint object, and every record above it is read again from the
+committed offsets (its segments may then exist twice, under different digests; replay
+de-duplicates by position).
+
+The digest in a segment's name keeps names unique when two flushes cover the same position
+range with different changes (changes of one table arrive from several partitions, in no
+particular order across them). Names still sort by position.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka.structs import OffsetAndMetadata
+
+from connectors.base import ObjectStore
+from connectors.errors import AlreadyExists, StoreError
+from replicator.config import DestinationConfig, KafkaConfig
+from replicator.crypto import Keyring, encrypt
+from replicator.events import TIER_ORDER, Tier
+from replicator.position import INVALID_LSN, Lsn
+from replicator.sink.breaker import CircuitBreaker, CircuitOpen, TokenBucket
+from replicator.sink.checkpoint import CompletenessTracker, checkpoint_key, parse_checkpoint_key
+from replicator.sink.segment import (
+    encode_record_segment,
+    encode_transaction_segment,
+    segment_key,
+    transactions_key,
+)
+from replicator.transport.avro import EventCodec, transaction_from_dict
+from replicator.transport.kafka import topic_names, transactions_topic
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SinkStats:
+    """What `status` and the metrics show about one destination."""
+
+    checkpoint: Lsn = INVALID_LSN
+    tier_checkpoints: dict[Tier, Lsn] = field(default_factory=dict)
+    segments_written: int = 0
+    bytes_written: int = 0
+    changes_written: int = 0
+    flushes: int = 0
+    failures: int = 0
+    breaker: str = "closed"
+    lag: dict[str, int] = field(default_factory=dict)  # "topic/partition" -> records behind
+    last_flush_at: float = 0.0
+
+
+@dataclass(slots=True)
+class _Buffered:
+    value: dict[str, Any]
+    position: tuple[Lsn, int]
+    size: int
+
+
+class SinkWorker:
+    def __init__(self, destination: DestinationConfig, kafka: KafkaConfig, store: ObjectStore,
+                 keyring: Keyring, *, clock: Any = time.monotonic) -> None:
+        self.destination = destination
+        self.kafka = kafka
+        self.store = store
+        self.keyring = keyring
+        self.clock = clock
+        self.codec = EventCodec()
+        self.stats = SinkStats()
+        self.breaker = CircuitBreaker()
+        self.bucket = TokenBucket(destination.bandwidth_bytes_per_s)
+        self.tiers = topic_names(kafka.topic_prefix)
+        self.tier_of_topic = {topic: tier for tier, topic in self.tiers.items()}
+        self.tx_topic = transactions_topic(kafka.topic_prefix)
+        self.group = f"{kafka.topic_prefix}.sink.{destination.name}"
+        self.tracker = CompletenessTracker()
+        self._buffers: dict[Tier, dict[str, list[_Buffered]]] = {
+            t: defaultdict(list) for t in TIER_ORDER}
+        self._oldest: dict[Tier, float] = {}
+        self._rows = 0
+        self._bytes = 0
+        self._tx_buffer: list[dict[str, Any]] = []
+        # per partition: (offset, commit LSN, written) of records read but not yet committed
+        self._uncommitted: dict[TopicPartition, list[list[Any]]] = defaultdict(list)
+        self._stopping = asyncio.Event()
+        self._consumer: AIOKafkaConsumer | None = None
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    # --- the loop ---------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        overall = await self._latest_checkpoint(None)
+        tiers = {t: await self._latest_checkpoint(t) for t in TIER_ORDER}
+        self.tracker = CompletenessTracker(overall, tiers)
+        self.stats.checkpoint = self.tracker.checkpoint
+        self.stats.tier_checkpoints = dict(self.tracker.tier_checkpoints)
+        consumer = AIOKafkaConsumer(
+            *self.tiers.values(), self.tx_topic, bootstrap_servers=self.kafka.bootstrap_servers,
+            group_id=self.group, enable_auto_commit=False, auto_offset_reset="earliest",
+            max_partition_fetch_bytes=4 * 1024 * 1024)
+        self._consumer = consumer
+        await consumer.start()
+        try:
+            while not self._stopping.is_set():
+                await self._poll(consumer)
+                due = self._due_tiers()
+                if due:
+                    await self._flush_guarded(consumer, due)
+            await self._flush_guarded(consumer, list(TIER_ORDER), final=True)
+        finally:
+            await consumer.stop()
+
+    async def _poll(self, consumer: AIOKafkaConsumer) -> None:
+        self._prioritise(consumer)
+        batch = await consumer.getmany(timeout_ms=200, max_records=5000)
+        for tp, records in batch.items():
+            if tp.topic == self.tx_topic:
+                for record in records:
+                    self._add_transaction(tp, record)
+            else:
+                tier = self.tier_of_topic[tp.topic]
+                for record in records:
+                    self._add_change(tp, tier, record)
+
+    def _prioritise(self, consumer: AIOKafkaConsumer) -> None:
+        """Pause lower tiers while critical partitions are behind (read critical first)."""
+        critical_topic = self.tiers[Tier.CRITICAL]
+        behind = False
+        lag: dict[str, int] = {}
+        for tp in consumer.assignment():
+            high = consumer.highwater(tp)
+            if high is None:
+                continue
+            position = consumer.last_position(tp) if hasattr(consumer, "last_position") else None
+            pending = max(0, high - (position if position is not None else high))
+            lag[f"{tp.topic}/{tp.partition}"] = pending
+            if tp.topic == critical_topic and pending > 1000:
+                behind = True
+        self.stats.lag = lag
+        lower = [tp for tp in consumer.assignment()
+                 if tp.topic not in (critical_topic, self.tx_topic)]
+        if behind:
+            consumer.pause(*lower)
+        else:
+            consumer.resume(*lower)
+
+    def _add_change(self, tp: TopicPartition, tier: Tier, record: ConsumerRecord[Any, Any]
+                    ) -> None:
+        value = self.codec.decode_event(record.value)
+        source = value["source"]
+        position = (Lsn(source["lsn"]), int(source["seq"]))
+        table = f"{source['schema']}.{source['table']}"
+        size = len(record.value)
+        self._buffers[tier][table].append(_Buffered(value, position, size))
+        self._oldest.setdefault(tier, self.clock())
+        self._rows += 1
+        self._bytes += size
+        self._uncommitted[tp].append([record.offset, position[0], False])
+
+    def _add_transaction(self, tp: TopicPartition, record: ConsumerRecord[Any, Any]) -> None:
+        value = self.codec.decode_transaction(record.value)
+        self._tx_buffer.append(value)
+        self._oldest.setdefault(Tier.CRITICAL, self.clock())
+        self._uncommitted[tp].append([record.offset, Lsn(value["commit_lsn"]), False])
+
+    def _due_tiers(self) -> list[Tier]:
+        flush = self.destination.flush
+        if self._rows >= flush.max_rows or self._bytes >= flush.max_bytes:
+            return list(TIER_ORDER)
+        now = self.clock()
+        return [t for t, since in self._oldest.items() if now - since >= flush.interval(t)]
+
+    # --- flushing ---------------------------------------------------------------------------
+
+    async def _flush_guarded(self, consumer: AIOKafkaConsumer, tiers: list[Tier],
+                             final: bool = False) -> None:
+        try:
+            self.breaker.check()
+        except CircuitOpen:
+            if not final:
+                await asyncio.sleep(min(1.0, self.breaker.seconds_until_retry()))
+            return
+        try:
+            await self._flush(consumer, tiers)
+        except (StoreError, OSError) as exc:
+            self.stats.failures += 1
+            self.breaker.failure()
+            self.stats.breaker = self.breaker.state.value
+            log.warning("destination %s: flush failed (%s); breaker %s", self.destination.name,
+                        exc, self.breaker.state.value)
+            return
+        if self.breaker.state.value != "closed":
+            log.warning("destination %s recovered", self.destination.name)
+        self.breaker.success()
+        self.stats.breaker = self.breaker.state.value
+
+    async def _flush(self, consumer: AIOKafkaConsumer, tiers: list[Tier]) -> None:
+        # 1. segments, then transaction records (create-only)
+        written_positions: list[tuple[Tier, Lsn, int]] = []
+        for tier in tiers:
+            tables = self._buffers[tier]
+            for table in list(tables):
+                items = tables[table]
+                await self._write_segment(table, items)
+                written_positions.extend((tier, *i.position) for i in items)
+                self._rows -= len(items)
+                self._bytes -= sum(i.size for i in items)
+                del tables[table]
+            self._oldest.pop(tier, None)
+        records = self._tx_buffer
+        if records:
+            await self._write_transactions(records)
+            self._tx_buffer = []
+        written = {p[1] for p in written_positions} | {Lsn(r["commit_lsn"]) for r in records}
+        for entries in self._uncommitted.values():
+            for entry in entries:
+                if entry[1] in written:
+                    entry[2] = True
+        # 2. checkpoint
+        self.tracker.changes_durable(written_positions)
+        self.tracker.records_durable(
+            transaction_from_dict(r) for r in sorted(records, key=lambda r: r["commit_lsn"]))
+        checkpoint = self.tracker.advance()
+        name = self.destination.name
+        for tier, lsn in self.tracker.tier_checkpoints.items():
+            if lsn > self.stats.tier_checkpoints.get(tier, INVALID_LSN):
+                with contextlib.suppress(AlreadyExists):
+                    await self.store.put(checkpoint_key(name, lsn, tier), b"")
+                self.stats.tier_checkpoints[tier] = lsn
+        if checkpoint > self.stats.checkpoint:
+            with contextlib.suppress(AlreadyExists):
+                await self.store.put(checkpoint_key(name, checkpoint), b"")
+            self.stats.checkpoint = checkpoint
+        # 3. offsets of what is at or below the checkpoint
+        await self._commit(consumer, checkpoint)
+        self.stats.flushes += 1
+        self.stats.last_flush_at = time.time()
+
+    async def _write_segment(self, table: str, items: list[_Buffered]) -> None:
+        data, header = encode_record_segment([i.value for i in items], table=table,
+                                             codec=self.destination.compression)
+        digest = hashlib.sha256(data).hexdigest()[:16]
+        key = segment_key(table, header.first.commit_lsn, header.last.commit_lsn, digest)
+        await self._put(key, data)
+        self.stats.changes_written += header.rows
+
+    async def _write_transactions(self, records: list[dict[str, Any]]) -> None:
+        # Snapshot records (xid 0) share their LSN, one per table: keep them all.
+        unique = {(r["commit_lsn"], r["xid"], tuple(sorted(r["counts"]))): r for r in records}
+        data, header = encode_transaction_segment(list(unique.values()),
+                                                  codec=self.destination.compression)
+        digest = hashlib.sha256(data).hexdigest()[:16]
+        await self._put(transactions_key(header.first.commit_lsn, header.last.commit_lsn,
+                                         digest), data)
+
+    async def _put(self, key: str, data: bytes) -> None:
+        sealed = encrypt(data, key, self.keyring)
+        await self.bucket.take(len(sealed))
+        try:
+            await self.store.put(key, sealed)
+        except AlreadyExists:
+            return  # same name, same digest: written by an earlier attempt
+        self.stats.segments_written += 1
+        self.stats.bytes_written += len(sealed)
+
+    async def _commit(self, consumer: AIOKafkaConsumer, checkpoint: Lsn) -> None:
+        offsets: dict[TopicPartition, OffsetAndMetadata] = {}
+        for tp, entries in self._uncommitted.items():
+            done = 0
+            for _offset, commit_lsn, written in entries:
+                if not written or commit_lsn > checkpoint:
+                    break
+                done += 1
+            if done:
+                offsets[tp] = OffsetAndMetadata(entries[done - 1][0] + 1, "")
+                del entries[:done]
+        if offsets:
+            await consumer.commit(offsets)
+
+    async def _latest_checkpoint(self, tier: Tier | None) -> Lsn:
+        """The newest checkpoint object (names sort by LSN; the last listed is the newest)."""
+        prefix = f"checkpoints/{self.destination.name}/" + (f"{tier.value}/" if tier else "")
+        latest = INVALID_LSN
+        async for info in self.store.list(prefix):
+            rest = info.key[len(prefix):] if info.key.startswith(prefix) else info.key
+            if "/" not in rest:  # the overall listing also shows the tier folders' objects
+                latest = max(latest, parse_checkpoint_key(info.key))
+        return latest
+
+
+def describe(stats: Mapping[str, SinkStats]) -> dict[str, Any]:
+    return {name: {"checkpoint": str(s.checkpoint), "segments": s.segments_written,
+                   "bytes": s.bytes_written, "breaker": s.breaker, "failures": s.failures}
+            for name, s in stats.items()}
