@@ -49,8 +49,9 @@ from replicator.config import DestinationConfig, KafkaConfig
 from replicator.crypto import Keyring, encrypt
 from replicator.events import TIER_ORDER, Tier
 from replicator.position import INVALID_LSN, Lsn
+from replicator.sink import archive
 from replicator.sink.breaker import CircuitBreaker, CircuitOpen, TokenBucket
-from replicator.sink.checkpoint import CompletenessTracker, checkpoint_key, parse_checkpoint_key
+from replicator.sink.checkpoint import CompletenessTracker, checkpoint_key
 from replicator.sink.segment import (
     encode_record_segment,
     encode_transaction_segment,
@@ -309,15 +310,7 @@ class SinkWorker:
             await consumer.commit(offsets)
 
     async def _latest_checkpoint(self, tier: Tier | None) -> Lsn:
-        """The newest checkpoint object (names sort by LSN; the last listed is the newest)."""
-        prefix = f"checkpoints/{self.destination.name}/" + (f"{tier.value}/" if tier else "")
-        latest = INVALID_LSN
-        async for info in self.store.list(prefix):
-            rest = info.key[len(prefix):] if info.key.startswith(prefix) else info.key
-            if "/" not in rest:  # the overall listing also shows the tier folders' objects
-                latest = max(latest, parse_checkpoint_key(info.key))
-        return latest
-
+        return await archive.checkpoint(self.store, self.destination.name, tier)
 
 def describe(stats: Mapping[str, SinkStats]) -> dict[str, Any]:
     return {name: {"checkpoint": str(s.checkpoint), "segments": s.segments_written,
