@@ -12,7 +12,7 @@ from typing import Any
 
 from connectors.base import ObjectStore
 from replicator.crypto import Keyring, decrypt
-from replicator.events import TIER_ORDER, Tier
+from replicator.events import TIER_ORDER, Tier, TransactionRecord
 from replicator.position import INVALID_LSN, Lsn
 from replicator.sink.checkpoint import parse_checkpoint_key
 from replicator.sink.segment import (
@@ -51,7 +51,7 @@ async def change_records(store: ObjectStore, keyring: Keyring, table: str | None
 
 
 async def transaction_records(store: ObjectStore, keyring: Keyring
-                              ) -> AsyncIterator[dict[str, Any]]:
+                              ) -> AsyncIterator[TransactionRecord]:
     async for info in store.list("transactions/"):
         data = decrypt(await store.get(info.key), info.key, keyring)
         _, records = decode_transaction_segment(data)
