@@ -63,6 +63,9 @@ from replicator.transport.kafka import topic_names, transactions_topic
 
 log = logging.getLogger(__name__)
 
+#: Records behind in a critical partition above which lower tiers are paused.
+CRITICAL_BACKLOG = 500
+
 
 @dataclass
 class SinkStats:
@@ -143,7 +146,7 @@ class SinkWorker:
             await consumer.stop()
 
     async def _poll(self, consumer: AIOKafkaConsumer) -> None:
-        self._prioritise(consumer)
+        await self._prioritise(consumer)
         batch = await consumer.getmany(timeout_ms=200, max_records=5000)
         for tp, records in batch.items():
             if tp.topic == self.tx_topic:
@@ -154,7 +157,7 @@ class SinkWorker:
                 for record in records:
                     self._add_change(tp, tier, record)
 
-    def _prioritise(self, consumer: AIOKafkaConsumer) -> None:
+    async def _prioritise(self, consumer: AIOKafkaConsumer) -> None:
         """Pause lower tiers while critical partitions are behind (read critical first)."""
         critical_topic = self.tiers[Tier.CRITICAL]
         behind = False
@@ -163,10 +166,9 @@ class SinkWorker:
             high = consumer.highwater(tp)
             if high is None:
                 continue
-            position = consumer.last_position(tp) if hasattr(consumer, "last_position") else None
-            pending = max(0, high - (position if position is not None else high))
+            pending = max(0, high - await consumer.position(tp))
             lag[f"{tp.topic}/{tp.partition}"] = pending
-            if tp.topic == critical_topic and pending > 1000:
+            if tp.topic == critical_topic and pending > CRITICAL_BACKLOG:
                 behind = True
         self.stats.lag = lag
         lower = [tp for tp in consumer.assignment()
