@@ -2,7 +2,8 @@
 
 1. start the local stack (`replicator dev up`);
 2. create the sample WedSync database `wedsync` (a few weddings in each tier) if missing;
-3. run capture (`examples/local.toml`) while a small live workload writes;
+3. run capture (`examples/local.toml`) and the sinks (the configuration's destinations, or
+   else a local folder `<state dir>/archive`) while a small live workload writes;
 4. print what each stage did.
 
 Safe to run again: the database, slot and topics are reused, the initial snapshot is not
@@ -12,9 +13,11 @@ repeated, and capture resumes from the slot's confirmed position.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import os
 import random
+import secrets
 import time
 from datetime import date, timedelta
 from pathlib import Path
@@ -25,6 +28,8 @@ import psycopg
 from psycopg import sql
 from rich.console import Console
 from rich.table import Table
+
+from replicator.config import Config, DestinationConfig, EncryptionConfig, FlushConfig
 
 SAMPLE_SCHEMA = """
 CREATE TABLE IF NOT EXISTS weddings (
@@ -105,6 +110,7 @@ def demo(config_path: Path | None, seconds: float) -> None:
     from replicator.config import ConfigError, load_config
     from replicator.devstack.settings import StackSettings
     from replicator.devstack.stack import Stack
+    from replicator.sink.service import Sinks
 
     setup_logging("warning")
     console = Console()
@@ -114,6 +120,8 @@ def demo(config_path: Path | None, seconds: float) -> None:
         raise click.ClickException(str(exc)) from exc
     stack = Stack(StackSettings.from_env(os.environ))
 
+    config, environ = with_demo_archive(config, stack.settings.state_dir, dict(os.environ))
+
     async def main() -> dict[str, Any]:
         console.print("[bold]1.[/] starting the local stack")
         await stack.up(["pg15", "kafka"])
@@ -121,14 +129,20 @@ def demo(config_path: Path | None, seconds: float) -> None:
         created = await seed(server, config.source.dsn)
         console.print(f"[bold]2.[/] sample database {'created' if created else 'reused'}")
         capture = Capture(config)
-        task = asyncio.create_task(capture.run())
-        console.print(f"[bold]3.[/] capture running; live workload for {seconds:.0f}s")
+        sinks = Sinks(config, environ)
+        await sinks.open()
+        tasks = [asyncio.create_task(capture.run()), asyncio.create_task(sinks.run())]
+        names = ", ".join(f"{d.name} ({d.url})" for d in config.destinations)
+        console.print(f"[bold]3.[/] capture and sinks into {names} running; live workload "
+                      f"for {seconds:.0f}s")
         commits = await workload(config.source.dsn, seconds)
-        await asyncio.sleep(2)  # let the last commits be acknowledged and confirmed
+        await asyncio.sleep(3)  # let the last commits be acknowledged, flushed and confirmed
         capture.stop()
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.wait_for(task, config.shutdown_deadline_s + 5)
-        return {"commits": commits, "stats": capture.stats}
+        sinks.stop()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait_for(task, config.shutdown_deadline_s + 5)
+        return {"commits": commits, "stats": capture.stats, "sinks": sinks.stats}
 
     try:
         result = asyncio.run(main())
@@ -145,6 +159,34 @@ def demo(config_path: Path | None, seconds: float) -> None:
                            f"({tiers}) on {config.kafka.topic_prefix}.*")
     rtt = stats.last_heartbeat_rtt_s
     table.add_row("lag", f"heartbeat round trip {rtt:.3f}s" if rtt is not None else "n/a")
+    for name, sink in result["sinks"].items():
+        table.add_row(f"archive: {name}",
+                      f"{sink.segments_written} objects, {sink.bytes_written} bytes (compressed, "
+                      f"encrypted); checkpoint {sink.checkpoint}; breaker {sink.breaker}")
     console.print(table)
-    console.print("Archive, replay and verify join this demo as they land "
-                  "(see README, 'Status').")
+    console.print("Replay and verify join this demo as they land (see README, 'Status').")
+
+
+DEMO_FLUSH = FlushConfig(critical_s=1, high_s=2, normal_s=2, low_s=3)
+
+
+def with_demo_archive(config: Config, state_dir: Path, environ: dict[str, str]
+                      ) -> tuple[Config, dict[str, str]]:
+    """A configuration without destinations archives into `<state dir>/archive` (short
+    flush intervals, so a short demo shows segments); without keys in the environment, a
+    development key is made once in the state directory (mode 0600) and used."""
+    if not config.destinations:
+        folder = state_dir / "archive"
+        folder.mkdir(parents=True, exist_ok=True)
+        local = DestinationConfig(name="local", url=f"file://{folder}", flush=DEMO_FLUSH)
+        config = config.model_copy(update={"destinations": (local,)})
+    if config.encryption.keyring_file is None and not any(
+            k.startswith("REPLICATOR_KEK_") for k in environ):
+        keyfile = state_dir / "demo-keyring"
+        if not keyfile.exists():
+            state_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(keyfile, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as out:
+                out.write(f"demo {base64.b64encode(secrets.token_bytes(32)).decode()}\n")
+        config = config.model_copy(update={"encryption": EncryptionConfig(keyring_file=keyfile)})
+    return config, environ

@@ -23,22 +23,27 @@ from __future__ import annotations
 import bisect
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Final
 
 from replicator.events import TIER_ORDER, Tier, TransactionRecord
 from replicator.position import INVALID_LSN, Lsn
+
+_ANY: Final = "any"  # the tier key of a record without tier counts
 
 
 @dataclass(slots=True)
 class _Tx:
     commit_lsn: Lsn
     end_lsn: Lsn
-    expected: dict[Tier, int] | None = None  # None until the boundary record is durable
+    expected: dict[Tier | str, int] | None = None  # None until the record is durable
     seen: dict[Tier, set[int]] = field(default_factory=dict)
     tables: set[str] = field(default_factory=set)  # of the snapshot records counted
 
     def complete_for(self, tier: Tier) -> bool:
         if self.expected is None:
             return False
+        if _ANY in self.expected:  # a record without tier counts: all tiers together
+            return sum(len(s) for s in self.seen.values()) >= self.expected[_ANY]
         return len(self.seen.get(tier, ())) >= self.expected.get(tier, 0)
 
     def complete(self) -> bool:
@@ -67,10 +72,12 @@ class CompletenessTracker:
             if record.commit_lsn <= self.checkpoint:
                 continue
             tx = self._tx(record.commit_lsn, record.end_lsn)
-            expected = {Tier(t): n for t, n in record.tier_counts.items()}
+            expected: dict[Tier | str, int] = {
+                Tier(t): n for t, n in record.tier_counts.items()}
             if not expected and record.total:
-                # A record without tier counts (older capture): count every change as low.
-                expected = {Tier.LOW: record.total}
+                # A record without tier counts (written before they existed): its changes
+                # count together, whatever their tier.
+                expected = {_ANY: record.total}
             if tx.expected is not None:
                 # A duplicate; or, for a snapshot (xid 0), another table's rows at one LSN.
                 if record.xid == 0 and not tx.tables & record.counts.keys():

@@ -414,6 +414,10 @@ class EventCodec:
             self._transaction.fingerprint: self._transaction,
         }
         self._by_id: dict[int, _Schema] = {}
+        # Earlier versions of our own schemas (schemas/history/): messages already on the
+        # topics stay readable after the envelope grows a field.
+        for old in sorted((SCHEMA_DIR / "history").glob("*.avsc")):
+            self.add_writer_schema(json.loads(old.read_text()))
 
     # The schemas, for the registry and for Avro container files.
 

@@ -489,3 +489,24 @@ async def test_unreachable_registry_is_a_registry_error() -> None:
         with pytest.raises(RegistryError, match="unreachable") as info:
             await client.schema(1)
         assert info.value.status is None
+
+
+def test_records_written_with_an_older_schema_version_stay_readable() -> None:
+    """Transaction records from before `tier_counts` existed (schemas/history/) decode, with
+    the new field at its default."""
+    import io
+
+    from fastavro import parse_schema, schemaless_writer
+    from fastavro.schema import fingerprint, to_parsing_canonical_form
+
+    from replicator.transport.avro import SCHEMA_DIR, SINGLE_OBJECT_MARKER
+
+    old = json.loads((SCHEMA_DIR / "history" / "transaction.1.avsc").read_text())
+    body = io.BytesIO()
+    schemaless_writer(body, parse_schema(old), {
+        "commit_lsn": 10, "end_lsn": 11, "commit_ts_us": 5, "xid": 7, "origin": None,
+        "counts": {"public.guests": 2}, "total": 2})
+    fp = bytes.fromhex(fingerprint(to_parsing_canonical_form(old), "CRC-64-AVRO"))
+    message = SINGLE_OBJECT_MARKER + fp + body.getvalue()
+    decoded = EventCodec().decode_transaction(message)
+    assert decoded["counts"] == {"public.guests": 2} and decoded["tier_counts"] == {}

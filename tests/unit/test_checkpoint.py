@@ -112,3 +112,12 @@ def test_snapshot_records_of_one_lsn_add_up_and_never_reach_their_lsn() -> None:
     tracker.records_durable([record(150, {Tier.HIGH: 1})])
     tracker.changes_durable([(Tier.HIGH, Lsn(150), 0)])
     assert tracker.advance() == Lsn(151)
+
+
+def test_records_without_tier_counts_count_all_tiers_together() -> None:
+    tracker = CompletenessTracker()
+    tracker.records_durable([TransactionRecord(Lsn(10), Lsn(11), 0, 1, {"public.t": 2})])
+    tracker.changes_durable([(Tier.CRITICAL, Lsn(10), 0)])
+    assert tracker.advance() == Lsn(0)
+    tracker.changes_durable([(Tier.LOW, Lsn(10), 1)])
+    assert tracker.advance() == Lsn(11)
