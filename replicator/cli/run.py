@@ -54,6 +54,7 @@ def run(config_path: Path, only: str | None, accept_gap: bool, log_level: str) -
         click.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_NEEDS_OPERATOR)
     from replicator.capture import Capture, CaptureFatal
+    from replicator.ops.metrics import MetricsServer, PipelineCollector
     from replicator.sink.service import Sinks, SinkSetupError
 
     capture = Capture(config, accept_gap=accept_gap) if only != "sinks" else None
@@ -81,11 +82,20 @@ def run(config_path: Path, only: str | None, accept_gap: bool, log_level: str) -
             loop.add_signal_handler(sig, on_signal)
         if sinks is not None:
             await sinks.open()
-        async with asyncio.TaskGroup() as group:
-            if capture is not None:
-                group.create_task(capture.run(), name="capture")
-            if sinks is not None:
-                group.create_task(sinks.run(), name="sinks")
+        tasks: list[asyncio.Task[None]] = []
+        metrics = MetricsServer(
+            config.metrics.listen,
+            PipelineCollector(lambda: capture, lambda: sinks.stats if sinks else {}),
+            ready=lambda: bool(tasks) and not any(t.done() for t in tasks))
+        await metrics.start()
+        try:
+            async with asyncio.TaskGroup() as group:
+                if capture is not None:
+                    tasks.append(group.create_task(capture.run(), name="capture"))
+                if sinks is not None:
+                    tasks.append(group.create_task(sinks.run(), name="sinks"))
+        finally:
+            await metrics.stop()
 
     try:
         import uvloop

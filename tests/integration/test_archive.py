@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 import psycopg
 
 from replicator.capture import Capture
+from replicator.ops.metrics import MetricsServer, PipelineCollector
 from replicator.sink.service import Sinks
 from tests.conftest import StoreTarget
 from tests.integration.archive_helpers import (
@@ -21,6 +23,32 @@ from tests.integration.archive_helpers import (
     with_destinations,
 )
 from tests.integration.capture_helpers import make_config, setup_schema, wait_for
+
+
+def http_get(port: int, path: str) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+        body: bytes = response.read()
+    return body.decode()
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+def workload(dsn: str) -> int:
+    """Streamed changes after the snapshot; returns an LSN inside the last transaction."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for i in range(40):
+            with conn.transaction():
+                conn.execute("UPDATE guests SET notes = %s WHERE id = %s",
+                             (f"note {i}", 1 + i % 50))
+                conn.execute("INSERT INTO guests VALUES (%s, %s, 'late', NULL, NULL)",
+                             (1000 + i, 1 + i % 3))
+                if i % 5 == 0:
+                    conn.execute("DELETE FROM guests WHERE id = %s", (1000 + i,))
+                row = conn.execute("SELECT pg_current_wal_insert_lsn() - '0/0'").fetchone()
+    assert row is not None
+    return int(row[0])
 
 
 def source_rows(dsn: str) -> dict[Any, dict[str, Any]]:
@@ -42,21 +70,14 @@ async def test_every_committed_change_reaches_every_destination(
     sinks = Sinks(config, sink_environ())
     await sinks.open()
     tasks = [asyncio.create_task(capture.run()), asyncio.create_task(sinks.run())]
+    metrics = MetricsServer("127.0.0.1:0", PipelineCollector(lambda: capture, lambda: sinks.stats),
+                            ready=lambda: not any(t.done() for t in tasks))
+    await metrics.start()
     try:
-        with psycopg.connect(pg_dsn, autocommit=True) as conn:
-            for i in range(40):
-                with conn.transaction():
-                    conn.execute("UPDATE guests SET notes = %s WHERE id = %s",
-                                 (f"note {i}", 1 + i % 50))
-                    conn.execute("INSERT INTO guests VALUES (%s, %s, 'late', NULL, NULL)",
-                                 (1000 + i, 1 + i % 3))
-                    if i % 5 == 0:
-                        conn.execute("DELETE FROM guests WHERE id = %s", (1000 + i,))
-                    # Inside the last transaction: its commit lies past this LSN, so a
-                    # checkpoint beyond it covers every transaction of the workload.
-                    row = conn.execute("SELECT pg_current_wal_insert_lsn() - '0/0'").fetchone()
-        assert row is not None
-        inside = int(row[0])
+        await wait_for(lambda: _true(capture.stats.snapshot_rows >= 53), what="the snapshot")
+        # Inside the last transaction: its commit lies past this LSN, so a checkpoint
+        # beyond it covers every transaction of the workload.
+        inside = await asyncio.to_thread(workload, pg_dsn)
 
         async def all_durable() -> bool:
             for d in dests:
@@ -64,12 +85,21 @@ async def test_every_committed_change_reaches_every_destination(
                     return False
             return True
         await wait_for(all_durable, within=60, what="every destination's checkpoint")
+        scraped = await asyncio.to_thread(http_get, metrics.port, "/metrics")
+        assert await asyncio.to_thread(http_get, metrics.port, "/readyz") == "ready\n"
     finally:
+        await metrics.stop()
         capture.stop()
         sinks.stop()
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.wait_for(task, 30)
+    # The endpoint shows each stage's position and progress.
+    for d in dests:
+        line = f'wedsync_sink_checkpoint_lsn{{destination="{d.name}",tier="all"}}'
+        assert line in scraped and float(scraped.split(line)[1].split()[0]) > inside
+    assert 'wedsync_capture_events_total{tier="low"}' in scraped
+    assert "wedsync_capture_confirmed_lsn" in scraped
     expected = source_rows(pg_dsn)
     for d in dests:
         state = await archived_state(d.url, "public.guests")
