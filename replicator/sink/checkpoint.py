@@ -11,7 +11,9 @@ not wait for the low tier's flush every few minutes.
 
 Duplicates are expected (capture resends unconfirmed transactions after a restart; the sink
 re-reads uncommitted offsets after its own restart): a change is counted once per position,
-and anything at or below the overall checkpoint is ignored.
+and a transaction committed below the overall checkpoint is ignored. The checkpoint is an
+end LSN, and the next transaction's commit record can start exactly there: a commit LSN
+equal to the checkpoint belongs to a transaction not yet covered.
 
 Checkpoint objects (empty, create-only; names sort by LSN, so the newest is the last listed):
 `checkpoints/<destination>/<16 hex digits>` overall and
@@ -69,7 +71,7 @@ class CompletenessTracker:
     def records_durable(self, records: Iterable[TransactionRecord]) -> None:
         """Boundary records now durable in the destination."""
         for record in records:
-            if record.commit_lsn <= self.checkpoint:
+            if record.commit_lsn < self.checkpoint:
                 continue
             tx = self._tx(record.commit_lsn, record.end_lsn)
             expected: dict[Tier | str, int] = {
@@ -99,7 +101,7 @@ class CompletenessTracker:
     def changes_durable(self, changes: Iterable[tuple[Tier, Lsn, int]]) -> None:
         """Changes now durable in the destination: (tier, commit LSN, seq)."""
         for tier, commit_lsn, seq in changes:
-            if commit_lsn <= self.checkpoint:
+            if commit_lsn < self.checkpoint:
                 continue
             seen = self._tx(commit_lsn, commit_lsn).seen
             bucket = seen.get(tier)
@@ -126,7 +128,7 @@ class CompletenessTracker:
             for tier in TIER_ORDER:
                 self._cursor[tier] -= done
             # Changes of transactions now below the checkpoint (duplicates) need no tracking.
-            for commit_lsn in [k for k in txs if k <= self.checkpoint]:
+            for commit_lsn in [k for k in txs if k < self.checkpoint]:
                 del txs[commit_lsn]
         return self.checkpoint
 

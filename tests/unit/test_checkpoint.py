@@ -121,3 +121,18 @@ def test_records_without_tier_counts_count_all_tiers_together() -> None:
     assert tracker.advance() == Lsn(0)
     tracker.changes_durable([(Tier.LOW, Lsn(10), 1)])
     assert tracker.advance() == Lsn(11)
+
+
+def test_a_commit_at_the_checkpoint_is_a_new_transaction() -> None:
+    """Back-to-back commits: the next commit record starts at the previous end LSN."""
+    tracker = CompletenessTracker()
+    first = TransactionRecord(Lsn(50), Lsn(100), 0, 1, {"t": 1}, tier_counts={"high": 1})
+    second = TransactionRecord(Lsn(100), Lsn(170), 0, 2, {"t": 1}, tier_counts={"low": 1})
+    tracker.records_durable([first])
+    tracker.changes_durable([(Tier.HIGH, Lsn(50), 0)])
+    assert tracker.advance() == Lsn(100)
+    tracker.records_durable([second])  # commits exactly at the checkpoint
+    tracker.changes_durable([(Tier.HIGH, Lsn(200), 0)])
+    assert tracker.advance() == Lsn(100)  # its low change is not durable yet
+    tracker.changes_durable([(Tier.LOW, Lsn(100), 0)])
+    assert tracker.advance() == Lsn(170)
