@@ -64,7 +64,7 @@ def run(config_path: Path, only: str | None, accept_gap: bool, log_level: str) -
         click.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_NEEDS_OPERATOR)
     from replicator.capture import Capture, CaptureFatal
-    from replicator.ops.metrics import MetricsServer, PipelineCollector
+    from replicator.ops.metrics import MetricsError, MetricsServer, PipelineCollector
     from replicator.sink.service import Sinks, SinkSetupError
 
     capture = Capture(config, accept_gap=accept_gap) if only != "sinks" else None
@@ -90,15 +90,15 @@ def run(config_path: Path, only: str | None, accept_gap: bool, log_level: str) -
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, on_signal)
-        if sinks is not None:
-            await sinks.open()
         tasks: list[asyncio.Task[None]] = []
         metrics = MetricsServer(
             config.metrics.listen,
             PipelineCollector(lambda: capture, lambda: sinks.stats if sinks else {}),
             ready=lambda: bool(tasks) and not any(t.done() for t in tasks))
-        await metrics.start()
+        await metrics.start()  # first: if its port is taken, nothing else was opened
         try:
+            if sinks is not None:
+                await sinks.open()
             async with asyncio.TaskGroup() as group:
                 if capture is not None:
                     tasks.append(group.create_task(capture.run(), name="capture"))
@@ -111,7 +111,7 @@ def run(config_path: Path, only: str | None, accept_gap: bool, log_level: str) -
         import uvloop
 
         uvloop.run(main())
-    except* (CaptureFatal, SinkSetupError) as group:
+    except* (CaptureFatal, SinkSetupError, MetricsError) as group:
         for problem in group.exceptions:
             log.error("stopped: %s", problem)
             click.echo(f"error: {problem}", err=True)

@@ -35,6 +35,10 @@ from prometheus_client.registry import Collector
 log = logging.getLogger(__name__)
 
 
+class MetricsError(RuntimeError):
+    """The metrics endpoint cannot listen where it is configured to."""
+
+
 class PipelineCollector(Collector):
     def __init__(self, capture: Callable[[], Any | None],
                  sinks: Callable[[], Mapping[str, Any]]) -> None:
@@ -107,7 +111,11 @@ class MetricsServer:
         self._server: asyncio.Server | None = None
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, self.host, self.port)
+        try:
+            self._server = await asyncio.start_server(self._handle, self.host, self.port)
+        except OSError as exc:
+            raise MetricsError(f"metrics.listen {self.host}:{self.port}: cannot listen there "
+                               f"({exc.strerror}); choose another address or port") from exc
         sockets = self._server.sockets or ()
         if sockets:
             self.port = sockets[0].getsockname()[1]

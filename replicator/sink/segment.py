@@ -58,6 +58,7 @@ Python < 3.14) or `deflate`.
 from __future__ import annotations
 
 import enum
+import hashlib
 import importlib.util
 import io
 import itertools
@@ -404,8 +405,12 @@ def _write(parsed: Any, records: Iterable[Mapping[str, Any]], header: SegmentHea
            level: int | None) -> bytes:
     buffer = io.BytesIO()
     try:
+        # A sync marker derived from the header, not random: the same records give the same
+        # bytes, so a sink repeating a flush after a crash finds its segment already there.
+        marker = hashlib.sha256(json.dumps(header.metadata(), sort_keys=True).encode()).digest()
         fastavro.writer(buffer, parsed, records, codec=header.codec, sync_interval=BLOCK_SIZE,
-                        metadata=header.metadata(), codec_compression_level=level)
+                        metadata=header.metadata(), codec_compression_level=level,
+                        sync_marker=marker[:16])
     except CodecError:
         raise
     except (ValueError, TypeError, OverflowError, KeyError) as exc:

@@ -13,7 +13,7 @@ import os
 from collections.abc import Mapping
 
 from connectors.base import ObjectStore
-from connectors.errors import StoreError
+from connectors.errors import Fatal, StoreError
 from connectors.registry import open_store
 from connectors.retry import RetryingStore
 from replicator.config import Config
@@ -51,14 +51,41 @@ class Sinks:
         keyring = load_keyring(self.config, self.environ)
         for destination in self.config.destinations:
             try:
-                # Retries of retriable errors here; a failure that outlasts them trips the
-                # destination's breaker in its worker.
-                store: ObjectStore = RetryingStore(open_store(destination.url, self.environ))
+                bare = open_store(destination.url, self.environ)
             except (StoreError, ValueError) as exc:
+                await self.close()
                 raise SinkSetupError(f"destination {destination.name!r}: {exc}") from exc
+            # Retries of retriable errors here; a failure that outlasts them trips the
+            # destination's breaker in its worker.
+            store: ObjectStore = RetryingStore(bare)
             self._stores.append(store)
+            await self._preflight(destination.name, bare)
             self.workers[destination.name] = SinkWorker(destination, self.config.kafka, store,
                                                         keyring)
+
+    async def _preflight(self, name: str, store: ObjectStore) -> None:
+        """One LIST of the destination's checkpoints, to catch what only an operator can fix
+        (no credentials, access denied, a missing bucket or directory) at start-up, where it
+        is a `SinkSetupError`. A store that is merely unreachable now is left to the worker's
+        retries and breaker: it must not keep the other destinations from starting."""
+        listing = store.list(f"checkpoints/{name}/")
+        try:
+            await anext(listing, None)
+        except Fatal as exc:
+            await self.close()
+            raise SinkSetupError(f"destination {name!r}: {exc}") from exc
+        except StoreError as exc:
+            log.warning("destination %s is not reachable at start-up (%s); its sink retries",
+                        name, exc)
+        finally:
+            aclose = getattr(listing, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+    async def close(self) -> None:
+        stores, self._stores = self._stores, []
+        for store in stores:
+            await store.close()
 
     def stop(self) -> None:
         for worker in self.workers.values():
@@ -72,5 +99,4 @@ class Sinks:
                 for name, worker in self.workers.items():
                     group.create_task(worker.run(), name=f"sink:{name}")
         finally:
-            for store in self._stores:
-                await store.close()
+            await self.close()

@@ -124,8 +124,10 @@ class SinkWorker:
     # --- the loop ---------------------------------------------------------------------------
 
     async def run(self) -> None:
-        overall = await self._latest_checkpoint(None)
-        tiers = {t: await self._latest_checkpoint(t) for t in TIER_ORDER}
+        restored = await self._restore_checkpoints()
+        if restored is None:
+            return  # stopped before the store answered
+        overall, tiers = restored
         self.tracker = CompletenessTracker(overall, tiers)
         self.stats.checkpoint = self.tracker.checkpoint
         self.stats.tier_checkpoints = dict(self.tracker.tier_checkpoints)
@@ -144,6 +146,36 @@ class SinkWorker:
             await self._flush_guarded(consumer, list(TIER_ORDER), final=True)
         finally:
             await consumer.stop()
+
+    async def _restore_checkpoints(self) -> tuple[Lsn, dict[Tier, Lsn]] | None:
+        """The newest checkpoints in the store, read again until the store answers.
+
+        A store that is down at start-up trips this destination's breaker like a failed
+        flush; it must not stop the other destinations (they run in the same task group).
+        None if the worker was stopped first.
+        """
+        while not self._stopping.is_set():
+            try:
+                self.breaker.check()
+            except CircuitOpen:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(),
+                                           max(0.1, self.breaker.seconds_until_retry()))
+                continue
+            try:
+                overall = await self._latest_checkpoint(None)
+                tiers = {t: await self._latest_checkpoint(t) for t in TIER_ORDER}
+            except (StoreError, OSError) as exc:
+                self.stats.failures += 1
+                self.breaker.failure()
+                self.stats.breaker = self.breaker.state.value
+                log.warning("destination %s: cannot read its checkpoint (%s); breaker %s",
+                            self.destination.name, exc, self.breaker.state.value)
+                continue
+            self.breaker.success()
+            self.stats.breaker = self.breaker.state.value
+            return overall, tiers
+        return None
 
     async def _poll(self, consumer: AIOKafkaConsumer) -> None:
         await self._prioritise(consumer)
@@ -231,29 +263,32 @@ class SinkWorker:
     async def _flush(self, consumer: AIOKafkaConsumer, tiers: list[Tier]) -> None:
         # 1. segments, then transaction records (create-only)
         written_positions: list[tuple[Tier, Lsn, int]] = []
-        for tier in tiers:
-            tables = self._buffers[tier]
-            for table in list(tables):
-                items = tables[table]
-                await self._write_segment(table, items)
-                written_positions.extend((tier, *i.position) for i in items)
-                self._rows -= len(items)
-                self._bytes -= sum(i.size for i in items)
-                del tables[table]
-            self._oldest.pop(tier, None)
-        records = self._tx_buffer
-        if records:
-            await self._write_transactions(records)
-            self._tx_buffer = []
-        written = {p[1] for p in written_positions} | {Lsn(r["commit_lsn"]) for r in records}
-        for entries in self._uncommitted.values():
-            for entry in entries:
-                if entry[1] in written:
-                    entry[2] = True
+        records: list[dict[str, Any]] = []
+        tx_since = self._oldest.get(Tier.CRITICAL)
+        try:
+            for tier in tiers:
+                tables = self._buffers[tier]
+                for table in list(tables):
+                    items = tables[table]
+                    await self._write_segment(table, items)
+                    written_positions.extend((tier, *i.position) for i in items)
+                    self._rows -= len(items)
+                    self._bytes -= sum(i.size for i in items)
+                    del tables[table]
+                self._oldest.pop(tier, None)
+            if self._tx_buffer:
+                await self._write_transactions(self._tx_buffer)
+                records, self._tx_buffer = self._tx_buffer, []
+        finally:
+            # A write that failed part-way leaves the earlier ones written and out of the
+            # buffers: count them as durable now, or their transactions never complete (the
+            # checkpoint would stay behind until a restart). Unwritten transaction records
+            # stay due.
+            if self._tx_buffer:
+                self._oldest.setdefault(Tier.CRITICAL,
+                                        self.clock() if tx_since is None else tx_since)
+            self._durable(written_positions, records)
         # 2. checkpoint
-        self.tracker.changes_durable(written_positions)
-        self.tracker.records_durable(
-            transaction_from_dict(r) for r in sorted(records, key=lambda r: r["commit_lsn"]))
         checkpoint = self.tracker.advance()
         name = self.destination.name
         for tier, lsn in self.tracker.tier_checkpoints.items():
@@ -269,6 +304,18 @@ class SinkWorker:
         await self._commit(consumer, checkpoint)
         self.stats.flushes += 1
         self.stats.last_flush_at = time.time()
+
+    def _durable(self, positions: list[tuple[Tier, Lsn, int]],
+                 records: list[dict[str, Any]]) -> None:
+        """Changes and transaction records now written: mark their offsets, tell the tracker."""
+        written = {p[1] for p in positions} | {Lsn(r["commit_lsn"]) for r in records}
+        for entries in self._uncommitted.values():
+            for entry in entries:
+                if entry[1] in written:
+                    entry[2] = True
+        self.tracker.changes_durable(positions)
+        self.tracker.records_durable(
+            transaction_from_dict(r) for r in sorted(records, key=lambda r: r["commit_lsn"]))
 
     async def _write_segment(self, table: str, items: list[_Buffered]) -> None:
         data, header = encode_record_segment([i.value for i in items], table=table,
@@ -302,7 +349,8 @@ class SinkWorker:
         for tp, entries in self._uncommitted.items():
             done = 0
             for _offset, commit_lsn, written in entries:
-                if not written or commit_lsn > checkpoint:
+                # The checkpoint is an end LSN: a commit at it is not yet covered.
+                if not written or commit_lsn >= checkpoint:
                     break
                 done += 1
             if done:

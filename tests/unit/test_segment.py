@@ -366,3 +366,16 @@ def test_header_metadata_is_json_where_structured() -> None:
     assert json.loads(meta["wedsync.wedding_ids"]) == ["Zoë"]
     assert json.loads(meta["wedsync.ops"]) == {"c": 1}
     assert meta["wedsync.first_lsn"] == "0/1" and meta["wedsync.format"] == "1"
+
+
+def test_the_same_records_give_the_same_bytes() -> None:
+    """A repeated flush after a crash writes an identical object (same name, same digest)."""
+    from replicator.events import TransactionRecord
+    from replicator.position import Lsn
+    from replicator.sink.segment import encode_transaction_segment
+
+    records = [TransactionRecord(Lsn(10 * i), Lsn(10 * i + 5), i, i, {"public.t": 1})
+               for i in range(1, 4)]
+    first, _ = encode_transaction_segment(records, codec="deflate")
+    again, _ = encode_transaction_segment(list(reversed(records)), codec="deflate")
+    assert first == again
