@@ -117,9 +117,15 @@ class SinkWorker:
         self._uncommitted: dict[TopicPartition, list[list[Any]]] = defaultdict(list)
         self._stopping = asyncio.Event()
         self._consumer: AIOKafkaConsumer | None = None
+        self.poll_records = 5000  # records per poll at most
 
     def stop(self) -> None:
         self._stopping.set()
+
+    def buffered_rows(self) -> dict[Tier, int]:
+        """Changes read but not yet written, per tier."""
+        return {tier: sum(len(rows) for rows in tables.values())
+                for tier, tables in self._buffers.items()}
 
     # --- the loop ---------------------------------------------------------------------------
 
@@ -179,7 +185,7 @@ class SinkWorker:
 
     async def _poll(self, consumer: AIOKafkaConsumer) -> None:
         await self._prioritise(consumer)
-        batch = await consumer.getmany(timeout_ms=200, max_records=5000)
+        batch = await consumer.getmany(timeout_ms=200, max_records=self.poll_records)
         for tp, records in batch.items():
             if tp.topic == self.tx_topic:
                 for record in records:
@@ -194,8 +200,15 @@ class SinkWorker:
         critical_topic = self.tiers[Tier.CRITICAL]
         behind = False
         lag: dict[str, int] = {}
-        for tp in consumer.assignment():
+        assignment = consumer.assignment()
+        unknown = [tp for tp in assignment if consumer.highwater(tp) is None]
+        # Before the first fetch the consumer knows no high-water marks: ask, so that a
+        # backlog found at start-up is already read critical-first.
+        ends = await consumer.end_offsets(unknown) if unknown else {}
+        for tp in assignment:
             high = consumer.highwater(tp)
+            if high is None:
+                high = ends.get(tp)
             if high is None:
                 continue
             pending = max(0, high - await consumer.position(tp))
