@@ -122,11 +122,6 @@ class SinkWorker:
     def stop(self) -> None:
         self._stopping.set()
 
-    def buffered_rows(self) -> dict[Tier, int]:
-        """Changes read but not yet written, per tier."""
-        return {tier: sum(len(rows) for rows in tables.values())
-                for tier, tables in self._buffers.items()}
-
     # --- the loop ---------------------------------------------------------------------------
 
     async def run(self) -> None:

@@ -11,20 +11,18 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import random
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
 
-from replicator.capture import Capture, CaptureFatal
+from replicator.capture import Capture
 from replicator.config import Config, PriorityConfig, WeddingLink
 from replicator.position import Lsn
 from replicator.source.catalog import TableInfo
@@ -38,21 +36,11 @@ from tests.integration.capture_helpers import (
     slot_confirmed,
     wait_for,
 )
+from tests.integration.test_capture import running
 
 
 class SimulatedCrash(Exception):
     """The capture process dies here."""
-
-
-@contextlib.asynccontextmanager
-async def running(capture: Capture) -> AsyncIterator[asyncio.Task[None]]:
-    task = asyncio.create_task(capture.run())
-    try:
-        yield task
-    finally:
-        capture.stop()
-        with contextlib.suppress(CaptureFatal):
-            await asyncio.wait_for(task, 30)
 
 
 async def _true(value: bool) -> bool:
