@@ -1170,6 +1170,9 @@ if __name__ == "__main__":
     if args.rate <= 0:
         parser.error("--rate must be > 0")
     secs = args.seconds if args.seconds is not None else 20.0 if args.quick else 60.0
+    from replicator.cli.run import tune_gc
+
+    tune_gc()  # the collector settings `replicator run` uses
     coroutine = main(secs, args.rate, parse_flush(args.flush, args.quick), args.quick, args.json)
     if args.loop == "uvloop":
         import uvloop
