@@ -53,7 +53,7 @@ from replicator.priority import WeddingCalendar
 from replicator.source import pgoutput as pg
 from replicator.source import slot as slots
 from replicator.source.assembler import Assembler, CaptureError, Committed, column_types
-from replicator.source.catalog import TableInfo, load_types, table_info
+from replicator.source.catalog import TableInfo, load_types, table_info, table_schema
 from replicator.source.snapshot import (
     SnapshotRequestError,
     check_filter,
@@ -165,6 +165,8 @@ class Capture:
         self._failing_since: float | None = None
         # Snapshot boundary records waiting for the stream to pass their LSN (see _snapshot).
         self._deferred: list[tuple[TransactionRecord, Lsn, str, int, SnapshotRecorder]] = []
+        # Each table's schema as last recorded: (name, type OID, type modifier) per column.
+        self._schemas: dict[str, tuple[tuple[str, int, int], ...]] = {}
         self._backoff = Backoff(max_s=config.source.reconnect_max_backoff_s)
 
     # --- lifecycle ------------------------------------------------------------------------
@@ -350,6 +352,8 @@ class Capture:
             result.rows[table] = rows
             result.tiers.update(tiers)
             boundary_record = snapshot_record(lsn, table, tiers)
+            if boundary != "none":
+                await self._publish_schema(table, lsn)
             if boundary == "deferred":
                 self._deferred.append((boundary_record, lsn, table, rows, record))
             else:
@@ -358,6 +362,14 @@ class Capture:
                 await record(table, lsn, rows)
             log.info("snapshot of %s: %d rows at %s", table, rows, lsn)
         return result
+
+    async def _publish_schema(self, table: str, lsn: Lsn) -> None:
+        """Record *table*'s schema at *lsn* (before the changes that use it), so a replay can
+        create the table as it was; waits for Kafka's acknowledgement (schema changes are
+        rare)."""
+        async with await psycopg.AsyncConnection.connect(self.dsn, autocommit=True) as conn:
+            schema = await table_schema(conn, table, lsn)
+        await (await self.producer.send_schema(schema))
 
     async def _emit_deferred(self) -> None:
         """The stream has passed the deferred snapshots' LSN: send their boundary records
@@ -573,6 +585,12 @@ class Capture:
         record, events = tx.record, tx.events
         if self._deferred and record.commit_lsn > self._deferred[0][1]:
             await self._emit_deferred()
+        for relation in tx.relations:
+            signature = tuple((c.name, c.type_oid, c.type_modifier) for c in relation.columns)
+            table = f"{relation.namespace}.{relation.name}"
+            if self._schemas.get(table) != signature:
+                await self._publish_schema(table, record.commit_lsn)
+                self._schemas[table] = signature
         self.stats.transactions += 1
         self.stats.last_commit_ts_us = record.commit_ts_us
         watermark = self.watermark

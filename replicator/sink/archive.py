@@ -22,6 +22,24 @@ from replicator.sink.segment import (
 )
 
 
+def schema_key(table: str, lsn: Lsn) -> str:
+    """`schemas/<table>/<lsn>.json`: the table's schema from *lsn* on (JSON, encrypted)."""
+    from urllib.parse import quote
+
+    return f"schemas/{quote(table, safe='')}/{lsn.hex_key()}.json"
+
+
+async def schemas(store: ObjectStore, keyring: Keyring, table: str) -> list[dict[str, Any]]:
+    """The archived schemas of *table*, oldest first."""
+    import json
+    from urllib.parse import quote
+
+    out = []
+    async for info in store.list(f"schemas/{quote(table, safe='')}/"):
+        out.append(json.loads(decrypt(await store.get(info.key), info.key, keyring)))
+    return out
+
+
 async def table_names(store: ObjectStore) -> list[str]:
     from urllib.parse import unquote
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import logging
 import time
 from collections import defaultdict
@@ -50,6 +51,7 @@ from replicator.crypto import Keyring, encrypt
 from replicator.events import TIER_ORDER, Tier
 from replicator.position import INVALID_LSN, Lsn
 from replicator.sink import archive
+from replicator.sink.archive import schema_key
 from replicator.sink.breaker import CircuitBreaker, CircuitOpen, TokenBucket
 from replicator.sink.checkpoint import CompletenessTracker, checkpoint_key
 from replicator.sink.segment import (
@@ -59,7 +61,7 @@ from replicator.sink.segment import (
     transactions_key,
 )
 from replicator.transport.avro import EventCodec, transaction_from_dict
-from replicator.transport.kafka import topic_names, transactions_topic
+from replicator.transport.kafka import schemas_topic, topic_names, transactions_topic
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +107,7 @@ class SinkWorker:
         self.tiers = topic_names(kafka.topic_prefix)
         self.tier_of_topic = {topic: tier for tier, topic in self.tiers.items()}
         self.tx_topic = transactions_topic(kafka.topic_prefix)
+        self.schema_topic = schemas_topic(kafka.topic_prefix)
         self.group = f"{kafka.topic_prefix}.sink.{destination.name}"
         self.tracker = CompletenessTracker()
         self._buffers: dict[Tier, dict[str, list[_Buffered]]] = {
@@ -113,6 +116,7 @@ class SinkWorker:
         self._rows = 0
         self._bytes = 0
         self._tx_buffer: list[dict[str, Any]] = []
+        self._schema_buffer: list[tuple[TopicPartition, int, dict[str, Any]]] = []
         # per partition: (offset, commit LSN, written) of records read but not yet committed
         self._uncommitted: dict[TopicPartition, list[list[Any]]] = defaultdict(list)
         self._stopping = asyncio.Event()
@@ -133,7 +137,8 @@ class SinkWorker:
         self.stats.checkpoint = self.tracker.checkpoint
         self.stats.tier_checkpoints = dict(self.tracker.tier_checkpoints)
         consumer = AIOKafkaConsumer(
-            *self.tiers.values(), self.tx_topic, bootstrap_servers=self.kafka.bootstrap_servers,
+            *self.tiers.values(), self.tx_topic, self.schema_topic,
+            bootstrap_servers=self.kafka.bootstrap_servers,
             group_id=self.group, enable_auto_commit=False, auto_offset_reset="earliest",
             max_partition_fetch_bytes=4 * 1024 * 1024)
         self._consumer = consumer
@@ -185,6 +190,12 @@ class SinkWorker:
             if tp.topic == self.tx_topic:
                 for record in records:
                     self._add_transaction(tp, record)
+            elif tp.topic == self.schema_topic:
+                for record in records:
+                    self._schema_buffer.append((tp, record.offset, json.loads(record.value)))
+                    # Not part of any transaction: committable once written.
+                    self._uncommitted[tp].append([record.offset, INVALID_LSN, False])
+                    self._oldest.setdefault(Tier.CRITICAL, self.clock())
             else:
                 tier = self.tier_of_topic[tp.topic]
                 for record in records:
@@ -212,7 +223,7 @@ class SinkWorker:
                 behind = True
         self.stats.lag = lag
         lower = [tp for tp in consumer.assignment()
-                 if tp.topic not in (critical_topic, self.tx_topic)]
+                 if tp.topic not in (critical_topic, self.tx_topic, self.schema_topic)]
         if behind:
             consumer.pause(*lower)
         else:
@@ -274,6 +285,13 @@ class SinkWorker:
         records: list[dict[str, Any]] = []
         tx_since = self._oldest.get(Tier.CRITICAL)
         try:
+            while self._schema_buffer:  # schemas first: they describe the changes after them
+                tp, offset, schema = self._schema_buffer[0]
+                await self._write_schema(schema)
+                self._schema_buffer.pop(0)
+                for entry in self._uncommitted[tp]:
+                    if entry[0] == offset:
+                        entry[2] = True
             for tier in tiers:
                 tables = self._buffers[tier]
                 for table in list(tables):
@@ -292,7 +310,7 @@ class SinkWorker:
             # buffers: count them as durable now, or their transactions never complete (the
             # checkpoint would stay behind until a restart). Unwritten transaction records
             # stay due.
-            if self._tx_buffer:
+            if self._tx_buffer or self._schema_buffer:
                 self._oldest.setdefault(Tier.CRITICAL,
                                         self.clock() if tx_since is None else tx_since)
             self._durable(written_positions, records)
@@ -324,6 +342,10 @@ class SinkWorker:
         self.tracker.changes_durable(positions)
         self.tracker.records_durable(
             transaction_from_dict(r) for r in sorted(records, key=lambda r: r["commit_lsn"]))
+
+    async def _write_schema(self, schema: dict[str, Any]) -> None:
+        table, lsn = str(schema["table"]), Lsn(schema["lsn"])
+        await self._put(schema_key(table, lsn), json.dumps(schema, sort_keys=True).encode())
 
     async def _write_segment(self, table: str, items: list[_Buffered]) -> None:
         data, header = encode_record_segment([i.value for i in items], table=table,
@@ -358,7 +380,8 @@ class SinkWorker:
             done = 0
             for _offset, commit_lsn, written in entries:
                 # The checkpoint is an end LSN: a commit at it is not yet covered.
-                if not written or commit_lsn >= checkpoint:
+                # (Schema records carry no LSN here: written is enough.)
+                if not written or (commit_lsn and commit_lsn >= checkpoint):
                     break
                 done += 1
             if done:

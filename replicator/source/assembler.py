@@ -44,6 +44,9 @@ class Committed:
 
     record: TransactionRecord
     events: list[ChangeEvent]
+    #: Relation messages received since the previous commit (a table's schema as it is used
+    #: from here on; the server also resends them after every reconnect).
+    relations: tuple[pg.Relation, ...] = ()
 
 
 @dataclass(slots=True)
@@ -86,6 +89,7 @@ class Assembler:
         self._streams: dict[int, _Open] = {}
         self._prepared: dict[str, _Open] = {}
         self._stream_xid: int | None = None
+        self._relations: list[pg.Relation] = []
 
     # --- state the capture loop needs -----------------------------------------------------
 
@@ -203,6 +207,7 @@ class Assembler:
                 f"deletes cannot be told apart; add a primary key or run ALTER TABLE "
                 f"{qualified} REPLICA IDENTITY FULL")
         decoder = RowDecoder.from_relation(rel, self.registry)
+        self._relations.append(rel)
         self.column_kinds[qualified] = column_types(rel.columns, self.registry)
         self.tables[rel.oid] = _Table(rel, decoder, rel.namespace, rel.name, key, names)
 
@@ -286,7 +291,8 @@ class Assembler:
             counts[qualified] = counts.get(qualified, 0) + 1
             events.append(event)
         record = TransactionRecord(commit_lsn, end_lsn, commit_us, tx.xid, counts, tx.origin)
-        return Committed(record, events)
+        relations, self._relations = tuple(self._relations), []
+        return Committed(record, events, relations)
 
 
 _NO_POSITION = ChangePosition(Lsn(0), -1)

@@ -63,3 +63,26 @@ async def table_info(conn: psycopg.AsyncConnection[Any], qualified: str) -> Tabl
     cur = await conn.execute(_PK_ORDER, (regclass,))
     pk = tuple(r[0] for r in await cur.fetchall())
     return TableInfo(qualified, columns, pk)
+
+
+_SCHEMA = """
+SELECT a.attname, format_type(a.atttypid, a.atttypmod), a.atttypid::int, a.attnotnull
+FROM pg_attribute a
+WHERE a.attrelid = %s::regclass AND a.attnum > 0 AND NOT a.attisdropped
+ORDER BY a.attnum
+"""
+
+
+async def table_schema(conn: psycopg.AsyncConnection[Any], qualified: str,
+                       lsn: int) -> dict[str, Any]:
+    """The table's schema as the catalog shows it now, as archived for replay: columns in
+    order with their SQL type (`numeric(12,2)`), type OID and NOT NULL, and the primary key.
+    Recorded at *lsn*: the position from which changes use it."""
+    schema, name = qualified.split(".")
+    regclass = f'"{schema}"."{name}"'
+    cur = await conn.execute(_SCHEMA, (regclass,))
+    columns = [{"name": n, "type": t, "type_oid": oid, "not_null": bool(nn)}
+               for n, t, oid, nn in await cur.fetchall()]
+    info = await table_info(conn, qualified)
+    return {"table": qualified, "lsn": int(lsn), "columns": columns,
+            "primary_key": list(info.primary_key)}

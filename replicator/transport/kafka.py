@@ -40,6 +40,7 @@ from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
 from replicator.config import KafkaConfig
 from replicator.events import TIER_ORDER, ChangeEvent, Tier, TransactionRecord
+from replicator.position import Lsn
 from replicator.source.values import Infinity, Interval
 from replicator.transport.avro import EventCodec
 from replicator.transport.registry import RegistryClient, subject_for
@@ -50,6 +51,7 @@ __all__ = [
     "all_topics",
     "ensure_topics",
     "message_key",
+    "schemas_topic",
     "topic_names",
     "transactions_topic",
 ]
@@ -57,6 +59,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 TRANSACTIONS_PARTITION: Final = 0
+COMPACT: Final = {"cleanup.policy": "compact"}
 _KEY_SEPARATOR: Final = b"\x00"
 
 
@@ -71,6 +74,11 @@ def topic_names(prefix: str) -> dict[Tier, str]:
 
 def transactions_topic(prefix: str) -> str:
     return f"{prefix}.transactions"
+
+
+def schemas_topic(prefix: str) -> str:
+    """Table schemas as captured (JSON, keyed `<table>/<lsn>`), compacted: the history stays."""
+    return f"{prefix}.schemas"
 
 
 def all_topics(prefix: str) -> list[str]:
@@ -88,6 +96,8 @@ async def ensure_topics(
     """
     wanted = {name: partitions for name in topic_names(prefix).values()}
     wanted[transactions_topic(prefix)] = 1
+    wanted[schemas_topic(prefix)] = 1
+    compacted = {schemas_topic(prefix)}
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     try:
@@ -95,7 +105,9 @@ async def ensure_topics(
         missing = [name for name in wanted if name not in existing]
         if missing:
             response = await admin.create_topics(
-                [NewTopic(name, wanted[name], replication_factor) for name in missing]
+                [NewTopic(name, wanted[name], replication_factor,
+                          topic_configs=COMPACT if name in compacted else None)
+                 for name in missing]
             )
             for name, code, *rest in response.topic_errors:
                 # Another replicator may have created it meanwhile (36): that is fine.
@@ -201,6 +213,7 @@ class EventProducer:
         self._producer: AIOKafkaProducer | None = None
         self._topics = topic_names(config.topic_prefix)
         self._transactions = transactions_topic(config.topic_prefix)
+        self._schemas = schemas_topic(config.topic_prefix)
         self._schema_ids: dict[str, int] = {}
         self._failure: BaseException | None = None
 
@@ -314,6 +327,14 @@ class EventProducer:
             raise ProducerError(f"cannot queue a message for {topic}: {exc!r}") from exc
         delivery.add_done_callback(self._on_delivery)
         return delivery
+
+    async def send_schema(self, schema: Mapping[str, Any]) -> asyncio.Future[Any]:
+        """Queue a table schema (`Capture.table_schema`) on the schemas topic, partition 0."""
+        producer = self._ready()
+        key = f"{schema['table']}/{Lsn(schema['lsn']).hex_key()}".encode()
+        value = json.dumps(schema, sort_keys=True).encode()
+        return await self._send(producer, self._schemas, value, key, TRANSACTIONS_PARTITION,
+                                [("table", str(schema["table"]).encode())])
 
     async def flush(self) -> None:
         """Wait until every queued message is delivered or failed; raises if one failed."""

@@ -59,6 +59,14 @@ async def archived_state(url: str, table: str) -> dict[Any, dict[str, Any] | Non
     return {k: v[1] for k, v in newest.items()}
 
 
+async def archived_schemas(url: str, table: str) -> list[dict[str, Any]]:
+    store = open_store(url, sink_environ())
+    try:
+        return await archive.schemas(store, keyring(), table)
+    finally:
+        await store.close()
+
+
 async def destination_checkpoint(url: str, name: str) -> int:
     store = open_store(url, sink_environ())
     try:

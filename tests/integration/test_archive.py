@@ -16,6 +16,7 @@ from replicator.ops.metrics import MetricsServer, PipelineCollector
 from replicator.sink.service import Sinks
 from tests.conftest import StoreTarget
 from tests.integration.archive_helpers import (
+    archived_schemas,
     archived_state,
     destination_checkpoint,
     destinations,
@@ -39,6 +40,8 @@ def workload(dsn: str) -> int:
     """Streamed changes after the snapshot; returns an LSN inside the last transaction."""
     with psycopg.connect(dsn, autocommit=True) as conn:
         for i in range(40):
+            if i == 20:  # a schema change mid-stream: archived for replay
+                conn.execute("ALTER TABLE guests ADD COLUMN seat int")
             with conn.transaction():
                 conn.execute("UPDATE guests SET notes = %s WHERE id = %s",
                              (f"note {i}", 1 + i % 50))
@@ -101,6 +104,17 @@ async def test_every_committed_change_reaches_every_destination(
     assert 'wedsync_capture_events_total{tier="low"}' in scraped
     assert "wedsync_capture_confirmed_lsn" in scraped
     expected = source_rows(pg_dsn)
+    for d in dests:
+        history = await archived_schemas(d.url, "public.guests")
+        assert len(history) >= 2, d.name
+        first, last = history[0], history[-1]
+        assert [c["name"] for c in first["columns"]] == ["id", "wedding_id", "name", "dietary",
+                                                         "notes"]
+        assert last["columns"][-1] == {"name": "seat", "type": "integer", "type_oid": 23,
+                                       "not_null": False}
+        assert first["columns"][0]["type"] == "bigint" and first["columns"][0]["not_null"]
+        assert first["columns"][3]["type"] == "jsonb"
+        assert first["primary_key"] == ["id"] and first["lsn"] < last["lsn"]
     for d in dests:
         state = await archived_state(d.url, "public.guests")
         live = {k: v for k, v in state.items() if v is not None}

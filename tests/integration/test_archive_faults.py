@@ -199,13 +199,14 @@ def local_files(root: Path) -> dict[str, tuple[bytes, int, int]]:
 
 def assert_local_folder_clean(root: Path, listed: set[str]) -> None:
     """No temporary or partial file is visible under an archive name: every file outside
-    `.partial/` is an object the store lists, under segments/, transactions/ or checkpoints/."""
+    `.partial/` is an object the store lists, under segments/, transactions/, schemas/ or
+    checkpoints/."""
     files = set(local_files(root))
     assert files == listed, sorted(files ^ listed)[:10]
     for rel in files:
         top = rel.split("/", 1)[0]
-        assert top in ("segments", "transactions", "checkpoints"), rel
-        if top != "checkpoints":
+        assert top in ("segments", "transactions", "schemas", "checkpoints"), rel
+        if top in ("segments", "transactions"):
             parse_key(rel)
     leftovers = [p for p in (root / ".partial").glob("*")] if (root / ".partial").exists() else []
     assert all(p.suffix == ".tmp" for p in leftovers), leftovers

@@ -33,6 +33,7 @@ from replicator.transport.kafka import (
     ProducerError,
     ensure_topics,
     message_key,
+    schemas_topic,
     topic_names,
     transactions_topic,
 )
@@ -129,6 +130,7 @@ async def test_ensure_topics_creates_missing_and_leaves_existing_alone(
     expected = {name: 3 for name in topic_names(topic_prefix).values()}
     expected[high] = 1  # existing: kept as it is, with a warning
     expected[transactions_topic(topic_prefix)] = 1  # one partition keeps commit order
+    expected[schemas_topic(topic_prefix)] = 1  # compacted: every table's schema history
     assert counts == expected
     assert await partition_counts(kafka_bootstrap, list(expected)) == expected
     assert any(high in r.getMessage() and "fewer than the 3" in r.getMessage()
@@ -321,3 +323,19 @@ async def test_with_a_schema_registry_messages_use_the_confluent_wire_format(
             await adopt_schema_id(client, reader, int.from_bytes(boundary.value[1:5], "big"))
         assert event_from_dict(reader.decode_event(message.value)) == ev
         assert transaction_from_dict(reader.decode_transaction(boundary.value)) == record
+
+
+async def test_the_schemas_topic_is_compacted(kafka_bootstrap: str, topic_prefix: str) -> None:
+    """Table schemas are kept forever (one record per table and LSN), not aged out."""
+    from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+
+    await ensure_topics(kafka_bootstrap, topic_prefix, 1, 1)
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    await admin.start()
+    try:
+        result = await admin.describe_configs(
+            [ConfigResource(ConfigResourceType.TOPIC, schemas_topic(topic_prefix))])
+    finally:
+        await admin.close()
+    entries = {e[0]: e[1] for r in result for res in r.resources for e in res[4]}
+    assert entries["cleanup.policy"] == "compact"
