@@ -47,7 +47,7 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from replicator.config import Config
-from replicator.events import ChangeEvent, Tier, TransactionRecord
+from replicator.events import Tier, TransactionRecord
 from replicator.position import INVALID_LSN, Lsn
 from replicator.priority import WeddingCalendar
 from replicator.source import pgoutput as pg
@@ -605,17 +605,15 @@ class Capture:
         tiers: Counter[str] = Counter()
         for event in events:
             self.calendar.classify(event)
-            self._count(event)
             tiers[event.tier.value] += 1
             delivery = await self.producer.send_event(event, kinds.get(event.qualified_table))
             watermark.track(commit_lsn, delivery)
         record.tier_counts = dict(tiers)
         watermark.track(commit_lsn, await self.producer.send_transaction(record))
         self.stats.events += len(events)
-
-    def _count(self, event: ChangeEvent) -> None:
-        tier = event.tier.value
-        self.stats.events_by_tier[tier] = self.stats.events_by_tier.get(tier, 0) + 1
+        by_tier = self.stats.events_by_tier
+        for tier, count in tiers.items():
+            by_tier[tier] = by_tier.get(tier, 0) + count
 
     def _raise_if_failed(self) -> None:
         if self.watermark.failed_at is not None:

@@ -14,10 +14,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from connectors.registry import AZURITE_ACCOUNT, AZURITE_KEY
 from replicator.devstack.base import Launch, Service, ServiceError
 from replicator.devstack.settings import (
-    AZURITE_ACCOUNT,
-    AZURITE_KEY,
     S3_ACCESS_KEY,
     S3_REGION,
     S3_SECRET_KEY,

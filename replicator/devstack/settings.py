@@ -38,11 +38,8 @@ EXTERNAL_VARS: Mapping[str, str] = {
     "gcs": "REPLICATOR_DEV_GCS_ENDPOINT",
 }
 
-# Public, well-known development credentials of the emulators; not secrets.
-AZURITE_ACCOUNT = "devstoreaccount1"
-AZURITE_KEY = (
-    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
-)
+# Public, well-known development credentials of the S3 emulator; not secrets. Azurite's
+# account and key live with the connectors (connectors.registry), which accept them.
 S3_ACCESS_KEY = "testing"
 S3_SECRET_KEY = "testing"
 S3_REGION = "us-east-1"

@@ -37,7 +37,6 @@ import json
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,7 +51,7 @@ from replicator.events import TIER_ORDER, Tier
 from replicator.position import INVALID_LSN, Lsn
 from replicator.sink import archive
 from replicator.sink.archive import schema_key
-from replicator.sink.breaker import CircuitBreaker, CircuitOpen, TokenBucket
+from replicator.sink.breaker import BreakerState, CircuitBreaker, CircuitOpen, TokenBucket
 from replicator.sink.checkpoint import CompletenessTracker, checkpoint_key
 from replicator.sink.segment import (
     encode_record_segment,
@@ -90,6 +89,7 @@ class _Buffered:
     value: dict[str, Any]
     position: tuple[Lsn, int]
     size: int
+    entry: list[Any]  # its [offset, commit LSN, written] in `_uncommitted`
 
 
 class SinkWorker:
@@ -115,8 +115,9 @@ class SinkWorker:
         self._oldest: dict[Tier, float] = {}
         self._rows = 0
         self._bytes = 0
-        self._tx_buffer: list[dict[str, Any]] = []
-        self._schema_buffer: list[tuple[TopicPartition, int, dict[str, Any]]] = []
+        # decoded record and its [offset, commit LSN, written] entry in `_uncommitted`
+        self._tx_buffer: list[tuple[dict[str, Any], list[Any]]] = []
+        self._schema_buffer: list[tuple[dict[str, Any], list[Any]]] = []
         # per partition: (offset, commit LSN, written) of records read but not yet committed
         self._uncommitted: dict[TopicPartition, list[list[Any]]] = defaultdict(list)
         self._stopping = asyncio.Event()
@@ -172,14 +173,9 @@ class SinkWorker:
                 overall = await self._latest_checkpoint(None)
                 tiers = {t: await self._latest_checkpoint(t) for t in TIER_ORDER}
             except (StoreError, OSError) as exc:
-                self.stats.failures += 1
-                self.breaker.failure()
-                self.stats.breaker = self.breaker.state.value
-                log.warning("destination %s: cannot read its checkpoint (%s); breaker %s",
-                            self.destination.name, exc, self.breaker.state.value)
+                self._failed("cannot read its checkpoint", exc)
                 continue
-            self.breaker.success()
-            self.stats.breaker = self.breaker.state.value
+            self._succeeded()
             return overall, tiers
         return None
 
@@ -192,9 +188,9 @@ class SinkWorker:
                     self._add_transaction(tp, record)
             elif tp.topic == self.schema_topic:
                 for record in records:
-                    self._schema_buffer.append((tp, record.offset, json.loads(record.value)))
                     # Not part of any transaction: committable once written.
-                    self._uncommitted[tp].append([record.offset, INVALID_LSN, False])
+                    entry = self._track(tp, record.offset, INVALID_LSN)
+                    self._schema_buffer.append((json.loads(record.value), entry))
                     self._oldest.setdefault(Tier.CRITICAL, self.clock())
             else:
                 tier = self.tier_of_topic[tp.topic]
@@ -236,17 +232,23 @@ class SinkWorker:
         position = (Lsn(source["lsn"]), int(source["seq"]))
         table = f"{source['schema']}.{source['table']}"
         size = len(record.value)
-        self._buffers[tier][table].append(_Buffered(value, position, size))
+        entry = self._track(tp, record.offset, position[0])
+        self._buffers[tier][table].append(_Buffered(value, position, size, entry))
         self._oldest.setdefault(tier, self.clock())
         self._rows += 1
         self._bytes += size
-        self._uncommitted[tp].append([record.offset, position[0], False])
 
     def _add_transaction(self, tp: TopicPartition, record: ConsumerRecord[Any, Any]) -> None:
         value = self.codec.decode_transaction(record.value)
-        self._tx_buffer.append(value)
+        entry = self._track(tp, record.offset, Lsn(value["commit_lsn"]))
+        self._tx_buffer.append((value, entry))
         self._oldest.setdefault(Tier.CRITICAL, self.clock())
-        self._uncommitted[tp].append([record.offset, Lsn(value["commit_lsn"]), False])
+
+    def _track(self, tp: TopicPartition, offset: int, commit_lsn: Lsn) -> list[Any]:
+        """A record read: its offset waits in `_uncommitted` until written and covered."""
+        entry: list[Any] = [offset, commit_lsn, False]
+        self._uncommitted[tp].append(entry)
+        return entry
 
     def _due_tiers(self) -> list[Tier]:
         flush = self.destination.flush
@@ -268,13 +270,19 @@ class SinkWorker:
         try:
             await self._flush(consumer, tiers)
         except (StoreError, OSError) as exc:
-            self.stats.failures += 1
-            self.breaker.failure()
-            self.stats.breaker = self.breaker.state.value
-            log.warning("destination %s: flush failed (%s); breaker %s", self.destination.name,
-                        exc, self.breaker.state.value)
+            self._failed("flush failed", exc)
             return
-        if self.breaker.state.value != "closed":
+        self._succeeded()
+
+    def _failed(self, what: str, exc: BaseException) -> None:
+        self.stats.failures += 1
+        self.breaker.failure()
+        self.stats.breaker = self.breaker.state.value
+        log.warning("destination %s: %s (%s); breaker %s", self.destination.name, what, exc,
+                    self.breaker.state.value)
+
+    def _succeeded(self) -> None:
+        if self.breaker.state is not BreakerState.CLOSED:
             log.warning("destination %s recovered", self.destination.name)
         self.breaker.success()
         self.stats.breaker = self.breaker.state.value
@@ -286,25 +294,28 @@ class SinkWorker:
         tx_since = self._oldest.get(Tier.CRITICAL)
         try:
             while self._schema_buffer:  # schemas first: they describe the changes after them
-                tp, offset, schema = self._schema_buffer[0]
+                schema, entry = self._schema_buffer[0]
                 await self._write_schema(schema)
                 self._schema_buffer.pop(0)
-                for entry in self._uncommitted[tp]:
-                    if entry[0] == offset:
-                        entry[2] = True
+                entry[2] = True
             for tier in tiers:
                 tables = self._buffers[tier]
                 for table in list(tables):
                     items = tables[table]
                     await self._write_segment(table, items)
+                    for item in items:
+                        item.entry[2] = True
                     written_positions.extend((tier, *i.position) for i in items)
                     self._rows -= len(items)
                     self._bytes -= sum(i.size for i in items)
                     del tables[table]
                 self._oldest.pop(tier, None)
             if self._tx_buffer:
-                await self._write_transactions(self._tx_buffer)
-                records, self._tx_buffer = self._tx_buffer, []
+                await self._write_transactions([value for value, _ in self._tx_buffer])
+                for value, entry in self._tx_buffer:
+                    entry[2] = True
+                    records.append(value)
+                self._tx_buffer = []
         finally:
             # A write that failed part-way leaves the earlier ones written and out of the
             # buffers: count them as durable now, or their transactions never complete (the
@@ -333,12 +344,7 @@ class SinkWorker:
 
     def _durable(self, positions: list[tuple[Tier, Lsn, int]],
                  records: list[dict[str, Any]]) -> None:
-        """Changes and transaction records now written: mark their offsets, tell the tracker."""
-        written = {p[1] for p in positions} | {Lsn(r["commit_lsn"]) for r in records}
-        for entries in self._uncommitted.values():
-            for entry in entries:
-                if entry[1] in written:
-                    entry[2] = True
+        """Changes and transaction records now written: tell the tracker."""
         self.tracker.changes_durable(positions)
         self.tracker.records_durable(
             transaction_from_dict(r) for r in sorted(records, key=lambda r: r["commit_lsn"]))
@@ -356,10 +362,8 @@ class SinkWorker:
         self.stats.changes_written += header.rows
 
     async def _write_transactions(self, records: list[dict[str, Any]]) -> None:
-        # Snapshot records (xid 0) share their LSN, one per table: keep them all.
-        unique = {(r["commit_lsn"], r["xid"], tuple(sorted(r["counts"]))): r for r in records}
-        data, header = encode_transaction_segment(list(unique.values()),
-                                                  codec=self.destination.compression)
+        # The encoder orders them and keeps one copy of each (redeliveries).
+        data, header = encode_transaction_segment(records, codec=self.destination.compression)
         digest = hashlib.sha256(data).hexdigest()[:16]
         await self._put(transactions_key(header.first.commit_lsn, header.last.commit_lsn,
                                          digest), data)
@@ -392,8 +396,3 @@ class SinkWorker:
 
     async def _latest_checkpoint(self, tier: Tier | None) -> Lsn:
         return await archive.checkpoint(self.store, self.destination.name, tier)
-
-def describe(stats: Mapping[str, SinkStats]) -> dict[str, Any]:
-    return {name: {"checkpoint": str(s.checkpoint), "segments": s.segments_written,
-                   "bytes": s.bytes_written, "breaker": s.breaker, "failures": s.failures}
-            for name, s in stats.items()}

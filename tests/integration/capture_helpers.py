@@ -113,6 +113,11 @@ async def slot_confirmed(dsn: str, slot: str) -> Lsn | None:
     return Lsn.parse(row[0]) if row and row[0] else None
 
 
+async def holds(value: bool) -> bool:
+    """For `wait_for` on a plain condition: `wait_for(lambda: holds(x > 3))`."""
+    return value
+
+
 async def wait_for(predicate: Any, within: float = 30.0, what: str = "condition") -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + within

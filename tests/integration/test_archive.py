@@ -23,7 +23,7 @@ from tests.integration.archive_helpers import (
     sink_environ,
     with_destinations,
 )
-from tests.integration.capture_helpers import make_config, setup_schema, wait_for
+from tests.integration.capture_helpers import holds, make_config, setup_schema, wait_for
 
 
 def http_get(port: int, path: str) -> str:
@@ -31,9 +31,6 @@ def http_get(port: int, path: str) -> str:
         body: bytes = response.read()
     return body.decode()
 
-
-async def _true(value: bool) -> bool:
-    return value
 
 
 def workload(dsn: str) -> int:
@@ -77,7 +74,7 @@ async def test_every_committed_change_reaches_every_destination(
                             ready=lambda: not any(t.done() for t in tasks))
     await metrics.start()
     try:
-        await wait_for(lambda: _true(capture.stats.snapshot_rows >= 53), what="the snapshot")
+        await wait_for(lambda: holds(capture.stats.snapshot_rows >= 53), what="the snapshot")
         # Inside the last transaction: its commit lies past this LSN, so a checkpoint
         # beyond it covers every transaction of the workload.
         inside = await asyncio.to_thread(workload, pg_dsn)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import itertools
 import json
 import os
@@ -270,6 +271,14 @@ def kill_quietly(proc: subprocess.Popen[bytes] | None) -> None:
         proc.wait()
 
 
+def assert_running(tasks: list[asyncio.Task[None]]) -> None:
+    """Fail at once, with its error, if a pipeline task stopped."""
+    for task in tasks:
+        if task.done():
+            task.result()
+            raise AssertionError("a task stopped early")
+
+
 async def wait_for_slot(dsn: str, slot: str, alive: Callable[[], None]) -> None:
     """Versions overwritten before the slot existed were never capturable one by one: the
     ground truth starts once the slot does."""
@@ -517,11 +526,7 @@ async def run_pipeline(config: Config, sinks: Sinks, load: Workload, transaction
     await sinks.open()
     tasks = [asyncio.create_task(capture.run()), asyncio.create_task(sinks.run())]
 
-    def alive() -> None:
-        for task in tasks:
-            if task.done():
-                task.result()
-                raise AssertionError("a task stopped early")
+    alive = functools.partial(assert_running, tasks)
     try:
         await wait_for_slot(config.source.dsn, config.source.slot, alive)
         await load.run(asyncio.Event(), transactions)
@@ -661,11 +666,7 @@ async def test_setup_mistakes_and_unreachable_store(
     stop = asyncio.Event()
     tasks = [asyncio.create_task(capture.run()), asyncio.create_task(sinks.run())]
 
-    def alive() -> None:
-        for task in tasks:
-            if task.done():
-                task.result()
-                raise AssertionError("a task stopped early")
+    alive = functools.partial(assert_running, tasks)
     try:
         await wait_for_slot(pg_dsn, config.source.slot, alive)
         tasks.append(asyncio.create_task(load.run(stop)))
@@ -749,11 +750,7 @@ async def test_flush_failing_part_way_loses_no_progress(
     load = Workload(pg_dsn, pause_s=0.1)
     tasks = [asyncio.create_task(capture.run()), asyncio.create_task(worker.run())]
 
-    def alive() -> None:
-        for task in tasks:
-            if task.done():
-                task.result()
-                raise AssertionError("a task stopped early")
+    alive = functools.partial(assert_running, tasks)
 
     try:
         await wait_for_slot(pg_dsn, config.source.slot, alive)

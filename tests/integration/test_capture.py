@@ -12,6 +12,7 @@ import pytest
 
 from replicator.capture import Capture, CaptureFatal
 from tests.integration.capture_helpers import (
+    holds,
     make_config,
     read_all,
     setup_schema,
@@ -51,7 +52,7 @@ async def test_snapshot_then_stream_by_tier(pg_dsn: str, kafka_bootstrap: str,
     config = make_config(pg_dsn, kafka_bootstrap, topic_prefix)
     capture = Capture(config)
     async with running(capture):
-        await wait_for(lambda: _true(capture.stats.snapshot_rows >= 4), what="snapshot")
+        await wait_for(lambda: holds(capture.stats.snapshot_rows >= 4), what="snapshot")
         with psycopg.connect(pg_dsn, autocommit=True) as conn:
             with conn.transaction():
                 conn.execute("INSERT INTO guests VALUES (11, 1, 'Aunt', NULL, 'x'), "
@@ -100,9 +101,6 @@ async def test_snapshot_then_stream_by_tier(pg_dsn: str, kafka_bootstrap: str,
     assert headers["table"] == "public.guests" and headers["op"] == "c"
 
 
-async def _true(value: bool) -> bool:
-    return value
-
 
 async def test_restart_resumes_without_losing_or_resnapshotting(
         pg_dsn: str, kafka_bootstrap: str, topic_prefix: str) -> None:
@@ -110,17 +108,17 @@ async def test_restart_resumes_without_losing_or_resnapshotting(
     config = make_config(pg_dsn, kafka_bootstrap, topic_prefix)
     first = Capture(config)
     async with running(first):
-        await wait_for(lambda: _true(first.stats.snapshot_rows >= 3), what="snapshot")
+        await wait_for(lambda: holds(first.stats.snapshot_rows >= 3), what="snapshot")
         with psycopg.connect(pg_dsn, autocommit=True) as conn:
             conn.execute("INSERT INTO vendors VALUES (1, 'Cake', 10)")
-        await wait_for(lambda: _true(first.stats.events >= 1), what="first change")
+        await wait_for(lambda: holds(first.stats.events >= 1), what="first change")
     # While capture is down, the database goes on.
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
         for i in range(2, 7):
             conn.execute("INSERT INTO vendors VALUES (%s, 'Band', 20)", (i,))
     second = Capture(config)
     async with running(second):
-        await wait_for(lambda: _true(second.stats.events >= 5), what="changes made while down")
+        await wait_for(lambda: holds(second.stats.events >= 5), what="changes made while down")
     events = data_events(await read_all(kafka_bootstrap, topic_prefix))
     vendor_ids = sorted(r.value["key"]["id"] for r in events
                         if r.value["source"]["table"] == "vendors")
@@ -144,10 +142,10 @@ async def test_unknown_type_stops_with_a_clear_error_and_keeps_position(
     config = make_config(pg_dsn, kafka_bootstrap, topic_prefix)
     capture = Capture(config)
     async with running(capture) as task:
-        await wait_for(lambda: _true(capture.stats.snapshot_rows >= 3), what="snapshot")
+        await wait_for(lambda: holds(capture.stats.snapshot_rows >= 3), what="snapshot")
         with psycopg.connect(pg_dsn, autocommit=True) as conn:
             conn.execute("INSERT INTO vendors VALUES (1, 'Before', 1)")
-        await wait_for(lambda: _true(capture.stats.events >= 1), what="first change")
+        await wait_for(lambda: holds(capture.stats.events >= 1), what="first change")
         before = await slot_confirmed(pg_dsn, config.source.slot)
         with psycopg.connect(pg_dsn, autocommit=True) as conn:
             conn.execute("ALTER TABLE vendors ADD COLUMN location point")
@@ -167,12 +165,12 @@ async def test_a_lost_slot_is_never_papered_over(pg_dsn: str, kafka_bootstrap: s
     config = make_config(pg_dsn, kafka_bootstrap, topic_prefix)
     first = Capture(config)
     async with running(first):
-        await wait_for(lambda: _true(first.stats.snapshot_rows >= 3), what="snapshot")
+        await wait_for(lambda: holds(first.stats.snapshot_rows >= 3), what="snapshot")
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
         conn.execute("SELECT pg_drop_replication_slot(%s)", (config.source.slot,))
     with pytest.raises(CaptureFatal, match=r"is gone.*--accept-gap"):
         await asyncio.wait_for(Capture(config).run(), 30)
     again = Capture(config, accept_gap=True)
     async with running(again):
-        await wait_for(lambda: _true(again.stats.snapshot_rows >= 3), what="new snapshot")
+        await wait_for(lambda: holds(again.stats.snapshot_rows >= 3), what="new snapshot")
     assert len(again.state.gaps()) == 1

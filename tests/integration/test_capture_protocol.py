@@ -8,6 +8,7 @@ import psycopg
 
 from replicator.capture import Capture
 from tests.integration.capture_helpers import (
+    holds,
     make_config,
     read_all,
     setup_schema,
@@ -17,17 +18,13 @@ from tests.integration.capture_helpers import (
 from tests.integration.test_capture import current_lsn, data_events, running
 
 
-async def _true(value: bool) -> bool:
-    return value
-
-
 async def test_two_phase_commit_prepared_survives_a_restart(
         pg_dsn: str, kafka_bootstrap: str, topic_prefix: str) -> None:
     setup_schema(pg_dsn)
     config = make_config(pg_dsn, kafka_bootstrap, topic_prefix, two_phase=True)
     first = Capture(config)
     async with running(first):
-        await wait_for(lambda: _true(first.stats.snapshot_rows >= 3), what="snapshot")
+        await wait_for(lambda: holds(first.stats.snapshot_rows >= 3), what="snapshot")
         with psycopg.connect(pg_dsn, autocommit=True) as conn:
             conn.execute("BEGIN")
             conn.execute("INSERT INTO vendors VALUES (1, 'Prepared florist', 10)")
@@ -36,9 +33,9 @@ async def test_two_phase_commit_prepared_survives_a_restart(
             conn.execute("INSERT INTO vendors VALUES (2, 'Never', 10)")
             conn.execute("PREPARE TRANSACTION 'never'")
             conn.execute("INSERT INTO vendors VALUES (3, 'Plain', 10)")
-        await wait_for(lambda: _true(first.stats.events >= 1), what="the plain insert")
+        await wait_for(lambda: holds(first.stats.events >= 1), what="the plain insert")
         # Heartbeats pass; the slot must still not be confirmed past the open PREPAREs.
-        await wait_for(lambda: _true(first.stats.last_heartbeat_rtt_s is not None),
+        await wait_for(lambda: holds(first.stats.last_heartbeat_rtt_s is not None),
                        what="a heartbeat")
     # Restarted between PREPARE and COMMIT PREPARED: the prepared changes must come again.
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
@@ -67,7 +64,7 @@ async def test_quiet_slot_advances_while_other_tables_are_busy(
     config = make_config(pg_dsn, kafka_bootstrap, topic_prefix, tables=tables)
     capture = Capture(config)
     async with running(capture):
-        await wait_for(lambda: _true(capture.stats.snapshot_rows >= 3), what="snapshot")
+        await wait_for(lambda: holds(capture.stats.snapshot_rows >= 3), what="snapshot")
         with psycopg.connect(pg_dsn, autocommit=True) as conn:
             for _ in range(20):
                 conn.execute("INSERT INTO audit_log (line) SELECT repeat('x', 500) "
@@ -78,6 +75,6 @@ async def test_quiet_slot_advances_while_other_tables_are_busy(
             lsn = await slot_confirmed(pg_dsn, config.source.slot)
             return lsn is not None and lsn >= busy_until
         await wait_for(advanced, what="the slot to pass the neighbours' WAL")
-        await wait_for(lambda: _true(capture.stats.last_heartbeat_rtt_s is not None),
+        await wait_for(lambda: holds(capture.stats.last_heartbeat_rtt_s is not None),
                        what="a heartbeat round trip")
     assert capture.stats.events == 0  # nothing of audit_log was published

@@ -30,6 +30,7 @@ from replicator.source.snapshot import wedding_filter
 from replicator.transport.control import CaptureState
 from tests.integration.capture_helpers import (
     Record,
+    holds,
     make_config,
     read_all,
     setup_schema,
@@ -42,9 +43,6 @@ from tests.integration.test_capture import running
 class SimulatedCrash(Exception):
     """The capture process dies here."""
 
-
-async def _true(value: bool) -> bool:
-    return value
 
 
 async def current_lsn(dsn: str) -> Lsn:
@@ -148,7 +146,7 @@ async def test_crash_mid_snapshot_resumes_only_the_unfinished_tables(
 
     second = Capture(config)
     async with running(second):
-        await wait_for(lambda: _true(second.stats.snapshot_rows >= 6), what="resumed snapshot")
+        await wait_for(lambda: holds(second.stats.snapshot_rows >= 6), what="resumed snapshot")
         with psycopg.connect(pg_dsn, autocommit=True) as conn:
             conn.execute("INSERT INTO guests (id, wedding_id, name) VALUES (14, 2, 'Niece')")
         await wait_confirmed(pg_dsn, config.source.slot, await current_lsn(pg_dsn))
@@ -260,9 +258,9 @@ async def test_on_demand_wedding_snapshot_while_streaming(
     capture = Capture(config)
     stop = asyncio.Event()
     async with running(capture) as task:
-        await wait_for(lambda: _true(capture.stats.snapshot_rows >= 14), what="initial snapshot")
+        await wait_for(lambda: holds(capture.stats.snapshot_rows >= 14), what="initial snapshot")
         load = asyncio.create_task(workload(pg_dsn, stop))
-        await wait_for(lambda: _true(capture.stats.events >= 20), what="streaming")
+        await wait_for(lambda: holds(capture.stats.events >= 20), what="streaming")
         initial_state = await state_entries(config)
 
         # The on-demand snapshot: another Capture object, as the `snapshot` process has. It
@@ -282,7 +280,7 @@ async def test_on_demand_wedding_snapshot_while_streaming(
         taking = asyncio.create_task(ondemand.snapshot_on_demand(wedding="2"))
         await asyncio.wait_for(inside.wait(), 30)
         events, confirmed = capture.stats.events, capture.stats.confirmed_lsn
-        await wait_for(lambda: _true(capture.stats.events > events + 10
+        await wait_for(lambda: holds(capture.stats.events > events + 10
                                      and capture.stats.confirmed_lsn > confirmed),
                        what="the capture streaming and confirming during the snapshot")
         release.set()
@@ -365,7 +363,7 @@ async def test_snapshot_command_for_one_table(pg_dsn: str, kafka_bootstrap: str,
     write_config(cfg, config)
     capture = Capture(config)
     async with running(capture):
-        await wait_for(lambda: _true(capture.stats.snapshot_rows >= 7), what="initial snapshot")
+        await wait_for(lambda: holds(capture.stats.snapshot_rows >= 7), what="initial snapshot")
         done = await replicator("snapshot", "--config", str(cfg), "--table", "guests", "--json")
         assert done.returncode == 0, done.stderr
         with psycopg.connect(pg_dsn, autocommit=True) as conn:
