@@ -7,6 +7,7 @@ import click
 from replicator import __version__
 from replicator.cli.demo import demo
 from replicator.cli.dev import dev
+from replicator.cli.replay import replay
 from replicator.cli.run import run
 from replicator.cli.snapshot import snapshot
 
@@ -19,5 +20,6 @@ def main() -> None:
 
 main.add_command(demo)
 main.add_command(dev)
+main.add_command(replay)
 main.add_command(run)
 main.add_command(snapshot)

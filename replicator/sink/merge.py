@@ -330,6 +330,21 @@ class Merger:
             history = histories[event.origin] = _History(event)
         history.add(event)
 
+    def values_before(self, event: ChangeEvent, position: ChangePosition,
+                      columns: Iterable[str]) -> dict[str, Any]:
+        """The newest value of each of *columns* that *event*'s key had (in *event*'s origin)
+        below *position*, for the columns whose newest known version is below it: what an
+        update that moves a row to a new key left unchanged (TOAST) takes along."""
+        history = self._keys.get(merge_key(event), {}).get(event.origin)
+        if history is None:
+            return {}
+        out = {}
+        for column in columns:
+            known = history.columns.get(column)
+            if known is not None and known[0] < position:
+                out[column] = known[1]
+        return out
+
     def state(self) -> dict[MergeKey, KeyState]:
         """Every key's state; reports the cross-origin decisions not reported before."""
         return {key: self._resolve(key, histories) for key, histories in self._keys.items()}

@@ -1,0 +1,157 @@
+"""`replicator replay` and `replicator verify`: restore the archive as of a point, and prove a
+restore is right (docs/ARCHITECTURE.md, "Replay").
+
+Exit codes: 0 done (verify: every table matches); 1 the replay failed on an object or a service
+(verify: a table differs); 2 a request only an operator can change (a point past the
+checkpoint or before the oldest snapshot, tables that already exist, a bad option).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+
+from replicator.cli.run import EXIT_NEEDS_OPERATOR, setup_logging
+
+EXIT_FAILED = 1
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+def open_archive(url: str, keyring_file: Path | None, environ: Mapping[str, str]) -> Any:
+    from connectors.errors import StoreError
+    from connectors.registry import open_store
+    from replicator.crypto import CryptoError, Keyring
+
+    try:
+        store = open_store(url, environ)
+    except (ValueError, StoreError) as exc:
+        _fail(f"--from: {exc}", EXIT_NEEDS_OPERATOR)
+    try:
+        keyring = (Keyring.from_file(keyring_file) if keyring_file is not None
+                   else Keyring.from_env(environ))
+    except CryptoError as exc:
+        _fail(str(exc), EXIT_NEEDS_OPERATOR)
+    return store, keyring
+
+
+def parse_at_option(text: str) -> Any:
+    from replicator.replay.plan import parse_at
+
+    try:
+        return parse_at(text)
+    except ValueError as exc:
+        _fail(str(exc), EXIT_NEEDS_OPERATOR)
+
+
+def _tables(text: str | None) -> list[str] | None:
+    if text is None:
+        return None
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+@click.command()
+@click.option("--from", "store_url", required=True, metavar="STORE_URL",
+              help="The destination's store: s3://, az://, gs://, file:///dir.")
+@click.option("--at", "at_text", required=True, metavar="TIME|LSN|latest",
+              help="ISO 8601 time with a zone, an LSN like 16/B374D848, or 'latest'.")
+@click.option("--to", "to", metavar="DSN|DIRECTORY",
+              help="A Postgres connection string, or a directory for files.")
+@click.option("--tables", metavar="A,B", help="Only these tables (schema.table or table).")
+@click.option("--wedding", metavar="ID", help="Only the rows of this wedding, every table.")
+@click.option("--format", "format_", type=click.Choice(["jsonl", "csv", "parquet"]),
+              default="jsonl", show_default=True, help="File format, when --to is a directory.")
+@click.option("--dry-run", is_flag=True, help="Print the plan; read and write no data.")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan or summary as JSON.")
+@click.option("--replace-existing", is_flag=True,
+              help="Drop and replace tables (or files) that already exist at the target.")
+@click.option("--destination", metavar="NAME",
+              help="Whose checkpoint to trust, when the store holds several.")
+@click.option("--jobs", type=click.IntRange(1, 64), default=4, show_default=True,
+              help="Tables restored at once.")
+@click.option("--keyring", "keyring_file", type=click.Path(path_type=Path),
+              help="Key file (name base64 lines); default: REPLICATOR_KEK_* variables.")
+@click.option("--log-level", default="warning", show_default=True,
+              type=click.Choice(["debug", "info", "warning", "error"]))
+def replay(store_url: str, at_text: str, to: str | None, tables: str | None,
+           wedding: str | None, format_: str, dry_run: bool, as_json: bool,
+           replace_existing: bool, destination: str | None, jobs: int,
+           keyring_file: Path | None, log_level: str) -> None:
+    """Rebuild the database, some tables, or one wedding as of a moment.
+
+    The cut is transaction-consistent: every transaction committed at or before --at, none
+    after. A point past the destination's checkpoint, or before its oldest snapshot, is
+    refused with the nearest restorable point. Into Postgres, tables are created from the
+    archived schema and loaded with COPY, and all commit together at the end.
+    """
+    setup_logging(log_level)
+    if not dry_run and to is None:
+        raise click.UsageError("give --to (a Postgres DSN or a directory), or --dry-run")
+    at = parse_at_option(at_text)
+    store, keyring = open_archive(store_url, keyring_file, os.environ)
+
+    import uvloop
+
+    from replicator.replay.plan import ReplayRefused
+    from replicator.replay.run import apply, plan_document, prepare
+    from replicator.replay.targets import FileTarget, PostgresTarget, is_dsn
+
+    async def main() -> Any:
+        async with store:
+            prepared = await prepare(store, keyring, at=at, tables=_tables(tables),
+                                     wedding=wedding, destination=destination)
+            if dry_run:
+                return prepared
+            assert to is not None
+            target = (PostgresTarget(to, replace_existing=replace_existing) if is_dsn(to)
+                      else FileTarget(to, format_, replace_existing=replace_existing))
+            show = None if as_json or not sys.stderr.isatty() else _stderr
+            return await apply(prepared, target, jobs=jobs, progress=show)
+
+    from replicator.replay.engine import ReplayFailed
+
+    try:
+        result = uvloop.run(main())
+    except ReplayFailed as exc:
+        _fail(f"replay stopped, nothing was committed: {exc}", EXIT_FAILED)
+    except ReplayRefused as exc:
+        _fail(str(exc), EXIT_NEEDS_OPERATOR)
+    except OSError as exc:
+        _fail(f"replay failed, nothing was committed: {exc}", EXIT_FAILED)
+    if dry_run:
+        doc = plan_document(result)
+        if as_json:
+            click.echo(json.dumps(doc, indent=2, sort_keys=True))
+        else:
+            click.echo(_plan_text(doc))
+        return
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), sort_keys=True))
+    else:
+        click.echo(result.line())
+
+
+def _stderr(text: str) -> None:
+    sys.stderr.write(text)
+    sys.stderr.flush()
+
+
+def _plan_text(doc: dict[str, Any]) -> str:
+    lines = [f"plan: restore to LSN {doc['target']}"
+             + (f" (committed {doc['target_time']})" if doc.get("target_time") else "")
+             + f"; latest recoverable {doc['latest']}; destination {doc['destination']}"]
+    for table, entry in sorted(doc["tables"].items()):
+        lines.append(f"  {table}: base snapshot {entry['base_snapshot']}, "
+                     f"{entry['segments']} segment(s), {entry['parts']} snapshot part(s)"
+                     + (f", {entry['skipped_for_wedding']} skipped for the wedding"
+                        if entry["skipped_for_wedding"] else ""))
+    return "\n".join(lines)

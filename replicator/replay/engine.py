@@ -1,0 +1,472 @@
+"""Rebuilding one table's rows as of a point, from its planned segments.
+
+**Reading.** `Archive` fetches and decrypts objects and decodes segments; every failure is a
+`ReplayFailed` naming the object and the nearest earlier restorable point (a missing object, a
+tampered or truncated one, an unknown or wrong key, content that does not match its header).
+
+**The base.** A table's rows start from its *base snapshot*: the op `r` rows at the LSN of the
+table's snapshot boundary record (a transaction record with xid 0 whose counts name the
+table; the capture writes one only once every row of that snapshot is in Kafka, so a snapshot
+cut short by a crash, whose rows may be archived too, is never taken for the base). Changes
+below the base LSN are ignored: the snapshot holds their effect. Op `r` rows at other LSNs
+(an on-demand snapshot) are versions like any change.
+
+**Memory bounded by the changed keys.** Two passes over the table's segments:
+1. Every segment except those holding only base rows is decoded; its changes (and any `r`
+   rows in it) go to a `Merger` (the sinks' conflict rules: per-key maximum by position,
+   deletes and truncates as versions, unchanged TOAST columns filled from the nearest older
+   version of the same origin). The set of changed keys is remembered.
+2. The base-only segments are decoded; a base row whose key changed joins the merger (it is
+   the older version unchanged columns are filled from), every other base row is written out
+   at once. Then the merger's live rows are written.
+So only changed keys are held, never the whole table; the base segments are fetched twice and
+decoded once.
+
+**Completeness.** Records are de-duplicated by position (segments overlap after a
+redelivery). For a full-table restore, the changes seen at each commit are counted against the
+transaction records: fewer than announced means an object is missing; changes at a commit that
+has no transaction record mean the transaction records have a gap. Both stop the replay. A
+wedding restore reads only the segments that can hold the wedding, so it cannot count.
+
+**Keys.** The merger keys rows by the canonical JSON of their key columns, as the sinks do. An
+update that changes the primary key (its before image holds the old key) also deletes the old
+key. Base rows are matched against the changed keys by their archived key values (the same
+for one row's versions; a numeric key archived as both `1.5` and `1.50` would not match, and
+the primary key added after loading refuses the duplicate rather than keep it silently).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from connectors.base import ObjectStore
+from connectors.errors import NotFound, StoreError
+from replicator.crypto import CryptoError, Keyring, UnknownKey, decrypt
+from replicator.events import ChangeEvent, Op, Tier, TransactionRecord
+from replicator.position import ChangePosition, Lsn
+from replicator.replay.plan import ReplayRefused
+from replicator.sink.merge import Merger, Tombstone
+from replicator.sink.segment import (
+    SegmentError,
+    SegmentHeader,
+    decode_record_segment,
+    decode_transaction_segment,
+    parse_key,
+)
+from replicator.transport.avro import to_python
+
+__all__ = ["Archive", "ReplayFailed", "TableJob", "TableSchema", "TableStats", "Timeline",
+           "restore_table"]
+
+Rows = list[list[Any]]
+Emit = Callable[[Rows], Awaitable[None]]
+BATCH_ROWS = 2000
+
+
+class ReplayFailed(ReplayRefused):
+    """The replay stopped on an object it could not use. `object` names it; `nearest` is the
+    nearest earlier restorable point, when there is one."""
+
+    def __init__(self, message: str, *, object: str | None = None,
+                 nearest: Lsn | None = None) -> None:
+        super().__init__(message, nearest=nearest)
+        self.object = object
+
+
+# --- the timeline of commits, for "nearest earlier point" ------------------------------------
+
+
+@dataclass(slots=True)
+class Timeline:
+    """The archived transaction records, reduced to what replay asks of them."""
+
+    commits: list[int] = field(default_factory=list)  # sorted commit LSNs (no snapshots)
+    times: dict[int, int] = field(default_factory=dict)  # commit LSN -> commit time (us)
+    # table -> LSNs of its snapshot boundary records, sorted
+    snapshots: dict[str, list[int]] = field(default_factory=dict)
+    # table -> commit LSN -> changes announced
+    counts: dict[str, dict[int, int]] = field(default_factory=dict)
+    oldest: int = 0  # set by the caller: the oldest point any plan accepts
+
+    @classmethod
+    def of(cls, records: Sequence[TransactionRecord]) -> Timeline:
+        timeline = cls()
+        commits: set[int] = set()
+        for record in records:
+            lsn = int(record.commit_lsn)
+            timeline.times.setdefault(lsn, record.commit_ts_us)
+            if record.xid == 0:
+                for table in record.counts:
+                    timeline.snapshots.setdefault(table, []).append(lsn)
+            else:
+                commits.add(lsn)
+            for table, n in record.counts.items():
+                per = timeline.counts.setdefault(table, {})
+                if record.xid == 0:
+                    per[lsn] = max(per.get(lsn, 0), n)  # one boundary record per table
+                else:
+                    per[lsn] = n  # a redelivered record repeats the same counts
+        timeline.commits = sorted(commits | {lsn for lsns in timeline.snapshots.values()
+                                             for lsn in lsns})
+        for lsns in timeline.snapshots.values():
+            lsns.sort()
+        return timeline
+
+    def before(self, lsn: int) -> Lsn | None:
+        """The newest commit strictly below *lsn* that is restorable (`None` if none)."""
+        i = bisect.bisect_left(self.commits, lsn)
+        if i == 0:
+            return None
+        point = Lsn(self.commits[i - 1])
+        return point if point >= self.oldest else None
+
+    def base(self, table: str, *, at_or_after: int, target: int) -> Lsn | None:
+        """The table's snapshot to start from: the oldest boundary in range."""
+        for lsn in self.snapshots.get(table, ()):
+            if at_or_after <= lsn <= target:
+                return Lsn(lsn)
+        return None
+
+
+def nearest_hint(nearest: Lsn | None) -> str:
+    if nearest is None:
+        return "; no earlier point is restorable"
+    return f"; the nearest restorable earlier point is {nearest} (--at {nearest})"
+
+
+# --- reading objects -------------------------------------------------------------------------
+
+
+class Archive:
+    """One destination's objects, read and decrypted."""
+
+    def __init__(self, store: ObjectStore, keyring: Keyring, timeline: Timeline | None = None
+                 ) -> None:
+        self.store = store
+        self.keyring = keyring
+        self.timeline = timeline or Timeline()
+        self.bytes_read = 0
+        self.objects_read = 0
+
+    def _failed(self, key: str, what: str, first: int | None) -> ReplayFailed:
+        nearest = self.timeline.before(first) if first is not None else None
+        return ReplayFailed(f"object {key} {what}{nearest_hint(nearest)}", object=key,
+                            nearest=nearest)
+
+    @staticmethod
+    def _first(key: str) -> int | None:
+        try:
+            return int(parse_key(key).first)
+        except ValueError:
+            return None
+
+    async def fetch(self, key: str) -> bytes:
+        """The decrypted bytes of *key*."""
+        try:
+            data = await self.store.get(key)
+        except NotFound:
+            raise self._failed(key, "is missing from the store", self._first(key)) from None
+        except StoreError as exc:
+            raise ReplayFailed(f"cannot read object {key}: {exc}", object=key) from None
+        self.bytes_read += len(data)
+        self.objects_read += 1
+        try:
+            return decrypt(data, key, self.keyring)
+        except UnknownKey as exc:
+            raise self._failed(key, f"is encrypted with key {exc.key_name!r}, which is not in "
+                               "the keyring (set REPLICATOR_KEK_<NAME> or the keyring file)",
+                               self._first(key)) from None
+        except CryptoError as exc:
+            raise self._failed(key, f"cannot be decrypted: {exc}", self._first(key)) from None
+
+    def records(self, key: str, data: bytes) -> tuple[SegmentHeader, Iterator[dict[str, Any]]]:
+        """The header and verified records of change segment *key* (errors name it)."""
+        first = self._first(key)
+        try:
+            header, records = decode_record_segment(data)
+        except SegmentError as exc:
+            raise self._failed(key, f"is corrupt: {exc}", first) from None
+
+        def checked() -> Iterator[dict[str, Any]]:
+            try:
+                yield from records
+            except SegmentError as exc:
+                raise self._failed(key, f"is corrupt: {exc}", first) from None
+
+        if header.key != _without_digest(key):
+            raise self._failed(key, f"holds {header.key}, not what its name says", first)
+        return header, checked()
+
+    async def transactions(self) -> list[TransactionRecord]:
+        """Every archived transaction record (duplicates included), in name order."""
+        out: list[TransactionRecord] = []
+        async for info in self.store.list("transactions/"):
+            data = await self.fetch(info.key)
+            try:
+                _, records = decode_transaction_segment(data)
+                out.extend(records)
+            except SegmentError as exc:
+                raise self._failed(info.key, f"is corrupt: {exc}", self._first(info.key)
+                                   ) from None
+        return out
+
+
+def _without_digest(key: str) -> str:
+    parsed = parse_key(key)
+    if not parsed.digest:
+        return key
+    return key[: -len(".seg")].rsplit("-", 1)[0] + ".seg"
+
+
+# --- one table -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Column:
+    name: str
+    type: str
+    not_null: bool
+
+
+@dataclass(frozen=True, slots=True)
+class TableSchema:
+    """A table as archived under `schemas/<table>/<lsn>.json`."""
+
+    table: str  # schema.table
+    columns: tuple[Column, ...]
+    primary_key: tuple[str, ...]
+    lsn: Lsn
+
+    @classmethod
+    def from_json(cls, doc: Mapping[str, Any]) -> TableSchema:
+        return cls(doc["table"],
+                   tuple(Column(c["name"], c["type"], bool(c.get("not_null"))) for c in
+                         doc["columns"]),
+                   tuple(doc.get("primary_key") or ()), Lsn(doc["lsn"]))
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(c.name for c in self.columns)
+
+
+@dataclass(frozen=True, slots=True)
+class TableJob:
+    table: str
+    schema: TableSchema
+    segments: tuple[str, ...]
+    base: Lsn  # the LSN of the base snapshot's rows
+    target: Lsn
+    wedding: str | None = None
+    check_counts: bool = True
+
+
+@dataclass(slots=True)
+class TableStats:
+    table: str
+    rows: int = 0
+    base_rows: int = 0
+    changes: int = 0
+    changed_keys: int = 0
+    duplicates: int = 0
+    segments: int = 0
+
+
+def _hashable(value: Any) -> Any:
+    if type(value) is tuple:
+        name, fields = value
+        return (name, repr(fields))
+    return value
+
+
+def _fast_key(key: Mapping[str, Any]) -> Any:
+    if len(key) == 1:
+        for value in key.values():
+            return _hashable(value)
+    return tuple(_hashable(v) for v in key.values())
+
+
+def _mark(seen: dict[int, bytearray], lsn: int, seq: int) -> bool:
+    """Record position (lsn, seq) as seen; False when it was seen before."""
+    index, mask = seq >> 3, 1 << (seq & 7)
+    bits = seen.get(lsn)
+    if bits is None:
+        bits = seen[lsn] = bytearray(index + 1)
+    elif len(bits) <= index:
+        bits.extend(bytes(index + 1 - len(bits)))
+    if bits[index] & mask:
+        return False
+    bits[index] |= mask
+    return True
+
+
+def _event(record: Mapping[str, Any], op: Op | None = None,
+           key: Mapping[str, Any] | None = None) -> ChangeEvent:
+    source = record["source"]
+    return ChangeEvent(
+        op=op or Op(record["op"]), schema=source["schema"], table=source["table"],
+        position=ChangePosition(Lsn(source["lsn"]), source["seq"]),
+        commit_ts_us=source["ts_us"], xid=source["txId"],
+        key=to_python(record["key"] if key is None else key),
+        before=record["before"], after=record["after"], unchanged=tuple(record["unchanged"]),
+        origin=source["origin"], db=source["db"], tier=Tier(record["priority"]),
+        wedding_id=record["wedding_id"])
+
+
+async def restore_table(archive: Archive, job: TableJob, emit: Emit,
+                        progress: Callable[[int], None] | None = None) -> TableStats:
+    """Write the rows of *job*'s table as of `job.target` through *emit*, in batches of
+    value lists ordered as `job.schema.columns` (module docstring)."""
+    stats = TableStats(job.table)
+    base, target, wedding = int(job.base), int(job.target), job.wedding
+    merger = Merger()
+    changed: set[Any] = set()
+    seen: dict[int, bytearray] = {}
+    change_commits: set[int] = set()
+    truncated: tuple[int, int] | None = None
+    deferred: list[str] = []
+    key_changes: list[dict[str, Any]] = []
+
+    for key in job.segments:
+        parsed = parse_key(key)
+        if parsed.last < base or parsed.first > target:
+            continue
+        data = await archive.fetch(key)
+        header, records = archive.records(key, data)
+        stats.segments += 1
+        if (header.first.commit_lsn == header.last.commit_lsn == base
+                and set(header.ops) == {Op.READ.value}):
+            deferred.append(key)
+            continue
+        for record in records:
+            source = record["source"]
+            lsn = source["lsn"]
+            if lsn < base or lsn > target:
+                continue
+            if not _mark(seen, lsn, source["seq"]):
+                stats.duplicates += 1
+                continue
+            op = record["op"]
+            if op != "r":
+                change_commits.add(lsn)
+                stats.changes += 1
+            if op == "t":
+                position = (lsn, source["seq"])
+                if source["origin"] is None and (truncated is None or position > truncated):
+                    truncated = position
+                merger.add(_event(record))
+                continue
+            changed.add(_fast_key(record["key"]))
+            before = record["before"]
+            if op == "u" and before is not None:
+                old = {name: before.get(name) for name in record["key"]}
+                if _fast_key(old) != _fast_key(record["key"]):
+                    # A key change: applied once every older version is in (below).
+                    key_changes.append(record)
+                    changed.add(_fast_key(old))
+                    continue
+            merger.add(_event(record))
+        del data
+        await asyncio.sleep(0)
+    stats.changed_keys = len(changed)
+
+    columns = job.schema.names
+    batch: Rows = []
+    for key in deferred:
+        data = await archive.fetch(key)
+        _, records = archive.records(key, data)
+        for record in records:
+            seq = record["source"]["seq"]
+            if not _mark(seen, base, seq):
+                stats.duplicates += 1
+                continue
+            if truncated is not None and (base, seq) < truncated:
+                continue
+            if changed and _fast_key(record["key"]) in changed:
+                merger.add(_event(record))
+                continue
+            if wedding is not None and record["wedding_id"] != wedding:
+                continue
+            after = record["after"]
+            batch.append([after.get(c) for c in columns])
+            if len(batch) >= BATCH_ROWS:
+                stats.rows += len(batch)
+                stats.base_rows += len(batch)
+                await emit(batch)
+                if progress is not None:
+                    progress(len(batch))
+                batch = []
+        del data
+    stats.rows += len(batch)
+    stats.base_rows += len(batch)
+
+    # An update that moves a row to a new key deletes the old key, and takes along the old
+    # row's values of the columns it left unchanged (TOAST), in position order (chains).
+    key_changes.sort(key=lambda r: (r["source"]["lsn"], r["source"]["seq"]))
+    for record in key_changes:
+        before = record["before"]
+        old = {name: before.get(name) for name in record["key"]}
+        gone = _event(record, Op.DELETE, old)
+        moved = _event(record)
+        if moved.unchanged:
+            taken = merger.values_before(gone, moved.position, moved.unchanged)
+            moved.after = {**(moved.after or {}), **taken}
+            moved.unchanged = tuple(c for c in moved.unchanged if c not in taken)
+        merger.add(gone)
+        merger.add(moved)
+
+    for state in merger.state().values():
+        if isinstance(state, Tombstone):
+            continue
+        if wedding is not None and state.wedding_id != wedding:
+            continue
+        if state.unchanged:
+            raise ReplayFailed(
+                f"{job.table}: the row with key {dict(state.key)} at {state.position} has "
+                f"unchanged column(s) {', '.join(state.unchanged)} and no earlier version in "
+                f"the archive to take them from{nearest_hint(archive.timeline.before(base))}")
+        after = state.after or {}
+        batch.append([after.get(c) for c in columns])
+        stats.rows += 1
+        if len(batch) >= BATCH_ROWS:
+            await emit(batch)
+            if progress is not None:
+                progress(len(batch))
+            batch = []
+    if batch:
+        await emit(batch)
+        if progress is not None:
+            progress(len(batch))
+
+    if job.check_counts:
+        _check_counts(archive.timeline, job, seen, change_commits)
+    return stats
+
+
+def _check_counts(timeline: Timeline, job: TableJob, seen: Mapping[int, bytearray],
+                  change_commits: set[int]) -> None:
+    announced = timeline.counts.get(job.table, {})
+    base, target = int(job.base), int(job.target)
+    for lsn in sorted(announced):
+        if lsn < base or lsn > target:
+            continue
+        bits = seen.get(lsn)
+        got = int.from_bytes(bits, "little").bit_count() if bits else 0
+        want = announced[lsn]
+        if got < want:
+            nearest = timeline.before(lsn)
+            raise ReplayFailed(
+                f"{job.table}: the transaction committed at {lsn and Lsn(lsn)} announced "
+                f"{want} change(s) and the archive holds {got}: a segment of "
+                f"segments/{job.table}/ covering {Lsn(lsn).hex_key()} is missing"
+                f"{nearest_hint(nearest)}", object=f"segments/{job.table}/", nearest=nearest)
+    for lsn in sorted(change_commits):
+        if lsn not in announced:
+            nearest = timeline.before(lsn)
+            raise ReplayFailed(
+                f"{job.table}: changes committed at {Lsn(lsn)} have no transaction record: "
+                f"the transaction records (transactions/) have a gap there"
+                f"{nearest_hint(nearest)}", object="transactions/", nearest=nearest)

@@ -1,0 +1,307 @@
+"""A replay from end to end: read the archive's facts, plan, restore every table in parallel.
+
+`prepare()` does the reading a plan needs (the listing, the destination's checkpoint, the
+transaction records, the table schemas, and for a wedding the segments' headers) and turns
+the plan into one `TableJob` per table; `apply()` runs the jobs into a target and commits only
+when every table succeeded. `replay()` is both, as the command runs them.
+
+Choices (Debezium/pgBackRest users would expect them; docs/ARCHITECTURE.md, "Replay"):
+- The schema of a restored table is its newest archived schema at or before the target; rows
+  archived before a column was added get NULL there (the archived schema does not hold column
+  defaults).
+- The cut is by commit LSN (`plan`); `--at <time>` resolves to the last commit at or before it.
+- Tables restore concurrently (`jobs` at once), each in its own transaction; all commit
+  together at the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import resource
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from functools import partial
+from typing import Any
+from urllib.parse import quote
+
+from connectors.base import ObjectInfo, ObjectStore, run_bounded
+from replicator.crypto import Keyring, decrypt_stream
+from replicator.position import Lsn
+from replicator.replay.engine import (
+    Archive,
+    ReplayFailed,
+    TableJob,
+    TableSchema,
+    TableStats,
+    Timeline,
+    restore_table,
+)
+from replicator.replay.plan import At, ReplayPlan, ReplayRefused, plan, resolve_time
+from replicator.replay.render import utc_text
+from replicator.replay.targets import Target
+from replicator.sink.checkpoint import parse_checkpoint_key
+from replicator.sink.segment import SegmentError, SegmentHeader, read_header
+
+__all__ = ["Prepared", "ReplaySummary", "apply", "prepare", "replay"]
+
+HEADER_FETCH_BYTES = 2 << 20  # enough for the first encrypted chunk (1 MiB) and its header
+
+
+@dataclass(slots=True)
+class Prepared:
+    plan: ReplayPlan
+    archive: Archive
+    jobs: list[TableJob]
+    destination: str
+    schemas: dict[str, TableSchema]
+    read_s: float = 0.0
+
+
+@dataclass(slots=True)
+class ReplaySummary:
+    target: Lsn
+    target_time: str | None
+    destination: str
+    wedding: str | None
+    tables: dict[str, TableStats] = field(default_factory=dict)
+    seconds: float = 0.0
+    bytes_read: int = 0
+    bytes_written: int = 0
+    objects_read: int = 0
+    peak_rss_mb: float = 0.0
+
+    @property
+    def rows(self) -> int:
+        return sum(t.rows for t in self.tables.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "target": str(self.target),
+            "target_time": self.target_time,
+            "destination": self.destination,
+            "wedding": self.wedding,
+            "rows": self.rows,
+            "tables": {name: {"rows": s.rows, "base_rows": s.base_rows, "changes": s.changes,
+                              "changed_keys": s.changed_keys, "segments": s.segments,
+                              "duplicates": s.duplicates}
+                       for name, s in sorted(self.tables.items())},
+            "seconds": round(self.seconds, 3),
+            "rows_per_s": round(self.rows / self.seconds) if self.seconds else None,
+            "bytes_read": self.bytes_read,
+            "bytes_written": self.bytes_written,
+            "objects_read": self.objects_read,
+            "peak_rss_mb": round(self.peak_rss_mb, 1),
+        }
+
+    def line(self) -> str:
+        rate = f"{self.rows / self.seconds:,.0f} rows/s" if self.seconds else "-"
+        what = f"wedding {self.wedding}" if self.wedding is not None else \
+            f"{len(self.tables)} table(s)"
+        when = f" (committed {self.target_time})" if self.target_time else ""
+        return (f"restored {what} as of LSN {self.target}{when}: {self.rows:,} rows, "
+                f"{self.bytes_read / 1e6:,.1f} MB read in {self.objects_read} objects, "
+                f"{self.bytes_written / 1e6:,.1f} MB written, {self.seconds:.2f} s, {rate}, "
+                f"peak RSS {self.peak_rss_mb:,.0f} MB")
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+async def _destination(store: ObjectStore, asked: str | None) -> str:
+    names: set[str] = set()
+    async for info in store.list("checkpoints/"):
+        names.add(info.key.split("/")[1])
+    if asked is not None:
+        if asked not in names:
+            raise ReplayRefused(f"the store holds no checkpoint of destination {asked!r}"
+                                f" (it has: {', '.join(sorted(names)) or 'none'})")
+        return asked
+    if not names:
+        raise ReplayRefused("the store holds no checkpoint (checkpoints/<destination>/): "
+                            "nothing in it is known to be complete yet, or it is not an "
+                            "archive root")
+    if len(names) > 1:
+        raise ReplayRefused(f"the store holds checkpoints of several destinations "
+                            f"({', '.join(sorted(names))}): choose one with --destination")
+    return names.pop()
+
+
+async def _checkpoint(store: ObjectStore, destination: str) -> Lsn:
+    prefix = f"checkpoints/{destination}/"
+    latest = Lsn(0)
+    async for info in store.list(prefix):
+        if "/" not in info.key[len(prefix):]:
+            latest = max(latest, parse_checkpoint_key(info.key))
+    return latest
+
+
+async def _schema(archive: Archive, table: str, target: Lsn) -> TableSchema:
+    docs = []
+    async for info in archive.store.list(f"schemas/{quote(table, safe='')}/"):
+        lsn = Lsn.from_key(info.key.rsplit("/", 1)[1].removesuffix(".json"))
+        docs.append((lsn, info.key))
+    if not docs:
+        raise ReplayFailed(f"the archive holds no schema of {table} (schemas/{table}/): it "
+                           "was written by a sink that did not archive schemas",
+                           object=f"schemas/{table}/")
+    docs.sort()
+    chosen = [d for d in docs if d[0] <= target] or docs[:1]
+    key = chosen[-1][1]
+    doc = json.loads(await archive.fetch(key))
+    return TableSchema.from_json(doc)
+
+
+async def _header(archive: Archive, key: str) -> SegmentHeader:
+    """A segment's header from its first bytes: one ranged read, the first chunk decrypted."""
+    try:
+        data = await archive.store.get(key, end=HEADER_FETCH_BYTES)
+        plain = next(decrypt_stream((data,), name=key, keyring=archive.keyring))
+    except Exception:
+        plain = await archive.fetch(key)
+    return _parsed(key, plain)
+
+
+def _parsed(key: str, plain: bytes) -> SegmentHeader:
+    try:
+        return read_header(plain)
+    except SegmentError as exc:
+        raise ReplayFailed(f"object {key} has an unreadable header: {exc}", object=key) from None
+
+
+async def prepare(store: ObjectStore, keyring: Keyring, *, at: At,
+                  tables: Sequence[str] | None = None, wedding: str | None = None,
+                  destination: str | None = None) -> Prepared:
+    started = time.perf_counter()
+    dest = await _destination(store, destination)
+    checkpoint = await _checkpoint(store, dest)
+    listing: list[ObjectInfo] = [info async for info in store.list("segments/")]
+    archive = Archive(store, keyring)
+    records = await archive.transactions()
+    timeline = archive.timeline = Timeline.of(records)
+    resolver = partial(resolve_time, records) if isinstance(at, datetime) else None
+
+    headers: dict[str, SegmentHeader] = {}
+    if wedding is not None:
+        # Plan once without headers to learn which segments are in range, then read theirs.
+        rough = plan(listing, at=at, checkpoint=checkpoint, tables=tables, resolver=resolver)
+        keys = [k for t in rough.tables for k in t.segments]
+        fetched = await run_bounded([partial(_header, archive, k) for k in keys], 16)
+        headers = dict(zip(keys, fetched, strict=True))
+    the_plan = plan(listing, at=at, checkpoint=checkpoint, tables=tables, wedding=wedding,
+                    headers=headers, resolver=resolver)
+    target = the_plan.target
+
+    bases: dict[str, Lsn] = {}
+    for table_plan in the_plan.tables:
+        after = table_plan.apply_after
+        base = timeline.base(table_plan.table, at_or_after=0 if after is None else after + 1,
+                             target=target)
+        if base is None:
+            snapshots = timeline.snapshots.get(table_plan.table, [])
+            later = [Lsn(s) for s in snapshots if s > target]
+            hint = (f"; restore at {later[0]} or later" if later
+                    else "; the archive holds no complete snapshot of it")
+            raise ReplayRefused(f"LSN {target} is before the oldest restorable point of "
+                                f"{table_plan.table} (its first complete snapshot){hint}",
+                                nearest=later[0] if later else None)
+        bases[table_plan.table] = base
+    timeline.oldest = max(bases.values(), default=Lsn(0))
+
+    schemas: dict[str, TableSchema] = {}
+    for table_plan in the_plan.tables:
+        schemas[table_plan.table] = await _schema(archive, table_plan.table, target)
+    jobs = [TableJob(t.table, schemas[t.table], t.segments, bases[t.table], target, wedding,
+                     check_counts=wedding is None)
+            for t in the_plan.tables]
+    return Prepared(the_plan, archive, jobs, dest, schemas, time.perf_counter() - started)
+
+
+class Progress:
+    """A one-line progress bar on a terminal: objects read, rows, throughput."""
+
+    def __init__(self, archive: Archive, total_objects: int,
+                 write: Callable[[str], None] | None) -> None:
+        self.archive = archive
+        self.total = max(total_objects, 1)
+        self.rows = 0
+        self.started = time.perf_counter()
+        self._write = write
+        self._shown = 0.0
+
+    def add(self, rows: int) -> None:
+        self.rows += rows
+        now = time.perf_counter()
+        if self._write is not None and now - self._shown >= 0.2:
+            self._shown = now
+            self.show()
+
+    def show(self, end: str = "") -> None:
+        if self._write is None:
+            return
+        done = min(self.archive.objects_read / self.total, 1.0)
+        bar = "#" * int(done * 30)
+        rate = self.rows / max(time.perf_counter() - self.started, 1e-9)
+        self._write(f"\r[{bar:<30}] {self.archive.objects_read}/{self.total} objects "
+                    f"{self.rows:,} rows {self.archive.bytes_read / 1e6:,.1f} MB "
+                    f"{rate:,.0f} rows/s{end}")
+
+
+async def apply(prepared: Prepared, target: Target, *, jobs: int = 4,
+                progress: Callable[[str], None] | None = None) -> ReplaySummary:
+    started = time.perf_counter()
+    the_plan = prepared.plan
+    archive = prepared.archive
+    summary = ReplaySummary(the_plan.target, None, prepared.destination, the_plan.wedding)
+    ts = archive.timeline.times.get(int(the_plan.target))
+    summary.target_time = utc_text(ts) if ts is not None else None
+    await target.prepare([prepared.schemas[j.table] for j in prepared.jobs])
+    bar = Progress(archive, the_plan.count, progress)
+    limit = asyncio.Semaphore(max(1, jobs))
+
+    async def one(job: TableJob) -> TableStats:
+        async with limit, target.table(job.schema) as writer:
+            return await restore_table(archive, job, writer.write, bar.add)
+
+    try:
+        results = await asyncio.gather(*(one(job) for job in prepared.jobs))
+    except BaseException:
+        await target.abort()
+        raise
+    await target.commit()
+    bar.show(end="\n")
+    summary.tables = {s.table: s for s in results}
+    summary.seconds = time.perf_counter() - started + prepared.read_s
+    summary.bytes_read = archive.bytes_read
+    summary.objects_read = archive.objects_read
+    summary.bytes_written = target.bytes_written
+    summary.peak_rss_mb = peak_rss_mb()
+    return summary
+
+
+async def replay(store: ObjectStore, keyring: Keyring, target: Target, *, at: At,
+                 tables: Sequence[str] | None = None, wedding: str | None = None,
+                 destination: str | None = None, jobs: int = 4,
+                 progress: Callable[[str], None] | None = None) -> ReplaySummary:
+    prepared = await prepare(store, keyring, at=at, tables=tables, wedding=wedding,
+                             destination=destination)
+    return await apply(prepared, target, jobs=jobs, progress=progress)
+
+
+def plan_document(prepared: Prepared) -> dict[str, Any]:
+    """`--dry-run --json`: the plan, with each table's base snapshot and schema."""
+    doc = prepared.plan.to_dict()
+    doc["destination"] = prepared.destination
+    times = prepared.archive.timeline.times
+    ts = times.get(int(prepared.plan.target))
+    doc["target_time"] = utc_text(ts) if ts is not None else None
+    for job in prepared.jobs:
+        entry = doc["tables"][job.table]
+        entry["base_snapshot"] = str(job.base)
+        entry["schema_lsn"] = str(job.schema.lsn)
+        entry["columns"] = [c.name for c in job.schema.columns]
+    return doc
+

@@ -1,0 +1,363 @@
+"""Where restored rows go: a Postgres database (COPY), files (JSONL, CSV, Parquet), or a hash.
+
+Every target works in two steps, so that a failed replay leaves nothing half-done:
+`open_table` / `write` / `close_table` for each table (tables in parallel), then `commit()`
+once every table succeeded, or `abort()`.
+
+- Postgres: each table gets its own connection and transaction: `CREATE TABLE` from the
+  archived schema (types, NOT NULL), `COPY ... FROM STDIN` in text format, then the primary
+  key (built once over the loaded rows, which is faster than maintaining it, and which refuses
+  duplicate keys). The transactions commit together at the end. A table that already exists
+  is refused up front, unless `replace_existing`, which drops it inside the same transaction:
+  a failed replay leaves the old table in place.
+- Files: `<directory>/<schema.table>.<jsonl|csv|parquet>`, written as `.<name>.partial` and
+  renamed at the end; existing files are refused unless `replace_existing`.
+  JSONL: one object per row (`render.json_value`: numeric as exact text, json columns as
+  documents). CSV: a header line, Postgres's text forms, NULL as an empty unquoted field and
+  the empty string as `""` (what `COPY ... CSV` reads back). Parquet: typed columns where the
+  type maps (integers, floats, booleans, bytea, date, timestamp[tz] in microseconds), the
+  Postgres text otherwise (numeric keeps its exact text); an infinite date or timestamp,
+  which Parquet cannot hold, is written as null.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Sequence
+from datetime import date, datetime
+from pathlib import Path
+from typing import Any, Final, Protocol
+
+from replicator.replay.engine import ReplayFailed, TableSchema
+from replicator.replay.render import TableHash, copy_line, json_value, text
+
+__all__ = ["FORMATS", "FileTarget", "HashTarget", "PostgresTarget", "Target", "is_dsn"]
+
+FORMATS: Final = ("jsonl", "csv", "parquet")
+
+
+def is_dsn(to: str) -> bool:
+    """A Postgres connection string (URI or `key=value` form), as opposed to a directory."""
+    return to.startswith(("postgresql://", "postgres://")) or "=" in to
+
+
+class TableWriter(Protocol):
+    async def write(self, rows: list[list[Any]]) -> None: ...
+
+
+class Target(Protocol):
+    bytes_written: int
+
+    async def prepare(self, schemas: Sequence[TableSchema]) -> None: ...
+    def table(self, schema: TableSchema) -> contextlib.AbstractAsyncContextManager[TableWriter]: ...
+    async def commit(self) -> None: ...
+    async def abort(self) -> None: ...
+
+
+# --- Postgres --------------------------------------------------------------------------------
+
+
+class PostgresTarget:
+    def __init__(self, dsn: str, *, replace_existing: bool = False) -> None:
+        self.dsn = dsn
+        self.replace_existing = replace_existing
+        self.bytes_written = 0
+        self._open: list[Any] = []  # connections holding a table's open transaction
+
+    async def _connect(self) -> Any:
+        import psycopg
+
+        try:
+            return await psycopg.AsyncConnection.connect(self.dsn)
+        except psycopg.OperationalError as exc:
+            raise ReplayFailed(f"cannot connect to the target database: {_first_line(exc)}"
+                               ) from None
+
+    async def prepare(self, schemas: Sequence[TableSchema]) -> None:
+        conn = await self._connect()
+        try:
+            existing = []
+            for schema in schemas:
+                cur = await conn.execute("SELECT to_regclass(%s)", (_quoted(schema.table),))
+                row = await cur.fetchone()
+                if row is not None and row[0] is not None:
+                    existing.append(schema.table)
+            if existing and not self.replace_existing:
+                raise ReplayFailed(
+                    f"the target database already has {', '.join(existing)}: restore into an "
+                    "empty database, or give --replace-existing to drop and replace them "
+                    "(inside the restore's transaction: a failed replay keeps them)")
+        finally:
+            await conn.close()
+
+    @contextlib.asynccontextmanager
+    async def table(self, schema: TableSchema):  # type: ignore[no-untyped-def]
+        from psycopg import sql
+
+        conn = await self._connect()
+        self._open.append(conn)
+        name = _identifier(schema.table)
+        try:
+            if self.replace_existing:
+                await conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(name))
+            namespace = schema.table.split(".", 1)[0]
+            await conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(
+                sql.Identifier(namespace)))
+            columns = sql.SQL(", ").join(
+                sql.SQL("{} {}{}").format(sql.Identifier(c.name), sql.SQL(c.type),
+                                          sql.SQL(" NOT NULL" if c.not_null else ""))
+                for c in schema.columns)
+            await conn.execute(sql.SQL("CREATE TABLE {} ({})").format(name, columns))
+            copy_sql = sql.SQL("COPY {} ({}) FROM STDIN").format(
+                name, sql.SQL(", ").join(sql.Identifier(c.name) for c in schema.columns))
+            async with conn.cursor() as cur, cur.copy(copy_sql) as copy:
+                yield _CopyWriter(self, copy)
+            if schema.primary_key:
+                await conn.execute(sql.SQL("ALTER TABLE {} ADD PRIMARY KEY ({})").format(
+                    name, sql.SQL(", ").join(sql.Identifier(c) for c in schema.primary_key)))
+        except Exception as exc:
+            import psycopg
+
+            if isinstance(exc, psycopg.Error):
+                raise ReplayFailed(f"restoring {schema.table} into the target database failed: "
+                                   f"{_first_line(exc)}") from None
+            raise
+
+    async def commit(self) -> None:
+        for conn in self._open:
+            await conn.commit()
+        await self._close()
+
+    async def abort(self) -> None:
+        for conn in self._open:
+            with contextlib.suppress(Exception):
+                await conn.rollback()
+        await self._close()
+
+    async def _close(self) -> None:
+        for conn in self._open:
+            with contextlib.suppress(Exception):
+                await conn.close()
+        self._open = []
+
+
+class _CopyWriter:
+    def __init__(self, target: PostgresTarget, copy: Any) -> None:
+        self._target = target
+        self._copy = copy
+
+    async def write(self, rows: list[list[Any]]) -> None:
+        data = "".join([copy_line(row) for row in rows]).encode()
+        self._target.bytes_written += len(data)
+        await self._copy.write(data)
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def _quoted(table: str) -> str:
+    schema, _, name = table.partition(".")
+    return '"' + schema.replace('"', '""') + '"."' + name.replace('"', '""') + '"'
+
+
+def _identifier(table: str) -> Any:
+    from psycopg import sql
+
+    schema, _, name = table.partition(".")
+    return sql.Identifier(schema, name)
+
+
+# --- files -----------------------------------------------------------------------------------
+
+
+class FileTarget:
+    def __init__(self, directory: str | os.PathLike[str], format: str, *,
+                 replace_existing: bool = False) -> None:
+        if format not in FORMATS:
+            raise ValueError(f"--format {format!r}: choose one of {', '.join(FORMATS)}")
+        self.directory = Path(directory)
+        self.format = format
+        self.replace_existing = replace_existing
+        self.bytes_written = 0
+        self._partial: list[tuple[Path, Path]] = []
+
+    def path(self, table: str) -> Path:
+        return self.directory / f"{table}.{self.format}"
+
+    async def prepare(self, schemas: Sequence[TableSchema]) -> None:
+        if self.directory.exists() and not self.directory.is_dir():
+            raise ReplayFailed(f"--to {self.directory} exists and is not a directory")
+        existing = [str(self.path(s.table)) for s in schemas if self.path(s.table).exists()]
+        if existing and not self.replace_existing:
+            raise ReplayFailed(f"{', '.join(existing)} already exist(s): choose an empty "
+                               "directory, or give --replace-existing")
+        self.directory.mkdir(parents=True, exist_ok=True)
+
+    @contextlib.asynccontextmanager
+    async def table(self, schema: TableSchema):  # type: ignore[no-untyped-def]
+        final = self.path(schema.table)
+        partial = final.with_name(f".{final.name}.partial")
+        self._partial.append((partial, final))
+        writer: _FileWriter
+        if self.format == "parquet":
+            writer = _ParquetWriter(partial, schema)
+        else:
+            writer = _TextWriter(partial, schema, self.format)
+        try:
+            yield writer
+        finally:
+            writer.close()
+        self.bytes_written += partial.stat().st_size
+
+    async def commit(self) -> None:
+        for partial, final in self._partial:
+            partial.replace(final)
+        self._partial = []
+
+    async def abort(self) -> None:
+        for partial, _ in self._partial:
+            partial.unlink(missing_ok=True)
+        self._partial = []
+
+
+class _FileWriter(Protocol):
+    async def write(self, rows: list[list[Any]]) -> None: ...
+    def close(self) -> None: ...
+
+
+def _csv_field(value: Any) -> str:
+    rendered = text(value)
+    if rendered is None:
+        return ""
+    if rendered == "" or any(ch in rendered for ch in ',"\n\r'):
+        return '"' + rendered.replace('"', '""') + '"'
+    return rendered
+
+
+class _TextWriter:
+    def __init__(self, path: Path, schema: TableSchema, format: str) -> None:
+        self._file = path.open("w", encoding="utf-8", newline="")
+        self._names = schema.names
+        self._json_text = {c.name for c in schema.columns if not c.type.startswith("json")}
+        self._format = format
+        if format == "csv":
+            self._file.write(",".join(_csv_field(n) for n in self._names) + "\n")
+
+    async def write(self, rows: list[list[Any]]) -> None:
+        if self._format == "csv":
+            self._file.write("".join(",".join([_csv_field(v) for v in row]) + "\n"
+                                     for row in rows))
+            return
+        names = self._names
+        lines = []
+        for row in rows:
+            lines.append(json.dumps({n: json_value(v) for n, v in zip(names, row, strict=True)},
+                                    ensure_ascii=False, separators=(",", ":")))
+        self._file.write("\n".join(lines) + "\n")
+
+    def close(self) -> None:
+        self._file.close()
+
+
+_EPOCH: Final = datetime(1970, 1, 1)
+_EPOCH_ORDINAL: Final = date(1970, 1, 1).toordinal()
+_INT_TYPES: Final = frozenset({"smallint", "integer", "bigint", "oid"})
+_FLOAT_TYPES: Final = frozenset({"real", "double precision"})
+
+
+def _arrow_type(type_name: str) -> Any:
+    import pyarrow as pa
+
+    if type_name in _INT_TYPES:
+        return pa.int64()
+    if type_name in _FLOAT_TYPES:
+        return pa.float64()
+    if type_name == "boolean":
+        return pa.bool_()
+    if type_name == "bytea":
+        return pa.binary()
+    if type_name == "date":
+        return pa.date32()
+    if type_name.startswith("timestamp") and type_name.endswith("with time zone"):
+        return pa.timestamp("us", tz="UTC")
+    if type_name.startswith("timestamp"):
+        return pa.timestamp("us")
+    return pa.string()
+
+
+def _arrow_value(value: Any, kind: str) -> Any:
+    if value is None:
+        return None
+    if kind == "string":
+        return text(value)
+    if type(value) is tuple:
+        fields = value[1]
+        if "days" in fields:
+            days = fields["days"]
+            return None if abs(days) >= 2**31 - 1 else date.fromordinal(days + _EPOCH_ORDINAL)
+        if "micros" in fields:
+            micros = fields["micros"]
+            return None if abs(micros) >= 2**63 - 1 else micros
+    return value
+
+
+class _ParquetWriter:
+    def __init__(self, path: Path, schema: TableSchema) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        self._types = [_arrow_type(c.type) for c in schema.columns]
+        self._kinds = ["string" if t == pa.string() else str(t) for t in self._types]
+        self._schema = pa.schema([pa.field(c.name, t) for c, t in
+                                  zip(schema.columns, self._types, strict=True)])
+        self._writer = pq.ParquetWriter(str(path), self._schema, compression="zstd")
+
+    async def write(self, rows: list[list[Any]]) -> None:
+        import pyarrow as pa
+
+        arrays = []
+        for i, (kind, type_) in enumerate(zip(self._kinds, self._types, strict=True)):
+            values = [_arrow_value(row[i], kind) for row in rows]
+            arrays.append(pa.array(values, type=type_))
+        self._writer.write_table(pa.Table.from_arrays(arrays, schema=self._schema))
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+# --- a hash, for verify ----------------------------------------------------------------------
+
+
+class HashTarget:
+    """Restores into nothing but a per-table count and content hash (`render.TableHash`)."""
+
+    def __init__(self) -> None:
+        self.bytes_written = 0
+        self.hashes: dict[str, TableHash] = {}
+
+    async def prepare(self, schemas: Sequence[TableSchema]) -> None:
+        return None
+
+    @contextlib.asynccontextmanager
+    async def table(self, schema: TableSchema):  # type: ignore[no-untyped-def]
+        digest = self.hashes[schema.table] = TableHash()
+        yield _HashWriter(digest)
+
+    async def commit(self) -> None:
+        return None
+
+    async def abort(self) -> None:
+        return None
+
+
+class _HashWriter:
+    def __init__(self, digest: TableHash) -> None:
+        self._digest = digest
+
+    async def write(self, rows: list[list[Any]]) -> None:
+        for row in rows:
+            self._digest.add(row)
+
