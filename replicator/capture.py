@@ -105,6 +105,7 @@ class CaptureStats:
     server_lsn: Lsn = INVALID_LSN
     last_commit_ts_us: int = 0
     last_heartbeat_rtt_s: float | None = None
+    heartbeat_transactions: int = 0
     reconnects: int = 0
     events_by_tier: dict[str, int] = field(default_factory=dict)
 
@@ -162,6 +163,7 @@ class Capture:
         self.server_version = 0
         self._stopping = asyncio.Event()
         self._heartbeat_sent: dict[str, float] = {}
+        self._heartbeat_in_tx = False  # the transaction being assembled holds a heartbeat
         self._failing_since: float | None = None
         # Snapshot boundary records waiting for the stream to pass their LSN (see _snapshot).
         self._deferred: list[tuple[TransactionRecord, Lsn, str, int, SnapshotRecorder]] = []
@@ -594,10 +596,18 @@ class Capture:
         self.stats.transactions += 1
         self.stats.last_commit_ts_us = record.commit_ts_us
         watermark = self.watermark
-        if not events:
-            # Nothing to send (a heartbeat, or only unpublished tables): confirmable as soon
-            # as everything before it is.
+        heartbeat, self._heartbeat_in_tx = self._heartbeat_in_tx, False
+        if not events and not heartbeat:
+            # Nothing to send (only unpublished tables): confirmable as soon as everything
+            # before it is.
             watermark.idle_lsn(record.end_lsn)
+            return
+        if not events:
+            # A heartbeat's transaction: its (empty) record moves the sinks' checkpoints on a
+            # quiet database, so `latest` and `verify --against` reach the present.
+            watermark.begin_tx(record.commit_lsn, record.end_lsn, 1)
+            watermark.track(record.commit_lsn, await self.producer.send_transaction(record))
+            self.stats.heartbeat_transactions += 1
             return
         commit_lsn = record.commit_lsn
         watermark.begin_tx(commit_lsn, record.end_lsn, len(events) + 1)
@@ -665,6 +675,8 @@ class Capture:
     def _on_message(self, message: pg.LogicalMessage) -> None:
         if message.prefix != HEARTBEAT_PREFIX:
             return
+        if message.transactional:
+            self._heartbeat_in_tx = True
         sent = self._heartbeat_sent.pop(message.content.decode(errors="replace"), None)
         if sent is not None:
             self.stats.last_heartbeat_rtt_s = self.clock() - sent

@@ -7,7 +7,7 @@ import click
 from replicator import __version__
 from replicator.cli.demo import demo
 from replicator.cli.dev import dev
-from replicator.cli.replay import replay
+from replicator.cli.replay import replay, verify
 from replicator.cli.run import run
 from replicator.cli.snapshot import snapshot
 
@@ -23,3 +23,4 @@ main.add_command(dev)
 main.add_command(replay)
 main.add_command(run)
 main.add_command(snapshot)
+main.add_command(verify)

@@ -403,6 +403,9 @@ async def restore_table(archive: Archive, job: TableJob, emit: Emit,
     stats.rows += len(batch)
     stats.base_rows += len(batch)
 
+    if job.check_counts:  # before any conclusion is drawn from the versions found
+        _check_counts(archive.timeline, job, seen, change_commits)
+
     # An update that moves a row to a new key deletes the old key, and takes along the old
     # row's values of the columns it left unchanged (TOAST), in position order (chains).
     key_changes.sort(key=lambda r: (r["source"]["lsn"], r["source"]["seq"]))
@@ -441,8 +444,6 @@ async def restore_table(archive: Archive, job: TableJob, emit: Emit,
         if progress is not None:
             progress(len(batch))
 
-    if job.check_counts:
-        _check_counts(archive.timeline, job, seen, change_commits)
     return stats
 
 

@@ -596,3 +596,25 @@ class EventCodec:
         if not isinstance(decoded, dict):
             raise CodecError(f"a {writer.record} body did not decode to a record")
         return decoded
+
+
+_PRIMITIVES: Final = frozenset({"boolean", "long", "double", "string", "bytes"})
+
+
+def archived_values(row: Mapping[str, Any], column_types: Mapping[str, str] | None = None
+                    ) -> dict[str, Any]:
+    """A row of Python values as an archive reader gets it back: the Value union datums as
+    fastavro decodes them (primitives bare, logical types as `(name, fields)`). Verify uses it
+    to compare a live database with a restore through one rendering."""
+    out: dict[str, Any] = {}
+    for name, datum in _row(row, column_types or None).items():
+        out[name] = _bare(datum)
+    return out
+
+
+def _bare(datum: Any) -> Any:
+    if type(datum) is tuple and datum[0] in _PRIMITIVES:
+        return datum[1]
+    if type(datum) is tuple and datum[0] == ARRAY:
+        return (ARRAY, {"items": [_bare(item) for item in datum[1]["items"]]})
+    return datum

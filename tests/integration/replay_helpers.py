@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
@@ -99,7 +100,8 @@ def seed(dsn: str, today: date | None = None) -> None:
 
 
 def random_workload(dsn: str, *, rng: random.Random, transactions: int,
-                    points_at: Sequence[int], add_column_at: int) -> list[Point]:
+                    points_at: Sequence[int], add_column_at: int, pause: float = 0.0
+                    ) -> list[Point]:
     """Inserts, updates (many leaving the TOASTed notes alone), deletes, a key change, an
     added column; records the state after the transactions numbered in *points_at*."""
     points = []
@@ -142,6 +144,8 @@ def random_workload(dsn: str, *, rng: random.Random, transactions: int,
                                      (rng.randint(1, 20),))
             if n in points_at:
                 points.append(record_point(conn))
+            if pause:
+                time.sleep(pause)  # spreads the changes over several segments
         # One more commit, after the last point: a checkpoint passes a point only once a later
         # transaction is complete.
         conn.execute("UPDATE weddings SET couple = couple || '.' WHERE id = 6")

@@ -1,0 +1,149 @@
+"""Verify and the replay's errors, on archives built by the real pipeline: a restore drill
+against the transaction records, a scratch database and the live database; a missing,
+corrupted or undecryptable object, and a gap in the transaction records, each stop the replay
+with the object named and the nearest earlier restorable point."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from connectors.registry import open_store
+from replicator.position import Lsn
+from replicator.replay.engine import ReplayFailed
+from replicator.replay.plan import LATEST, ReplayRefused
+from replicator.replay.targets import FileTarget
+from replicator.replay.verify import verify
+from tests.conftest import StoreTarget
+from tests.integration.archive_helpers import destinations, keyring, sink_environ
+from tests.integration.replay_helpers import (
+    archive_config,
+    pipeline,
+    random_workload,
+    run_replay,
+    seed,
+    snapshot_done,
+    wait_durable,
+)
+
+
+async def test_verify_against_records_scratch_and_live(
+        pg_dsn: str, pg_server_dsn: str, kafka_bootstrap: str, topic_prefix: str,
+        tmp_path: Path, s3_target: StoreTarget) -> None:
+    seed(pg_dsn)
+    dests = destinations(tmp_path, s3_target)
+    config = archive_config(pg_dsn, kafka_bootstrap, topic_prefix, dests)
+    async with pipeline(config) as capture:
+        await snapshot_done(capture, 146)
+        points = await asyncio.to_thread(random_workload, pg_dsn, rng=random.Random(7),
+                                         transactions=25, points_at=(24,), add_column_at=10)
+        await wait_durable(dests, points[-1].lsn)
+        for d in dests:
+            store = open_store(d.url, sink_environ())
+            try:
+                # The service keeps running: the live database is read as of a slot's
+                # snapshot, and verify waits for the archive to reach that point (the
+                # heartbeat's empty transactions move the checkpoint on a quiet database).
+                report = await verify(store, keyring(), scratch_dsn=pg_server_dsn,
+                                      against_dsn=pg_dsn, wait_s=60)
+            finally:
+                await store.close()
+            assert report.ok, report.lines()
+            guests = report.tables["public.guests"]
+            assert guests.rows == len(points[-1].state["public.guests"])
+            assert guests.hash == guests.scratch_hash == guests.live_hash
+        capture.stop()
+    # With the service stopped, a live change cannot reach the archive: verify says so rather
+    # than compare two different points.
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute("UPDATE vendors SET name = 'changed behind the archive' WHERE id = 1")
+    store = open_store(dests[0].url, sink_environ())
+    try:
+        with pytest.raises(ReplayRefused, match="checkpoint is still"):
+            await verify(store, keyring(), against_dsn=pg_dsn, wait_s=2)
+    finally:
+        await store.close()
+
+
+async def test_missing_corrupt_and_unreadable_objects_stop_the_replay(
+        pg_dsn: str, kafka_bootstrap: str, topic_prefix: str, tmp_path: Path) -> None:
+    seed(pg_dsn)
+    dests = destinations(tmp_path)
+    config = archive_config(pg_dsn, kafka_bootstrap, topic_prefix, dests)
+    async with pipeline(config) as capture:
+        await snapshot_done(capture, 146)
+        points = await asyncio.to_thread(random_workload, pg_dsn, rng=random.Random(3),
+                                         transactions=40, points_at=(5, 39), add_column_at=20,
+                                         pause=0.1)
+        await wait_durable(dests, points[-1].lsn)
+    root = tmp_path / "archive"
+    url = dests[0].url
+    segments = sorted((root / "segments" / "public.guests").iterdir())
+    change_segments = [p for p in segments if int(p.name.split("-")[0], 16) > points[0].lsn]
+    assert change_segments, segments
+    victim = change_segments[len(change_segments) // 2]
+    first = Lsn(int(victim.name.split("-")[0], 16))
+    name = f"segments/public.guests/{victim.name}"
+
+    async def replay_latest() -> None:
+        await run_replay(url, FileTarget(tmp_path / "out", "jsonl", replace_existing=True),
+                         LATEST)
+
+    # Every check passes on the intact archive.
+    await replay_latest()
+    store = open_store(url, sink_environ())
+    try:
+        assert (await verify(store, keyring())).ok
+    finally:
+        await store.close()
+
+    data = victim.read_bytes()
+    # 1. Corrupted (one byte flipped): named, with the nearest earlier point.
+    victim.write_bytes(data[:200] + bytes([data[200] ^ 1]) + data[201:])
+    with pytest.raises(ReplayFailed) as info:
+        await replay_latest()
+    assert info.value.object == name and "cannot be decrypted" in str(info.value)
+    assert info.value.nearest is not None and info.value.nearest < first
+    assert f"--at {info.value.nearest}" in str(info.value)
+    # The point it suggests is restorable.
+    await run_replay(url, FileTarget(tmp_path / "near", "jsonl"), info.value.nearest)
+    # verify reports the table as differing, and the others as fine.
+    store = open_store(url, sink_environ())
+    try:
+        report = await verify(store, keyring())
+    finally:
+        await store.close()
+    assert not report.ok and report.differing == ["public.guests"]
+    assert report.tables["public.vendors"].ok
+    # 2. Missing: the transaction records announce changes the archive no longer holds.
+    victim.unlink()
+    with pytest.raises(ReplayFailed, match="is missing") as info:
+        await replay_latest()
+    assert info.value.nearest is not None and info.value.nearest < first
+    victim.write_bytes(data)
+    # 3. A key that is not in the keyring: named, with how to provide it.
+    environ = {k: v for k, v in sink_environ().items() if not k.startswith("REPLICATOR_KEK")}
+    environ["REPLICATOR_KEK_OTHER"] = "b3RoZXIta2V5LW9mLTMyLWJ5dGVzLWxvbmctLS0tLS0="
+    from replicator.crypto import Keyring
+    from replicator.replay.run import replay
+
+    store = open_store(url, sink_environ())
+    try:
+        with pytest.raises(ReplayFailed, match="'TEST1', which is not in the keyring") as info:
+            await replay(store, Keyring.from_env(environ),
+                         FileTarget(tmp_path / "nokey", "jsonl"), at=LATEST)
+    finally:
+        await store.close()
+    assert info.value.object is not None and info.value.object.startswith("transactions/")
+    # 4. A gap in the transaction records: changes without their transaction record.
+    records = sorted((root / "transactions").iterdir())
+    late = [p for p in records if int(p.name.split("-")[0], 16) > points[0].lsn]
+    late[len(late) // 2].unlink()
+    with pytest.raises(ReplayFailed, match="have a gap") as info:
+        await replay_latest()
+    assert info.value.nearest is not None
+    await run_replay(url, FileTarget(tmp_path / "before-gap", "jsonl"), info.value.nearest)
