@@ -58,6 +58,7 @@ from replicator.sink.segment import (
     parse_key,
 )
 from replicator.transport.avro import to_python
+from replicator.transport.kafka import key_text
 
 __all__ = ["Archive", "ReplayFailed", "TableJob", "TableSchema", "TableStats", "Timeline",
            "restore_table"]
@@ -262,6 +263,7 @@ class TableJob:
     target: Lsn
     wedding: str | None = None
     check_counts: bool = True
+    headers: Mapping[str, SegmentHeader] | None = None  # fetched headers (wedding restores)
 
 
 @dataclass(slots=True)
@@ -273,6 +275,7 @@ class TableStats:
     changed_keys: int = 0
     duplicates: int = 0
     segments: int = 0
+    segments_skipped: int = 0  # passed over because their header proved them irrelevant
 
 
 def _hashable(value: Any) -> Any:
@@ -320,8 +323,10 @@ async def restore_table(archive: Archive, job: TableJob, emit: Emit,
                         progress: Callable[[int], None] | None = None) -> TableStats:
     """Write the rows of *job*'s table as of `job.target` through *emit*, in batches of
     value lists ordered as `job.schema.columns` (module docstring)."""
+    if job.wedding is not None:
+        return await _restore_wedding(archive, job, emit, progress)
     stats = TableStats(job.table)
-    base, target, wedding = int(job.base), int(job.target), job.wedding
+    base, target = int(job.base), int(job.target)
     merger = Merger()
     changed: set[Any] = set()
     seen: dict[int, bytearray] = {}
@@ -388,8 +393,6 @@ async def restore_table(archive: Archive, job: TableJob, emit: Emit,
             if changed and _fast_key(record["key"]) in changed:
                 merger.add(_event(record))
                 continue
-            if wedding is not None and record["wedding_id"] != wedding:
-                continue
             after = record["after"]
             batch.append([after.get(c) for c in columns])
             if len(batch) >= BATCH_ROWS:
@@ -406,44 +409,8 @@ async def restore_table(archive: Archive, job: TableJob, emit: Emit,
     if job.check_counts:  # before any conclusion is drawn from the versions found
         _check_counts(archive.timeline, job, seen, change_commits)
 
-    # An update that moves a row to a new key deletes the old key, and takes along the old
-    # row's values of the columns it left unchanged (TOAST), in position order (chains).
-    key_changes.sort(key=lambda r: (r["source"]["lsn"], r["source"]["seq"]))
-    for record in key_changes:
-        before = record["before"]
-        old = {name: before.get(name) for name in record["key"]}
-        gone = _event(record, Op.DELETE, old)
-        moved = _event(record)
-        if moved.unchanged:
-            taken = merger.values_before(gone, moved.position, moved.unchanged)
-            moved.after = {**(moved.after or {}), **taken}
-            moved.unchanged = tuple(c for c in moved.unchanged if c not in taken)
-        merger.add(gone)
-        merger.add(moved)
-
-    for state in merger.state().values():
-        if isinstance(state, Tombstone):
-            continue
-        if wedding is not None and state.wedding_id != wedding:
-            continue
-        if state.unchanged:
-            raise ReplayFailed(
-                f"{job.table}: the row with key {dict(state.key)} at {state.position} has "
-                f"unchanged column(s) {', '.join(state.unchanged)} and no earlier version in "
-                f"the archive to take them from{nearest_hint(archive.timeline.before(base))}")
-        after = state.after or {}
-        batch.append([after.get(c) for c in columns])
-        stats.rows += 1
-        if len(batch) >= BATCH_ROWS:
-            await emit(batch)
-            if progress is not None:
-                progress(len(batch))
-            batch = []
-    if batch:
-        await emit(batch)
-        if progress is not None:
-            progress(len(batch))
-
+    _apply_key_changes(merger, key_changes)
+    await _emit_states(merger, job, emit, stats, progress, batch, archive.timeline)
     return stats
 
 
@@ -471,3 +438,123 @@ def _check_counts(timeline: Timeline, job: TableJob, seen: Mapping[int, bytearra
                 f"{job.table}: changes committed at {Lsn(lsn)} have no transaction record: "
                 f"the transaction records (transactions/) have a gap there"
                 f"{nearest_hint(nearest)}", object="transactions/", nearest=nearest)
+
+
+def _apply_key_changes(merger: Merger, key_changes: list[dict[str, Any]]) -> None:
+    """An update that moves a row to a new key deletes the old key, and takes along the old
+    row's values of the columns it left unchanged (TOAST), in position order (chains)."""
+    key_changes.sort(key=lambda r: (r["source"]["lsn"], r["source"]["seq"]))
+    for record in key_changes:
+        before = record["before"]
+        old = {name: before.get(name) for name in record["key"]}
+        gone = _event(record, Op.DELETE, old)
+        moved = _event(record)
+        if moved.unchanged:
+            taken = merger.values_before(gone, moved.position, moved.unchanged)
+            moved.after = {**(moved.after or {}), **taken}
+            moved.unchanged = tuple(c for c in moved.unchanged if c not in taken)
+        merger.add(gone)
+        merger.add(moved)
+
+
+async def _emit_states(merger: Merger, job: TableJob, emit: Emit, stats: TableStats,
+                       progress: Callable[[int], None] | None, batch: Rows,
+                       timeline: Timeline) -> None:
+    columns = job.schema.names
+    for state in merger.state().values():
+        if isinstance(state, Tombstone):
+            continue
+        if job.wedding is not None and state.wedding_id != job.wedding:
+            continue
+        if state.unchanged:
+            raise ReplayFailed(
+                f"{job.table}: the row with key {dict(state.key)} at {state.position} has "
+                f"unchanged column(s) {', '.join(state.unchanged)} and no earlier version in "
+                f"the archive to take them from{nearest_hint(timeline.before(job.base))}")
+        after = state.after or {}
+        batch.append([after.get(c) for c in columns])
+        stats.rows += 1
+        if len(batch) >= BATCH_ROWS:
+            await emit(batch)
+            if progress is not None:
+                progress(len(batch))
+            batch.clear()
+    if batch:
+        await emit(batch)
+        if progress is not None:
+            progress(len(batch))
+
+
+async def _restore_wedding(archive: Archive, job: TableJob, emit: Emit,
+                           progress: Callable[[int], None] | None) -> TableStats:
+    """The rows of one wedding. Only segments whose header says the wedding may be inside
+    (or a truncate) are read, and their records of that wedding kept; then the segments kept
+    only for deletes of unknown wedding are read if their filter of deleted keys may hold a
+    key of the wedding, and those deletes applied. Memory: the wedding's rows. A row that
+    moved to another wedding is seen only if the move is in a segment read (the update names
+    the new wedding only)."""
+    stats = TableStats(job.table)
+    base, target, wedding = int(job.base), int(job.target), job.wedding
+    headers = job.headers or {}
+    merger = Merger()
+    seen: dict[int, bytearray] = {}
+    wanted: set[str] = set()  # key texts of the wedding's rows
+    unknown_deletes: list[dict[str, Any]] = []
+    key_changes: list[dict[str, Any]] = []
+    for_deletes: list[tuple[str, SegmentHeader]] = []
+
+    def take(record: Mapping[str, Any], deletes_only: bool) -> None:
+        source = record["source"]
+        lsn = source["lsn"]
+        if lsn < base or lsn > target or not _mark(seen, lsn, source["seq"]):
+            return
+        op, owner = record["op"], record["wedding_id"]
+        if op == "t" and not deletes_only:
+            merger.add(_event(record))
+        elif owner is None and op == "d":
+            unknown_deletes.append(dict(record))
+        elif owner == wedding and not deletes_only:
+            event = _event(record)
+            wanted.add(key_text(event.key))
+            before = record["before"]
+            if op == "u" and before is not None:
+                old = {name: before.get(name) for name in record["key"]}
+                if _fast_key(old) != _fast_key(record["key"]):
+                    key_changes.append(dict(record))
+                    wanted.add(key_text(to_python(old)))
+                    return
+            merger.add(event)
+
+    for key in job.segments:
+        parsed = parse_key(key)
+        if parsed.last < base or parsed.first > target:
+            continue
+        header = headers.get(key)
+        if (header is not None and not header.may_hold_wedding(wedding or "")
+                and not header.ops.get(Op.TRUNCATE.value, 0)):
+            for_deletes.append((key, header))
+            continue
+        data = await archive.fetch(key)
+        _, records = archive.records(key, data)
+        stats.segments += 1
+        for record in records:
+            take(record, False)
+        del data
+        await asyncio.sleep(0)
+    for key, header in for_deletes:
+        if not any(header.may_delete_key(k) for k in wanted):
+            stats.segments_skipped += 1
+            continue
+        data = await archive.fetch(key)
+        _, records = archive.records(key, data)
+        stats.segments += 1
+        for record in records:
+            take(record, True)
+    for record in unknown_deletes:
+        if key_text(to_python(record["key"])) in wanted:
+            merger.add(_event(record))
+            stats.changes += 1
+    _apply_key_changes(merger, key_changes)
+    stats.changed_keys = len(wanted)
+    await _emit_states(merger, job, emit, stats, progress, [], archive.timeline)
+    return stats

@@ -36,10 +36,12 @@ the full table state at `<lsn>`, in parts numbered from 0. A table starts from i
 snapshot at or below the target, and then needs only the segments holding changes after it.
 
 **Weddings.** A wedding restore leaves out a segment whose fetched header proves it cannot
-matter to the wedding: the wedding is not among its ids, and it holds no truncate (which
-concerns every wedding) and no delete (a delete under the default replica identity carries
-only the key, so its wedding is unknown and is not in the header). A segment without a
-fetched header is kept.
+matter to the wedding: the wedding is not among its ids (or not in their Bloom filter), and
+it holds no truncate (which concerns every wedding) and no delete of unknown wedding (a delete
+under the default replica identity carries only the key; the header counts them, and older
+headers that do not are taken to have some when they hold any delete). A segment without a
+fetched header is kept. The applier then reads a segment kept only for its unknown deletes
+only if its filter of deleted keys may hold a key of the wedding.
 
 **Time cuts.** `resolve_time` turns a moment into the commit LSN of the last transaction
 committed at or before it; `transaction_segments_for` says which transaction segments hold
@@ -412,8 +414,10 @@ def _oldest(archive: _Archive, headers: Mapping[str, SegmentHeader]) -> Lsn | No
 def _matters_to(header: SegmentHeader | None, wedding: str) -> bool:
     if header is None:
         return True
+    unknown_deletes = (header.ops.get(Op.DELETE.value, 0) if header.unknown_deletes is None
+                       else header.unknown_deletes)
     return (header.may_hold_wedding(wedding) or header.ops.get(Op.TRUNCATE.value, 0) > 0
-            or header.ops.get(Op.DELETE.value, 0) > 0)
+            or unknown_deletes > 0)
 
 
 def _parts(table: str, lsn: Lsn, parts: Mapping[int, str]) -> tuple[str, ...]:

@@ -71,6 +71,7 @@ class ReplaySummary:
     bytes_read: int = 0
     bytes_written: int = 0
     objects_read: int = 0
+    objects_skipped: int = 0  # a wedding restore: objects whose header proved them irrelevant
     peak_rss_mb: float = 0.0
 
     @property
@@ -86,6 +87,7 @@ class ReplaySummary:
             "rows": self.rows,
             "tables": {name: {"rows": s.rows, "base_rows": s.base_rows, "changes": s.changes,
                               "changed_keys": s.changed_keys, "segments": s.segments,
+                              "segments_skipped": s.segments_skipped,
                               "duplicates": s.duplicates}
                        for name, s in sorted(self.tables.items())},
             "seconds": round(self.seconds, 3),
@@ -93,6 +95,7 @@ class ReplaySummary:
             "bytes_read": self.bytes_read,
             "bytes_written": self.bytes_written,
             "objects_read": self.objects_read,
+            "objects_skipped": self.objects_skipped,
             "peak_rss_mb": round(self.peak_rss_mb, 1),
         }
 
@@ -102,7 +105,9 @@ class ReplaySummary:
             f"{len(self.tables)} table(s)"
         when = f" (committed {self.target_time})" if self.target_time else ""
         return (f"restored {what} as of LSN {self.target}{when}: {self.rows:,} rows, "
-                f"{self.bytes_read / 1e6:,.1f} MB read in {self.objects_read} objects, "
+                f"{self.bytes_read / 1e6:,.1f} MB read in {self.objects_read} objects"
+                + (f" ({self.objects_skipped} skipped)" if self.objects_skipped else "")
+                + ", "
                 f"{self.bytes_written / 1e6:,.1f} MB written, {self.seconds:.2f} s, {rate}, "
                 f"peak RSS {self.peak_rss_mb:,.0f} MB")
 
@@ -215,7 +220,7 @@ async def prepare(store: ObjectStore, keyring: Keyring, *, at: At,
     for table_plan in the_plan.tables:
         schemas[table_plan.table] = await _schema(archive, table_plan.table, target)
     jobs = [TableJob(t.table, schemas[t.table], t.segments, bases[t.table], target, wedding,
-                     check_counts=wedding is None)
+                     check_counts=wedding is None, headers=headers)
             for t in the_plan.tables]
     return Prepared(the_plan, archive, jobs, dest, schemas, time.perf_counter() - started)
 
@@ -277,6 +282,8 @@ async def apply(prepared: Prepared, target: Target, *, jobs: int = 4,
     summary.seconds = time.perf_counter() - started + prepared.read_s
     summary.bytes_read = archive.bytes_read
     summary.objects_read = archive.objects_read
+    summary.objects_skipped = (sum(t.skipped_for_wedding for t in the_plan.tables)
+                               + sum(s.segments_skipped for s in results))
     summary.bytes_written = target.bytes_written
     summary.peak_rss_mb = peak_rss_mb()
     return summary

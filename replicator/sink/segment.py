@@ -77,7 +77,15 @@ from fastavro.schema import fingerprint, to_parsing_canonical_form
 
 from replicator.events import ChangeEvent, TransactionRecord
 from replicator.position import ChangePosition, Lsn
-from replicator.transport.avro import CodecError, EventCodec, event_from_dict, transaction_from_dict
+from replicator.sink.bloom import Bloom
+from replicator.transport.avro import (
+    CodecError,
+    EventCodec,
+    event_from_dict,
+    to_python,
+    transaction_from_dict,
+)
+from replicator.transport.kafka import key_text
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer
@@ -96,6 +104,8 @@ BLOCK_SIZE: Final = 256 * 1024  # uncompressed record bytes per OCF block
 HEADER_PREFIX_SIZE: Final = 64 * 1024
 MAX_WEDDING_IDS: Final = 1000
 MAX_WEDDING_IDS_BYTES: Final = 40_000
+MAX_BLOOM_ITEMS: Final = 13_000  # wedding ids in a Bloom filter: about 22 kB of header
+MAX_DELETE_KEYS: Final = 6_500  # delete keys in a Bloom filter: about 11 kB of header
 MANY: Final = "many"
 _CODECS: Final = {"zstandard": "zstandard", "zstd": "zstandard", "deflate": "deflate"}
 _OCF_MAGIC: Final = b"Obj\x01"
@@ -213,6 +223,13 @@ class SegmentHeader:
     schema_fingerprint: str
     codec: str
     format_version: int = FORMAT_VERSION
+    # Added later (absent from older segments: None, and a restore reads the segment):
+    wedding_bloom: str | None = None  # Bloom filter of the wedding ids, when the list is "many"
+    unknown_deletes: int | None = None  # deletes whose wedding is not known (key-only image)
+    delete_key_bloom: str | None = None  # Bloom filter of those deletes' keys
+
+    #: The optional fields: compared with the content only when the header has them.
+    OPTIONAL = ("wedding_bloom", "unknown_deletes", "delete_key_bloom")
 
     @property
     def key(self) -> str:
@@ -224,7 +241,22 @@ class SegmentHeader:
 
     def may_hold_wedding(self, wedding_id: str) -> bool:
         """False only when the header proves no row of *wedding_id* is inside."""
-        return self.wedding_ids is None or wedding_id in self.wedding_ids
+        if self.wedding_ids is not None:
+            return wedding_id in self.wedding_ids
+        if self.wedding_bloom is not None:
+            return wedding_id in Bloom.from_text(self.wedding_bloom)
+        return True
+
+    def may_delete_key(self, key_text: str) -> bool:
+        """False only when the header proves no delete of unknown wedding removes *key_text*
+        (a key as `merge_key` writes it: canonical JSON of the key columns)."""
+        if self.unknown_deletes is None:
+            return self.ops.get("d", 0) > 0
+        if self.unknown_deletes == 0:
+            return False
+        if self.delete_key_bloom is not None:
+            return key_text in Bloom.from_text(self.delete_key_bloom)
+        return True
 
     def metadata(self) -> dict[str, str]:
         ids = MANY if self.wedding_ids is None else _json(list(self.wedding_ids))
@@ -242,7 +274,8 @@ class SegmentHeader:
             "wedsync.ops": _json(dict(sorted(self.ops.items()))),
             "wedsync.wedding_ids": ids,
             "wedsync.schema_fingerprint": self.schema_fingerprint,
-        }
+        } | {f"wedsync.{name}": str(value) for name in self.OPTIONAL
+             if (value := getattr(self, name)) is not None}
 
     @classmethod
     def from_metadata(cls, meta: Mapping[str, str], codec: str) -> SegmentHeader:
@@ -268,7 +301,25 @@ class SegmentHeader:
             max_commit_ts_us=get("max_commit_ts_us", int), rows=get("rows", int),
             ops=get("ops", _parse_ops), wedding_ids=get("wedding_ids", _parse_wedding_ids),
             schema_fingerprint=get("schema_fingerprint", str), codec=codec,
-            format_version=version)
+            format_version=version,
+            wedding_bloom=_optional(meta, "wedding_bloom", _bloom_text),
+            unknown_deletes=_optional(meta, "unknown_deletes", int),
+            delete_key_bloom=_optional(meta, "delete_key_bloom", _bloom_text))
+
+
+def _optional(meta: Mapping[str, str], key: str, parse: Callable[[str], _T]) -> _T | None:
+    text = meta.get(f"wedsync.{key}")
+    if text is None:
+        return None
+    try:
+        return parse(text)
+    except (ValueError, TypeError):
+        raise SegmentCorrupt(f"segment header field wedsync.{key} is not valid") from None
+
+
+def _bloom_text(text: str) -> str:
+    Bloom.from_text(text)  # refuses a malformed filter
+    return text
 
 
 def _parse_ops(text: str) -> dict[str, int]:
@@ -298,9 +349,11 @@ class _Summary:
         self.low = self.high = self.rows = 0
         self.ops: dict[str, int] = {}
         self.weddings: set[str] | None = set()  # None once past the cap: memory stays bounded
+        self.unknown_deletes = 0
+        self.delete_keys: set[str] | None = set()
 
     def add(self, table: str, position: ChangePosition, commit_ts_us: int, op: str | None,
-            wedding_id: str | None) -> None:
+            wedding_id: str | None, key: Callable[[], str] | None = None) -> None:
         if table != self.table and self.writing:
             raise SegmentError(f"cannot put a record of {table} ({position}) in a segment of "
                                f"{self.table}: a segment holds one table")
@@ -321,33 +374,52 @@ class _Summary:
             self.ops[op] = self.ops.get(op, 0) + 1
         if wedding_id is not None and self.weddings is not None:
             self.weddings.add(wedding_id)
-            if len(self.weddings) > MAX_WEDDING_IDS:
+            if len(self.weddings) > MAX_BLOOM_ITEMS:
                 self.weddings = None
+        elif wedding_id is None and op == "d" and self.kind is SegmentKind.CHANGES:
+            self.unknown_deletes += 1
+            if self.delete_keys is not None and key is not None:
+                self.delete_keys.add(key())
+                if len(self.delete_keys) > MAX_DELETE_KEYS:
+                    self.delete_keys = None
 
     def header(self, schema_fingerprint: str, codec: str) -> SegmentHeader:
         if self.first is None or self.last is None:
             raise SegmentError("a segment needs at least one record")
         ids = None if self.weddings is None else tuple(sorted(self.weddings))
-        if ids is not None and len(_json(list(ids)).encode()) > MAX_WEDDING_IDS_BYTES:
-            ids = None
+        bloom = None
+        if ids is not None and (len(ids) > MAX_WEDDING_IDS
+                                or len(_json(list(ids)).encode()) > MAX_WEDDING_IDS_BYTES):
+            bloom, ids = Bloom.of(ids).to_text(), None
+        changes = self.kind is SegmentKind.CHANGES
+        keys = (Bloom.of(self.delete_keys).to_text()
+                if changes and self.unknown_deletes and self.delete_keys is not None else None)
         return SegmentHeader(
             kind=self.kind, table=self.table, first=self.first, last=self.last,
             min_commit_ts_us=self.low, max_commit_ts_us=self.high, rows=self.rows,
-            ops=self.ops, wedding_ids=ids, schema_fingerprint=schema_fingerprint, codec=codec)
+            ops=self.ops, wedding_ids=ids, schema_fingerprint=schema_fingerprint, codec=codec,
+            wedding_bloom=bloom, unknown_deletes=self.unknown_deletes if changes else None,
+            delete_key_bloom=keys)
 
 
-_Facts = tuple[str, ChangePosition, int, str | None, str | None]  # table, position, ts, op, wedding
+# table, position, commit time, op, wedding, the key's canonical text (computed on demand)
+_Facts = tuple[str, ChangePosition, int, str | None, str | None, Callable[[], str] | None]
 
 
 def _event_facts(record: Mapping[str, Any]) -> _Facts:
     source = record["source"]
     return (f"{source['schema']}.{source['table']}",
             ChangePosition(Lsn(source["lsn"]), source["seq"]), source["ts_us"], record["op"],
-            record["wedding_id"])
+            record["wedding_id"], partial(_record_key_text, record))
+
+
+def _record_key_text(record: Mapping[str, Any]) -> str:
+    return key_text(to_python(record["key"]))
 
 
 def _transaction_facts(record: Mapping[str, Any]) -> _Facts:
-    return "", ChangePosition(Lsn(record["commit_lsn"]), 0), record["commit_ts_us"], None, None
+    return ("", ChangePosition(Lsn(record["commit_lsn"]), 0), record["commit_ts_us"], None,
+            None, None)
 
 
 # --- encoding --------------------------------------------------------------------------------
@@ -438,7 +510,7 @@ def encode_segment(
     summary = _Summary(SegmentKind.CHANGES, table, writing=True)
     for event in ordered:
         summary.add(event.qualified_table, event.position, event.commit_ts_us, str(event.op),
-                    event.wedding_id)
+                    event.wedding_id, partial(key_text, event.key))
     header = summary.header(avro.event_fingerprint.hex(), name)
     hints = column_types.get(table) if column_types else None
     datums = (avro.event_datum(event, hints) for event in ordered)
@@ -596,7 +668,8 @@ def _verified(header: SegmentHeader, records: Iterator[dict[str, Any]],
         raise SegmentCorrupt(f"{where} holds no records") from None
     differ = [f.name for f in fields(SegmentHeader)
               if getattr(actual, f.name) != getattr(header, f.name)
-              and f.name != "format_version"]
+              and f.name != "format_version"
+              and not (f.name in SegmentHeader.OPTIONAL and getattr(header, f.name) is None)]
     if differ:
         raise SegmentCorrupt(f"{where}: the header does not match the content "
                              f"({', '.join(differ)})")

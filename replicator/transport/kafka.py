@@ -183,11 +183,15 @@ def _canonical(value: Any) -> Any:
     raise TypeError(f"a {type(value).__name__} cannot be part of a message key")
 
 
+def key_text(key: Mapping[str, Any]) -> str:
+    """The canonical JSON of a row's key columns: the same for every spelling of one key."""
+    columns = {name: _canonical(value) for name, value in key.items()}
+    return json.dumps(columns, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
 def message_key(event: ChangeEvent) -> bytes:
     """`schema.table` NUL canonical-JSON(key columns): one row, one key, one partition."""
-    columns = {name: _canonical(value) for name, value in event.key.items()}
-    text = json.dumps(columns, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return event.qualified_table.encode() + _KEY_SEPARATOR + text.encode()
+    return event.qualified_table.encode() + _KEY_SEPARATOR + key_text(event.key).encode()
 
 
 # --- producer --------------------------------------------------------------------------------

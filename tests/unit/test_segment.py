@@ -193,7 +193,10 @@ def test_header_says_what_the_content_holds() -> None:
         first=ChangePosition(Lsn(0x10), 0), last=ChangePosition(Lsn(0x30), 1),
         min_commit_ts_us=4_000, max_commit_ts_us=9_000, rows=4,
         ops={"c": 2, "d": 1, "u": 1}, wedding_ids=("w-a", "w-b"),
-        schema_fingerprint=EventCodec().event_fingerprint.hex(), codec="deflate")
+        schema_fingerprint=EventCodec().event_fingerprint.hex(), codec="deflate",
+        unknown_deletes=1, delete_key_bloom=header.delete_key_bloom)
+    # The delete's wedding is unknown (a key-only image): the header says which key it removes.
+    assert header.may_delete_key('{"id":0}') and not header.may_delete_key('{"id":1}')
     assert header.key == "segments/public.guests/0000000000000010-0000000000000030.seg"
     assert read_header(data[:HEADER_PREFIX_SIZE]) == header == verify_segment(data)
     _, decoded = decode_segment(data)
@@ -221,7 +224,11 @@ def test_many_weddings_are_flagged_not_listed() -> None:
     events.append(change(2, 0, wedding="one-too-many"))
     data, header = encode_segment(events, table=TABLE, column_types=None, codec="zstandard")
     assert header.wedding_ids is None and header.metadata()["wedsync.wedding_ids"] == "many"
-    assert header.may_hold_wedding("anything")
+    # The ids are in a Bloom filter instead: every one of them may be there, others mostly not.
+    assert all(header.may_hold_wedding(w) for w in [*ids, "one-too-many"])
+    assert sum(header.may_hold_wedding(f"stranger-{i}") for i in range(1000)) < 50
+    header_size = data.index(data[-16:]) + 16
+    assert header_size < HEADER_PREFIX_SIZE
     assert verify_segment(data) == header
 
     long_ids = [f"wedding-{i:04d}-" + "x" * 100 for i in range(500)]  # few, but too many bytes
@@ -379,3 +386,34 @@ def test_the_same_records_give_the_same_bytes() -> None:
     first, _ = encode_transaction_segment(records, codec="deflate")
     again, _ = encode_transaction_segment(list(reversed(records)), codec="deflate")
     assert first == again
+
+
+def test_many_weddings_and_deletes_go_in_bloom_filters() -> None:
+    weddings = [f"w-{i}" for i in range(1500)]  # above MAX_WEDDING_IDS: no list
+    events = [change(0x10 + i, 0, wedding=w) for i, w in enumerate(weddings)]
+    events += [change(0x1000 + i, 0, op=Op.DELETE, wedding=None, after=None, key={"id": i},
+                      before={"id": i}) for i in range(300)]
+    data, header = encode_segment(events, table=TABLE, column_types=None, codec="deflate")
+    assert header.wedding_ids is None and header.wedding_bloom is not None
+    assert all(header.may_hold_wedding(w) for w in weddings)
+    strangers = [f"x-{i}" for i in range(2000)]
+    assert sum(header.may_hold_wedding(w) for w in strangers) < 100  # about 1%
+    assert header.unknown_deletes == 300
+    assert all(header.may_delete_key(f'{{"id":{i}}}') for i in range(300))
+    assert sum(header.may_delete_key(f'{{"id":{i}}}') for i in range(1000, 3000)) < 100
+    assert len(data) > 0 and read_header(data[:HEADER_PREFIX_SIZE]) == header
+    assert verify_segment(data) == header
+
+
+def test_a_header_without_the_later_fields_still_reads_and_verifies() -> None:
+    events = [change(0x10, 0), change(0x20, 0, op=Op.DELETE, wedding=None, after=None)]
+    _, header = encode_segment(events, table=TABLE, column_types=None, codec="deflate")
+    old = dataclasses.replace(header, unknown_deletes=None, delete_key_bloom=None)
+    records = [EventCodec().event_datum(e) for e in sorted(events, key=lambda e: e.position)]
+    buffer = io.BytesIO()
+    fastavro.writer(buffer, EventCodec().parsed_event_schema, records, codec="deflate",
+                    metadata=old.metadata())
+    data = buffer.getvalue()
+    assert "wedsync.unknown_deletes" not in old.metadata()
+    assert read_header(data) == old == verify_segment(data)
+    assert old.may_delete_key('{"id":5}')  # unknown: a wedding restore reads the segment
