@@ -78,13 +78,16 @@ def _tables(text: str | None) -> list[str] | None:
               help="Whose checkpoint to trust, when the store holds several.")
 @click.option("--jobs", type=click.IntRange(1, 64), default=4, show_default=True,
               help="Tables restored at once.")
+@click.option("--memory-budget", "memory_budget", type=click.FloatRange(min=32), default=2048,
+              show_default=True, metavar="MB",
+              help="Stop (committing nothing) if the replay's resident memory exceeds this.")
 @click.option("--keyring", "keyring_file", type=click.Path(path_type=Path),
               help="Key file (name base64 lines); default: REPLICATOR_KEK_* variables.")
 @click.option("--log-level", default="warning", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
 def replay(store_url: str, at_text: str, to: str | None, tables: str | None,
            wedding: str | None, format_: str, dry_run: bool, as_json: bool,
-           replace_existing: bool, destination: str | None, jobs: int,
+           replace_existing: bool, destination: str | None, jobs: int, memory_budget: float,
            keyring_file: Path | None, log_level: str) -> None:
     """Rebuild the database, some tables, or one wedding as of a moment.
 
@@ -115,7 +118,8 @@ def replay(store_url: str, at_text: str, to: str | None, tables: str | None,
             target = (PostgresTarget(to, replace_existing=replace_existing) if is_dsn(to)
                       else FileTarget(to, format_, replace_existing=replace_existing))
             show = None if as_json or not sys.stderr.isatty() else _stderr
-            return await apply(prepared, target, jobs=jobs, progress=show)
+            return await apply(prepared, target, jobs=jobs, progress=show,
+                               memory_budget_mb=memory_budget)
 
     from replicator.replay.engine import ReplayFailed
 

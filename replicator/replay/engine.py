@@ -39,13 +39,14 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import os
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from connectors.base import ObjectStore
 from connectors.errors import NotFound, StoreError
-from replicator.crypto import CryptoError, Keyring, UnknownKey, decrypt
+from replicator.crypto import CryptoError, Keyring, UnknownKey, decrypt, decrypt_stream
 from replicator.events import ChangeEvent, Op, Tier, TransactionRecord
 from replicator.position import ChangePosition, Lsn
 from replicator.replay.plan import ReplayRefused
@@ -53,6 +54,7 @@ from replicator.sink.merge import Merger, Tombstone
 from replicator.sink.segment import (
     SegmentError,
     SegmentHeader,
+    chunk_stream,
     decode_record_segment,
     decode_transaction_segment,
     parse_key,
@@ -133,6 +135,18 @@ class Timeline:
         return None
 
 
+def current_rss_mb() -> float:
+    """The process's resident memory now (Linux: /proc/self/statm; else the peak so far)."""
+    try:
+        with open("/proc/self/statm", "rb") as statm:
+            pages = int(statm.read().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def nearest_hint(nearest: Lsn | None) -> str:
     if nearest is None:
         return "; no earlier point is restorable"
@@ -152,6 +166,19 @@ class Archive:
         self.timeline = timeline or Timeline()
         self.bytes_read = 0
         self.objects_read = 0
+        self.memory_budget_mb: float | None = None  # checked as changed keys accumulate
+
+    def check_memory(self, table: str, changed_keys: int) -> None:
+        """Stop the replay when the process outgrows the memory budget (module docstring)."""
+        if self.memory_budget_mb is None:
+            return
+        used = current_rss_mb()
+        if used > self.memory_budget_mb:
+            raise ReplayFailed(
+                f"{table}: the replay uses {used:,.0f} MB holding {changed_keys:,} changed "
+                f"keys, over its memory budget of {self.memory_budget_mb:,.0f} MB: restore "
+                "fewer tables at once (--jobs 1), a point with fewer changes since the "
+                "table's snapshot, or raise --memory-budget")
 
     def _failed(self, key: str, what: str, first: int | None) -> ReplayFailed:
         nearest = self.timeline.before(first) if first is not None else None
@@ -165,8 +192,7 @@ class Archive:
         except ValueError:
             return None
 
-    async def fetch(self, key: str) -> bytes:
-        """The decrypted bytes of *key*."""
+    async def _get(self, key: str) -> bytes:
         try:
             data = await self.store.get(key)
         except NotFound:
@@ -175,31 +201,49 @@ class Archive:
             raise ReplayFailed(f"cannot read object {key}: {exc}", object=key) from None
         self.bytes_read += len(data)
         self.objects_read += 1
+        return data
+
+    def _unreadable(self, key: str, exc: Exception) -> ReplayFailed:
+        """What is wrong with *key*, from an error raised while decrypting or decoding it."""
+        cause: BaseException | None = exc
+        while cause is not None and not isinstance(cause, CryptoError):
+            cause = cause.__cause__ or cause.__context__
+        first = self._first(key)
+        if isinstance(cause, UnknownKey):
+            return self._failed(key, f"is encrypted with key {cause.key_name!r}, which is not "
+                                "in the keyring (set REPLICATOR_KEK_<NAME> or the keyring "
+                                "file)", first)
+        if isinstance(cause, CryptoError):
+            return self._failed(key, f"cannot be decrypted: {cause}", first)
+        return self._failed(key, f"is corrupt: {exc}", first)
+
+    async def fetch(self, key: str) -> bytes:
+        """The decrypted bytes of *key* (small objects: schemas, transaction records)."""
+        data = await self._get(key)
         try:
             return decrypt(data, key, self.keyring)
-        except UnknownKey as exc:
-            raise self._failed(key, f"is encrypted with key {exc.key_name!r}, which is not in "
-                               "the keyring (set REPLICATOR_KEK_<NAME> or the keyring file)",
-                               self._first(key)) from None
         except CryptoError as exc:
-            raise self._failed(key, f"cannot be decrypted: {exc}", self._first(key)) from None
+            raise self._unreadable(key, exc) from None
 
-    def records(self, key: str, data: bytes) -> tuple[SegmentHeader, Iterator[dict[str, Any]]]:
-        """The header and verified records of change segment *key* (errors name it)."""
-        first = self._first(key)
+    async def segment(self, key: str) -> tuple[SegmentHeader, Iterator[dict[str, Any]]]:
+        """The header and verified records of change segment *key*, decrypted while they are
+        decoded (the plaintext is never held whole); errors name the object."""
+        data = await self._get(key)
         try:
-            header, records = decode_record_segment(data)
-        except SegmentError as exc:
-            raise self._failed(key, f"is corrupt: {exc}", first) from None
+            header, records = decode_record_segment(
+                chunk_stream(decrypt_stream((data,), name=key, keyring=self.keyring)))
+        except (CryptoError, SegmentError) as exc:
+            raise self._unreadable(key, exc) from None
 
         def checked() -> Iterator[dict[str, Any]]:
             try:
                 yield from records
-            except SegmentError as exc:
-                raise self._failed(key, f"is corrupt: {exc}", first) from None
+            except (CryptoError, SegmentError) as exc:
+                raise self._unreadable(key, exc) from None
 
         if header.key != _without_digest(key):
-            raise self._failed(key, f"holds {header.key}, not what its name says", first)
+            raise self._failed(key, f"holds {header.key}, not what its name says",
+                               self._first(key))
         return header, checked()
 
     async def transactions(self) -> list[TransactionRecord]:
@@ -211,8 +255,7 @@ class Archive:
                 _, records = decode_transaction_segment(data)
                 out.extend(records)
             except SegmentError as exc:
-                raise self._failed(info.key, f"is corrupt: {exc}", self._first(info.key)
-                                   ) from None
+                raise self._unreadable(info.key, exc) from None
         return out
 
 
@@ -339,8 +382,7 @@ async def restore_table(archive: Archive, job: TableJob, emit: Emit,
         parsed = parse_key(key)
         if parsed.last < base or parsed.first > target:
             continue
-        data = await archive.fetch(key)
-        header, records = archive.records(key, data)
+        header, records = await archive.segment(key)
         stats.segments += 1
         if (header.first.commit_lsn == header.last.commit_lsn == base
                 and set(header.ops) == {Op.READ.value}):
@@ -374,15 +416,14 @@ async def restore_table(archive: Archive, job: TableJob, emit: Emit,
                     changed.add(_fast_key(old))
                     continue
             merger.add(_event(record))
-        del data
+        archive.check_memory(job.table, len(changed))
         await asyncio.sleep(0)
     stats.changed_keys = len(changed)
 
     columns = job.schema.names
     batch: Rows = []
     for key in deferred:
-        data = await archive.fetch(key)
-        _, records = archive.records(key, data)
+        _, records = await archive.segment(key)
         for record in records:
             seq = record["source"]["seq"]
             if not _mark(seen, base, seq):
@@ -402,7 +443,6 @@ async def restore_table(archive: Archive, job: TableJob, emit: Emit,
                 if progress is not None:
                     progress(len(batch))
                 batch = []
-        del data
     stats.rows += len(batch)
     stats.base_rows += len(batch)
 
@@ -534,19 +574,17 @@ async def _restore_wedding(archive: Archive, job: TableJob, emit: Emit,
                 and not header.ops.get(Op.TRUNCATE.value, 0)):
             for_deletes.append((key, header))
             continue
-        data = await archive.fetch(key)
-        _, records = archive.records(key, data)
+        _, records = await archive.segment(key)
         stats.segments += 1
         for record in records:
             take(record, False)
-        del data
+        archive.check_memory(job.table, len(wanted))
         await asyncio.sleep(0)
     for key, header in for_deletes:
         if not any(header.may_delete_key(k) for k in wanted):
             stats.segments_skipped += 1
             continue
-        data = await archive.fetch(key)
-        _, records = archive.records(key, data)
+        _, records = await archive.segment(key)
         stats.segments += 1
         for record in records:
             take(record, True)

@@ -8,7 +8,13 @@ CSV and the content hash need.
 
 - `text(value)`: the Postgres input text (`None` stays `None`): ISO dates and times, numeric
   and uuid and json as their exact archived text, bytea as `\\x<hex>`, arrays as `{...}`
-  literals, intervals as `<m> mons <d> days <h>:<mm>:<ss>.<us>`, and `infinity`/`-infinity`.
+  literals, intervals as `<+-m> mons <+-d> days <+->hh:mm:ss.us`, and `infinity`/`-infinity`.
+  The text means the same whatever the reading session's DateStyle, IntervalStyle and
+  TimeZone: timestamptz is printed in UTC with `+00`, every interval field carries its own
+  sign (IntervalStyle `sql_standard` would otherwise extend a leading `-` to unsigned fields),
+  and instants whose UTC date lies outside Python's years 1-9999 (a timestamptz captured as
+  `9999-12-31 17:00:00-08`) are printed as Postgres does (`10000-01-01 01:00:00+00`,
+  `0001-12-31 21:06:32+00 BC`).
 - `copy_line(values)`: one line of COPY's text format (tab-separated, `\\N` for NULL).
 - `row_digest(values)`: a 128-bit digest of a row's canonical text; `TableHash` sums them, so
   a table's hash does not depend on row order (the same rows give the same hash however they
@@ -46,31 +52,57 @@ _LONG_MIN: Final = -(2**63)
 _EPOCH: Final = datetime(1970, 1, 1)
 _EPOCH_ORDINAL: Final = _EPOCH.toordinal()
 _US: Final = 1_000_000
+# Python's datetime/date range (years 1-9999) in archived units; outside it, the Gregorian
+# calendar's 400-year cycle (146097 days exactly) shifts the value into range.
+_MICRO: Final = timedelta(microseconds=1)
+_MIN_MICROS: Final = (datetime.min - _EPOCH) // _MICRO
+_MAX_MICROS: Final = (datetime.max - _EPOCH) // _MICRO
+_MIN_DAYS: Final = date.min.toordinal() - _EPOCH_ORDINAL
+_MAX_DAYS: Final = date.max.toordinal() - _EPOCH_ORDINAL
+_CYCLE_DAYS: Final = 146_097
+_CYCLE_MICROS: Final = _CYCLE_DAYS * 86_400 * _US
 
 # COPY text format: backslash, and the characters that would end a field or a line.
 _COPY_ESCAPES: Final = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 
 
+def _shifted(iso: str, cycles: int, suffix: str) -> str:
+    """*iso* (a date or timestamp text in years 1970-2369) moved by *cycles* 400-year cycles,
+    in Postgres's form: 4+ digit years, and years up to 0 as `<1 - year> ... BC`."""
+    year = int(iso[:4]) + 400 * cycles
+    if year > 0:
+        return f"{year:04d}{iso[4:]}{suffix}"
+    return f"{1 - year:04d}{iso[4:]}{suffix} BC"
+
+
 def _timestamp(fields: dict[str, int], zone: str) -> str:
     micros = fields["micros"]
+    if _MIN_MICROS <= micros <= _MAX_MICROS:
+        return (_EPOCH + timedelta(microseconds=micros)).isoformat(" ") + zone
     if micros == _LONG_MAX:
         return "infinity"
     if micros == _LONG_MIN:
         return "-infinity"
-    return (_EPOCH + timedelta(microseconds=micros)).isoformat(" ") + zone
+    # Only a timestamptz gets here from a Python value: printed in a zone far from UTC, its
+    # UTC date can be 10000-01-01 or 1 BC.
+    cycles, rest = divmod(micros, _CYCLE_MICROS)
+    return _shifted((_EPOCH + timedelta(microseconds=rest)).isoformat(" "), cycles, zone)
 
 
 def _date(fields: dict[str, int]) -> str:
     days = fields["days"]
+    if _MIN_DAYS <= days <= _MAX_DAYS:
+        return date.fromordinal(days + _EPOCH_ORDINAL).isoformat()
     if days == _INT_MAX:
         return "infinity"
     if days == _INT_MIN:
         return "-infinity"
-    return date.fromordinal(days + _EPOCH_ORDINAL).isoformat()
+    cycles, rest = divmod(days, _CYCLE_DAYS)
+    return _shifted(date.fromordinal(rest + _EPOCH_ORDINAL).isoformat(), cycles, "")
 
 
-def _clock(micros: int) -> str:
-    sign = "-" if micros < 0 else ""
+def _clock(micros: int, plus: str = "") -> str:
+    sign = "-" if micros < 0 else plus
     seconds, micro = divmod(abs(micros), _US)
     minutes, second = divmod(seconds, 60)
     hours, minute = divmod(minutes, 60)
@@ -91,7 +123,9 @@ def _interval(fields: dict[str, int]) -> str:
         return "infinity"
     if (months, days, micros) == (_INT_MIN, _INT_MIN, _LONG_MIN):
         return "-infinity"
-    return f"{months} mons {days} days {_clock(micros)}"
+    # Every field signed: under IntervalStyle sql_standard, `-1 mons 0 days 04:05:06` reads
+    # as -1 month -4 hours (a leading sign extends to the unsigned fields).
+    return f"{months:+d} mons {days:+d} days {_clock(micros, '+')}"
 
 
 def _float(value: float) -> str:

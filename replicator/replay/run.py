@@ -256,10 +256,15 @@ class Progress:
 
 
 async def apply(prepared: Prepared, target: Target, *, jobs: int = 4,
-                progress: Callable[[str], None] | None = None) -> ReplaySummary:
+                progress: Callable[[str], None] | None = None,
+                memory_budget_mb: float | None = None) -> ReplaySummary:
+    """Restore every planned table into *target*; commit only if all succeed. With
+    *memory_budget_mb*, stop (nothing committed) once the process's resident memory exceeds
+    it while changed keys accumulate."""
     started = time.perf_counter()
     the_plan = prepared.plan
     archive = prepared.archive
+    archive.memory_budget_mb = memory_budget_mb
     summary = ReplaySummary(the_plan.target, None, prepared.destination, the_plan.wedding)
     ts = archive.timeline.times.get(int(the_plan.target))
     summary.target_time = utc_text(ts) if ts is not None else None
@@ -292,10 +297,12 @@ async def apply(prepared: Prepared, target: Target, *, jobs: int = 4,
 async def replay(store: ObjectStore, keyring: Keyring, target: Target, *, at: At,
                  tables: Sequence[str] | None = None, wedding: str | None = None,
                  destination: str | None = None, jobs: int = 4,
-                 progress: Callable[[str], None] | None = None) -> ReplaySummary:
+                 progress: Callable[[str], None] | None = None,
+                 memory_budget_mb: float | None = None) -> ReplaySummary:
     prepared = await prepare(store, keyring, at=at, tables=tables, wedding=wedding,
                              destination=destination)
-    return await apply(prepared, target, jobs=jobs, progress=progress)
+    return await apply(prepared, target, jobs=jobs, progress=progress,
+                       memory_budget_mb=memory_budget_mb)
 
 
 def plan_document(prepared: Prepared) -> dict[str, Any]:

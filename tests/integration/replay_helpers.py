@@ -100,12 +100,12 @@ def seed(dsn: str, today: date | None = None) -> None:
 
 
 def random_workload(dsn: str, *, rng: random.Random, transactions: int,
-                    points_at: Sequence[int], add_column_at: int, pause: float = 0.0
-                    ) -> list[Point]:
+                    points_at: Sequence[int], add_column_at: int, pause: float = 0.0,
+                    first_id: int = 1000) -> list[Point]:
     """Inserts, updates (many leaving the TOASTed notes alone), deletes, a key change, an
     added column; records the state after the transactions numbered in *points_at*."""
     points = []
-    next_id = 1000
+    next_id = first_id
     with psycopg.connect(dsn, autocommit=True) as conn:
         for n in range(transactions):
             if n == add_column_at:
@@ -153,9 +153,10 @@ def random_workload(dsn: str, *, rng: random.Random, transactions: int,
 
 
 @contextlib.asynccontextmanager
-async def pipeline(config: Config) -> AsyncIterator[Capture]:
+async def pipeline(config: Config, environ: dict[str, str] | None = None
+                   ) -> AsyncIterator[Capture]:
     capture = Capture(config)
-    sinks = Sinks(config, sink_environ())
+    sinks = Sinks(config, environ or sink_environ())
     await sinks.open()
     tasks = [asyncio.create_task(capture.run()), asyncio.create_task(sinks.run())]
     try:
@@ -185,8 +186,9 @@ def archive_config(pg_dsn: str, kafka: str, prefix: str,
     return with_destinations(make_config(pg_dsn, kafka, prefix), dests)
 
 
-async def snapshot_done(capture: Capture, rows: int) -> None:
-    await wait_for(lambda: holds(capture.stats.snapshot_rows >= rows), what="the snapshot")
+async def snapshot_done(capture: Capture, rows: int, within: float = 30) -> None:
+    await wait_for(lambda: holds(capture.stats.snapshot_rows >= rows), within=within,
+                   what="the snapshot")
 
 
 @contextlib.contextmanager

@@ -152,3 +152,51 @@ async def test_replay_by_time_into_files_and_refusals(
         await run_replay(url, FileTarget(tmp_path / "never", "jsonl"), Lsn(checkpoint + 10**9))
     assert info.value.nearest == Lsn(checkpoint - 1)
     assert not (tmp_path / "never").exists()
+
+
+async def test_replay_across_a_key_rotation(
+        pg_dsn: str, pg_server_dsn: str, kafka_bootstrap: str, topic_prefix: str,
+        tmp_path: Path) -> None:
+    import asyncio
+    import base64
+
+    from connectors.registry import open_store
+    from replicator.crypto import Keyring
+    from replicator.replay.engine import ReplayFailed
+    from replicator.replay.run import replay
+    from tests.integration.archive_helpers import sink_environ
+
+    seed(pg_dsn)
+    dests = destinations(tmp_path)
+    config = archive_config(pg_dsn, kafka_bootstrap, topic_prefix, dests)
+    async with pipeline(config) as capture:  # objects under TEST1
+        await snapshot_done(capture, 146)
+        first = await asyncio.to_thread(random_workload, pg_dsn, rng=random.Random(1),
+                                        transactions=10, points_at=(9,), add_column_at=99)
+        await wait_durable(dests, first[-1].lsn)
+    rotated = sink_environ(REPLICATOR_KEK_TEST2=base64.b64encode(b"r" * 32).decode(),
+                           REPLICATOR_KEK_ACTIVE="TEST2")
+    async with pipeline(config, rotated):  # new objects under TEST2, old ones left as they are
+        second = await asyncio.to_thread(random_workload, pg_dsn, rng=random.Random(2),
+                                         transactions=10, points_at=(9,), add_column_at=99,
+                                         first_id=5000)
+        await wait_durable(dests, second[-1].lsn)
+    url = dests[0].url
+    for point in (first[-1], second[-1]):
+        with restore_db(pg_server_dsn) as target_dsn:
+            store = open_store(url, rotated)
+            try:
+                await replay(store, Keyring.from_env(rotated), PostgresTarget(target_dsn),
+                             at=Lsn(point.lsn))
+            finally:
+                await store.close()
+            assert restored_state(target_dsn) == point.state
+    # Without the retired key, the objects written under it cannot be read: named.
+    only_new = {k: v for k, v in rotated.items() if k != "REPLICATOR_KEK_TEST1"}
+    store = open_store(url, only_new)
+    try:
+        with pytest.raises(ReplayFailed, match="key 'TEST1', which is not in the keyring"):
+            await replay(store, Keyring.from_env(only_new),
+                         FileTarget(tmp_path / "x", "jsonl"), at=LATEST)
+    finally:
+        await store.close()
