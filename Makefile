@@ -18,7 +18,9 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # Main job on embedded defaults: the local stack, a sample wedding database, capture into
-# Kafka under a live workload, and a status summary (`replicator demo`).
+# Kafka and the archive under a live workload, one wedding restored as of a moment in the
+# past, verify against the live database, and a summary (`replicator demo`; exit code 1
+# when the restore differs or verify fails).
 run: install
 	$(BIN)/replicator dev up
 	$(BIN)/replicator demo

@@ -1,0 +1,792 @@
+"""Replay of a large archive into an empty database, against a plain COPY of the same rows.
+
+Archive (built once per parameter set and cached under /tmp/wedsync-bench-replay/<hash>/; the
+build is not timed with the rest, its duration is reported): one table shaped like the
+product's `public.guests` (bigint id PK, wedding_id, name, email, dietary jsonb, notes, rsvp,
+updated_at timestamptz), written the way a busy sink writes it, straight into a local folder
+store (`file://`), without Kafka or capture:
+- the initial snapshot: W weddings x 100 guests (default 20,000 x 100 = 2,000,000 rows),
+  guests entered wedding by wedding (ids grouped by wedding), op `r` at the snapshot LSN with
+  seq 0..N-1, in flushes of 50,000 records (the sink's `max_rows`), each written as one
+  segment per wedding tier (the sink buffers per tier and table; tiers: 2 % of weddings
+  critical, 4 % high, 10 % normal, the rest low), holding only snapshot rows, whose headers
+  list their wedding ids; and the snapshot's boundary transaction record (xid 0, end LSN =
+  LSN - 1, counts {table: N}), as `capture.snapshot_record` makes it;
+- then C changes (default 400,000) in transactions of 100-1000 changes each: 70 % updates of
+  a random live guest (a third of them leave the TOASTed `notes` unchanged: absent from
+  `after`, named in `unchanged`), 20 % deletes (before image = the key only, as under the
+  default replica identity, so no wedding id), 10 % inserts of new guests into random
+  weddings (deletes carry no wedding, so the capture files them under the default tier,
+  low); flushes of about 50,000 changes (whole transactions), a segment per tier each, one
+  transaction segment per flush, the table's schema object, and the destination's checkpoint
+  (the last transaction's end LSN).
+Every object is encrypted as the sink does (`crypto.encrypt`, a benchmark key). Segments are
+built in worker processes (2 on this machine) with `encode_record_segment`, from envelope
+records made directly as dicts in the form `EventCodec.decode_event` returns (what a sink
+writes).
+The expected final rows are computed from the same generator and rendered as COPY text
+(`floor.copy` in the cache directory).
+
+Measurement, into fresh databases on the local PostgreSQL 15 (dropped at the end):
+- **COPY floor**: the final rows' COPY text, read into memory beforehand; timed: `CREATE
+  TABLE` (the archived schema's columns), `COPY ... FROM STDIN` (text format, 8 MiB writes),
+  `ALTER TABLE ... ADD PRIMARY KEY`, `COMMIT`, which is what replay does into Postgres.
+- **replay**: `replicator replay --from file://... --at latest --to <dsn> --json` in a child
+  process (its own summary: `seconds` covers reading the archive's facts, planning, creating,
+  loading, the key and the commit; the process's wall time, start-up included, is shown too;
+  peak RSS is the child's own `ru_maxrss`, cross-checked with RUSAGE_CHILDREN).
+  Result: `ratio_replay_vs_copy` = replay seconds / COPY seconds (target <= 2.0, reported,
+  not asserted).
+- **one wedding**: `replicator replay ... --wedding <id>` into another fresh database
+  (target < 2 s), a low-tier wedding from the middle of the id range.
+A CHECKPOINT runs before each timed part. Correctness is checked, not assumed: the replayed
+table's `count(*)` and `sum(hashtext(t::text))` must equal the COPY table's, and the wedding's
+those of the COPY table's rows of that wedding; the benchmark fails (exit 1) otherwise.
+
+`--profile FILE` then replays once more in this process under cProfile (into another fresh
+database) and prints the top functions by own time and by cumulative time.
+
+    .venv/bin/python -m benchmarks.replay [--quick] [--json] [--profile FILE] [--rebuild]
+        [--weddings 20000] [--changes 400000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import concurrent.futures
+import cProfile
+import hashlib
+import json
+import multiprocessing
+import os
+import pstats
+import random
+import resource
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from array import array
+from collections import Counter
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from psycopg.conninfo import make_conninfo
+
+from replicator import __version__
+from replicator.position import Lsn
+
+CACHE_ROOT = Path("/tmp/wedsync-bench-replay")
+BUILD_FORMAT = 2  # bump when the generator changes: a new cache directory
+ADMIN_DSN = "postgresql://postgres@127.0.0.1:15432/postgres"
+TABLE = "public.guests"
+DESTINATION = "bench"
+KEY_NAME = "BENCH"
+KEY = hashlib.sha256(b"wedsync-bench-replay").digest()  # a dev key, 32 bytes
+SEGMENT_ROWS = 50_000  # the sink's default max_rows: records per segment
+GUESTS_PER_WEDDING = 100
+TX_MIN, TX_MAX = 100, 1000  # changes per transaction
+P_UPDATE, P_DELETE = 0.70, 0.20  # the rest are inserts
+P_TOAST = 1 / 3  # updates that leave `notes` unchanged (TOAST)
+COPY_CHUNK = 8 << 20
+TARGET_RATIO = 2.0
+TARGET_WEDDING_S = 2.0
+SNAPSHOT_LSN = 0x1_0000_0000  # 1/0
+T0_US = int(datetime(2025, 6, 1, 9, 0, tzinfo=UTC).timestamp()) * 1_000_000
+TX_INTERVAL_US = 250_000
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+COLUMNS = (  # name, SQL type, type OID, NOT NULL
+    ("id", "bigint", 20, True),
+    ("wedding_id", "bigint", 20, True),
+    ("name", "text", 25, True),
+    ("email", "text", 25, False),
+    ("dietary", "jsonb", 3802, False),
+    ("notes", "text", 25, False),
+    ("rsvp", "boolean", 16, False),
+    ("updated_at", "timestamp with time zone", 1184, True),
+)
+_N = "com.wedsync.replicator."
+JSON_RECORD, TSTZ_RECORD = f"{_N}Json", f"{_N}TimestampTz"
+NOTES = (
+    "Plus-one confirmed; seat near the dance floor, away from the speakers.",
+    "Travelling from Lisbon, arrives the day before. Needs a taxi from the station at 14:30.",
+    "Bridesmaid. Hair and make-up at 8am; bring the bouquet ribbons.",
+    "Café owner, wants the espresso cart details.\nSecond line: allergic to lilies.",
+    "Old school friend of the groom",
+    "Wheelchair access needed at the ceremony and the reception; table by the door, "
+    "close to the accessible bathroom, and a ramp at the marquee entrance.",
+    "Vegetarian main, no mushrooms. Toast at 19:10 (2 min max!)",
+    "Kids: 2 (ages 4 and 7) — children's menu, high chair for the little one.",
+)
+DIETARY = (
+    '{"vegan": false}',
+    '{"table": %d, "vegan": true}',
+    '{"table": %d, "vegan": false, "allergies": ["nuts", "shellfish"]}',
+    '{"table": %d, "kosher": true}',
+)
+_COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+_EPOCH = datetime(1970, 1, 1)
+
+
+@dataclass(frozen=True)
+class Params:
+    weddings: int
+    changes: int
+    seed: int = 7
+    segment_rows: int = SEGMENT_ROWS
+    format: int = BUILD_FORMAT
+
+    @property
+    def snapshot_rows(self) -> int:
+        return self.weddings * GUESTS_PER_WEDDING
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+
+
+# --- the rows (one generator for the archive and for the COPY floor) --------------------------
+
+
+def tx_time(k: int) -> int:
+    """Commit time of change transaction k (1, 2, ...); the snapshot's is T0."""
+    return T0_US + k * TX_INTERVAL_US
+
+
+def row_values(id_: int, wedding: int, ver: int, nver: int) -> tuple[Any, ...]:
+    """The row of guest *id_* whose last update was transaction *ver* (0: the snapshot's row)
+    and whose notes were last written by transaction *nver*: Python values, in column order
+    (timestamps as microseconds since the epoch)."""
+    name = f"Guest {id_}" if ver == 0 else f"Guest {id_} (rev {ver})"
+    if id_ % 17 == 0:
+        email = None
+    elif ver == 0:
+        email = f"guest{id_}@example.com"
+    else:
+        email = f"guest{id_}.r{ver}@example.org"
+    kind = (id_ + ver) % (len(DIETARY) + 1)
+    if kind == len(DIETARY):
+        dietary = None
+    else:
+        dietary = DIETARY[kind] if kind == 0 else DIETARY[kind] % ((id_ + ver) % 40 + 1)
+    notes = None if (id_ + nver) % 11 == 0 else f"{NOTES[(id_ * 31 + nver) % len(NOTES)]} #{nver}"
+    rsvp = None if ver == 0 and id_ % 3 == 0 else (id_ + ver) % 4 != 0
+    updated = T0_US - (id_ % 500_000) * 1_000_003 if ver == 0 else tx_time(ver)
+    return id_, wedding, name, email, dietary, notes, rsvp, updated
+
+
+def tier_of(wedding: int) -> str:
+    """A wedding's tier (how close its date is): most are far away."""
+    k = wedding % 50
+    return "critical" if k == 0 else "high" if k <= 2 else "normal" if k <= 7 else "low"
+
+
+def datum_row(values: tuple[Any, ...], with_notes: bool = True) -> dict[str, Any]:
+    """The envelope's `after` map of a row as `EventCodec.decode_event` returns it (what a sink
+    writes): primitives bare, logical types as `(record name, fields)`."""
+    id_, wedding, name, email, dietary, notes, rsvp, updated = values
+    row: dict[str, Any] = {
+        "id": id_,
+        "wedding_id": wedding,
+        "name": name,
+        "email": email,
+        "dietary": None if dietary is None else (JSON_RECORD, {"text": dietary}),
+    }
+    if with_notes:
+        row["notes"] = notes
+    row["rsvp"] = rsvp
+    row["updated_at"] = (TSTZ_RECORD, {"micros": updated})
+    return row
+
+
+def copy_text(values: tuple[Any, ...]) -> str:
+    """The row as a line of COPY's text format (rendered independently of replay's code)."""
+    id_, wedding, name, email, dietary, notes, rsvp, updated = values
+    fields = [
+        str(id_), str(wedding), name.translate(_COPY_ESCAPES),
+        "\\N" if email is None else email.translate(_COPY_ESCAPES),
+        "\\N" if dietary is None else dietary.translate(_COPY_ESCAPES),
+        "\\N" if notes is None else notes.translate(_COPY_ESCAPES),
+        "\\N" if rsvp is None else ("t" if rsvp else "f"),
+        (_EPOCH + timedelta(microseconds=updated)).isoformat(" ") + "+00",
+    ]
+    return "\t".join(fields) + "\n"
+
+
+def record(op: str, id_: int, after: dict[str, Any] | None, before: dict[str, Any] | None,
+           unchanged: list[str], lsn: int, xid: int, ts_us: int, seq: int, tier: str,
+           wedding: int | None) -> dict[str, Any]:
+    """One envelope record, as `EventCodec.decode_event` returns it (`encode_record_segment`
+    writes these)."""
+    return {
+        "before": before,
+        "after": after,
+        "key": {"id": id_},
+        "unchanged": unchanged,
+        "op": op,
+        "ts_ms": ts_us // 1000 + 40,
+        "source": {
+            "version": __version__, "connector": "wedsync-replicator", "name": "bench",
+            "db": "wedsync", "schema": "public", "table": "guests", "lsn": lsn, "txId": xid,
+            "ts_ms": ts_us // 1000, "ts_us": ts_us, "seq": seq, "origin": None,
+        },
+        "priority": tier,
+        "wedding_id": None if wedding is None else str(wedding),
+    }
+
+
+# --- the change plan ----------------------------------------------------------------------------
+
+# One change: (op, id, wedding, ver, nver, toast); a delete carries wedding 0.
+Change = tuple[str, int, int, int, int, bool]
+
+
+@dataclass
+class Tx:
+    k: int
+    commit_lsn: int
+    end_lsn: int
+    xid: int
+    ts_us: int
+    changes: list[Change]
+
+
+@dataclass
+class Plan:
+    txs: list[Tx]
+    ver: array[int]  # by id: last update's transaction (0: snapshot row); -1: deleted
+    nver: array[int]
+    wedding_of: dict[int, int]  # inserted guests' weddings
+    max_id: int
+
+    def wedding(self, id_: int) -> int:
+        return self.wedding_of.get(id_) or (id_ - 1) // GUESTS_PER_WEDDING + 1
+
+
+def make_plan(p: Params) -> Plan:
+    rng = random.Random(p.seed)
+    n = p.snapshot_rows
+    capacity = n + p.changes + 1
+    ver = array("q", bytes(8 * capacity))
+    nver = array("q", bytes(8 * capacity))
+    live = list(range(1, n + 1))
+    where = array("q", bytes(8 * capacity))  # where[id] = index of id in live
+    where[1:n + 1] = array("q", range(n))
+    wedding_of: dict[int, int] = {}
+    next_id = n + 1
+    txs: list[Tx] = []
+    lsn = SNAPSHOT_LSN + 0x20000
+    xid = 10_000
+    done = 0
+    k = 0
+    while done < p.changes:
+        k += 1
+        size = min(rng.randint(TX_MIN, TX_MAX), p.changes - done)
+        changes: list[Change] = []
+        for _ in range(size):
+            r = rng.random()
+            if r < P_UPDATE + P_DELETE and live:
+                i = rng.randrange(len(live))
+                id_ = live[i]
+                if r < P_UPDATE:
+                    toast = rng.random() < P_TOAST
+                    ver[id_] = k
+                    if not toast:
+                        nver[id_] = k
+                    wedding = wedding_of.get(id_) or (id_ - 1) // GUESTS_PER_WEDDING + 1
+                    changes.append(("u", id_, wedding, k, int(nver[id_]), toast))
+                else:
+                    last = live.pop()
+                    if last != id_:
+                        live[i] = last
+                        where[last] = i
+                    ver[id_] = -1
+                    changes.append(("d", id_, 0, 0, 0, False))
+            else:
+                id_ = next_id
+                next_id += 1
+                wedding_of[id_] = rng.randint(1, p.weddings)
+                ver[id_] = nver[id_] = k
+                where[id_] = len(live)
+                live.append(id_)
+                changes.append(("c", id_, wedding_of[id_], k, k, False))
+        commit = lsn + size * 180 + 0x200
+        txs.append(Tx(k, commit, commit + 0x38, xid, tx_time(k), changes))
+        lsn = commit + 0x38 + rng.randrange(0, 0x400)
+        xid += 1 + rng.randrange(3)
+        done += size
+    return Plan(txs, ver, nver, wedding_of, next_id - 1)
+
+
+# --- building the archive -------------------------------------------------------------------
+
+
+def _keyring() -> Any:
+    from replicator.crypto import Keyring
+
+    return Keyring({KEY_NAME: KEY}, active=KEY_NAME)
+
+
+async def _put(root: Path, key: str, data: bytes, encrypted: bool = True) -> int:
+    from connectors.errors import AlreadyExists
+    from connectors.local import LocalStore
+    from replicator.crypto import encrypt
+
+    sealed = encrypt(data, key, _keyring()) if encrypted else data
+    store = LocalStore(root)
+    try:
+        await store.put(key, sealed)
+    except AlreadyExists:
+        pass
+    finally:
+        await store.close()
+    return len(sealed)
+
+
+def _write_segments(root: Path, records: list[dict[str, Any]]) -> list[tuple[str, int, int]]:
+    """One flush of the sink: a segment per tier (it buffers per tier and table)."""
+    from replicator.sink.segment import encode_record_segment, segment_key
+
+    by_tier: dict[str, list[dict[str, Any]]] = {}
+    for r in records:
+        by_tier.setdefault(r["priority"], []).append(r)
+    written = []
+    for tier_records in by_tier.values():
+        data, header = encode_record_segment(tier_records, table=TABLE, codec="zstd")
+        digest = hashlib.sha256(data).hexdigest()[:16]
+        key = segment_key(TABLE, header.first.commit_lsn, header.last.commit_lsn, digest)
+        written.append((key, header.rows, asyncio.run(_put(root, key, data))))
+    return written
+
+
+def build_snapshot_segment(root: str, first: int, last: int) -> list[tuple[str, int, int]]:
+    """Snapshot rows seq first..last (ids first+1..last+1), in a worker process."""
+    ts = T0_US
+    records = []
+    for seq in range(first, last + 1):
+        id_ = seq + 1
+        wedding = seq // GUESTS_PER_WEDDING + 1
+        after = datum_row(row_values(id_, wedding, 0, 0))
+        records.append(record("r", id_, after, None, [], SNAPSHOT_LSN, 0, ts, seq,
+                              tier_of(wedding), wedding))
+    return _write_segments(Path(root), records)
+
+
+def build_change_segment(root: str, txs: list[tuple[int, int, int, list[Change]]]
+                         ) -> list[tuple[str, int, int]]:
+    """The changes of whole transactions (commit LSN, xid, commit time, changes)."""
+    records = []
+    for lsn, xid, ts, changes in txs:
+        for seq, (op, id_, wedding, ver, nver, toast) in enumerate(changes):
+            if op == "d":
+                records.append(record("d", id_, None, {"id": id_}, [], lsn, xid, ts,
+                                      seq, "low", None))
+                continue
+            after = datum_row(row_values(id_, wedding, ver, nver), with_notes=not toast)
+            records.append(record(op, id_, after, None, ["notes"] if toast else [], lsn, xid,
+                                  ts, seq, tier_of(wedding), wedding))
+    return _write_segments(Path(root), records)
+
+
+def _transaction_datum(commit_lsn: int, end_lsn: int, ts: int, xid: int,
+                       counts: dict[str, int], tiers: dict[str, int]) -> dict[str, Any]:
+    return {"commit_lsn": commit_lsn, "end_lsn": end_lsn, "commit_ts_us": ts, "xid": xid,
+            "origin": None, "counts": counts, "total": sum(counts.values()),
+            "tier_counts": tiers}
+
+
+def _write_transactions(root: Path, datums: list[dict[str, Any]]) -> tuple[str, int]:
+    from replicator.sink.segment import encode_transaction_segment, transactions_key
+
+    data, header = encode_transaction_segment(datums, codec="zstd")
+    digest = hashlib.sha256(data).hexdigest()[:16]
+    key = transactions_key(header.first.commit_lsn, header.last.commit_lsn, digest)
+    return key, asyncio.run(_put(root, key, data))
+
+
+def _change_tier(change: Change) -> str:
+    return "low" if change[0] == "d" else tier_of(change[2])
+
+
+def build(p: Params, directory: Path, say: Any) -> dict[str, Any]:
+    """Build the archive and the floor's COPY text into *directory*; returns the metadata."""
+    started = time.perf_counter()
+    if directory.exists():
+        shutil.rmtree(directory)
+    root = directory / "archive"
+    root.mkdir(parents=True)
+    plan = make_plan(p)
+    n = p.snapshot_rows
+    say(f"  change plan: {sum(len(t.changes) for t in plan.txs):,} changes in "
+        f"{len(plan.txs)} transactions ({time.perf_counter() - started:.1f}s)")
+
+    # Change segments: whole transactions, about segment_rows changes each (one sink flush).
+    groups: list[list[Tx]] = [[]]
+    count = 0
+    for tx in plan.txs:
+        if count >= p.segment_rows:
+            groups.append([])
+            count = 0
+        groups[-1].append(tx)
+        count += len(tx.changes)
+    keys_bytes = 0
+    segments = 0
+    ctx = multiprocessing.get_context("spawn")
+    workers = max(2, os.cpu_count() or 2)
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+        futures = [pool.submit(build_snapshot_segment, str(root), first,
+                               min(first + p.segment_rows, n) - 1)
+                   for first in range(0, n, p.segment_rows)]
+        futures += [pool.submit(build_change_segment, str(root),
+                                [(t.commit_lsn, t.xid, t.ts_us, t.changes) for t in group])
+                    for group in groups]
+        # Meanwhile, here: the transaction records, the schema, the checkpoint, the floor.
+        tiers: Counter[str] = Counter(tier_of(w) for w in range(1, p.weddings + 1))
+        boundary = _transaction_datum(SNAPSHOT_LSN, SNAPSHOT_LSN - 1, T0_US, 0, {TABLE: n},
+                                      {t: c * GUESTS_PER_WEDDING for t, c in tiers.items()})
+        _, size = _write_transactions(root, [boundary])
+        keys_bytes += size
+        for group in groups:
+            datums = []
+            for tx in group:
+                tier_counts = Counter(_change_tier(c) for c in tx.changes)
+                datums.append(_transaction_datum(tx.commit_lsn, tx.end_lsn, tx.ts_us, tx.xid,
+                                                 {TABLE: len(tx.changes)}, dict(tier_counts)))
+            _, size = _write_transactions(root, datums)
+            keys_bytes += size
+        from replicator.sink.archive import schema_key
+        from replicator.sink.checkpoint import checkpoint_key
+
+        schema = {"table": TABLE, "lsn": SNAPSHOT_LSN,
+                  "columns": [{"name": c, "type": t, "type_oid": oid, "not_null": nn}
+                              for c, t, oid, nn in COLUMNS],
+                  "primary_key": ["id"]}
+        keys_bytes += asyncio.run(_put(root, schema_key(TABLE, Lsn(SNAPSHOT_LSN)),
+                                       json.dumps(schema, sort_keys=True).encode()))
+        asyncio.run(_put(root, checkpoint_key(DESTINATION, Lsn(plan.txs[-1].end_lsn)), b"",
+                         encrypted=False))
+        rows, wedding_rows = write_floor(p, plan, directory / "floor.copy")
+        for future in concurrent.futures.as_completed(futures):
+            for _key, _rows, size in future.result():
+                keys_bytes += size
+                segments += 1
+    meta = {
+        "params": asdict(p), "rows": rows, "snapshot_rows": n,
+        "changes": sum(len(t.changes) for t in plan.txs), "transactions": len(plan.txs),
+        "ops": dict(Counter(c[0] for t in plan.txs for c in t.changes)),
+        "toast_updates": sum(1 for t in plan.txs for c in t.changes if c[5]),
+        "segments": segments, "archive_bytes": keys_bytes, "wedding": wedding_rows[0],
+        "wedding_rows": wedding_rows[1], "checkpoint": str(Lsn(plan.txs[-1].end_lsn)),
+        "build_s": round(time.perf_counter() - started, 2),
+    }
+    (directory / "meta.json").write_text(json.dumps(meta, indent=2))  # written last: complete
+    return meta
+
+
+def write_floor(p: Params, plan: Plan, path: Path) -> tuple[int, tuple[str, int]]:
+    """The final rows as COPY text, in id order; (rows, (chosen wedding, its rows))."""
+    wedding = p.weddings // 2 + 1
+    while tier_of(wedding) != "low":  # the common case: a wedding months away
+        wedding += 1
+    rows = in_wedding = 0
+    with path.open("w", encoding="utf-8") as out:
+        lines: list[str] = []
+        for id_ in range(1, plan.max_id + 1):
+            v = plan.ver[id_]
+            if v < 0:
+                continue
+            w = plan.wedding(id_)
+            lines.append(copy_text(row_values(id_, w, v, plan.nver[id_])))
+            rows += 1
+            in_wedding += w == wedding
+            if len(lines) >= 50_000:
+                out.write("".join(lines))
+                lines = []
+        out.write("".join(lines))
+    return rows, (str(wedding), in_wedding)
+
+
+def archive_for(p: Params, rebuild: bool, say: Any) -> tuple[Path, dict[str, Any], bool]:
+    directory = CACHE_ROOT / p.digest()
+    meta_path = directory / "meta.json"
+    if meta_path.exists() and not rebuild:
+        return directory, json.loads(meta_path.read_text()), True
+    say(f"building the archive in {directory} (cached for later runs) ...")
+    return directory, build(p, directory, say), False
+
+
+# --- databases -------------------------------------------------------------------------------
+
+
+def create_db(name: str) -> str:
+    with psycopg.connect(ADMIN_DSN, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    return make_conninfo(ADMIN_DSN, dbname=name)
+
+
+def drop_db(name: str) -> None:
+    with psycopg.connect(ADMIN_DSN, autocommit=True) as admin:
+        admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+            sql.Identifier(name)))
+
+
+def checkpoint() -> None:
+    with psycopg.connect(ADMIN_DSN, autocommit=True) as admin:
+        admin.execute("CHECKPOINT")
+
+
+def fingerprint(dsn: str, wedding: str | None = None) -> tuple[int, int]:
+    """count(*) and sum(hashtext(row text)) of the guests table (of one wedding)."""
+    where = sql.SQL("") if wedding is None else sql.SQL(" WHERE wedding_id = {}").format(
+        sql.Literal(int(wedding)))
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute(sql.SQL("SELECT count(*), coalesce(sum(hashtext(t::text)), 0) "
+                                   "FROM public.guests t{}").format(where)).fetchone()
+    assert row is not None
+    return int(row[0]), int(row[1])
+
+
+def load_floor(path: Path) -> list[bytes]:
+    chunks = []
+    with path.open("rb") as f:
+        while chunk := f.read(COPY_CHUNK):
+            chunks.append(chunk)
+    return chunks
+
+
+def copy_floor(dsn: str, chunks: list[bytes]) -> float:
+    """CREATE TABLE + COPY FROM STDIN + ADD PRIMARY KEY + COMMIT; seconds."""
+    columns = sql.SQL(", ").join(
+        sql.SQL("{} {}{}").format(sql.Identifier(c), sql.SQL(t), sql.SQL(" NOT NULL" if nn
+                                                                         else ""))
+        for c, t, _, nn in COLUMNS)
+    name = sql.Identifier("public", "guests")
+    with psycopg.connect(dsn) as conn:
+        conn.execute("SELECT 1")
+        conn.commit()
+        started = time.perf_counter()
+        conn.execute(sql.SQL("CREATE TABLE {} ({})").format(name, columns))
+        with conn.cursor() as cur, cur.copy(sql.SQL("COPY {} FROM STDIN").format(name)) as cp:
+            for chunk in chunks:
+                cp.write(chunk)
+        conn.execute(sql.SQL("ALTER TABLE {} ADD PRIMARY KEY (id)").format(name))
+        conn.commit()
+        return time.perf_counter() - started
+
+
+def code_digest() -> str:
+    """A digest of the replay code as it is now (it changes often: says what was measured)."""
+    h = hashlib.sha256()
+    files = sorted((PROJECT_ROOT / "replicator" / "replay").glob("*.py")) + [
+        PROJECT_ROOT / "replicator" / "sink" / name for name in ("segment.py", "merge.py")]
+    for path in files:
+        h.update(path.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def child_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REPLICATOR_KEK_")}
+    env[f"REPLICATOR_KEK_{KEY_NAME}"] = base64.b64encode(KEY).decode()
+    env["REPLICATOR_KEK_ACTIVE"] = KEY_NAME
+    return env
+
+
+def run_cli(archive: Path, dsn: str, wedding: str | None = None) -> tuple[dict[str, Any], float]:
+    """`replicator replay` in a child process; its JSON summary and its wall time."""
+    command = [sys.executable, "-m", "replicator", "replay", "--from", archive.as_uri(),
+               "--at", "latest", "--to", dsn, "--json"]
+    if wedding is not None:
+        command += ["--wedding", wedding]
+    started = time.perf_counter()
+    done = subprocess.run(command, env=child_env(), cwd=PROJECT_ROOT, capture_output=True,
+                          text=True, check=False)
+    wall = time.perf_counter() - started
+    if done.returncode != 0:
+        raise SystemExit(f"replay failed (exit {done.returncode}):\n{done.stderr.strip()}")
+    return json.loads(done.stdout.strip().splitlines()[-1]), wall
+
+
+def profile_replay(archive: Path, dsn: str, path: str) -> float:
+    """`replay()` in this process under cProfile; prints the top entries; seconds."""
+    import uvloop
+
+    from connectors.local import LocalStore
+    from replicator.replay.run import replay
+    from replicator.replay.targets import PostgresTarget
+
+    async def main() -> Any:
+        store = LocalStore(archive)
+        try:
+            return await replay(store, _keyring(), PostgresTarget(dsn), at="latest")
+        finally:
+            await store.close()
+
+    profiler = cProfile.Profile()
+    started = time.perf_counter()
+    profiler.enable()
+    summary = uvloop.run(main())
+    profiler.disable()
+    seconds = time.perf_counter() - started
+    profiler.dump_stats(path)
+    print(f"\nprofiled replay: {summary.line()}")
+    stats = pstats.Stats(profiler, stream=sys.stdout).strip_dirs()
+    stats.sort_stats("tottime").print_stats(25)
+    stats.sort_stats("cumulative").print_stats(30)
+    return seconds
+
+
+# --- main ------------------------------------------------------------------------------------
+
+
+def main(p: Params, as_json: bool, profile: str | None, rebuild: bool, quick: bool) -> int:
+    def say(text: str) -> None:
+        print(text, flush=True)
+
+    wall_started = time.perf_counter()
+    directory, meta, cached = archive_for(p, rebuild, say)
+    archive = directory / "archive"
+    say(f"archive {directory}: {meta['snapshot_rows']:,} snapshot rows + {meta['changes']:,} "
+        f"changes ({meta['ops']}, {meta['toast_updates']:,} with TOAST-unchanged notes) in "
+        f"{meta['transactions']} transactions, {meta['segments']} segments, "
+        f"{meta['archive_bytes'] / 1e6:,.1f} MB; build {meta['build_s']:.1f}s"
+        f"{' (cached)' if cached else ''}")
+    tag = uuid.uuid4().hex[:8]
+    dbs = {k: f"bench_{k}_{tag}" for k in ("copy", "replay", "wedding", "profile")}
+    created: list[str] = []
+    failures: list[str] = []
+    try:
+        dsns = {}
+        for kind in ("copy", "replay", "wedding"):
+            dsns[kind] = create_db(dbs[kind])
+            created.append(dbs[kind])
+        with psycopg.connect(ADMIN_DSN) as conn:
+            version_row = conn.execute("SHOW server_version").fetchone()
+        server = version_row[0] if version_row else "?"
+
+        chunks = load_floor(directory / "floor.copy")
+        floor_bytes = sum(len(c) for c in chunks)
+        checkpoint()
+        say(f"COPY floor: {floor_bytes / 1e6:,.1f} MB of COPY text ...")
+        copy_s = copy_floor(dsns["copy"], chunks)
+        del chunks
+        checkpoint()
+        say(f"  {copy_s:.2f}s; replay (child process) ...")
+        before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        code = code_digest()
+        summary, replay_wall = run_cli(archive, dsns["replay"])
+        children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        replay_s = float(summary["seconds"])
+        peak_rss = float(summary["peak_rss_mb"])
+        say(f"  {replay_s:.2f}s; checking the restored table against the COPY table ...")
+        floor_fp = fingerprint(dsns["copy"])
+        replay_fp = fingerprint(dsns["replay"])
+        if floor_fp[0] != meta["rows"]:
+            failures.append(f"the COPY table holds {floor_fp[0]} rows, {meta['rows']} expected")
+        if replay_fp != floor_fp:
+            failures.append(f"replayed table (count, hash) {replay_fp} != COPY floor {floor_fp}")
+        if summary["rows"] != floor_fp[0]:
+            failures.append(f"replay reported {summary['rows']} rows, COPY has {floor_fp[0]}")
+
+        wedding = meta["wedding"]
+        checkpoint()
+        say(f"wedding {wedding} restore (child process) ...")
+        one, wedding_wall = run_cli(archive, dsns["wedding"], wedding)
+        wedding_s = float(one["seconds"])
+        wedding_fp = fingerprint(dsns["wedding"])
+        floor_wedding_fp = fingerprint(dsns["copy"], wedding)
+        if wedding_fp != floor_wedding_fp or wedding_fp[0] != meta["wedding_rows"]:
+            failures.append(f"wedding {wedding}: restored (count, hash) {wedding_fp} != COPY "
+                            f"floor's {floor_wedding_fp} ({meta['wedding_rows']} rows expected)")
+
+        profile_s = None
+        if profile is not None:
+            dsns["profile"] = create_db(dbs["profile"])
+            created.append(dbs["profile"])
+            profile_s = profile_replay(archive, dsns["profile"], profile)
+            if fingerprint(dsns["profile"]) != floor_fp:
+                failures.append("the profiled replay's table differs from the COPY floor")
+    finally:
+        for name in created:
+            try:
+                drop_db(name)
+            except psycopg.Error as exc:
+                print(f"WARNING: could not drop {name}: {exc}", file=sys.stderr)
+
+    rows = floor_fp[0]
+    ratio = replay_s / copy_s
+    table = summary["tables"][TABLE]
+    print(f"\n{rows:,} rows restored (snapshot {meta['snapshot_rows']:,} + "
+          f"{meta['changes']:,} changes in {meta['transactions']} transactions; "
+          f"{table['segments']} segments read, {table['changed_keys']:,} changed keys); "
+          f"PostgreSQL {server}, {os.cpu_count()} CPUs{'; --quick' if quick else ''}")
+    print(f"{'':44}{'seconds':>9}{'rows/s':>12}")
+    print(f"{'COPY floor (create, COPY, primary key)':44}{copy_s:>9.2f}{rows / copy_s:>12,.0f}")
+    print(f"{'replicator replay (its own timing)':44}{replay_s:>9.2f}{rows / replay_s:>12,.0f}")
+    print(f"{'  same, process wall time (start-up incl.)':44}{replay_wall:>9.2f}"
+          f"{rows / replay_wall:>12,.0f}")
+    print(f"ratio replay / COPY: {ratio:.2f} (target <= {TARGET_RATIO:.1f}: "
+          f"{'met' if ratio <= TARGET_RATIO else 'NOT met'})")
+    print(f"replay peak RSS: {peak_rss:,.0f} MB (RUSAGE_CHILDREN: {children:,.0f} MB, before "
+          f"the replay {before:,.0f} MB); read {summary['bytes_read'] / 1e6:,.1f} MB in "
+          f"{summary['objects_read']} objects")
+    print(f"wedding {wedding} restore: {wedding_s:.2f}s (wall {wedding_wall:.2f}s; target < "
+          f"{TARGET_WEDDING_S:.0f}s: {'met' if wedding_s < TARGET_WEDDING_S else 'NOT met'}), "
+          f"{one['rows']} rows, {one['objects_read']} objects read, "
+          f"{one['bytes_read'] / 1e6:,.1f} MB")
+    print(f"archive build: {meta['build_s']:.1f}s{' (cached, not in this run)' if cached else ''}"
+          f"; this run's wall time {time.perf_counter() - wall_started:.1f}s; replay code "
+          f"{code}")
+    if profile_s is not None:
+        print(f"profiled replay (cProfile, in-process): {profile_s:.2f}s, stats in {profile}")
+    for failure in failures:
+        print(f"FAILED: {failure}", file=sys.stderr)
+    if as_json:
+        print(json.dumps({
+            "rows": rows,
+            "replay_s": round(replay_s, 3),
+            "copy_s": round(copy_s, 3),
+            "ratio_replay_vs_copy": round(ratio, 3),
+            "wedding_restore_s": round(wedding_s, 3),
+            "peak_rss_mb": round(peak_rss, 1),
+            "replay_wall_s": round(replay_wall, 3),
+            "wedding_restore_wall_s": round(wedding_wall, 3),
+            "wedding": wedding,
+            "wedding_rows": one["rows"],
+            "wedding_objects_read": one["objects_read"],
+            "snapshot_rows": meta["snapshot_rows"],
+            "changes": meta["changes"],
+            "transactions": meta["transactions"],
+            "segments": meta["segments"],
+            "archive_mb": round(meta["archive_bytes"] / 1e6, 1),
+            "build_s": meta["build_s"],
+            "build_cached": cached,
+            "verified": not failures,
+            "replay_code": code,
+            "quick": quick,
+        }))
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="a smaller archive (5,000 weddings, 100,000 changes)")
+    parser.add_argument("--json", action="store_true", help="one JSON object on the last line")
+    parser.add_argument("--weddings", type=int, default=None,
+                        help="weddings of 100 guests in the snapshot (default 20000)")
+    parser.add_argument("--changes", type=int, default=None,
+                        help="changes after the snapshot (default 400000)")
+    parser.add_argument("--profile", metavar="FILE", default=None,
+                        help="also replay in-process under cProfile, stats into FILE")
+    parser.add_argument("--rebuild", action="store_true", help="ignore the cached archive")
+    args = parser.parse_args()
+    weddings = args.weddings or (5_000 if args.quick else 20_000)
+    changes = args.changes if args.changes is not None else (100_000 if args.quick else 400_000)
+    sys.exit(main(Params(weddings, changes), args.json, args.profile, args.rebuild, args.quick))
