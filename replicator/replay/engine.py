@@ -40,9 +40,11 @@ from __future__ import annotations
 import asyncio
 import bisect
 import os
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
+from uuid import UUID
 
 from connectors.base import ObjectStore
 from connectors.errors import NotFound, StoreError
@@ -50,7 +52,20 @@ from replicator.crypto import CryptoError, Keyring, UnknownKey, decrypt, decrypt
 from replicator.events import ChangeEvent, Op, Tier, TransactionRecord
 from replicator.position import ChangePosition, Lsn
 from replicator.replay.plan import ReplayRefused
+from replicator.replay.render import PgText
 from replicator.sink.merge import Merger, Tombstone
+from replicator.sink.part import (
+    KEY_SEPARATOR,
+    PartCorrupt,
+    PartHeader,
+    decode_part,
+    is_part_key,
+    key_values,
+    parse_part_key,
+    row_fields,
+    unescape,
+)
+from replicator.sink.part import key_text as part_key_text
 from replicator.sink.segment import (
     SegmentError,
     SegmentHeader,
@@ -59,7 +74,7 @@ from replicator.sink.segment import (
     decode_transaction_segment,
     parse_key,
 )
-from replicator.transport.avro import to_python
+from replicator.transport.avro import NUMERIC, UUID_, to_python
 from replicator.transport.kafka import key_text
 
 __all__ = ["Archive", "ReplayFailed", "TableJob", "TableSchema", "TableStats", "Timeline",
@@ -67,6 +82,7 @@ __all__ = ["Archive", "ReplayFailed", "TableJob", "TableSchema", "TableStats", "
 
 Rows = list[list[Any]]
 Emit = Callable[[Rows], Awaitable[None]]
+EmitCopy = Callable[[str, int], Awaitable[None]]  # COPY text lines, and how many
 BATCH_ROWS = 2000
 
 
@@ -188,6 +204,8 @@ class Archive:
     @staticmethod
     def _first(key: str) -> int | None:
         try:
+            if is_part_key(key):
+                return int(parse_part_key(key).lsn)
             return int(parse_key(key).first)
         except ValueError:
             return None
@@ -213,7 +231,7 @@ class Archive:
             return self._failed(key, f"is encrypted with key {cause.key_name!r}, which is not "
                                 "in the keyring (set REPLICATOR_KEK_<NAME> or the keyring "
                                 "file)", first)
-        if isinstance(cause, CryptoError):
+        if isinstance(cause, CryptoError) and not isinstance(exc, PartCorrupt):
             return self._failed(key, f"cannot be decrypted: {cause}", first)
         return self._failed(key, f"is corrupt: {exc}", first)
 
@@ -245,6 +263,38 @@ class Archive:
             raise self._failed(key, f"holds {header.key}, not what its name says",
                                self._first(key))
         return header, checked()
+
+    async def part(self, key: str) -> tuple[PartHeader, Iterator[list[str]]]:
+        """The header and the body lines (in batches) of snapshot part *key*; errors name
+        it."""
+        data = await self._get(key)
+        try:
+            header, batches = decode_part(decrypt(data, key, self.keyring))
+        except (CryptoError, PartCorrupt) as exc:
+            raise self._unreadable(key, exc) from None
+        first = self._part_first(key)
+
+        def checked() -> Iterator[list[str]]:
+            try:
+                yield from batches
+            except PartCorrupt as exc:
+                raise self._failed(key, f"is corrupt: {exc}", first) from None
+
+        try:
+            name = parse_part_key(key)
+        except ValueError:
+            raise self._failed(key, "is not a snapshot part name", first) from None
+        if (name.table, name.lsn, name.first_seq, name.last_seq) != (
+                header.table, header.lsn, header.first_seq, header.last_seq):
+            raise self._failed(key, "holds other rows than its name says", first)
+        return header, checked()
+
+    @staticmethod
+    def _part_first(key: str) -> int | None:
+        try:
+            return int(parse_part_key(key).lsn)
+        except ValueError:
+            return None
 
     async def transactions(self) -> list[TransactionRecord]:
         """Every archived transaction record (duplicates included), in name order."""
@@ -306,7 +356,8 @@ class TableJob:
     target: Lsn
     wedding: str | None = None
     check_counts: bool = True
-    headers: Mapping[str, SegmentHeader] | None = None  # fetched headers (wedding restores)
+    # fetched headers (wedding restores)
+    headers: Mapping[str, SegmentHeader | PartHeader] | None = None
 
 
 @dataclass(slots=True)
@@ -363,9 +414,11 @@ def _event(record: Mapping[str, Any], op: Op | None = None,
 
 
 async def restore_table(archive: Archive, job: TableJob, emit: Emit,
-                        progress: Callable[[int], None] | None = None) -> TableStats:
+                        progress: Callable[[int], None] | None = None,
+                        emit_copy: EmitCopy | None = None) -> TableStats:
     """Write the rows of *job*'s table as of `job.target` through *emit*, in batches of
-    value lists ordered as `job.schema.columns` (module docstring)."""
+    value lists ordered as `job.schema.columns` (module docstring). With *emit_copy*, rows of
+    snapshot parts whose columns are the schema's go through it as COPY text, unparsed."""
     if job.wedding is not None:
         return await _restore_wedding(archive, job, emit, progress)
     stats = TableStats(job.table)
@@ -378,7 +431,20 @@ async def restore_table(archive: Archive, job: TableJob, emit: Emit,
     deferred: list[str] = []
     key_changes: list[dict[str, Any]] = []
 
+    parts: list[str] = []
+    changed_text: set[str] = set()  # changed keys as part lines hold them
     for key in job.segments:
+        if is_part_key(key):
+            lsn = int(parse_part_key(key).lsn)
+            if lsn == base:
+                parts.append(key)
+            elif base < lsn <= target:  # an on-demand snapshot: versions like changes
+                stats.segments += 1
+                async for event, row_key in _part_events(archive, key, job, seen):
+                    merger.add(event)
+                    changed.add(row_key)
+                    changed_text.add(_escaped(part_key_text(event.key)))
+            continue
         parsed = parse_key(key)
         if parsed.last < base or parsed.first > target:
             continue
@@ -407,6 +473,7 @@ async def restore_table(archive: Archive, job: TableJob, emit: Emit,
                 merger.add(_event(record))
                 continue
             changed.add(_fast_key(record["key"]))
+            changed_text.add(_escaped(part_key_text(record["key"])))
             before = record["before"]
             if op == "u" and before is not None:
                 old = {name: before.get(name) for name in record["key"]}
@@ -414,6 +481,7 @@ async def restore_table(archive: Archive, job: TableJob, emit: Emit,
                     # A key change: applied once every older version is in (below).
                     key_changes.append(record)
                     changed.add(_fast_key(old))
+                    changed_text.add(_escaped(part_key_text(old)))
                     continue
             merger.add(_event(record))
         archive.check_memory(job.table, len(changed))
@@ -445,6 +513,42 @@ async def restore_table(archive: Archive, job: TableJob, emit: Emit,
                 batch = []
     stats.rows += len(batch)
     stats.base_rows += len(batch)
+    if batch:
+        await emit(batch)
+        if progress is not None:
+            progress(len(batch))
+        batch = []
+
+    for key in parts:
+        stats.segments += 1
+        part, batches = await archive.part(key)
+        raw = emit_copy is not None and part.columns == columns
+        where = [part.columns.index(c) if c in part.columns else -1 for c in columns]
+        for lines in batches:
+            out: list[str] = []
+            for line in lines:
+                seq_text, wedding_text, key_field, row = line.split("\t", 3)
+                seq = int(seq_text)
+                if not _mark(seen, base, seq):
+                    stats.duplicates += 1
+                    continue
+                if truncated is not None and (base, seq) < truncated:
+                    continue
+                if key_field in changed_text:
+                    merger.add(_line_event(job, part, seq, wedding_text, key_field, row))
+                    continue
+                out.append(row)
+            if not out:
+                continue
+            stats.rows += len(out)
+            stats.base_rows += len(out)
+            if raw:
+                assert emit_copy is not None
+                await emit_copy("\n".join(out) + "\n", len(out))
+            else:
+                await emit([_values(row, where) for row in out])
+            if progress is not None:
+                progress(len(out))
 
     if job.check_counts:  # before any conclusion is drawn from the versions found
         _check_counts(archive.timeline, job, seen, change_commits)
@@ -566,10 +670,31 @@ async def _restore_wedding(archive: Archive, job: TableJob, emit: Emit,
             merger.add(event)
 
     for key in job.segments:
+        if is_part_key(key):
+            lsn = int(parse_part_key(key).lsn)
+            known = headers.get(key)
+            if lsn < base or lsn > target:
+                continue
+            if known is not None and not known.may_hold_wedding(wedding or ""):
+                stats.segments_skipped += 1
+                continue
+            part, batches = await archive.part(key)
+            stats.segments += 1
+            mine = wedding_field(wedding or "")
+            for lines in batches:
+                for line in lines:
+                    seq_text, owner, key_field, row = line.split("\t", 3)
+                    if owner != mine or not _mark(seen, lsn, int(seq_text)):
+                        continue
+                    event = _line_event(job, part, int(seq_text), owner, key_field, row)
+                    wanted.add(key_text(event.key))
+                    merger.add(event)
+            continue
         parsed = parse_key(key)
         if parsed.last < base or parsed.first > target:
             continue
         header = headers.get(key)
+        assert not isinstance(header, PartHeader)
         if (header is not None and not header.may_hold_wedding(wedding or "")
                 and not header.ops.get(Op.TRUNCATE.value, 0)):
             for_deletes.append((key, header))
@@ -596,3 +721,62 @@ async def _restore_wedding(archive: Archive, job: TableJob, emit: Emit,
     stats.changed_keys = len(wanted)
     await _emit_states(merger, job, emit, stats, progress, [], archive.timeline)
     return stats
+
+
+def wedding_field(wedding: str) -> str:
+    """A wedding id as a part line holds it."""
+    return wedding.translate(_COPY_ESCAPES)
+
+
+def _escaped(key: str) -> str:
+    return key.translate(_COPY_ESCAPES)
+
+
+_COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+
+
+def _values(row: str, where: Sequence[int]) -> list[Any]:
+    """A part's COPY text row as values in the schema's column order (`PgText`, or None)."""
+    fields = row_fields(row)
+    return [None if i < 0 or fields[i] is None else PgText(fields[i]) for i in where]
+
+
+def _line_event(job: TableJob, header: PartHeader, seq: int, wedding: str, key_field: str,
+                row: str) -> ChangeEvent:
+    names = header.columns
+    fields = row_fields(row)
+    after = {n: (None if v is None else PgText(v)) for n, v in zip(names, fields, strict=True)}
+    schema, _, table = job.table.partition(".")
+    key = key_values(unescape(key_field).split(KEY_SEPARATOR), header.key_kinds, header.key)
+    return ChangeEvent(op=Op.READ, schema=schema, table=table,
+                       position=ChangePosition(header.lsn, seq),
+                       commit_ts_us=header.min_commit_ts_us, xid=0, key=key, after=after,
+                       tier=Tier(header.tier),
+                       wedding_id=None if wedding == "\\N" else unescape(wedding))
+
+
+async def _part_events(archive: Archive, key: str, job: TableJob, seen: dict[int, bytearray]
+                       ) -> AsyncIterator[tuple[ChangeEvent, Any]]:
+    """The rows of an on-demand snapshot's part, as versions at their position."""
+    header, batches = await archive.part(key)
+    for lines in batches:
+        for line in lines:
+            seq_text, wedding, key_field, row = line.split("\t", 3)
+            seq = int(seq_text)
+            if not _mark(seen, int(header.lsn), seq):
+                continue
+            event = _line_event(job, header, seq, wedding, key_field, row)
+            yield event, _fast_key_of(event.key)
+
+
+def _fast_key_of(key: Mapping[str, Any]) -> Any:
+    """`_fast_key` of a key given as Python values of the kinds a part holds (the archived
+    datum of a uuid or numeric is its text in a record)."""
+    def datum(value: Any) -> Any:
+        if isinstance(value, UUID):
+            return (UUID_, repr({"text": str(value)}))
+        if isinstance(value, Decimal):
+            return (NUMERIC, repr({"text": format(value, "f")}))
+        return value
+    values = [datum(v) for v in key.values()]
+    return values[0] if len(values) == 1 else tuple(values)

@@ -31,6 +31,13 @@ re-snapshot (its earlier segments are left out: rows deleted during the gap must
 back). This assumes the capture's `snapshot = "initial"` (the default); with `"never"` a gap
 end has no re-snapshot, and no replay across it can be right.
 
+**Snapshot parts.** A sink writes a flush of nothing but one table's snapshot rows at one LSN
+as a part (`sink.part`, `snapshots/<table>/<lsn>/rows-<seq>-<seq>-<digest>.part`): planned
+like a segment covering that one LSN. With *snapshots* (table -> the LSNs of its snapshot
+boundary records, from the transaction records), a table's oldest point is its first complete
+snapshot, and a table with no objects at all (empty at its snapshot, never changed) is
+planned too.
+
 **Snapshots.** Compaction will write `snapshots/<table>/<lsn>/part-<n>.seg` (`snapshot_key`):
 the full table state at `<lsn>`, in parts numbered from 0. A table starts from its newest
 snapshot at or below the target, and then needs only the segments holding changes after it.
@@ -62,6 +69,7 @@ from urllib.parse import quote, unquote
 from connectors.base import ObjectInfo
 from replicator.events import Op, TransactionRecord
 from replicator.position import Lsn
+from replicator.sink.part import PartHeader, is_part_key, parse_part_key
 from replicator.sink.segment import SegmentHeader, SegmentKey, SegmentKind, parse_key
 
 __all__ = [
@@ -75,6 +83,7 @@ PLAN_FORMAT: Final = 1
 At = Lsn | datetime | Literal["latest"]
 BaseKind = Literal["archive-start", "snapshot", "resnapshot"]
 Listing = Iterable[str | ObjectInfo]
+Header = SegmentHeader | PartHeader
 
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND: Final = timedelta(microseconds=1)
@@ -330,10 +339,12 @@ def _parse_segment(name: str, kind: SegmentKind) -> SegmentKey:
     return key
 
 
-def _check_header(name: str, header: SegmentHeader | None, kind: SegmentKind, table: str,
+def _check_header(name: str, header: Header | None, kind: SegmentKind, table: str,
                   first: Lsn, last: Lsn) -> None:
     if header is None:
         return
+    if isinstance(header, PartHeader):
+        raise ReplayRefused(f"the header given for {name} is a snapshot part's")
     if (header.kind is not kind or header.table != table
             or header.first.commit_lsn != first or header.last.commit_lsn != last):
         raise ReplayRefused(f"the header given for {name} does not match its name (it "
@@ -341,7 +352,7 @@ def _check_header(name: str, header: SegmentHeader | None, kind: SegmentKind, ta
                             f"{header.first}-{header.last})")
 
 
-def _read_listing(listing: Listing, headers: Mapping[str, SegmentHeader]
+def _read_listing(listing: Listing, headers: Mapping[str, Header]
                   ) -> tuple[dict[str, _Archive], dict[str, int | None]]:
     tables: dict[str, _Archive] = {}
     sizes: dict[str, int | None] = {}
@@ -357,6 +368,14 @@ def _read_listing(listing: Listing, headers: Mapping[str, SegmentHeader]
                           key.last)
             tables.setdefault(key.table, _Archive([], {})).segments.append(
                 _Segment(name, key.first, key.last))
+        elif is_part_key(name):
+            try:
+                rows = parse_part_key(name)
+            except ValueError as exc:
+                raise ReplayRefused(f"cannot plan: object {name} is not a valid snapshot part "
+                                    f"name ({exc})") from None
+            tables.setdefault(rows.table, _Archive([], {})).segments.append(
+                _Segment(name, rows.lsn, rows.lsn))
         elif name.startswith("snapshots/"):
             try:
                 part = parse_snapshot_key(name)
@@ -373,7 +392,7 @@ def _read_listing(listing: Listing, headers: Mapping[str, SegmentHeader]
             continue  # checkpoints/, transactions/, anything else: not table data
         sizes[name] = size
     for archive in tables.values():
-        archive.segments.sort()
+        archive.segments.sort(key=lambda s: (s.first, s.last, s.name))
     return tables, sizes
 
 
@@ -401,19 +420,25 @@ def _select(known: Sequence[str], tables: Iterable[str] | None) -> list[str]:
     return sorted(chosen)
 
 
-def _oldest(archive: _Archive, headers: Mapping[str, SegmentHeader]) -> Lsn | None:
+def _oldest(archive: _Archive, headers: Mapping[str, Header],
+            snapshots: Sequence[int] | None) -> Lsn | None:
     candidates = [min(archive.snapshots)] if archive.snapshots else []
+    if snapshots is not None:  # the boundary records say where complete snapshots are
+        return min([*candidates, *(Lsn(s) for s in snapshots)], default=None)
     for segment in archive.segments:
         header = headers.get(segment.name)
-        if header is None or header.ops.get(Op.READ.value, 0) > 0:
+        if (header is None or isinstance(header, PartHeader)
+                or header.ops.get(Op.READ.value, 0) > 0):
             candidates.append(segment.first)
             break
     return min(candidates, default=None)
 
 
-def _matters_to(header: SegmentHeader | None, wedding: str) -> bool:
+def _matters_to(header: Header | None, wedding: str) -> bool:
     if header is None:
         return True
+    if isinstance(header, PartHeader):
+        return header.may_hold_wedding(wedding)
     unknown_deletes = (header.ops.get(Op.DELETE.value, 0) if header.unknown_deletes is None
                        else header.unknown_deletes)
     return (header.may_hold_wedding(wedding) or header.ops.get(Op.TRUNCATE.value, 0) > 0
@@ -429,7 +454,7 @@ def _parts(table: str, lsn: Lsn, parts: Mapping[int, str]) -> tuple[str, ...]:
 
 
 def _table_plan(table: str, archive: _Archive, target: Lsn, gap_ends: Sequence[Lsn],
-                wedding: str | None, headers: Mapping[str, SegmentHeader]) -> TablePlan:
+                wedding: str | None, headers: Mapping[str, Header]) -> TablePlan:
     snapshot = max((lsn for lsn in archive.snapshots if lsn <= target), default=None)
     resnapshot = max((end for end in gap_ends if end <= target), default=None)
     kind: BaseKind
@@ -465,8 +490,9 @@ def _gaps(gaps: Iterable[tuple[int, int]]) -> list[tuple[Lsn, Lsn]]:
 def plan(listing: Listing, *, at: At, checkpoint: Lsn,
          tables: Iterable[str] | None = None, wedding: str | None = None,
          gaps: Iterable[tuple[int, int]] = (),
-         headers: Mapping[str, SegmentHeader] | None = None,
-         resolver: Callable[[datetime], Lsn] | None = None) -> ReplayPlan:
+         headers: Mapping[str, Header] | None = None,
+         resolver: Callable[[datetime], Lsn] | None = None,
+         snapshots: Mapping[str, Sequence[int]] | None = None) -> ReplayPlan:
     """Plan a replay of the destination whose objects *listing* names (relative to its root,
     as `store.list("")` gives them: names, or `ObjectInfo`s, which add sizes).
 
@@ -482,6 +508,8 @@ def plan(listing: Listing, *, at: At, checkpoint: Lsn,
     """
     known_headers = headers or {}
     archives, sizes = _read_listing(listing, known_headers)
+    for table in snapshots or {}:  # a table empty at its snapshot and never changed since
+        archives.setdefault(table, _Archive([], {}))
     selected = _select(sorted(archives), tables)
     gap_list = _gaps(gaps)
     latest = Lsn(checkpoint - 1) if checkpoint > 0 else None
@@ -511,7 +539,9 @@ def plan(listing: Listing, *, at: At, checkpoint: Lsn,
     else:
         raise TypeError(f"at must be an Lsn, a datetime or 'latest', not {type(at).__name__}")
 
-    oldest_by_table = {t: _oldest(archives[t], known_headers) for t in selected}
+    oldest_by_table = {t: _oldest(archives[t], known_headers,
+                                  None if snapshots is None else snapshots.get(t, ()))
+                       for t in selected}
     never = [t for t, lsn in oldest_by_table.items() if lsn is None]
     if never:
         raise ReplayRefused(f"no restorable state of {', '.join(never)}: the archive holds "

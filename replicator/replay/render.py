@@ -43,7 +43,7 @@ from replicator.transport.avro import (
     UUID_,
 )
 
-__all__ = ["TableHash", "copy_line", "json_value", "row_digest", "text"]
+__all__ = ["PgText", "TableHash", "copy_line", "json_value", "row_digest", "text"]
 
 _INT_MAX: Final = 2**31 - 1
 _INT_MIN: Final = -(2**31)
@@ -164,10 +164,17 @@ _RECORDS: Final[dict[str, Callable[[dict[str, Any]], str]]] = {
 }
 
 
+class PgText(str):
+    """A value known only as its Postgres text (a row read from a snapshot part): it renders
+    as itself, whatever the column's type."""
+
+    __slots__ = ()
+
+
 def text(value: Any) -> str | None:
     """The Postgres input text of one archived value (`None` for NULL)."""
     cls = type(value)
-    if cls is str:
+    if cls is str or cls is PgText:
         return str(value)
     if value is None:
         return None

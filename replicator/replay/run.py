@@ -39,11 +39,12 @@ from replicator.replay.engine import (
     Timeline,
     restore_table,
 )
-from replicator.replay.plan import At, ReplayPlan, ReplayRefused, plan, resolve_time
+from replicator.replay.plan import At, Header, ReplayPlan, ReplayRefused, plan, resolve_time
 from replicator.replay.render import utc_text
 from replicator.replay.targets import Target
 from replicator.sink.checkpoint import parse_checkpoint_key
-from replicator.sink.segment import SegmentError, SegmentHeader, read_header
+from replicator.sink.part import PartCorrupt, is_part_key, read_part_header
+from replicator.sink.segment import SegmentError, read_header
 
 __all__ = ["Prepared", "ReplaySummary", "apply", "prepare", "replay"]
 
@@ -160,20 +161,19 @@ async def _schema(archive: Archive, table: str, target: Lsn) -> TableSchema:
     return TableSchema.from_json(doc)
 
 
-async def _header(archive: Archive, key: str) -> SegmentHeader:
-    """A segment's header from its first bytes: one ranged read, the first chunk decrypted."""
+async def _header(archive: Archive, key: str) -> Header:
+    """A segment's or part's header from its first bytes: one ranged read, the first chunk
+    decrypted."""
     try:
         data = await archive.store.get(key, end=HEADER_FETCH_BYTES)
         plain = next(decrypt_stream((data,), name=key, keyring=archive.keyring))
     except Exception:
         plain = await archive.fetch(key)
-    return _parsed(key, plain)
-
-
-def _parsed(key: str, plain: bytes) -> SegmentHeader:
     try:
+        if is_part_key(key):
+            return read_part_header(plain)[0]
         return read_header(plain)
-    except SegmentError as exc:
+    except (SegmentError, PartCorrupt) as exc:
         raise ReplayFailed(f"object {key} has an unreadable header: {exc}", object=key) from None
 
 
@@ -184,20 +184,22 @@ async def prepare(store: ObjectStore, keyring: Keyring, *, at: At,
     dest = await _destination(store, destination)
     checkpoint = await _checkpoint(store, dest)
     listing: list[ObjectInfo] = [info async for info in store.list("segments/")]
+    listing += [info async for info in store.list("snapshots/")]
     archive = Archive(store, keyring)
     records = await archive.transactions()
     timeline = archive.timeline = Timeline.of(records)
     resolver = partial(resolve_time, records) if isinstance(at, datetime) else None
 
-    headers: dict[str, SegmentHeader] = {}
+    headers: dict[str, Header] = {}
     if wedding is not None:
         # Plan once without headers to learn which segments are in range, then read theirs.
-        rough = plan(listing, at=at, checkpoint=checkpoint, tables=tables, resolver=resolver)
+        rough = plan(listing, at=at, checkpoint=checkpoint, tables=tables, resolver=resolver,
+                     snapshots=timeline.snapshots)
         keys = [k for t in rough.tables for k in t.segments]
         fetched = await run_bounded([partial(_header, archive, k) for k in keys], 16)
         headers = dict(zip(keys, fetched, strict=True))
     the_plan = plan(listing, at=at, checkpoint=checkpoint, tables=tables, wedding=wedding,
-                    headers=headers, resolver=resolver)
+                    headers=headers, resolver=resolver, snapshots=timeline.snapshots)
     target = the_plan.target
 
     bases: dict[str, Lsn] = {}
@@ -274,7 +276,8 @@ async def apply(prepared: Prepared, target: Target, *, jobs: int = 4,
 
     async def one(job: TableJob) -> TableStats:
         async with limit, target.table(job.schema) as writer:
-            return await restore_table(archive, job, writer.write, bar.add)
+            return await restore_table(archive, job, writer.write, bar.add,
+                                       getattr(writer, "write_copy", None))
 
     try:
         results = await asyncio.gather(*(one(job) for job in prepared.jobs))

@@ -53,6 +53,7 @@ from replicator.sink import archive
 from replicator.sink.archive import schema_key
 from replicator.sink.breaker import BreakerState, CircuitBreaker, CircuitOpen, TokenBucket
 from replicator.sink.checkpoint import CompletenessTracker, checkpoint_key
+from replicator.sink.part import encode_part, part_key, partable
 from replicator.sink.segment import (
     encode_record_segment,
     encode_transaction_segment,
@@ -302,7 +303,7 @@ class SinkWorker:
                 tables = self._buffers[tier]
                 for table in list(tables):
                     items = tables[table]
-                    await self._write_segment(table, items)
+                    await self._write_segment(table, items, tier)
                     for item in items:
                         item.entry[2] = True
                     written_positions.extend((tier, *i.position) for i in items)
@@ -353,8 +354,17 @@ class SinkWorker:
         table, lsn = str(schema["table"]), Lsn(schema["lsn"])
         await self._put(schema_key(table, lsn), json.dumps(schema, sort_keys=True).encode())
 
-    async def _write_segment(self, table: str, items: list[_Buffered]) -> None:
-        data, header = encode_record_segment([i.value for i in items], table=table,
+    async def _write_segment(self, table: str, items: list[_Buffered], tier: Tier) -> None:
+        values = [i.value for i in items]
+        if partable(values):
+            # Snapshot rows only: a part, which a restore streams into COPY (sink.part).
+            data, part = encode_part(values, table=table, tier=tier.value)
+            digest = hashlib.sha256(data).hexdigest()[:16]
+            await self._put(part_key(table, part.lsn, part.first_seq, part.last_seq, digest),
+                            data)
+            self.stats.changes_written += part.rows
+            return
+        data, header = encode_record_segment(values, table=table,
                                              codec=self.destination.compression)
         digest = hashlib.sha256(data).hexdigest()[:16]
         key = segment_key(table, header.first.commit_lsn, header.last.commit_lsn, digest)

@@ -66,6 +66,9 @@ async def test_replay_to_recorded_points_from_every_store(
         gcs_target: StoreTarget) -> None:
     points, dests = await build_archive(pg_dsn, kafka_bootstrap, topic_prefix, tmp_path,
                                         s3_target, azure_target, gcs_target, pause=0.03)
+    # The snapshot's rows were archived as parts (COPY text), the changes as segments.
+    assert list((tmp_path / "archive" / "snapshots" / "public.guests").rglob("rows-*.part"))
+    assert list((tmp_path / "archive" / "segments" / "public.guests").glob("*.seg"))
     # The workload left TOASTed notes alone in updates, changed a key and added a column.
     assert points[0].columns["public.guests"] == 6 and points[-1].columns["public.guests"] == 7
     for point in points:

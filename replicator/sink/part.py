@@ -1,0 +1,326 @@
+"""Snapshot parts: a table's snapshot rows in the form a restore loads fastest.
+
+A snapshot (op `r`) row carries no change, only the row as it was at the snapshot's LSN, and a
+table's snapshot is by far the bulk of what a restore reads. So when everything a sink flushes
+for one table is snapshot rows at one LSN, it writes them not as a change segment but as a
+**part**, `snapshots/<table>/<lsn>/rows-<first seq>-<last seq>-<digest>.part`, whose body is
+Postgres COPY text: a restore streams it into `COPY ... FROM STDIN` nearly untouched.
+
+Layout (before encryption, which is the same as for every object):
+
+    b"WSP1" | header length (4 bytes, big-endian) | header (JSON) | zstd frame (the body)
+
+The header: `format`, `table`, `lsn`, `first_seq`, `last_seq`, `rows`, `columns` (names, in
+the order of the row text), `key` (the key columns), `key_kinds` (how each key value was
+archived: `long`, `string`, `uuid`, `numeric`), `min_commit_ts_us`, `max_commit_ts_us`,
+`tier`, `wedding_ids` (sorted) or `wedding_bloom` (`sink.bloom` text, above
+`segment.MAX_WEDDING_IDS`), `codec` (`zstd`).
+
+The body holds one line per row, in seq order, no seq twice:
+
+    <seq> TAB <wedding id or \\N> TAB <key text> TAB <the row's columns in COPY text format>
+
+`<key text>` is the key columns' Postgres text joined by U+001F, COPY-escaped: what replay
+matches changed keys against without parsing the row. A part is written only when every key
+value is of a kind listed above (whose canonical key form the text gives back exactly);
+otherwise the sink writes a change segment, as for any other records.
+
+Reading checks the header against the body: seq order and range, row count, weddings.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any, Final
+from urllib.parse import quote, unquote
+from uuid import UUID
+
+from replicator.position import Lsn
+from replicator.replay.render import copy_line, text
+from replicator.sink.bloom import Bloom
+from replicator.transport.avro import NUMERIC, UUID_
+
+__all__ = ["KEY_SEPARATOR", "PartCorrupt", "PartHeader", "decode_part", "encode_part",
+           "is_part_key", "key_values", "parse_part_key", "part_key", "partable"]
+
+MAGIC: Final = b"WSP1"
+FORMAT: Final = 1
+KEY_SEPARATOR: Final = "\x1f"
+MAX_WEDDING_IDS: Final = 1000
+_CHUNK: Final = 1 << 20
+_KEY: Final = re.compile(
+    r"snapshots/(?P<table>[^/]+)/(?P<lsn>[0-9A-F]{16})/rows-(?P<first>[0-9]{10})-"
+    r"(?P<last>[0-9]{10})-(?P<digest>[0-9a-f]{1,64})\.part")
+_COPY_ESCAPES: Final = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+_UNESCAPE: Final = re.compile(r"\\(.)")
+_UNESCAPED: Final = {"t": "\t", "n": "\n", "r": "\r", "\\": "\\", "b": "\b", "f": "\f",
+                     "v": "\v"}
+
+
+class PartCorrupt(ValueError):
+    """A part whose content does not match its header, or is not a part."""
+
+
+@dataclass(frozen=True, slots=True)
+class PartKey:
+    table: str
+    lsn: Lsn
+    first_seq: int
+    last_seq: int
+    digest: str
+
+
+def part_key(table: str, lsn: Lsn, first_seq: int, last_seq: int, digest: str) -> str:
+    return (f"snapshots/{quote(table, safe='')}/{lsn.hex_key()}/rows-{first_seq:010d}-"
+            f"{last_seq:010d}-{digest}.part")
+
+
+def is_part_key(key: str) -> bool:
+    return key.endswith(".part") and key.startswith("snapshots/")
+
+
+def parse_part_key(key: str) -> PartKey:
+    match = _KEY.fullmatch(key)
+    if match is None:
+        raise ValueError(f"{key!r} is not a snapshot part name "
+                         "(snapshots/<table>/<16 hex>/rows-<seq>-<seq>-<digest>.part)")
+    return PartKey(unquote(match["table"]), Lsn.from_key(match["lsn"]), int(match["first"]),
+                   int(match["last"]), match["digest"])
+
+
+@dataclass(frozen=True, slots=True)
+class PartHeader:
+    table: str
+    lsn: Lsn
+    first_seq: int
+    last_seq: int
+    rows: int
+    columns: tuple[str, ...]
+    key: tuple[str, ...]
+    key_kinds: tuple[str, ...]
+    min_commit_ts_us: int
+    max_commit_ts_us: int
+    tier: str
+    wedding_ids: tuple[str, ...] | None
+    wedding_bloom: str | None
+
+    def may_hold_wedding(self, wedding_id: str) -> bool:
+        if self.wedding_ids is not None:
+            return wedding_id in self.wedding_ids
+        if self.wedding_bloom is not None:
+            return wedding_id in Bloom.from_text(self.wedding_bloom)
+        return True
+
+    def to_json(self) -> bytes:
+        doc = {"format": FORMAT, "table": self.table, "lsn": int(self.lsn),
+               "first_seq": self.first_seq, "last_seq": self.last_seq, "rows": self.rows,
+               "columns": list(self.columns), "key": list(self.key),
+               "key_kinds": list(self.key_kinds), "min_commit_ts_us": self.min_commit_ts_us,
+               "max_commit_ts_us": self.max_commit_ts_us, "tier": self.tier,
+               "wedding_ids": None if self.wedding_ids is None else list(self.wedding_ids),
+               "wedding_bloom": self.wedding_bloom, "codec": "zstd"}
+        return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> PartHeader:
+        try:
+            doc = json.loads(raw)
+            if doc["format"] > FORMAT:
+                raise PartCorrupt(f"part format {doc['format']} is newer than this replicator "
+                                  f"reads ({FORMAT}): upgrade it")
+            ids = doc["wedding_ids"]
+            return cls(doc["table"], Lsn(doc["lsn"]), int(doc["first_seq"]),
+                       int(doc["last_seq"]), int(doc["rows"]), tuple(doc["columns"]),
+                       tuple(doc["key"]), tuple(doc["key_kinds"]),
+                       int(doc["min_commit_ts_us"]), int(doc["max_commit_ts_us"]),
+                       str(doc["tier"]), None if ids is None else tuple(ids),
+                       doc["wedding_bloom"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise PartCorrupt(f"the part's header is not valid: {type(exc).__name__}") from None
+
+
+# --- keys ------------------------------------------------------------------------------------
+
+
+def _key_kind(value: Any) -> str | None:
+    cls = type(value)
+    if cls is int:
+        return "long"
+    if cls is str:
+        return "string"
+    if cls is tuple and value[0] == UUID_:
+        return "uuid"
+    if cls is tuple and value[0] == NUMERIC:
+        return "numeric"
+    return None
+
+
+def partable(records: Sequence[Mapping[str, Any]]) -> bool:
+    """Whether *records* (envelope datums of one table) can be a part: all snapshot rows at
+    one LSN, with key values of the kinds a part can give back exactly."""
+    if not records:
+        return False
+    lsn = records[0]["source"]["lsn"]
+    for record in records:
+        if record["op"] != "r" or record["source"]["lsn"] != lsn or record["after"] is None:
+            return False
+        if not record["key"] or any(_key_kind(v) is None for v in record["key"].values()):
+            return False
+    return True
+
+
+def key_text(key: Mapping[str, Any]) -> str:
+    """A row's key as a part line holds it (before COPY escaping)."""
+    return KEY_SEPARATOR.join(str(text(v)) for v in key.values())
+
+
+def key_values(texts: Sequence[str], kinds: Sequence[str], names: Sequence[str]
+               ) -> dict[str, Any]:
+    """The key columns as the Python values a change event's key holds."""
+    out: dict[str, Any] = {}
+    for name, kind, value in zip(names, kinds, texts, strict=True):
+        if kind == "long":
+            out[name] = int(value)
+        elif kind == "uuid":
+            out[name] = UUID(value)
+        elif kind == "numeric":
+            out[name] = Decimal(value)
+        else:
+            out[name] = value
+    return out
+
+
+# --- encoding and decoding -------------------------------------------------------------------
+
+
+def encode_part(records: Sequence[Mapping[str, Any]], *, table: str, tier: str,
+                level: int = 3) -> tuple[bytes, PartHeader]:
+    """A part of *records* (`partable`), ordered by seq, each seq once."""
+    from backports import zstd
+
+    if not partable(records):
+        raise ValueError("a part holds snapshot rows of one LSN with simple keys only")
+    by_seq: dict[int, Mapping[str, Any]] = {}
+    for record in records:
+        by_seq.setdefault(record["source"]["seq"], record)
+    ordered = [by_seq[s] for s in sorted(by_seq)]
+    first = ordered[0]
+    columns = tuple(first["after"])
+    key = tuple(first["key"])
+    kinds = tuple(str(_key_kind(v)) for v in first["key"].values())
+    lines = []
+    weddings: set[str] = set()
+    low = high = first["source"]["ts_us"]
+    for record in ordered:
+        after, source, wedding = record["after"], record["source"], record["wedding_id"]
+        if tuple(after) != columns:
+            raise ValueError(f"snapshot rows of {table} at one LSN have different columns")
+        if wedding is not None:
+            weddings.add(wedding)
+        ts = source["ts_us"]
+        low, high = min(low, ts), max(high, ts)
+        lines.append(f"{source['seq']}\t"
+                     + ("\\N" if wedding is None else wedding.translate(_COPY_ESCAPES))
+                     + "\t" + key_text(record["key"]).translate(_COPY_ESCAPES) + "\t"
+                     + copy_line([after[c] for c in columns]))
+    ids: tuple[str, ...] | None = tuple(sorted(weddings))
+    bloom = None
+    if ids is not None and len(ids) > MAX_WEDDING_IDS:
+        bloom, ids = Bloom.of(ids).to_text(), None
+    header = PartHeader(table, Lsn(first["source"]["lsn"]), ordered[0]["source"]["seq"],
+                        ordered[-1]["source"]["seq"], len(ordered), columns, key, kinds, low,
+                        high, tier, ids, bloom)
+    raw = header.to_json()
+    body = zstd.compress("".join(lines).encode(), level)
+    return MAGIC + struct.pack(">I", len(raw)) + raw + body, header
+
+
+def read_part_header(data: bytes) -> tuple[PartHeader, int]:
+    if data[:4] != MAGIC or len(data) < 8:
+        raise PartCorrupt("not a snapshot part (no WSP1 magic)")
+    (size,) = struct.unpack(">I", data[4:8])
+    if len(data) < 8 + size:
+        raise PartCorrupt("the part ends inside its header")
+    return PartHeader.from_json(data[8:8 + size]), 8 + size
+
+
+def decode_part(data: bytes) -> tuple[PartHeader, Iterator[list[str]]]:
+    """The header, and the body's lines in batches (each line without its newline). The
+    batches are checked as they stream: seq order and range, rows, weddings; a mismatch
+    raises `PartCorrupt` (act on a part once its iterator is exhausted)."""
+    from backports import zstd
+
+    header, start = read_part_header(data)
+
+    def batches() -> Iterator[list[str]]:
+        decompressor = zstd.ZstdDecompressor()
+        view = memoryview(data)[start:]
+        rest = ""
+        rows, last, first = 0, -1, -1
+        weddings: set[str] = set()
+        try:
+            pos = 0
+            while True:
+                chunk = decompressor.decompress(view[pos:pos + _CHUNK])
+                pos += _CHUNK
+                if not chunk and pos >= len(view):
+                    break
+                text_ = rest + chunk.decode()
+                lines = text_.split("\n")
+                rest = lines.pop()
+                for line in lines:
+                    seq_text, wedding, _ = line.split("\t", 2)
+                    seq = int(seq_text)
+                    if seq <= last:
+                        raise PartCorrupt(f"seq {seq} follows {last}")
+                    if first < 0:
+                        first = seq
+                    last = seq
+                    if wedding != "\\N":
+                        weddings.add(wedding)
+                rows += len(lines)
+                if lines:
+                    yield lines
+                if pos >= len(view) and decompressor.eof:
+                    break
+        except (zstd.ZstdError, UnicodeDecodeError, ValueError) as exc:
+            if isinstance(exc, PartCorrupt):
+                raise
+            raise PartCorrupt(f"the part's body is not readable: {type(exc).__name__}") from None
+        if rest or not decompressor.eof:
+            raise PartCorrupt("the part's body is cut short")
+        if rows != header.rows or (header.first_seq, header.last_seq) != (first, last):
+            raise PartCorrupt(f"the part holds {rows} rows up to seq {last}, its header says "
+                              f"{header.rows} rows, seq {header.first_seq}-{header.last_seq}")
+        ids = header.wedding_ids
+        if ids is not None and tuple(sorted(weddings)) != ids:
+            raise PartCorrupt("the part's weddings do not match its header")
+        if header.wedding_bloom is not None:
+            bloom = Bloom.from_text(header.wedding_bloom)
+            if any(w not in bloom for w in weddings):
+                raise PartCorrupt("the part's weddings do not match its header")
+
+    return header, batches()
+
+
+def split_line(line: str) -> tuple[int, str | None, str, str]:
+    """`(seq, wedding, key text, row text)` of a body line (key and wedding unescaped, the row
+    still COPY text)."""
+    seq, wedding, key, row = line.split("\t", 3)
+    return (int(seq), None if wedding == "\\N" else unescape(wedding), unescape(key), row)
+
+
+def unescape(field: str) -> str:
+    if "\\" not in field:
+        return field
+    return _UNESCAPE.sub(lambda m: _UNESCAPED.get(m[1], m[1]), field)
+
+
+def row_fields(row: str) -> list[str | None]:
+    """The columns of a COPY text row, unescaped (`None` for NULL)."""
+    return [None if f == "\\N" else unescape(f) for f in row.split("\t")]
