@@ -43,7 +43,7 @@ from replicator.transport.avro import (
     UUID_,
 )
 
-__all__ = ["PgText", "TableHash", "copy_line", "json_value", "row_digest", "text"]
+__all__ = ["PgText", "TableHash", "copy_line", "json_value", "row_digest", "text", "typed"]
 
 _INT_MAX: Final = 2**31 - 1
 _INT_MIN: Final = -(2**31)
@@ -268,3 +268,43 @@ class TableHash:
 def utc_text(us: int) -> str:
     """A commit time (microseconds since the epoch) as ISO 8601 UTC."""
     return (datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=us)).isoformat()
+
+
+_INT_TYPES: Final = frozenset({"smallint", "integer", "bigint", "oid"})
+_FLOAT_TYPES: Final = frozenset({"real", "double precision"})
+_EPOCH_UTC: Final = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def typed(value: Any, type_name: str) -> Any:
+    """A value known as Postgres text (`PgText`, from a snapshot part) as the archived value
+    of its column's type, for the typed outputs (JSONL, Parquet); other values unchanged."""
+    if type(value) is not PgText:
+        return value
+    text_ = str(value)
+    try:
+        if type_name in _INT_TYPES:
+            return int(text_)
+        if type_name in _FLOAT_TYPES:
+            return float(text_)
+        if type_name == "boolean":
+            return text_ == "t"
+        if type_name == "bytea":
+            return bytes.fromhex(text_[2:])
+        if type_name in ("json", "jsonb"):
+            return (JSON, {"text": text_})
+        if type_name == "date":
+            days = {"infinity": 2**31 - 1, "-infinity": -(2**31)}.get(text_)
+            if days is None:
+                days = date.fromisoformat(text_).toordinal() - _EPOCH_ORDINAL
+            return (DATE, {"days": days})
+        if type_name.startswith("timestamp"):
+            zoned = type_name.endswith("with time zone")
+            micros = {"infinity": 2**63 - 1, "-infinity": -(2**63)}.get(text_)
+            if micros is None:
+                moment = datetime.fromisoformat(text_)
+                base = _EPOCH_UTC if zoned else _EPOCH
+                micros = (moment - base) // timedelta(microseconds=1)
+            return (TIMESTAMPTZ if zoned else TIMESTAMP, {"micros": micros})
+    except ValueError:
+        return value  # beyond Python's dates (BC): the text, as Postgres wrote it
+    return value

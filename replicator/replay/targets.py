@@ -26,13 +26,12 @@ import contextlib
 import json
 import os
 from collections.abc import Sequence
-from datetime import UTC, date, datetime, timedelta
+from datetime import date, datetime
 from pathlib import Path
 from typing import Any, Final, Protocol
 
 from replicator.replay.engine import ReplayFailed, TableSchema
-from replicator.replay.render import PgText, TableHash, copy_line, json_value, text
-from replicator.transport.avro import DATE, JSON, TIMESTAMP, TIMESTAMPTZ
+from replicator.replay.render import TableHash, copy_line, json_value, text, typed
 
 __all__ = ["FORMATS", "FileTarget", "HashTarget", "PostgresTarget", "Target", "is_dsn"]
 
@@ -244,41 +243,6 @@ def _csv_field(value: Any) -> str:
     return rendered
 
 
-def _datum(value: Any, type_name: str) -> Any:
-    """A value known as Postgres text (`PgText`, from a snapshot part) as the archived value
-    of its column's type, for the typed outputs (JSONL, Parquet); other values unchanged."""
-    if type(value) is not PgText:
-        return value
-    text_ = str(value)
-    try:
-        if type_name in _INT_TYPES:
-            return int(text_)
-        if type_name in _FLOAT_TYPES:
-            return float(text_)
-        if type_name == "boolean":
-            return text_ == "t"
-        if type_name == "bytea":
-            return bytes.fromhex(text_[2:])
-        if type_name in ("json", "jsonb"):
-            return (JSON, {"text": text_})
-        if type_name == "date":
-            days = {"infinity": 2**31 - 1, "-infinity": -(2**31)}.get(text_)
-            if days is None:
-                days = date.fromisoformat(text_).toordinal() - _EPOCH_ORDINAL
-            return (DATE, {"days": days})
-        if type_name.startswith("timestamp"):
-            zoned = type_name.endswith("with time zone")
-            micros = {"infinity": 2**63 - 1, "-infinity": -(2**63)}.get(text_)
-            if micros is None:
-                moment = datetime.fromisoformat(text_)
-                base = _EPOCH_UTC if zoned else _EPOCH
-                micros = (moment - base) // timedelta(microseconds=1)
-            return (TIMESTAMPTZ if zoned else TIMESTAMP, {"micros": micros})
-    except ValueError:
-        return value  # beyond Python's dates (BC): the text, as Postgres wrote it
-    return value
-
-
 class _TextWriter:
     def __init__(self, path: Path, schema: TableSchema, format: str) -> None:
         self._file = path.open("w", encoding="utf-8", newline="")
@@ -296,7 +260,7 @@ class _TextWriter:
         names, types = self._names, self._types
         lines = []
         for row in rows:
-            lines.append(json.dumps({n: json_value(_datum(v, t))
+            lines.append(json.dumps({n: json_value(typed(v, t))
                                      for n, v, t in zip(names, row, types, strict=True)},
                                     ensure_ascii=False, separators=(",", ":")))
         self._file.write("\n".join(lines) + "\n")
@@ -306,7 +270,6 @@ class _TextWriter:
 
 
 _EPOCH: Final = datetime(1970, 1, 1)
-_EPOCH_UTC: Final = datetime(1970, 1, 1, tzinfo=UTC)
 _EPOCH_ORDINAL: Final = date(1970, 1, 1).toordinal()
 _INT_TYPES: Final = frozenset({"smallint", "integer", "bigint", "oid"})
 _FLOAT_TYPES: Final = frozenset({"real", "double precision"})
@@ -366,7 +329,7 @@ class _ParquetWriter:
         arrays = []
         for i, (kind, type_) in enumerate(zip(self._kinds, self._types, strict=True)):
             sql_type = self._sql_types[i]
-            values = [_arrow_value(_datum(row[i], sql_type), kind) for row in rows]
+            values = [_arrow_value(typed(row[i], sql_type), kind) for row in rows]
             arrays.append(pa.array(values, type=type_))
         self._writer.write_table(pa.Table.from_arrays(arrays, schema=self._schema))
 

@@ -58,7 +58,9 @@ async def read_segment(store: ObjectStore, key: str, keyring: Keyring
 
 async def change_records(store: ObjectStore, keyring: Keyring, table: str | None = None
                          ) -> AsyncIterator[dict[str, Any]]:
-    """Every archived change record (fastavro dicts), table by table, in name order."""
+    """Every archived change record (fastavro dicts), table by table, in name order; then
+    the rows of snapshot parts as op `r` records, their values typed by the table's archived
+    schema at the part's LSN (`replay.render.typed`)."""
     from urllib.parse import quote
 
     prefix = f"segments/{quote(table, safe='')}/" if table else "segments/"
@@ -66,6 +68,43 @@ async def change_records(store: ObjectStore, keyring: Keyring, table: str | None
         _, records = await read_segment(store, info.key, keyring)
         for record in records:
             yield record
+    async for record in part_records(store, keyring, table):
+        yield record
+
+
+async def part_records(store: ObjectStore, keyring: Keyring, table: str | None = None
+                       ) -> AsyncIterator[dict[str, Any]]:
+    """The rows of the snapshot parts (of *table*), as envelope-like op `r` records."""
+    from urllib.parse import quote
+
+    from replicator.replay.render import PgText, typed
+    from replicator.sink.part import decode_part, is_part_key, key_values, row_fields, split_line
+
+    prefix = f"snapshots/{quote(table, safe='')}/" if table else "snapshots/"
+    types: dict[str, dict[str, str]] = {}
+    async for info in store.list(prefix):
+        if not is_part_key(info.key):
+            continue
+        header, batches = decode_part(decrypt(await store.get(info.key), info.key, keyring))
+        if header.table not in types:
+            history = await schemas(store, keyring, header.table)
+            fitting = [s for s in history if s["lsn"] <= header.lsn] or history[:1]
+            types[header.table] = {c["name"]: c["type"] for c in
+                                   (fitting[-1]["columns"] if fitting else [])}
+        kinds = types[header.table]
+        schema_name, _, table_name = header.table.partition(".")
+        for lines in batches:
+            for line in lines:
+                seq, wedding, key, row = split_line(line)
+                after = {name: None if value is None else typed(PgText(value),
+                                                                kinds.get(name, ""))
+                         for name, value in zip(header.columns, row_fields(row), strict=True)}
+                yield {"op": "r", "before": None, "after": after, "unchanged": [],
+                       "key": key_values(key.split("\x1f"), header.key_kinds, header.key),
+                       "source": {"lsn": int(header.lsn), "seq": seq, "schema": schema_name,
+                                  "table": table_name, "ts_us": header.min_commit_ts_us,
+                                  "txId": 0, "origin": None, "db": ""},
+                       "priority": header.tier, "wedding_id": wedding}
 
 
 async def transaction_records(store: ObjectStore, keyring: Keyring

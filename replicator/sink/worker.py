@@ -356,14 +356,18 @@ class SinkWorker:
 
     async def _write_segment(self, table: str, items: list[_Buffered], tier: Tier) -> None:
         values = [i.value for i in items]
-        if partable(values):
-            # Snapshot rows only: a part, which a restore streams into COPY (sink.part).
-            data, part = encode_part(values, table=table, tier=tier.value)
+        snapshot = [v for v in values if v["op"] == "r"]
+        if snapshot and partable(snapshot):
+            # Snapshot rows of one LSN: a part, which a restore streams into COPY
+            # (sink.part); whatever else was buffered goes to a segment as usual.
+            data, part = encode_part(snapshot, table=table, tier=tier.value)
             digest = hashlib.sha256(data).hexdigest()[:16]
             await self._put(part_key(table, part.lsn, part.first_seq, part.last_seq, digest),
                             data)
             self.stats.changes_written += part.rows
-            return
+            values = [v for v in values if v["op"] != "r"]
+            if not values:
+                return
         data, header = encode_record_segment(values, table=table,
                                              codec=self.destination.compression)
         digest = hashlib.sha256(data).hexdigest()[:16]
