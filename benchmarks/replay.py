@@ -84,7 +84,7 @@ from replicator import __version__
 from replicator.position import Lsn
 
 CACHE_ROOT = Path("/tmp/wedsync-bench-replay")
-BUILD_FORMAT = 2  # bump when the generator changes: a new cache directory
+BUILD_FORMAT = 3  # bump when the generator changes: a new cache directory
 ADMIN_DSN = "postgresql://postgres@127.0.0.1:15432/postgres"
 TABLE = "public.guests"
 DESTINATION = "bench"
@@ -351,14 +351,25 @@ async def _put(root: Path, key: str, data: bytes, encrypted: bool = True) -> int
 
 
 def _write_segments(root: Path, records: list[dict[str, Any]]) -> list[tuple[str, int, int]]:
-    """One flush of the sink: a segment per tier (it buffers per tier and table)."""
+    """One flush of the sink: per tier (it buffers per tier and table), the snapshot rows of
+    one LSN as a part and the rest as a segment (`SinkWorker._write_segment`)."""
+    from replicator.sink.part import encode_part, part_key, partable
     from replicator.sink.segment import encode_record_segment, segment_key
 
     by_tier: dict[str, list[dict[str, Any]]] = {}
     for r in records:
         by_tier.setdefault(r["priority"], []).append(r)
     written = []
-    for tier_records in by_tier.values():
+    for tier, tier_records in by_tier.items():
+        snapshot = [r for r in tier_records if r["op"] == "r"]
+        if snapshot and partable(snapshot):
+            data, part = encode_part(snapshot, table=TABLE, tier=tier)
+            digest = hashlib.sha256(data).hexdigest()[:16]
+            key = part_key(TABLE, part.lsn, part.first_seq, part.last_seq, digest)
+            written.append((key, part.rows, asyncio.run(_put(root, key, data))))
+            tier_records = [r for r in tier_records if r["op"] != "r"]
+            if not tier_records:
+                continue
         data, header = encode_record_segment(tier_records, table=TABLE, codec="zstd")
         digest = hashlib.sha256(data).hexdigest()[:16]
         key = segment_key(TABLE, header.first.commit_lsn, header.last.commit_lsn, digest)

@@ -40,6 +40,7 @@ class _Tx:
     expected: dict[Tier | str, int] | None = None  # None until the record is durable
     seen: dict[Tier, set[int]] = field(default_factory=dict)
     tables: set[str] = field(default_factory=set)  # of the snapshot records counted
+    done: bool = False  # passed by `advance`, kept because the checkpoint is below it
 
     def complete_for(self, tier: Tier) -> bool:
         if self.expected is None:
@@ -86,17 +87,26 @@ class CompletenessTracker:
                     for tier, n in expected.items():
                         tx.expected[tier] = tx.expected.get(tier, 0) + n
                     tx.tables.update(record.counts)
+                    if tx.done:
+                        # Its earlier tables were complete and passed (a snapshot's end LSN is
+                        # below its own LSN, so it stayed): wait for this table's rows too.
+                        tx.done = False
+                        self._queue(record.commit_lsn)
                 continue
             tx.end_lsn = record.end_lsn
             tx.expected = expected
             tx.tables.update(record.counts)
-            if not self._order or record.commit_lsn > self._order[-1]:
-                self._order.append(record.commit_lsn)
-            else:
-                index = bisect.bisect_left(self._order, record.commit_lsn)
-                self._order.insert(index, record.commit_lsn)
-                for tier, cursor in self._cursor.items():
-                    self._cursor[tier] = min(cursor, index)
+            self._queue(record.commit_lsn)
+
+    def _queue(self, commit_lsn: Lsn) -> None:
+        """Put a transaction whose record is durable in commit order, for `advance`."""
+        if not self._order or commit_lsn > self._order[-1]:
+            self._order.append(commit_lsn)
+        else:
+            index = bisect.bisect_left(self._order, commit_lsn)
+            self._order.insert(index, commit_lsn)
+            for tier, cursor in self._cursor.items():
+                self._cursor[tier] = min(cursor, index)
 
     def changes_durable(self, changes: Iterable[tuple[Tier, Lsn, int]]) -> None:
         """Changes now durable in the destination: (tier, commit LSN, seq)."""
@@ -123,7 +133,13 @@ class CompletenessTracker:
         if done:
             self.checkpoint = max(self.checkpoint, txs[order[done - 1]].end_lsn)
             for commit_lsn in order[:done]:
-                del txs[commit_lsn]
+                if commit_lsn >= self.checkpoint:
+                    # A snapshot (end LSN below its LSN) that the checkpoint has not passed:
+                    # another table's boundary record at this LSN may still come, and the
+                    # rows already seen must count then.
+                    txs[commit_lsn].done = True
+                else:
+                    del txs[commit_lsn]
             del order[:done]
             for tier in TIER_ORDER:
                 self._cursor[tier] -= done

@@ -159,6 +159,16 @@ async def pipeline(config: Config, environ: dict[str, str] | None = None
     sinks = Sinks(config, environ or sink_environ())
     await sinks.open()
     tasks = [asyncio.create_task(capture.run()), asyncio.create_task(sinks.run())]
+    test = asyncio.current_task()
+
+    def died(task: asyncio.Task[None]) -> None:
+        # A stage that fails stops the test at once (its error is raised below), rather
+        # than leaving it waiting for progress that cannot come.
+        if not task.cancelled() and task.exception() is not None and test is not None:
+            test.cancel()
+
+    for task in tasks:
+        task.add_done_callback(died)
     try:
         yield capture
     finally:

@@ -32,6 +32,8 @@ BODY = 3000  # base64 of random bytes: Postgres does not compress it (saves unde
 
 def fill(dsn: str) -> None:
     with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE weddings (id bigint PRIMARY KEY, couple text NOT NULL, "
+                     "wedding_date date)")
         conn.execute("CREATE TABLE documents (id bigint PRIMARY KEY, wedding_id bigint, "
                       "body text NOT NULL)")
         with conn.cursor().copy("COPY documents FROM STDIN") as copy:

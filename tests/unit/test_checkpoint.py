@@ -114,6 +114,33 @@ def test_snapshot_records_of_one_lsn_add_up_and_never_reach_their_lsn() -> None:
     assert tracker.advance() == Lsn(151)
 
 
+def test_an_empty_table_completing_first_does_not_lose_another_tables_rows() -> None:
+    # Two tables snapshotted at LSN 100: the empty one's boundary record is complete at once
+    # and passed; the other's rows are durable before its own record arrives, in a later
+    # flush. They must still count, or the checkpoint would wait for them forever.
+    tracker = CompletenessTracker()
+    empty = TransactionRecord(Lsn(100), Lsn(99), 0, 0, {"public.weddings": 0})
+    tracker.records_durable([empty])
+    tracker.changes_durable([(Tier.LOW, Lsn(100), s) for s in range(3)])
+    assert tracker.advance() == Lsn(99)
+    documents = TransactionRecord(Lsn(100), Lsn(99), 0, 0, {"public.documents": 3},
+                                  tier_counts={"low": 3})
+    tracker.records_durable([documents])
+    assert tracker.advance() == Lsn(99)
+    tracker.records_durable([record(150, {Tier.LOW: 1})])
+    tracker.changes_durable([(Tier.LOW, Lsn(150), 0)])
+    assert tracker.advance() == Lsn(151)
+    assert tracker.tier_checkpoints[Tier.LOW] == Lsn(151)
+    # Had a row been missing, the checkpoint would have stayed below the snapshot.
+    tracker = CompletenessTracker()
+    tracker.records_durable([empty])
+    tracker.changes_durable([(Tier.LOW, Lsn(100), s) for s in range(2)])
+    tracker.advance()
+    tracker.records_durable([documents, record(150, {Tier.LOW: 1})])
+    tracker.changes_durable([(Tier.LOW, Lsn(150), 0)])
+    assert tracker.advance() == Lsn(99)
+
+
 def test_records_without_tier_counts_count_all_tiers_together() -> None:
     tracker = CompletenessTracker()
     tracker.records_durable([TransactionRecord(Lsn(10), Lsn(11), 0, 1, {"public.t": 2})])
