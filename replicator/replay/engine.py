@@ -183,12 +183,17 @@ class Archive:
         self.bytes_read = 0
         self.objects_read = 0
         self.memory_budget_mb: float | None = None  # checked as changed keys accumulate
+        # The largest resident memory seen at the checks (after every object and batch):
+        # unlike ru_maxrss, not inflated by a parent's memory when started by fork/vfork.
+        self.peak_rss_mb = 0.0
 
     def check_memory(self, table: str, changed_keys: int) -> None:
-        """Stop the replay when the process outgrows the memory budget (module docstring)."""
+        """Note the resident memory (`peak_rss_mb`), and stop the replay when the process
+        outgrows the memory budget (module docstring)."""
+        used = current_rss_mb()
+        self.peak_rss_mb = max(self.peak_rss_mb, used)
         if self.memory_budget_mb is None:
             return
-        used = current_rss_mb()
         if used > self.memory_budget_mb:
             raise ReplayFailed(
                 f"{table}: the replay uses {used:,.0f} MB holding {changed_keys:,} changed "
@@ -542,6 +547,7 @@ async def restore_table(archive: Archive, job: TableJob, emit: Emit,
                 continue
             stats.rows += len(out)
             stats.base_rows += len(out)
+            archive.check_memory(job.table, len(changed))
             if raw:
                 assert emit_copy is not None
                 await emit_copy("\n".join(out) + "\n", len(out))

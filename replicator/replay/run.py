@@ -37,6 +37,7 @@ from replicator.replay.engine import (
     TableSchema,
     TableStats,
     Timeline,
+    current_rss_mb,
     restore_table,
 )
 from replicator.replay.plan import At, Header, ReplayPlan, ReplayRefused, plan, resolve_time
@@ -73,7 +74,7 @@ class ReplaySummary:
     bytes_written: int = 0
     objects_read: int = 0
     objects_skipped: int = 0  # a wedding restore: objects whose header proved them irrelevant
-    peak_rss_mb: float = 0.0
+    peak_rss_mb: float = 0.0  # sampled after every object and batch (engine.Archive)
 
     @property
     def rows(self) -> int:
@@ -293,7 +294,7 @@ async def apply(prepared: Prepared, target: Target, *, jobs: int = 4,
     summary.objects_skipped = (sum(t.skipped_for_wedding for t in the_plan.tables)
                                + sum(s.segments_skipped for s in results))
     summary.bytes_written = target.bytes_written
-    summary.peak_rss_mb = peak_rss_mb()
+    summary.peak_rss_mb = max(archive.peak_rss_mb, current_rss_mb())
     return summary
 
 
