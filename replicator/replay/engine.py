@@ -406,16 +406,29 @@ def _mark(seen: dict[int, bytearray], lsn: int, seq: int) -> bool:
 
 
 def _event(record: Mapping[str, Any], op: Op | None = None,
-           key: Mapping[str, Any] | None = None) -> ChangeEvent:
+           key: Mapping[str, Any] | None = None, python_key: bool = True) -> ChangeEvent:
+    """The change event of a segment record, its values left as archived. *python_key*:
+    the key as Python values (for `merge_key`); else as archived (the caller gives the
+    merger its own key)."""
     source = record["source"]
+    keys = record["key"] if key is None else key
     return ChangeEvent(
-        op=op or Op(record["op"]), schema=source["schema"], table=source["table"],
-        position=ChangePosition(Lsn(source["lsn"]), source["seq"]),
+        op=op or _OPS[record["op"]], schema=source["schema"], table=source["table"],
+        position=ChangePosition(source["lsn"], source["seq"]),
         commit_ts_us=source["ts_us"], xid=source["txId"],
-        key=to_python(record["key"] if key is None else key),
+        key=to_python(keys) if python_key else keys,
         before=record["before"], after=record["after"], unchanged=tuple(record["unchanged"]),
-        origin=source["origin"], db=source["db"], tier=Tier(record["priority"]),
+        origin=source["origin"], db=source["db"], tier=_TIERS[record["priority"]],
         wedding_id=record["wedding_id"])
+
+
+_OPS: dict[str, Op] = {op.value: op for op in Op}
+_TIERS: dict[str, Tier] = {tier.value: tier for tier in Tier}
+
+
+def _text_key(table: str, key: Mapping[str, Any]) -> tuple[str, str]:
+    """Replay's merge key: the key columns' Postgres text, as part lines hold it."""
+    return table, part_key_text(key)
 
 
 async def restore_table(archive: Archive, job: TableJob, emit: Emit,
@@ -445,10 +458,10 @@ async def restore_table(archive: Archive, job: TableJob, emit: Emit,
                 parts.append(key)
             elif base < lsn <= target:  # an on-demand snapshot: versions like changes
                 stats.segments += 1
-                async for event, row_key in _part_events(archive, key, job, seen):
-                    merger.add(event)
+                async for event, row_key, text_key in _part_events(archive, key, job, seen):
+                    merger.add(event, (job.table, text_key))
                     changed.add(row_key)
-                    changed_text.add(_escaped(part_key_text(event.key)))
+                    changed_text.add(_escaped(text_key))
             continue
         parsed = parse_key(key)
         if parsed.last < base or parsed.first > target:
@@ -488,7 +501,7 @@ async def restore_table(archive: Archive, job: TableJob, emit: Emit,
                     changed.add(_fast_key(old))
                     changed_text.add(_escaped(part_key_text(old)))
                     continue
-            merger.add(_event(record))
+            merger.add(_event(record, python_key=False), _text_key(job.table, record["key"]))
         archive.check_memory(job.table, len(changed))
         await asyncio.sleep(0)
     stats.changed_keys = len(changed)
@@ -505,7 +518,8 @@ async def restore_table(archive: Archive, job: TableJob, emit: Emit,
             if truncated is not None and (base, seq) < truncated:
                 continue
             if changed and _fast_key(record["key"]) in changed:
-                merger.add(_event(record))
+                merger.add(_event(record, python_key=False),
+                           _text_key(job.table, record["key"]))
                 continue
             after = record["after"]
             batch.append([after.get(c) for c in columns])
@@ -540,7 +554,8 @@ async def restore_table(archive: Archive, job: TableJob, emit: Emit,
                 if truncated is not None and (base, seq) < truncated:
                     continue
                 if key_field in changed_text:
-                    merger.add(_line_event(job, part, seq, wedding_text, key_field, row))
+                    merger.add(_line_event(job, part, seq, wedding_text, key_field, row),
+                               (job.table, unescape(key_field)))
                     continue
                 out.append(row)
             if not out:
@@ -559,7 +574,7 @@ async def restore_table(archive: Archive, job: TableJob, emit: Emit,
     if job.check_counts:  # before any conclusion is drawn from the versions found
         _check_counts(archive.timeline, job, seen, change_commits)
 
-    _apply_key_changes(merger, key_changes)
+    _apply_key_changes(merger, key_changes, job.table)
     await _emit_states(merger, job, emit, stats, progress, batch, archive.timeline)
     return stats
 
@@ -590,21 +605,27 @@ def _check_counts(timeline: Timeline, job: TableJob, seen: Mapping[int, bytearra
                 f"{nearest_hint(nearest)}", object="transactions/", nearest=nearest)
 
 
-def _apply_key_changes(merger: Merger, key_changes: list[dict[str, Any]]) -> None:
+def _apply_key_changes(merger: Merger, key_changes: list[dict[str, Any]],
+                       text_keys: str | None = None) -> None:
     """An update that moves a row to a new key deletes the old key, and takes along the old
-    row's values of the columns it left unchanged (TOAST), in position order (chains)."""
+    row's values of the columns it left unchanged (TOAST), in position order (chains).
+    *text_keys*: the table, when the merger is keyed by `_text_key`."""
     key_changes.sort(key=lambda r: (r["source"]["lsn"], r["source"]["seq"]))
+    python_key = text_keys is None
     for record in key_changes:
         before = record["before"]
         old = {name: before.get(name) for name in record["key"]}
-        gone = _event(record, Op.DELETE, old)
-        moved = _event(record)
+        gone = _event(record, Op.DELETE, old, python_key=python_key)
+        moved = _event(record, python_key=python_key)
+        gone_key = moved_key = None
+        if text_keys is not None:
+            gone_key, moved_key = _text_key(text_keys, old), _text_key(text_keys, record["key"])
         if moved.unchanged:
-            taken = merger.values_before(gone, moved.position, moved.unchanged)
+            taken = merger.values_before(gone, moved.position, moved.unchanged, gone_key)
             moved.after = {**(moved.after or {}), **taken}
             moved.unchanged = tuple(c for c in moved.unchanged if c not in taken)
-        merger.add(gone)
-        merger.add(moved)
+        merger.add(gone, gone_key)
+        merger.add(moved, moved_key)
 
 
 async def _emit_states(merger: Merger, job: TableJob, emit: Emit, stats: TableStats,
@@ -762,7 +783,7 @@ def _line_event(job: TableJob, header: PartHeader, seq: int, wedding: str, key_f
 
 
 async def _part_events(archive: Archive, key: str, job: TableJob, seen: dict[int, bytearray]
-                       ) -> AsyncIterator[tuple[ChangeEvent, Any]]:
+                       ) -> AsyncIterator[tuple[ChangeEvent, Any, str]]:
     """The rows of an on-demand snapshot's part, as versions at their position."""
     header, batches = await archive.part(key)
     for lines in batches:
@@ -772,7 +793,7 @@ async def _part_events(archive: Archive, key: str, job: TableJob, seen: dict[int
             if not _mark(seen, int(header.lsn), seq):
                 continue
             event = _line_event(job, header, seq, wedding, key_field, row)
-            yield event, _fast_key_of(event.key)
+            yield event, _fast_key_of(event.key), unescape(key_field)
 
 
 def _fast_key_of(key: Mapping[str, Any]) -> Any:

@@ -312,7 +312,9 @@ class Merger:
     def __len__(self) -> int:
         return len(self._keys)
 
-    def add(self, event: ChangeEvent) -> None:
+    def add(self, event: ChangeEvent, key: MergeKey | None = None) -> None:
+        """Add one version. *key* replaces `merge_key(event)` for a caller that keys every
+        version of the merger its own consistent way (replay keys by the key's text)."""
         if event.op is Op.TRUNCATE:
             by_origin = self._truncates.setdefault(event.qualified_table, {})
             known = by_origin.get(event.origin)
@@ -324,18 +326,18 @@ class Merger:
                 f"cannot merge a {event.op.value!r} change of {event.qualified_table} at "
                 f"{event.position}: it has no key columns (give the table a primary key or "
                 "REPLICA IDENTITY FULL)")
-        histories = self._keys.setdefault(merge_key(event), {})
+        histories = self._keys.setdefault(key or merge_key(event), {})
         history = histories.get(event.origin)
         if history is None:
             history = histories[event.origin] = _History(event)
         history.add(event)
 
     def values_before(self, event: ChangeEvent, position: ChangePosition,
-                      columns: Iterable[str]) -> dict[str, Any]:
+                      columns: Iterable[str], key: MergeKey | None = None) -> dict[str, Any]:
         """The newest value of each of *columns* that *event*'s key had (in *event*'s origin)
         below *position*, for the columns whose newest known version is below it: what an
         update that moves a row to a new key left unchanged (TOAST) takes along."""
-        history = self._keys.get(merge_key(event), {}).get(event.origin)
+        history = self._keys.get(key or merge_key(event), {}).get(event.origin)
         if history is None:
             return {}
         out = {}

@@ -344,15 +344,15 @@ class _Summary:
 
     def __init__(self, kind: SegmentKind, table: str, *, writing: bool = False) -> None:
         self.kind, self.table, self.writing = kind, table, writing
-        self.first: ChangePosition | None = None
-        self.last: ChangePosition | None = None
+        self.first: tuple[int, int] | None = None
+        self.last: tuple[int, int] | None = None
         self.low = self.high = self.rows = 0
         self.ops: dict[str, int] = {}
         self.weddings: set[str] | None = set()  # None once past the cap: memory stays bounded
         self.unknown_deletes = 0
         self.delete_keys: set[str] | None = set()
 
-    def add(self, table: str, position: ChangePosition, commit_ts_us: int, op: str | None,
+    def add(self, table: str, position: tuple[int, int], commit_ts_us: int, op: str | None,
             wedding_id: str | None, key: Callable[[], str] | None = None) -> None:
         if table != self.table and self.writing:
             raise SegmentError(f"cannot put a record of {table} ({position}) in a segment of "
@@ -394,8 +394,10 @@ class _Summary:
         changes = self.kind is SegmentKind.CHANGES
         keys = (Bloom.of(self.delete_keys).to_text()
                 if changes and self.unknown_deletes and self.delete_keys is not None else None)
+        first = ChangePosition(Lsn(self.first[0]), self.first[1])
+        last = ChangePosition(Lsn(self.last[0]), self.last[1])
         return SegmentHeader(
-            kind=self.kind, table=self.table, first=self.first, last=self.last,
+            kind=self.kind, table=self.table, first=first, last=last,
             min_commit_ts_us=self.low, max_commit_ts_us=self.high, rows=self.rows,
             ops=self.ops, wedding_ids=ids, schema_fingerprint=schema_fingerprint, codec=codec,
             wedding_bloom=bloom, unknown_deletes=self.unknown_deletes if changes else None,
@@ -403,14 +405,17 @@ class _Summary:
 
 
 # table, position, commit time, op, wedding, the key's canonical text (computed on demand)
-_Facts = tuple[str, ChangePosition, int, str | None, str | None, Callable[[], str] | None]
+_Facts = tuple[str, tuple[int, int], int, str | None, str | None, Callable[[], str] | None]
 
 
 def _event_facts(record: Mapping[str, Any]) -> _Facts:
+    # The position as a plain tuple (it compares like a ChangePosition; the header converts
+    # the first and last): this runs once per record read, so it is kept lean.
     source = record["source"]
-    return (f"{source['schema']}.{source['table']}",
-            ChangePosition(Lsn(source["lsn"]), source["seq"]), source["ts_us"], record["op"],
-            record["wedding_id"], partial(_record_key_text, record))
+    op, wedding = record["op"], record["wedding_id"]
+    return (f"{source['schema']}.{source['table']}", (source["lsn"], source["seq"]),
+            source["ts_us"], op, wedding,
+            partial(_record_key_text, record) if op == "d" and wedding is None else None)
 
 
 def _record_key_text(record: Mapping[str, Any]) -> str:
@@ -418,7 +423,7 @@ def _record_key_text(record: Mapping[str, Any]) -> str:
 
 
 def _transaction_facts(record: Mapping[str, Any]) -> _Facts:
-    return ("", ChangePosition(Lsn(record["commit_lsn"]), 0), record["commit_ts_us"], None,
+    return ("", (record["commit_lsn"], 0), record["commit_ts_us"], None,
             None, None)
 
 
@@ -449,7 +454,7 @@ def _zstd_available() -> bool:
         return False
 
 
-def _ordered(items: Iterable[_T], position: Callable[[_T], ChangePosition],
+def _ordered(items: Iterable[_T], position: Callable[[_T], tuple[int, int]],
              identity: Callable[[_T], object] | None = None) -> list[_T]:
     """Sorted by position (then identity), a repeated identity kept once (its first
     occurrence). The identity is the position, except for transaction records: a snapshot's
@@ -457,7 +462,7 @@ def _ordered(items: Iterable[_T], position: Callable[[_T], ChangePosition],
     ident = identity or position
     out: list[_T] = []
     seen: set[object] = set()
-    last: ChangePosition | None = None
+    last: tuple[int, int] | None = None
     for item in sorted(items, key=lambda i: (position(i), repr(ident(i)))):
         here, key = position(item), ident(item)
         if here != last:
