@@ -84,7 +84,7 @@ from replicator import __version__
 from replicator.position import Lsn
 
 CACHE_ROOT = Path("/tmp/wedsync-bench-replay")
-BUILD_FORMAT = 3  # bump when the generator changes: a new cache directory
+BUILD_FORMAT = 4  # bump when the generator changes: a new cache directory
 ADMIN_DSN = "postgresql://postgres@127.0.0.1:15432/postgres"
 TABLE = "public.guests"
 DESTINATION = "bench"

@@ -37,9 +37,14 @@ two batches, and two segments of the same LSN range must not collide.
 
 The wedding list is capped so the header stays small enough to fetch first (every header this
 module writes fits in `HEADER_PREFIX_SIZE`): above `MAX_WEDDING_IDS` ids, or
-`MAX_WEDDING_IDS_BYTES` bytes of JSON, it is the word `many`, and a restore of one wedding must
-read the segment (`SegmentHeader.may_hold_wedding` says so). `ops` shows truncates, which
-concern every wedding of the table.
+`MAX_WEDDING_IDS_BYTES` bytes of JSON, it is the word `many`, and the ids go into a Bloom
+filter instead (`wedsync.wedding_bloom`, `sink.bloom`; up to `MAX_BLOOM_ITEMS` ids, beyond
+which a restore of one wedding must read the segment). `wedsync.unknown_deletes` counts the
+deletes whose wedding is not known (a key-only before image) and `wedsync.delete_key_bloom`
+holds their keys (canonical JSON, up to `MAX_DELETE_KEYS`, 20 bits per key), so a wedding
+restore reads such a segment only if one of the wedding's keys may be among them. These
+three keys are absent from older segments, which read as before. `ops` shows truncates,
+which concern every wedding of the table.
 
 **Verification.** The decoders check the content against the header while they stream: the
 table of every record, strict position order, and at the end the first and last positions,
@@ -101,11 +106,11 @@ __all__ = [
 
 FORMAT_VERSION: Final = 1
 BLOCK_SIZE: Final = 256 * 1024  # uncompressed record bytes per OCF block
-HEADER_PREFIX_SIZE: Final = 64 * 1024
+HEADER_PREFIX_SIZE: Final = 256 * 1024
 MAX_WEDDING_IDS: Final = 1000
 MAX_WEDDING_IDS_BYTES: Final = 40_000
-MAX_BLOOM_ITEMS: Final = 13_000  # wedding ids in a Bloom filter: about 22 kB of header
-MAX_DELETE_KEYS: Final = 6_500  # delete keys in a Bloom filter: about 11 kB of header
+MAX_BLOOM_ITEMS: Final = 40_000  # wedding ids in a Bloom filter: at most 67 kB of header
+MAX_DELETE_KEYS: Final = 16_000  # delete keys in a Bloom filter: at most 54 kB of header
 MANY: Final = "many"
 _CODECS: Final = {"zstandard": "zstandard", "zstd": "zstandard", "deflate": "deflate"}
 _OCF_MAGIC: Final = b"Obj\x01"
@@ -392,7 +397,7 @@ class _Summary:
                                 or len(_json(list(ids)).encode()) > MAX_WEDDING_IDS_BYTES):
             bloom, ids = Bloom.of(ids).to_text(), None
         changes = self.kind is SegmentKind.CHANGES
-        keys = (Bloom.of(self.delete_keys).to_text()
+        keys = (Bloom.of(self.delete_keys, bits_per_item=20, hashes=14).to_text()
                 if changes and self.unknown_deletes and self.delete_keys is not None else None)
         first = ChangePosition(Lsn(self.first[0]), self.first[1])
         last = ChangePosition(Lsn(self.last[0]), self.last[1])
