@@ -491,7 +491,8 @@ async def restore_table(archive: Archive, job: TableJob, emit: Emit,
                 merger.add(_event(record))
                 continue
             changed.add(_fast_key(record["key"]))
-            changed_text.add(_escaped(part_key_text(record["key"])))
+            text_key = part_key_text(record["key"])
+            changed_text.add(_escaped(text_key))
             before = record["before"]
             if op == "u" and before is not None:
                 old = {name: before.get(name) for name in record["key"]}
@@ -501,7 +502,7 @@ async def restore_table(archive: Archive, job: TableJob, emit: Emit,
                     changed.add(_fast_key(old))
                     changed_text.add(_escaped(part_key_text(old)))
                     continue
-            merger.add(_event(record, python_key=False), _text_key(job.table, record["key"]))
+            merger.add(_event(record, python_key=False), (job.table, text_key))
         archive.check_memory(job.table, len(changed))
         await asyncio.sleep(0)
     stats.changed_keys = len(changed)

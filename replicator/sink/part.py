@@ -176,6 +176,14 @@ def partable(records: Sequence[Mapping[str, Any]]) -> bool:
 
 def key_text(key: Mapping[str, Any]) -> str:
     """A row's key as a part line holds it (before COPY escaping)."""
+    if len(key) == 1:  # the common case, once per change read: kept short
+        for value in key.values():
+            cls = type(value)
+            if cls is str:
+                return str(value)
+            if cls is int:
+                return str(value)
+            return str(text(value))
     return KEY_SEPARATOR.join(str(text(v)) for v in key.values())
 
 
