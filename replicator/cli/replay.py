@@ -76,6 +76,8 @@ def _tables(text: str | None) -> list[str] | None:
               help="Drop and replace tables (or files) that already exist at the target.")
 @click.option("--destination", metavar="NAME",
               help="Whose checkpoint to trust, when the store holds several.")
+@click.option("--override-reason", metavar="TEXT",
+              help="Replace tables of a live database on a wedding day anyway (logged).")
 @click.option("--jobs", type=click.IntRange(1, 64), default=4, show_default=True,
               help="Tables restored at once.")
 @click.option("--memory-budget", "memory_budget", type=click.FloatRange(min=32), default=2048,
@@ -87,7 +89,8 @@ def _tables(text: str | None) -> list[str] | None:
               type=click.Choice(["debug", "info", "warning", "error"]))
 def replay(store_url: str, at_text: str, to: str | None, tables: str | None,
            wedding: str | None, format_: str, dry_run: bool, as_json: bool,
-           replace_existing: bool, destination: str | None, jobs: int, memory_budget: float,
+           replace_existing: bool, destination: str | None, override_reason: str | None,
+           jobs: int, memory_budget: float,
            keyring_file: Path | None, log_level: str) -> None:
     """Rebuild the database, some tables, or one wedding as of a moment.
 
@@ -115,7 +118,8 @@ def replay(store_url: str, at_text: str, to: str | None, tables: str | None,
             if dry_run:
                 return prepared
             assert to is not None
-            target = (PostgresTarget(to, replace_existing=replace_existing) if is_dsn(to)
+            target = (PostgresTarget(to, replace_existing=replace_existing,
+                                     override_reason=override_reason) if is_dsn(to)
                       else FileTarget(to, format_, replace_existing=replace_existing))
             show = None if as_json or not sys.stderr.isatty() else _stderr
             return await apply(prepared, target, jobs=jobs, progress=show,

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 from collections.abc import Sequence
 from datetime import date, datetime
@@ -31,11 +32,13 @@ from pathlib import Path
 from typing import Any, Final, Protocol
 
 from replicator.replay.engine import ReplayFailed, TableSchema
+from replicator.replay.plan import ReplayRefused
 from replicator.replay.render import TableHash, copy_line, json_value, text, typed
 
 __all__ = ["FORMATS", "FileTarget", "HashTarget", "PostgresTarget", "Target", "is_dsn"]
 
 FORMATS: Final = ("jsonl", "csv", "parquet")
+log = logging.getLogger("replicator.replay")
 
 
 def is_dsn(to: str) -> bool:
@@ -60,9 +63,14 @@ class Target(Protocol):
 
 
 class PostgresTarget:
-    def __init__(self, dsn: str, *, replace_existing: bool = False) -> None:
+    """*override_reason*: replace tables of a live database on a wedding day anyway (below);
+    the reason is logged."""
+
+    def __init__(self, dsn: str, *, replace_existing: bool = False,
+                 override_reason: str | None = None) -> None:
         self.dsn = dsn
         self.replace_existing = replace_existing
+        self.override_reason = override_reason
         self.bytes_written = 0
         self._open: list[Any] = []  # connections holding a table's open transaction
 
@@ -85,12 +93,46 @@ class PostgresTarget:
                 if row is not None and row[0] is not None:
                     existing.append(schema.table)
             if existing and not self.replace_existing:
-                raise ReplayFailed(
+                raise ReplayRefused(
                     f"the target database already has {', '.join(existing)}: restore into an "
                     "empty database, or give --replace-existing to drop and replace them "
                     "(inside the restore's transaction: a failed replay keeps them)")
+            if existing:
+                await self._wedding_day_guard(conn, existing)
         finally:
             await conn.close()
+
+    async def _wedding_day_guard(self, conn: Any, existing: Sequence[str]) -> None:
+        """Replacing tables of a *live* database (one a logical replication slot reads) is
+        refused on a Saturday and when a wedding in `public.weddings` is today or tomorrow
+        (the server's date), unless overridden with a reason, which is logged."""
+        cur = await conn.execute(
+            "SELECT count(*) FROM pg_replication_slots WHERE database = current_database() "
+            "AND slot_type = 'logical'")
+        row = await cur.fetchone()
+        if not row or not row[0]:
+            return
+        cur = await conn.execute("SELECT extract(isodow FROM current_date) = 6, "
+                                 "to_regclass('public.weddings') IS NOT NULL")
+        saturday, has_weddings = await cur.fetchone()
+        soon = 0
+        if has_weddings:
+            cur = await conn.execute(
+                "SELECT count(*) FROM public.weddings "
+                "WHERE wedding_date BETWEEN current_date AND current_date + 1")
+            soon = int((await cur.fetchone())[0])
+        if not saturday and not soon:
+            return
+        why = " and ".join(([] if not saturday else ["it is Saturday"])
+                           + ([] if not soon else
+                              [f"{soon} wedding(s) in public.weddings are today or tomorrow"]))
+        if not self.override_reason:
+            raise ReplayRefused(
+                f"replacing {', '.join(existing)} in a live database (it has a logical "
+                f"replication slot) is refused: {why}. Restore into another database, or give "
+                "--override-reason '<why>' (it is logged)")
+        log.warning("wedding-day protection overridden (%s): replacing %s in a live database; "
+                    "reason: %s", why, ", ".join(existing), self.override_reason)
 
     @contextlib.asynccontextmanager
     async def table(self, schema: TableSchema):  # type: ignore[no-untyped-def]
@@ -198,8 +240,8 @@ class FileTarget:
             raise ReplayFailed(f"--to {self.directory} exists and is not a directory")
         existing = [str(self.path(s.table)) for s in schemas if self.path(s.table).exists()]
         if existing and not self.replace_existing:
-            raise ReplayFailed(f"{', '.join(existing)} already exist(s): choose an empty "
-                               "directory, or give --replace-existing")
+            raise ReplayRefused(f"{', '.join(existing)} already exist(s): choose an empty "
+                                "directory, or give --replace-existing")
         self.directory.mkdir(parents=True, exist_ok=True)
 
     @contextlib.asynccontextmanager

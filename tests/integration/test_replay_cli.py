@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from replicator.position import Lsn
 from tests.integration.archive_helpers import destination_checkpoint, destinations, sink_environ
 from tests.integration.replay_helpers import (
@@ -88,3 +90,29 @@ async def test_replay_and_verify_commands(pg_dsn: str, kafka_bootstrap: str, top
                                    str(tmp_path / "y"))
     assert done.returncode == 1 and f"segments/public.vendors/{segment.name}" in done.stderr
     assert "nothing was committed" in done.stderr
+
+
+async def test_replacing_tables_of_a_live_database_on_a_wedding_day_needs_a_reason(
+        pg_dsn: str, caplog: pytest.LogCaptureFixture) -> None:
+    import psycopg
+
+    from replicator.replay.engine import Column, TableSchema
+    from replicator.replay.plan import ReplayRefused
+    from replicator.replay.targets import PostgresTarget
+
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE weddings (id bigint PRIMARY KEY, wedding_date date)")
+        conn.execute("INSERT INTO weddings VALUES (1, current_date + 1)")
+        conn.execute("CREATE TABLE guests (id bigint PRIMARY KEY)")
+    guests = TableSchema("public.guests", (Column("id", "bigint", True),), ("id",), Lsn(1))
+    # Not live (no replication slot reads it): replacing is the operator's call.
+    await PostgresTarget(pg_dsn, replace_existing=True).prepare([guests])
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute("SELECT pg_create_logical_replication_slot('live_guard', 'pgoutput')")
+    with pytest.raises(ReplayRefused, match=r"1 wedding\(s\) in public.weddings are today or "
+                                            r"tomorrow.*--override-reason"):
+        await PostgresTarget(pg_dsn, replace_existing=True).prepare([guests])
+    caplog.set_level("WARNING", logger="replicator.replay")
+    await PostgresTarget(pg_dsn, replace_existing=True,
+                         override_reason="restoring guests lost by a bad import").prepare([guests])
+    assert "reason: restoring guests lost by a bad import" in caplog.text
