@@ -28,11 +28,13 @@ transaction records: fewer than announced means an object is missing; changes at
 has no transaction record mean the transaction records have a gap. Both stop the replay. A
 wedding restore reads only the segments that can hold the wedding, so it cannot count.
 
-**Keys.** The merger keys rows by the canonical JSON of their key columns, as the sinks do. An
+**Keys.** A full-table restore keys rows by the Postgres text of their key columns, as part
+lines hold it (`sink.part.key_text`), so changes and snapshot-part lines meet without parsing
+(a numeric key archived as both `1.5` and `1.50` would not match, and the primary key added
+after loading refuses the duplicate rather than keep it silently); a wedding restore keys by
+the canonical JSON the sinks use, which the segment headers' filters of deleted keys hold. An
 update that changes the primary key (its before image holds the old key) also deletes the old
-key. Base rows are matched against the changed keys by their archived key values (the same
-for one row's versions; a numeric key archived as both `1.5` and `1.50` would not match, and
-the primary key added after loading refuses the duplicate rather than keep it silently).
+key.
 """
 
 from __future__ import annotations
@@ -42,9 +44,7 @@ import bisect
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from decimal import Decimal
 from typing import Any
-from uuid import UUID
 
 from connectors.base import ObjectStore
 from connectors.errors import NotFound, StoreError
@@ -52,7 +52,7 @@ from replicator.crypto import CryptoError, Keyring, UnknownKey, decrypt, decrypt
 from replicator.events import ChangeEvent, Op, Tier, TransactionRecord
 from replicator.position import ChangePosition, Lsn
 from replicator.replay.plan import ReplayRefused
-from replicator.replay.render import PgText
+from replicator.replay.render import PgText, copy_escape
 from replicator.sink.merge import Merger, Tombstone
 from replicator.sink.part import (
     KEY_SEPARATOR,
@@ -74,7 +74,7 @@ from replicator.sink.segment import (
     decode_transaction_segment,
     parse_key,
 )
-from replicator.transport.avro import NUMERIC, UUID_, to_python
+from replicator.transport.avro import to_python
 from replicator.transport.kafka import key_text
 
 __all__ = ["Archive", "ReplayFailed", "TableJob", "TableSchema", "TableStats", "Timeline",
@@ -277,7 +277,7 @@ class Archive:
             header, batches = decode_part(decrypt(data, key, self.keyring))
         except (CryptoError, PartCorrupt) as exc:
             raise self._unreadable(key, exc) from None
-        first = self._part_first(key)
+        first = self._first(key)
 
         def checked() -> Iterator[list[str]]:
             try:
@@ -293,13 +293,6 @@ class Archive:
                 header.table, header.lsn, header.first_seq, header.last_seq):
             raise self._failed(key, "holds other rows than its name says", first)
         return header, checked()
-
-    @staticmethod
-    def _part_first(key: str) -> int | None:
-        try:
-            return int(parse_part_key(key).lsn)
-        except ValueError:
-            return None
 
     async def transactions(self) -> list[TransactionRecord]:
         """Every archived transaction record (duplicates included), in name order."""
@@ -377,20 +370,6 @@ class TableStats:
     segments_skipped: int = 0  # passed over because their header proved them irrelevant
 
 
-def _hashable(value: Any) -> Any:
-    if type(value) is tuple:
-        name, fields = value
-        return (name, repr(fields))
-    return value
-
-
-def _fast_key(key: Mapping[str, Any]) -> Any:
-    if len(key) == 1:
-        for value in key.values():
-            return _hashable(value)
-    return tuple(_hashable(v) for v in key.values())
-
-
 def _mark(seen: dict[int, bytearray], lsn: int, seq: int) -> bool:
     """Record position (lsn, seq) as seen; False when it was seen before."""
     index, mask = seq >> 3, 1 << (seq & 7)
@@ -442,7 +421,8 @@ async def restore_table(archive: Archive, job: TableJob, emit: Emit,
     stats = TableStats(job.table)
     base, target = int(job.base), int(job.target)
     merger = Merger()
-    changed: set[Any] = set()
+    # The changed keys, as part lines hold them (`sink.part.key_text`, COPY-escaped).
+    changed: set[str] = set()
     seen: dict[int, bytearray] = {}
     change_commits: set[int] = set()
     truncated: tuple[int, int] | None = None
@@ -450,7 +430,6 @@ async def restore_table(archive: Archive, job: TableJob, emit: Emit,
     key_changes: list[dict[str, Any]] = []
 
     parts: list[str] = []
-    changed_text: set[str] = set()  # changed keys as part lines hold them
     for key in job.segments:
         if is_part_key(key):
             lsn = int(parse_part_key(key).lsn)
@@ -458,10 +437,9 @@ async def restore_table(archive: Archive, job: TableJob, emit: Emit,
                 parts.append(key)
             elif base < lsn <= target:  # an on-demand snapshot: versions like changes
                 stats.segments += 1
-                async for event, row_key, text_key in _part_events(archive, key, job, seen):
+                async for event, text_key in _part_events(archive, key, job, seen):
                     merger.add(event, (job.table, text_key))
-                    changed.add(row_key)
-                    changed_text.add(_escaped(text_key))
+                    changed.add(copy_escape(text_key))
             continue
         parsed = parse_key(key)
         if parsed.last < base or parsed.first > target:
@@ -490,17 +468,15 @@ async def restore_table(archive: Archive, job: TableJob, emit: Emit,
                     truncated = position
                 merger.add(_event(record))
                 continue
-            changed.add(_fast_key(record["key"]))
             text_key = part_key_text(record["key"])
-            changed_text.add(_escaped(text_key))
+            changed.add(copy_escape(text_key))
             before = record["before"]
             if op == "u" and before is not None:
-                old = {name: before.get(name) for name in record["key"]}
-                if _fast_key(old) != _fast_key(record["key"]):
+                old_key = part_key_text({name: before.get(name) for name in record["key"]})
+                if old_key != text_key:
                     # A key change: applied once every older version is in (below).
                     key_changes.append(record)
-                    changed.add(_fast_key(old))
-                    changed_text.add(_escaped(part_key_text(old)))
+                    changed.add(copy_escape(old_key))
                     continue
             merger.add(_event(record, python_key=False), (job.table, text_key))
         archive.check_memory(job.table, len(changed))
@@ -518,10 +494,11 @@ async def restore_table(archive: Archive, job: TableJob, emit: Emit,
                 continue
             if truncated is not None and (base, seq) < truncated:
                 continue
-            if changed and _fast_key(record["key"]) in changed:
-                merger.add(_event(record, python_key=False),
-                           _text_key(job.table, record["key"]))
-                continue
+            if changed:
+                text_key = part_key_text(record["key"])
+                if copy_escape(text_key) in changed:
+                    merger.add(_event(record, python_key=False), (job.table, text_key))
+                    continue
             after = record["after"]
             batch.append([after.get(c) for c in columns])
             if len(batch) >= BATCH_ROWS:
@@ -554,7 +531,7 @@ async def restore_table(archive: Archive, job: TableJob, emit: Emit,
                     continue
                 if truncated is not None and (base, seq) < truncated:
                     continue
-                if key_field in changed_text:
+                if key_field in changed:
                     merger.add(_line_event(job, part, seq, wedding_text, key_field, row),
                                (job.table, unescape(key_field)))
                     continue
@@ -691,7 +668,7 @@ async def _restore_wedding(archive: Archive, job: TableJob, emit: Emit,
             before = record["before"]
             if op == "u" and before is not None:
                 old = {name: before.get(name) for name in record["key"]}
-                if _fast_key(old) != _fast_key(record["key"]):
+                if part_key_text(old) != part_key_text(record["key"]):
                     key_changes.append(dict(record))
                     wanted.add(key_text(to_python(old)))
                     return
@@ -708,7 +685,7 @@ async def _restore_wedding(archive: Archive, job: TableJob, emit: Emit,
                 continue
             part, batches = await archive.part(key)
             stats.segments += 1
-            mine = wedding_field(wedding or "")
+            mine = copy_escape(wedding or "")
             for lines in batches:
                 for line in lines:
                     seq_text, owner, key_field, row = line.split("\t", 3)
@@ -751,18 +728,6 @@ async def _restore_wedding(archive: Archive, job: TableJob, emit: Emit,
     return stats
 
 
-def wedding_field(wedding: str) -> str:
-    """A wedding id as a part line holds it."""
-    return wedding.translate(_COPY_ESCAPES)
-
-
-def _escaped(key: str) -> str:
-    return key.translate(_COPY_ESCAPES)
-
-
-_COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
-
-
 def _values(row: str, where: Sequence[int]) -> list[Any]:
     """A part's COPY text row as values in the schema's column order (`PgText`, or None)."""
     fields = row_fields(row)
@@ -784,7 +749,7 @@ def _line_event(job: TableJob, header: PartHeader, seq: int, wedding: str, key_f
 
 
 async def _part_events(archive: Archive, key: str, job: TableJob, seen: dict[int, bytearray]
-                       ) -> AsyncIterator[tuple[ChangeEvent, Any, str]]:
+                       ) -> AsyncIterator[tuple[ChangeEvent, str]]:
     """The rows of an on-demand snapshot's part, as versions at their position."""
     header, batches = await archive.part(key)
     for lines in batches:
@@ -794,17 +759,4 @@ async def _part_events(archive: Archive, key: str, job: TableJob, seen: dict[int
             if not _mark(seen, int(header.lsn), seq):
                 continue
             event = _line_event(job, header, seq, wedding, key_field, row)
-            yield event, _fast_key_of(event.key), unescape(key_field)
-
-
-def _fast_key_of(key: Mapping[str, Any]) -> Any:
-    """`_fast_key` of a key given as Python values of the kinds a part holds (the archived
-    datum of a uuid or numeric is its text in a record)."""
-    def datum(value: Any) -> Any:
-        if isinstance(value, UUID):
-            return (UUID_, repr({"text": str(value)}))
-        if isinstance(value, Decimal):
-            return (NUMERIC, repr({"text": format(value, "f")}))
-        return value
-    values = [datum(v) for v in key.values()]
-    return values[0] if len(values) == 1 else tuple(values)
+            yield event, unescape(key_field)

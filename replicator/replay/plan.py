@@ -548,22 +548,22 @@ def plan(listing: Listing, *, at: At, checkpoint: Lsn,
                             "no snapshot of it (its first segments hold no snapshot rows)")
     oldest = max(lsn for lsn in oldest_by_table.values() if lsn is not None)
 
-    def at_or_before(point: Lsn) -> Lsn | None:
+    def out_of_gaps(point: Lsn, later: bool) -> Lsn:
+        """*point* moved to the edge (start, or end if *later*) of every gap it is inside."""
         moved = True
         while moved:
             moved = False
             for start, end in gap_list:
                 if start < point < end:
-                    point, moved = start, True
+                    point, moved = (end if later else start), True
+        return point
+
+    def at_or_before(point: Lsn) -> Lsn | None:
+        point = out_of_gaps(point, later=False)
         return point if point >= oldest else None
 
     def at_or_after(point: Lsn) -> Lsn | None:
-        moved = True
-        while moved:
-            moved = False
-            for start, end in gap_list:
-                if start < point < end:
-                    point, moved = end, True
+        point = out_of_gaps(point, later=True)
         return point if latest is not None and point <= latest else None
 
     def suggest(point: Lsn | None, label: str) -> str:

@@ -43,7 +43,8 @@ from replicator.transport.avro import (
     UUID_,
 )
 
-__all__ = ["PgText", "TableHash", "copy_line", "json_value", "row_digest", "text", "typed"]
+__all__ = ["FLOAT_TYPES", "INT_TYPES", "PgText", "TableHash", "copy_escape", "copy_line",
+           "json_value", "row_digest", "text", "typed"]
 
 _INT_MAX: Final = 2**31 - 1
 _INT_MIN: Final = -(2**31)
@@ -64,6 +65,11 @@ _CYCLE_MICROS: Final = _CYCLE_DAYS * 86_400 * _US
 
 # COPY text format: backslash, and the characters that would end a field or a line.
 _COPY_ESCAPES: Final = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+
+
+def copy_escape(text: str) -> str:
+    """*text* as a field of COPY's text format (backslash, tab, newline, CR escaped)."""
+    return text.translate(_COPY_ESCAPES)
 
 
 def _shifted(iso: str, cycles: int, suffix: str) -> str:
@@ -270,8 +276,8 @@ def utc_text(us: int) -> str:
     return (datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=us)).isoformat()
 
 
-_INT_TYPES: Final = frozenset({"smallint", "integer", "bigint", "oid"})
-_FLOAT_TYPES: Final = frozenset({"real", "double precision"})
+INT_TYPES: Final = frozenset({"smallint", "integer", "bigint", "oid"})
+FLOAT_TYPES: Final = frozenset({"real", "double precision"})
 _EPOCH_UTC: Final = datetime(1970, 1, 1, tzinfo=UTC)
 
 
@@ -282,9 +288,9 @@ def typed(value: Any, type_name: str) -> Any:
         return value
     text_ = str(value)
     try:
-        if type_name in _INT_TYPES:
+        if type_name in INT_TYPES:
             return int(text_)
-        if type_name in _FLOAT_TYPES:
+        if type_name in FLOAT_TYPES:
             return float(text_)
         if type_name == "boolean":
             return text_ == "t"

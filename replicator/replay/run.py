@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import resource
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -43,7 +42,7 @@ from replicator.replay.engine import (
 from replicator.replay.plan import At, Header, ReplayPlan, ReplayRefused, plan, resolve_time
 from replicator.replay.render import utc_text
 from replicator.replay.targets import Target
-from replicator.sink.checkpoint import parse_checkpoint_key
+from replicator.sink.archive import checkpoint as archive_checkpoint
 from replicator.sink.part import PartCorrupt, is_part_key, read_part_header
 from replicator.sink.segment import SegmentError, read_header
 
@@ -114,11 +113,7 @@ class ReplaySummary:
                 f"peak RSS {self.peak_rss_mb:,.0f} MB")
 
 
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-async def _destination(store: ObjectStore, asked: str | None) -> str:
+async def find_destination(store: ObjectStore, asked: str | None) -> str:
     names: set[str] = set()
     async for info in store.list("checkpoints/"):
         names.add(info.key.split("/")[1])
@@ -135,15 +130,6 @@ async def _destination(store: ObjectStore, asked: str | None) -> str:
         raise ReplayRefused(f"the store holds checkpoints of several destinations "
                             f"({', '.join(sorted(names))}): choose one with --destination")
     return names.pop()
-
-
-async def _checkpoint(store: ObjectStore, destination: str) -> Lsn:
-    prefix = f"checkpoints/{destination}/"
-    latest = Lsn(0)
-    async for info in store.list(prefix):
-        if "/" not in info.key[len(prefix):]:
-            latest = max(latest, parse_checkpoint_key(info.key))
-    return latest
 
 
 async def _schema(archive: Archive, table: str, target: Lsn) -> TableSchema:
@@ -182,8 +168,8 @@ async def prepare(store: ObjectStore, keyring: Keyring, *, at: At,
                   tables: Sequence[str] | None = None, wedding: str | None = None,
                   destination: str | None = None) -> Prepared:
     started = time.perf_counter()
-    dest = await _destination(store, destination)
-    checkpoint = await _checkpoint(store, dest)
+    dest = await find_destination(store, destination)
+    checkpoint = await archive_checkpoint(store, dest)
     listing: list[ObjectInfo] = [info async for info in store.list("segments/")]
     listing += [info async for info in store.list("snapshots/")]
     archive = Archive(store, keyring)

@@ -33,7 +33,15 @@ from typing import Any, Final, Protocol
 
 from replicator.replay.engine import ReplayFailed, TableSchema
 from replicator.replay.plan import ReplayRefused
-from replicator.replay.render import TableHash, copy_line, json_value, text, typed
+from replicator.replay.render import (
+    FLOAT_TYPES,
+    INT_TYPES,
+    TableHash,
+    copy_line,
+    json_value,
+    text,
+    typed,
+)
 
 __all__ = ["FORMATS", "FileTarget", "HashTarget", "PostgresTarget", "Target", "is_dsn"]
 
@@ -313,16 +321,14 @@ class _TextWriter:
 
 _EPOCH: Final = datetime(1970, 1, 1)
 _EPOCH_ORDINAL: Final = date(1970, 1, 1).toordinal()
-_INT_TYPES: Final = frozenset({"smallint", "integer", "bigint", "oid"})
-_FLOAT_TYPES: Final = frozenset({"real", "double precision"})
 
 
 def _arrow_type(type_name: str) -> Any:
     import pyarrow as pa
 
-    if type_name in _INT_TYPES:
+    if type_name in INT_TYPES:
         return pa.int64()
-    if type_name in _FLOAT_TYPES:
+    if type_name in FLOAT_TYPES:
         return pa.float64()
     if type_name == "boolean":
         return pa.bool_()

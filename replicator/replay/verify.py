@@ -41,8 +41,9 @@ from replicator.position import Lsn
 from replicator.replay.engine import ReplayFailed, TableSchema, restore_table
 from replicator.replay.plan import LATEST, At, ReplayRefused
 from replicator.replay.render import TableHash, utc_text
-from replicator.replay.run import Prepared, _checkpoint, prepare
+from replicator.replay.run import Prepared, find_destination, prepare
 from replicator.replay.targets import HashTarget, PostgresTarget
+from replicator.sink.archive import checkpoint as archive_checkpoint
 
 __all__ = ["TableCheck", "VerifyReport", "live_hashes", "verify"]
 
@@ -286,12 +287,10 @@ def _report(prepared: Prepared) -> VerifyReport:
 async def _wait_checkpoint(store: ObjectStore, destination: str | None, consistent: Lsn,
                            wait_s: float) -> None:
     """Until the destination's checkpoint covers every commit below *consistent*."""
-    from replicator.replay.run import _destination
-
-    dest = await _destination(store, destination)
+    dest = await find_destination(store, destination)
     deadline = time.monotonic() + wait_s
     while True:
-        checkpoint = await _checkpoint(store, dest)
+        checkpoint = await archive_checkpoint(store, dest)
         if checkpoint >= consistent:
             return
         if time.monotonic() > deadline:

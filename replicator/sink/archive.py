@@ -78,7 +78,14 @@ async def part_records(store: ObjectStore, keyring: Keyring, table: str | None =
     from urllib.parse import quote
 
     from replicator.replay.render import PgText, typed
-    from replicator.sink.part import decode_part, is_part_key, key_values, row_fields, split_line
+    from replicator.sink.part import (
+        KEY_SEPARATOR,
+        decode_part,
+        is_part_key,
+        key_values,
+        row_fields,
+        split_line,
+    )
 
     prefix = f"snapshots/{quote(table, safe='')}/" if table else "snapshots/"
     types: dict[str, dict[str, str]] = {}
@@ -100,7 +107,7 @@ async def part_records(store: ObjectStore, keyring: Keyring, table: str | None =
                                                                 kinds.get(name, ""))
                          for name, value in zip(header.columns, row_fields(row), strict=True)}
                 yield {"op": "r", "before": None, "after": after, "unchanged": [],
-                       "key": key_values(key.split("\x1f"), header.key_kinds, header.key),
+                       "key": key_values(key.split(KEY_SEPARATOR), header.key_kinds, header.key),
                        "source": {"lsn": int(header.lsn), "seq": seq, "schema": schema_name,
                                   "table": table_name, "ts_us": header.min_commit_ts_us,
                                   "txId": 0, "origin": None, "db": ""},

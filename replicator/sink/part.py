@@ -41,7 +41,7 @@ from urllib.parse import quote, unquote
 from uuid import UUID
 
 from replicator.position import Lsn
-from replicator.replay.render import copy_line, text
+from replicator.replay.render import copy_escape, copy_line, text
 from replicator.sink.bloom import Bloom
 from replicator.transport.avro import NUMERIC, UUID_
 
@@ -56,7 +56,6 @@ _CHUNK: Final = 1 << 20
 _KEY: Final = re.compile(
     r"snapshots/(?P<table>[^/]+)/(?P<lsn>[0-9A-F]{16})/rows-(?P<first>[0-9]{10})-"
     r"(?P<last>[0-9]{10})-(?P<digest>[0-9a-f]{1,64})\.part")
-_COPY_ESCAPES: Final = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 _UNESCAPE: Final = re.compile(r"\\(.)")
 _UNESCAPED: Final = {"t": "\t", "n": "\n", "r": "\r", "\\": "\\", "b": "\b", "f": "\f",
                      "v": "\v"}
@@ -233,8 +232,8 @@ def encode_part(records: Sequence[Mapping[str, Any]], *, table: str, tier: str,
         ts = source["ts_us"]
         low, high = min(low, ts), max(high, ts)
         lines.append(f"{source['seq']}\t"
-                     + ("\\N" if wedding is None else wedding.translate(_COPY_ESCAPES))
-                     + "\t" + key_text(record["key"]).translate(_COPY_ESCAPES) + "\t"
+                     + ("\\N" if wedding is None else copy_escape(wedding))
+                     + "\t" + copy_escape(key_text(record["key"])) + "\t"
                      + copy_line([after[c] for c in columns]))
     ids: tuple[str, ...] | None = tuple(sorted(weddings))
     bloom = None
