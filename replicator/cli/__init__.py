@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from replicator import __version__
+from replicator.cli.compact import compact
 from replicator.cli.demo import demo
 from replicator.cli.dev import dev
 from replicator.cli.replay import replay, verify
@@ -18,6 +19,7 @@ def main() -> None:
     """Change-data-capture replicator and point-in-time backup for WedSync."""
 
 
+main.add_command(compact)
 main.add_command(demo)
 main.add_command(dev)
 main.add_command(replay)

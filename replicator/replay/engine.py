@@ -52,7 +52,7 @@ from replicator.crypto import CryptoError, Keyring, UnknownKey, decrypt, decrypt
 from replicator.events import ChangeEvent, Op, Tier, TransactionRecord
 from replicator.position import ChangePosition, Lsn
 from replicator.replay.plan import ReplayRefused
-from replicator.replay.render import PgText, copy_escape
+from replicator.replay.render import PgText, copy_escape, copy_line
 from replicator.sink.merge import Merger, Tombstone
 from replicator.sink.part import (
     KEY_SEPARATOR,
@@ -74,6 +74,12 @@ from replicator.sink.segment import (
     decode_transaction_segment,
     parse_key,
 )
+from replicator.sink.snapshot import (
+    SnapshotHeader,
+    SnapshotPart,
+    is_snapshot_key,
+    parse_snapshot_key,
+)
 from replicator.transport.avro import to_python
 from replicator.transport.kafka import key_text
 
@@ -82,7 +88,10 @@ __all__ = ["Archive", "ReplayFailed", "TableJob", "TableSchema", "TableStats", "
 
 Rows = list[list[Any]]
 Emit = Callable[[Rows], Awaitable[None]]
-EmitCopy = Callable[[str, int], Awaitable[None]]  # COPY text lines, and how many
+EmitCopy = Callable[[str | bytes, int], Awaitable[None]]  # COPY text lines, and how many
+# Rows as COPY text lines and their index lines (`<wedding>\t<key text>`), no newlines: what a
+# compaction snapshot holds (`sink.snapshot`).
+EmitLines = Callable[[list[str], list[str]], Awaitable[None]]
 BATCH_ROWS = 2000
 
 
@@ -211,6 +220,8 @@ class Archive:
         try:
             if is_part_key(key):
                 return int(parse_part_key(key).lsn)
+            if is_snapshot_key(key):
+                return int(parse_snapshot_key(key).lsn)
             return int(parse_key(key).first)
         except ValueError:
             return None
@@ -294,6 +305,24 @@ class Archive:
             raise self._failed(key, "holds other rows than its name says", first)
         return header, checked()
 
+    async def snapshot(self, key: str) -> SnapshotPart:
+        """Compaction snapshot part *key*, decrypted, its header checked against its name;
+        errors (also those its frames raise as they are read) name it."""
+        data = await self._get(key)
+        first = self._first(key)
+        try:
+            part = SnapshotPart(decrypt(data, key, self.keyring))
+        except (CryptoError, PartCorrupt) as exc:
+            raise self._unreadable(key, exc) from None
+        name = parse_snapshot_key(key)
+        header = part.header
+        if (name.table, name.lsn, name.number) != (header.table, header.lsn, header.part):
+            raise self._failed(key, "holds another part than its name says", first)
+        return part
+
+    def snapshot_failed(self, key: str, exc: PartCorrupt) -> ReplayFailed:
+        return self._failed(key, f"is corrupt: {exc}", self._first(key))
+
     async def transactions(self) -> list[TransactionRecord]:
         """Every archived transaction record (duplicates included), in name order."""
         out: list[TransactionRecord] = []
@@ -355,7 +384,13 @@ class TableJob:
     wedding: str | None = None
     check_counts: bool = True
     # fetched headers (wedding restores)
-    headers: Mapping[str, SegmentHeader | PartHeader] | None = None
+    headers: Mapping[str, SegmentHeader | PartHeader | SnapshotHeader] | None = None
+    compacted: bool = False  # the base is a compaction snapshot, which holds changes at base
+
+    @property
+    def first_change(self) -> int:
+        """The lowest commit LSN whose changes the base does not hold."""
+        return int(self.base) + 1 if self.compacted else int(self.base)
 
 
 @dataclass(slots=True)
@@ -412,14 +447,16 @@ def _text_key(table: str, key: Mapping[str, Any]) -> tuple[str, str]:
 
 async def restore_table(archive: Archive, job: TableJob, emit: Emit,
                         progress: Callable[[int], None] | None = None,
-                        emit_copy: EmitCopy | None = None) -> TableStats:
+                        emit_copy: EmitCopy | None = None,
+                        emit_lines: EmitLines | None = None) -> TableStats:
     """Write the rows of *job*'s table as of `job.target` through *emit*, in batches of
     value lists ordered as `job.schema.columns` (module docstring). With *emit_copy*, rows of
-    snapshot parts whose columns are the schema's go through it as COPY text, unparsed."""
+    snapshot parts whose columns are the schema's go through it as COPY text, unparsed. With
+    *emit_lines*, every row goes through it instead, with its index line (compaction)."""
     if job.wedding is not None:
         return await _restore_wedding(archive, job, emit, progress)
     stats = TableStats(job.table)
-    base, target = int(job.base), int(job.target)
+    base, target, low = int(job.base), int(job.target), job.first_change
     merger = Merger()
     # The changed keys, as part lines hold them (`sink.part.key_text`, COPY-escaped).
     changed: set[str] = set()
@@ -430,30 +467,34 @@ async def restore_table(archive: Archive, job: TableJob, emit: Emit,
     key_changes: list[dict[str, Any]] = []
 
     parts: list[str] = []
+    snapshots: list[str] = []
     for key in job.segments:
+        if is_snapshot_key(key):
+            snapshots.append(key)
+            continue
         if is_part_key(key):
             lsn = int(parse_part_key(key).lsn)
-            if lsn == base:
+            if lsn == base and not job.compacted:
                 parts.append(key)
-            elif base < lsn <= target:  # an on-demand snapshot: versions like changes
+            elif low <= lsn <= target:  # an on-demand snapshot: versions like changes
                 stats.segments += 1
                 async for event, text_key in _part_events(archive, key, job, seen):
                     merger.add(event, (job.table, text_key))
                     changed.add(copy_escape(text_key))
             continue
         parsed = parse_key(key)
-        if parsed.last < base or parsed.first > target:
+        if parsed.last < low or parsed.first > target:
             continue
         header, records = await archive.segment(key)
         stats.segments += 1
-        if (header.first.commit_lsn == header.last.commit_lsn == base
+        if (not job.compacted and header.first.commit_lsn == header.last.commit_lsn == base
                 and set(header.ops) == {Op.READ.value}):
             deferred.append(key)
             continue
         for record in records:
             source = record["source"]
             lsn = source["lsn"]
-            if lsn < base or lsn > target:
+            if lsn < low or lsn > target:
                 continue
             if not _mark(seen, lsn, source["seq"]):
                 stats.duplicates += 1
@@ -482,9 +523,8 @@ async def restore_table(archive: Archive, job: TableJob, emit: Emit,
         archive.check_memory(job.table, len(changed))
         await asyncio.sleep(0)
     stats.changed_keys = len(changed)
+    out = _Output(job, stats, emit, emit_copy, emit_lines, progress)
 
-    columns = job.schema.names
-    batch: Rows = []
     for key in deferred:
         _, records = await archive.segment(key)
         for record in records:
@@ -499,30 +539,15 @@ async def restore_table(archive: Archive, job: TableJob, emit: Emit,
                 if copy_escape(text_key) in changed:
                     merger.add(_event(record, python_key=False), (job.table, text_key))
                     continue
-            after = record["after"]
-            batch.append([after.get(c) for c in columns])
-            if len(batch) >= BATCH_ROWS:
-                stats.rows += len(batch)
-                stats.base_rows += len(batch)
-                await emit(batch)
-                if progress is not None:
-                    progress(len(batch))
-                batch = []
-    stats.rows += len(batch)
-    stats.base_rows += len(batch)
-    if batch:
-        await emit(batch)
-        if progress is not None:
-            progress(len(batch))
-        batch = []
+            await out.record(record)
+    await out.flush()
 
     for key in parts:
         stats.segments += 1
         part, batches = await archive.part(key)
-        raw = emit_copy is not None and part.columns == columns
-        where = [part.columns.index(c) if c in part.columns else -1 for c in columns]
         for lines in batches:
-            out: list[str] = []
+            rows: list[str] = []
+            index: list[str] = []
             for line in lines:
                 seq_text, wedding_text, key_field, row = line.split("\t", 3)
                 seq = int(seq_text)
@@ -535,34 +560,148 @@ async def restore_table(archive: Archive, job: TableJob, emit: Emit,
                     merger.add(_line_event(job, part, seq, wedding_text, key_field, row),
                                (job.table, unescape(key_field)))
                     continue
-                out.append(row)
-            if not out:
-                continue
-            stats.rows += len(out)
-            stats.base_rows += len(out)
+                rows.append(row)
+                if emit_lines is not None:
+                    index.append(f"{wedding_text}\t{key_field}")
             archive.check_memory(job.table, len(changed))
-            if raw:
-                assert emit_copy is not None
-                await emit_copy("\n".join(out) + "\n", len(out))
-            else:
-                await emit([_values(row, where) for row in out])
-            if progress is not None:
-                progress(len(out))
+            await out.lines(rows, index, part.columns)
+
+    for key in snapshots:
+        stats.segments += 1
+        snapshot = await archive.snapshot(key)
+        if truncated is not None:  # a truncate after the base empties the table
+            continue
+        try:
+            await _snapshot_rows(archive, job, snapshot, changed, merger, out)
+        except PartCorrupt as exc:
+            raise archive.snapshot_failed(key, exc) from None
 
     if job.check_counts:  # before any conclusion is drawn from the versions found
         _check_counts(archive.timeline, job, seen, change_commits)
 
     _apply_key_changes(merger, key_changes, job.table)
-    await _emit_states(merger, job, emit, stats, progress, batch, archive.timeline)
+    await _emit_states(merger, job, out, archive.timeline)
     return stats
+
+
+class _Output:
+    """Where restored rows go: value batches (*emit*), COPY text (*emit_copy*, for rows
+    already in the schema's column order), or COPY text with index lines (*emit_lines*)."""
+
+    def __init__(self, job: TableJob, stats: TableStats, emit: Emit,
+                 emit_copy: EmitCopy | None, emit_lines: EmitLines | None,
+                 progress: Callable[[int], None] | None) -> None:
+        self.job, self.stats, self.emit = job, stats, emit
+        self.emit_copy, self.emit_lines, self.progress = emit_copy, emit_lines, progress
+        self.columns = job.schema.names
+        self.batch: Rows = []
+        self.index: list[str] = []
+
+    def _count(self, rows: int, base: bool) -> None:
+        self.stats.rows += rows
+        if base:
+            self.stats.base_rows += rows
+        if self.progress is not None:
+            self.progress(rows)
+
+    async def record(self, record: Mapping[str, Any]) -> None:
+        """A base row from a change segment (op `r`)."""
+        after = record["after"]
+        self.batch.append([after.get(c) for c in self.columns])
+        if self.emit_lines is not None:
+            self.index.append(_index_line(record["wedding_id"], part_key_text(record["key"])))
+        if len(self.batch) >= BATCH_ROWS:
+            await self.flush()
+
+    async def state(self, after: Mapping[str, Any], wedding: str | None, key: str) -> None:
+        """A merged row (not a base row)."""
+        self.batch.append([after.get(c) for c in self.columns])
+        if self.emit_lines is not None:
+            self.index.append(_index_line(wedding, key))
+        if len(self.batch) >= BATCH_ROWS:
+            await self.flush(base=False)
+
+    async def flush(self, base: bool = True) -> None:
+        batch, self.batch = self.batch, []
+        if not batch:
+            return
+        if self.emit_lines is not None:
+            index, self.index = self.index, []
+            await self.emit_lines([copy_line(values)[:-1] for values in batch], index)
+        else:
+            await self.emit(batch)
+        self._count(len(batch), base)
+
+    async def lines(self, rows: list[str], index: list[str], columns: Sequence[str]) -> None:
+        """Base rows as COPY text in *columns*' order (and their index lines, for
+        *emit_lines*)."""
+        if not rows:
+            return
+        if tuple(columns) != self.columns:
+            where = [columns.index(c) if c in columns else -1 for c in self.columns]
+            if self.emit_lines is not None:
+                rows = [copy_line(_values(row, where))[:-1] for row in rows]
+            else:
+                await self.emit([_values(row, where) for row in rows])
+                self._count(len(rows), True)
+                return
+        if self.emit_lines is not None:
+            await self.emit_lines(rows, index)
+        elif self.emit_copy is not None:
+            await self.emit_copy("\n".join(rows) + "\n", len(rows))
+        else:
+            where = list(range(len(columns)))
+            await self.emit([_values(row, where) for row in rows])
+        self._count(len(rows), True)
+
+    async def raw(self, chunk: bytes, rows: int) -> None:
+        """COPY text straight from a compaction snapshot (*emit_copy* only)."""
+        assert self.emit_copy is not None
+        await self.emit_copy(chunk, rows)
+        self._count(rows, True)
+
+
+def _index_line(wedding: str | None, key: str) -> str:
+    return ("\\N" if wedding is None else copy_escape(wedding)) + "\t" + copy_escape(key)
+
+
+async def _snapshot_rows(archive: Archive, job: TableJob, snapshot: SnapshotPart,
+                         changed: set[str], merger: Merger, out: _Output) -> None:
+    """A compaction snapshot part's rows: streamed as they are when no key of the table
+    changed after it (and the target takes COPY text), else line by line, a row whose key
+    changed joining the merger as the older version."""
+    header = snapshot.header
+    if (not changed and out.emit_lines is None and out.emit_copy is not None
+            and header.columns == out.columns):
+        for chunk in snapshot.row_chunks():
+            await out.raw(chunk, chunk.count(b"\n"))
+            archive.check_memory(job.table, 0)
+        return
+    rows = snapshot.row_lines()
+    index = snapshot.index_lines()
+    keep_rows: list[str] = []
+    keep_index: list[str] = []
+    for seq, (row, line) in enumerate(zip(rows, index, strict=True)):
+        wedding_text, key_field = line.split("\t", 1)
+        if key_field in changed:
+            merger.add(_line_event(job, header, seq, wedding_text, key_field, row),
+                       (job.table, unescape(key_field)))
+            continue
+        keep_rows.append(row)
+        keep_index.append(line)
+    del rows, index
+    archive.check_memory(job.table, len(changed))
+    for start in range(0, len(keep_rows), 50_000):
+        await out.lines(keep_rows[start:start + 50_000], keep_index[start:start + 50_000],
+                        header.columns)
 
 
 def _check_counts(timeline: Timeline, job: TableJob, seen: Mapping[int, bytearray],
                   change_commits: set[int]) -> None:
     announced = timeline.counts.get(job.table, {})
-    base, target = int(job.base), int(job.target)
+    low, target = job.first_change, int(job.target)
     for lsn in sorted(announced):
-        if lsn < base or lsn > target:
+        if lsn < low or lsn > target:
             continue
         bits = seen.get(lsn)
         got = int.from_bytes(bits, "little").bit_count() if bits else 0
@@ -606,11 +745,9 @@ def _apply_key_changes(merger: Merger, key_changes: list[dict[str, Any]],
         merger.add(moved, moved_key)
 
 
-async def _emit_states(merger: Merger, job: TableJob, emit: Emit, stats: TableStats,
-                       progress: Callable[[int], None] | None, batch: Rows,
-                       timeline: Timeline) -> None:
-    columns = job.schema.names
-    for state in merger.state().values():
+async def _emit_states(merger: Merger, job: TableJob, out: _Output, timeline: Timeline
+                       ) -> None:
+    for key, state in merger.state().items():
         if isinstance(state, Tombstone):
             continue
         if job.wedding is not None and state.wedding_id != job.wedding:
@@ -620,18 +757,8 @@ async def _emit_states(merger: Merger, job: TableJob, emit: Emit, stats: TableSt
                 f"{job.table}: the row with key {dict(state.key)} at {state.position} has "
                 f"unchanged column(s) {', '.join(state.unchanged)} and no earlier version in "
                 f"the archive to take them from{nearest_hint(timeline.before(job.base))}")
-        after = state.after or {}
-        batch.append([after.get(c) for c in columns])
-        stats.rows += 1
-        if len(batch) >= BATCH_ROWS:
-            await emit(batch)
-            if progress is not None:
-                progress(len(batch))
-            batch.clear()
-    if batch:
-        await emit(batch)
-        if progress is not None:
-            progress(len(batch))
+        await out.state(state.after or {}, state.wedding_id, key[1])
+    await out.flush(base=False)
 
 
 async def _restore_wedding(archive: Archive, job: TableJob, emit: Emit,
@@ -643,7 +770,7 @@ async def _restore_wedding(archive: Archive, job: TableJob, emit: Emit,
     moved to another wedding is seen only if the move is in a segment read (the update names
     the new wedding only)."""
     stats = TableStats(job.table)
-    base, target, wedding = int(job.base), int(job.target), job.wedding
+    base, target, wedding = job.first_change, int(job.target), job.wedding
     headers = job.headers or {}
     merger = Merger()
     seen: dict[int, bytearray] = {}
@@ -675,6 +802,20 @@ async def _restore_wedding(archive: Archive, job: TableJob, emit: Emit,
             merger.add(event)
 
     for key in job.segments:
+        if is_snapshot_key(key):
+            known = headers.get(key)
+            if known is not None and not known.may_hold_wedding(wedding or ""):
+                stats.segments_skipped += 1
+                continue
+            snapshot = await archive.snapshot(key)
+            stats.segments += 1
+            try:
+                for _, event in _snapshot_wedding(job, snapshot, wedding or ""):
+                    wanted.add(key_text(event.key))
+                    merger.add(event)
+            except PartCorrupt as exc:
+                raise archive.snapshot_failed(key, exc) from None
+            continue
         if is_part_key(key):
             lsn = int(parse_part_key(key).lsn)
             known = headers.get(key)
@@ -699,7 +840,7 @@ async def _restore_wedding(archive: Archive, job: TableJob, emit: Emit,
         if parsed.last < base or parsed.first > target:
             continue
         header = headers.get(key)
-        assert not isinstance(header, PartHeader)
+        assert not isinstance(header, PartHeader | SnapshotHeader)
         if (header is not None and not header.may_hold_wedding(wedding or "")
                 and not header.ops.get(Op.TRUNCATE.value, 0)):
             for_deletes.append((key, header))
@@ -724,8 +865,23 @@ async def _restore_wedding(archive: Archive, job: TableJob, emit: Emit,
             stats.changes += 1
     _apply_key_changes(merger, key_changes)
     stats.changed_keys = len(wanted)
-    await _emit_states(merger, job, emit, stats, progress, [], archive.timeline)
+    await _emit_states(merger, job, _Output(job, stats, emit, None, None, progress),
+                       archive.timeline)
     return stats
+
+
+def _snapshot_wedding(job: TableJob, snapshot: SnapshotPart, wedding: str
+                      ) -> Iterator[tuple[int, ChangeEvent]]:
+    """The rows of *wedding* in a compaction snapshot part, as versions at the base."""
+    mine = copy_escape(wedding) + "\t"
+    index = snapshot.index_lines()
+    picked = [n for n, line in enumerate(index) if line.startswith(mine)]
+    if not picked:
+        return
+    rows = snapshot.row_lines()
+    for n in picked:
+        key_field = index[n][len(mine):]
+        yield n, _line_event(job, snapshot.header, n, mine[:-1], key_field, rows[n])
 
 
 def _values(row: str, where: Sequence[int]) -> list[Any]:
@@ -734,17 +890,20 @@ def _values(row: str, where: Sequence[int]) -> list[Any]:
     return [None if i < 0 or fields[i] is None else PgText(fields[i]) for i in where]
 
 
-def _line_event(job: TableJob, header: PartHeader, seq: int, wedding: str, key_field: str,
-                row: str) -> ChangeEvent:
+def _line_event(job: TableJob, header: PartHeader | SnapshotHeader, seq: int, wedding: str,
+                key_field: str, row: str) -> ChangeEvent:
     names = header.columns
     fields = row_fields(row)
     after = {n: (None if v is None else PgText(v)) for n, v in zip(names, fields, strict=True)}
     schema, _, table = job.table.partition(".")
     key = key_values(unescape(key_field).split(KEY_SEPARATOR), header.key_kinds, header.key)
+    # A compaction snapshot's row keeps no commit time or tier: neither decides a merge of
+    # one origin's versions (positions do).
+    ts, tier = ((header.min_commit_ts_us, Tier(header.tier)) if isinstance(header, PartHeader)
+                else (0, Tier.LOW))
     return ChangeEvent(op=Op.READ, schema=schema, table=table,
                        position=ChangePosition(header.lsn, seq),
-                       commit_ts_us=header.min_commit_ts_us, xid=0, key=key, after=after,
-                       tier=Tier(header.tier),
+                       commit_ts_us=ts, xid=0, key=key, after=after, tier=tier,
                        wedding_id=None if wedding == "\\N" else unescape(wedding))
 
 

@@ -38,9 +38,12 @@ boundary records, from the transaction records), a table's oldest point is its f
 snapshot, and a table with no objects at all (empty at its snapshot, never changed) is
 planned too.
 
-**Snapshots.** Compaction will write `snapshots/<table>/<lsn>/part-<n>.seg` (`snapshot_key`):
-the full table state at `<lsn>`, in parts numbered from 0. A table starts from its newest
-snapshot at or below the target, and then needs only the segments holding changes after it.
+**Snapshots.** Compaction writes `snapshots/<table>/<lsn>/part-<n>.snap` (`sink.snapshot`):
+the full table state at `<lsn>`, in parts numbered from 0, and then, last, the manifest
+`snapshots/<table>/<lsn>/manifest-<parts>.json`. Only a snapshot with its manifest counts (one
+without is a compaction cut short, and is passed over); one whose manifest names a part the
+listing lacks is refused, naming the part. A table starts from its newest snapshot at or
+below the target, and then needs only the segments holding changes after it.
 
 **Weddings.** A wedding restore leaves out a segment whose fetched header proves it cannot
 matter to the wedding: the wedding is not among its ids (or not in their Bloom filter), and
@@ -61,21 +64,30 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final, Literal, NamedTuple
-from urllib.parse import quote, unquote
 
 from connectors.base import ObjectInfo
 from replicator.events import Op, TransactionRecord
 from replicator.position import Lsn
 from replicator.sink.part import PartHeader, is_part_key, parse_part_key
 from replicator.sink.segment import SegmentHeader, SegmentKey, SegmentKind, parse_key
+from replicator.sink.snapshot import (
+    SnapshotHeader,
+    SnapshotName,
+    is_manifest_key,
+    is_snapshot_key,
+    manifest_key,
+    parse_manifest_key,
+    parse_snapshot_key,
+    snapshot_key,
+)
 
 __all__ = [
-    "LATEST", "PLAN_FORMAT", "At", "ReplayPlan", "ReplayRefused", "SnapshotPartKey",
-    "TablePlan", "parse_at", "parse_snapshot_key", "plan", "resolve_time", "snapshot_key",
-    "transaction_segments_for",
+    "LATEST", "PLAN_FORMAT", "At", "ReplayPlan", "ReplayRefused", "SnapshotName",
+    "TablePlan", "manifest_key", "parse_at", "parse_manifest_key", "parse_snapshot_key",
+    "plan", "resolve_time", "snapshot_key", "transaction_segments_for",
 ]
 
 LATEST: Final = "latest"
@@ -83,12 +95,10 @@ PLAN_FORMAT: Final = 1
 At = Lsn | datetime | Literal["latest"]
 BaseKind = Literal["archive-start", "snapshot", "resnapshot"]
 Listing = Iterable[str | ObjectInfo]
-Header = SegmentHeader | PartHeader
+Header = SegmentHeader | PartHeader | SnapshotHeader
 
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND: Final = timedelta(microseconds=1)
-_SNAPSHOT_KEY: Final = re.compile(
-    r"snapshots/(?P<table>[^/]+)/(?P<lsn>[0-9A-F]{16})/part-(?P<part>0|[1-9][0-9]{0,8})\.seg")
 _LSN_TEXT: Final = re.compile(r"[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}")
 
 
@@ -99,38 +109,6 @@ class ReplayRefused(Exception):
     def __init__(self, message: str, *, nearest: Lsn | None = None) -> None:
         super().__init__(message)
         self.nearest = nearest
-
-
-# --- snapshot names --------------------------------------------------------------------------
-
-
-class SnapshotPartKey(NamedTuple):
-    table: str
-    lsn: Lsn
-    part: int
-
-
-def snapshot_key(table: str, lsn: Lsn, part: int) -> str:
-    """`snapshots/<table>/<16 hex>/part-<n>.seg`: the table quoted as in segment names, the
-    LSN as `Lsn.hex_key()`, the part number in decimal without leading zeros, from 0."""
-    if not table or table in (".", ".."):
-        raise ValueError(f"invalid table name {table!r} for a snapshot")
-    if not 0 <= part < 10**9:
-        raise ValueError(f"invalid snapshot part number {part}")
-    return f"snapshots/{quote(table, safe='')}/{lsn.hex_key()}/part-{part}.seg"
-
-
-def parse_snapshot_key(key: str) -> SnapshotPartKey:
-    """The inverse of `snapshot_key`; `ValueError` for any other name."""
-    match = _SNAPSHOT_KEY.fullmatch(key)
-    if match is None:
-        raise ValueError(f"{key!r} is not a snapshot part name "
-                         "(snapshots/<table>/<16 hex>/part-<n>.seg)")
-    table = unquote(match["table"], errors="strict")
-    lsn, part = Lsn.from_key(match["lsn"]), int(match["part"])
-    if table in ("", ".", "..") or snapshot_key(table, lsn, part) != key:
-        raise ValueError(f"{key!r} is not the canonical snapshot part name of its table")
-    return SnapshotPartKey(table, lsn, part)
 
 
 # --- time cuts -------------------------------------------------------------------------------
@@ -320,7 +298,8 @@ class _Archive:
     """One table's objects in the listing."""
 
     segments: list[_Segment]
-    snapshots: dict[Lsn, dict[int, str]]
+    snapshots: dict[Lsn, dict[int, str]]  # compaction snapshots' parts, by LSN and number
+    manifests: dict[Lsn, int] = field(default_factory=dict)  # complete ones: LSN -> parts
 
 
 def _names(listing: Listing) -> Iterable[str]:
@@ -343,7 +322,7 @@ def _check_header(name: str, header: Header | None, kind: SegmentKind, table: st
                   first: Lsn, last: Lsn) -> None:
     if header is None:
         return
-    if isinstance(header, PartHeader):
+    if isinstance(header, PartHeader | SnapshotHeader):
         raise ReplayRefused(f"the header given for {name} is a snapshot part's")
     if (header.kind is not kind or header.table != table
             or header.first.commit_lsn != first or header.last.commit_lsn != last):
@@ -376,18 +355,26 @@ def _read_listing(listing: Listing, headers: Mapping[str, Header]
                                     f"name ({exc})") from None
             tables.setdefault(rows.table, _Archive([], {})).segments.append(
                 _Segment(name, rows.lsn, rows.lsn))
-        elif name.startswith("snapshots/"):
+        elif is_snapshot_key(name) or is_manifest_key(name):
             try:
-                part = parse_snapshot_key(name)
+                found = (parse_snapshot_key(name) if is_snapshot_key(name)
+                         else parse_manifest_key(name))
             except ValueError as exc:
-                raise ReplayRefused(f"cannot plan: object {name} is not a valid snapshot part "
+                raise ReplayRefused(f"cannot plan: object {name} is not a valid snapshot object "
                                     f"name ({exc})") from None
             header = headers.get(name)
-            if header is not None and header.table != part.table:
+            if header is not None and header.table != found.table:
                 raise ReplayRefused(f"the header given for {name} describes "
-                                    f"{header.table or 'transactions'}, not {part.table}")
-            archive = tables.setdefault(part.table, _Archive([], {}))
-            archive.snapshots.setdefault(part.lsn, {})[part.part] = name
+                                    f"{header.table or 'transactions'}, not {found.table}")
+            archive = tables.setdefault(found.table, _Archive([], {}))
+            if is_snapshot_key(name):
+                archive.snapshots.setdefault(found.lsn, {})[found.number] = name
+            else:
+                archive.manifests[found.lsn] = found.number
+        elif name.startswith("snapshots/"):
+            raise ReplayRefused(f"cannot plan: object {name} is not a valid snapshot object "
+                                "name (snapshots/<table>/<lsn>/ rows-*.part, part-<n>.snap or "
+                                "manifest-<parts>.json)")
         else:
             continue  # checkpoints/, transactions/, anything else: not table data
         sizes[name] = size
@@ -422,12 +409,12 @@ def _select(known: Sequence[str], tables: Iterable[str] | None) -> list[str]:
 
 def _oldest(archive: _Archive, headers: Mapping[str, Header],
             snapshots: Sequence[int] | None) -> Lsn | None:
-    candidates = [min(archive.snapshots)] if archive.snapshots else []
+    candidates = [min(archive.manifests)] if archive.manifests else []
     if snapshots is not None:  # the boundary records say where complete snapshots are
         return min([*candidates, *(Lsn(s) for s in snapshots)], default=None)
     for segment in archive.segments:
         header = headers.get(segment.name)
-        if (header is None or isinstance(header, PartHeader)
+        if (header is None or isinstance(header, PartHeader | SnapshotHeader)
                 or header.ops.get(Op.READ.value, 0) > 0):
             candidates.append(segment.first)
             break
@@ -437,7 +424,7 @@ def _oldest(archive: _Archive, headers: Mapping[str, Header],
 def _matters_to(header: Header | None, wedding: str) -> bool:
     if header is None:
         return True
-    if isinstance(header, PartHeader):
+    if isinstance(header, PartHeader | SnapshotHeader):
         return header.may_hold_wedding(wedding)
     unknown_deletes = (header.ops.get(Op.DELETE.value, 0) if header.unknown_deletes is None
                        else header.unknown_deletes)
@@ -445,17 +432,18 @@ def _matters_to(header: Header | None, wedding: str) -> bool:
             or unknown_deletes > 0)
 
 
-def _parts(table: str, lsn: Lsn, parts: Mapping[int, str]) -> tuple[str, ...]:
-    for n in range(max(parts) + 1):
+def _parts(table: str, lsn: Lsn, parts: Mapping[int, str], count: int) -> tuple[str, ...]:
+    for n in range(count):
         if n not in parts:
             raise ReplayRefused(f"the snapshot of {table} at {lsn} is missing its part "
-                                f"{snapshot_key(table, lsn, n)}")
-    return tuple(parts[n] for n in sorted(parts))
+                                f"{snapshot_key(table, lsn, n)} (its manifest "
+                                f"{manifest_key(table, lsn, count)} names {count} parts)")
+    return tuple(parts[n] for n in range(count))
 
 
 def _table_plan(table: str, archive: _Archive, target: Lsn, gap_ends: Sequence[Lsn],
                 wedding: str | None, headers: Mapping[str, Header]) -> TablePlan:
-    snapshot = max((lsn for lsn in archive.snapshots if lsn <= target), default=None)
+    snapshot = max((lsn for lsn in archive.manifests if lsn <= target), default=None)
     resnapshot = max((end for end in gap_ends if end <= target), default=None)
     kind: BaseKind
     parts: tuple[str, ...] = ()
@@ -463,7 +451,8 @@ def _table_plan(table: str, archive: _Archive, target: Lsn, gap_ends: Sequence[L
         kind, base, after = "resnapshot", resnapshot, Lsn(resnapshot - 1)
     elif snapshot is not None:
         kind, base, after = "snapshot", snapshot, snapshot
-        parts = _parts(table, snapshot, archive.snapshots[snapshot])
+        parts = _parts(table, snapshot, archive.snapshots.get(snapshot, {}),
+                       archive.manifests[snapshot])
     else:
         kind, base, after = "archive-start", None, None
     # The segments holding a change in (after, target]: none when the base is the target.

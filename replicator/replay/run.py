@@ -45,6 +45,7 @@ from replicator.replay.targets import Target
 from replicator.sink.archive import checkpoint as archive_checkpoint
 from replicator.sink.part import PartCorrupt, is_part_key, read_part_header
 from replicator.sink.segment import SegmentError, read_header
+from replicator.sink.snapshot import is_snapshot_key, read_snapshot_header
 
 __all__ = ["Prepared", "ReplaySummary", "apply", "prepare", "replay"]
 
@@ -59,6 +60,7 @@ class Prepared:
     destination: str
     schemas: dict[str, TableSchema]
     read_s: float = 0.0
+    sizes: dict[str, int] = field(default_factory=dict)  # object name -> bytes, as listed
 
 
 @dataclass(slots=True)
@@ -159,6 +161,8 @@ async def _header(archive: Archive, key: str) -> Header:
     try:
         if is_part_key(key):
             return read_part_header(plain)[0]
+        if is_snapshot_key(key):
+            return read_snapshot_header(plain)[0]
         return read_header(plain)
     except (SegmentError, PartCorrupt) as exc:
         raise ReplayFailed(f"object {key} has an unreadable header: {exc}", object=key) from None
@@ -182,7 +186,7 @@ async def prepare(store: ObjectStore, keyring: Keyring, *, at: At,
         # Plan once without headers to learn which segments are in range, then read theirs.
         rough = plan(listing, at=at, checkpoint=checkpoint, tables=tables, resolver=resolver,
                      snapshots=timeline.snapshots)
-        keys = [k for t in rough.tables for k in t.segments]
+        keys = [k for t in rough.tables for k in t.objects]
         fetched = await run_bounded([partial(_header, archive, k) for k in keys], 16)
         headers = dict(zip(keys, fetched, strict=True))
     the_plan = plan(listing, at=at, checkpoint=checkpoint, tables=tables, wedding=wedding,
@@ -191,6 +195,9 @@ async def prepare(store: ObjectStore, keyring: Keyring, *, at: At,
 
     bases: dict[str, Lsn] = {}
     for table_plan in the_plan.tables:
+        if table_plan.base_kind == "snapshot" and table_plan.base is not None:
+            bases[table_plan.table] = table_plan.base  # a compaction snapshot
+            continue
         after = table_plan.apply_after
         base = timeline.base(table_plan.table, at_or_after=0 if after is None else after + 1,
                              target=target)
@@ -208,10 +215,12 @@ async def prepare(store: ObjectStore, keyring: Keyring, *, at: At,
     schemas: dict[str, TableSchema] = {}
     for table_plan in the_plan.tables:
         schemas[table_plan.table] = await _schema(archive, table_plan.table, target)
-    jobs = [TableJob(t.table, schemas[t.table], t.segments, bases[t.table], target, wedding,
-                     check_counts=wedding is None, headers=headers)
+    jobs = [TableJob(t.table, schemas[t.table], t.objects, bases[t.table], target, wedding,
+                     check_counts=wedding is None, headers=headers,
+                     compacted=t.base_kind == "snapshot")
             for t in the_plan.tables]
-    return Prepared(the_plan, archive, jobs, dest, schemas, time.perf_counter() - started)
+    return Prepared(the_plan, archive, jobs, dest, schemas, time.perf_counter() - started,
+                    {info.key: info.size for info in listing})
 
 
 class Progress:

@@ -203,9 +203,9 @@ class _CopyWriter:
         self._target.bytes_written += len(data)
         await self._copy.write(data)
 
-    async def write_copy(self, text: str, rows: int) -> None:
+    async def write_copy(self, text: str | bytes, rows: int) -> None:
         """Rows already in COPY text format, in the table's column order."""
-        data = text.encode()
+        data = text.encode() if isinstance(text, str) else text
         self._target.bytes_written += len(data)
         await self._copy.write(data)
 

@@ -19,6 +19,8 @@ from replicator.replay.plan import (
     ReplayPlan,
     ReplayRefused,
     parse_at,
+    manifest_key,
+    parse_manifest_key,
     parse_snapshot_key,
     plan,
     resolve_time,
@@ -45,6 +47,11 @@ def seg(table: str, first: int, last: int, digest: str = "") -> str:
 
 def snap(table: str, lsn: int, part: int) -> str:
     return snapshot_key(table, Lsn(lsn), part)
+
+
+def done(table: str, lsn: int, parts: int) -> str:
+    """The manifest that completes a compaction snapshot of *parts* parts."""
+    return manifest_key(table, Lsn(lsn), parts)
 
 
 def header(name: str, *, ops: dict[str, int] | None = None,
@@ -289,14 +296,23 @@ def test_a_wedding_restore_skips_only_what_headers_rule_out() -> None:
 
 def test_snapshot_names_round_trip() -> None:
     name = snapshot_key('public.a/"b"', Lsn(0x1234), 12)
-    assert name == "snapshots/public.a%2F%22b%22/0000000000001234/part-12.seg"
+    assert name == "snapshots/public.a%2F%22b%22/0000000000001234/part-12.snap"
     assert parse_snapshot_key(name) == ('public.a/"b"', Lsn(0x1234), 12)
-    for bad in ("snapshots/public.guests/0000000000001234/part-012.seg",
-                "snapshots/public.guests/000000000000123a/part-1.seg",
-                "snapshots/public%2Eguests/0000000000001234/part-1.seg",
+    manifest = manifest_key('public.a/"b"', Lsn(0x1234), 3)
+    assert manifest == "snapshots/public.a%2F%22b%22/0000000000001234/manifest-3.json"
+    assert parse_manifest_key(manifest) == ('public.a/"b"', Lsn(0x1234), 3)
+    for bad in ("snapshots/public.guests/0000000000001234/part-012.snap",
+                "snapshots/public.guests/000000000000123a/part-1.snap",
+                "snapshots/public%2Eguests/0000000000001234/part-1.snap",
                 "snapshots/public.guests/0000000000001234/part-1.avro"):
         with pytest.raises(ValueError):
             parse_snapshot_key(bad)
+    for bad in ("snapshots/public.guests/0000000000001234/manifest-0.json",
+                "snapshots/public.guests/0000000000001234/manifest-03.json"):
+        with pytest.raises(ValueError):
+            parse_manifest_key(bad)
+    with pytest.raises(ValueError):
+        manifest_key(GUESTS, Lsn(1), 0)
     with pytest.raises(ValueError):
         snapshot_key("", Lsn(1), 0)
     with pytest.raises(ValueError):
@@ -306,7 +322,8 @@ def test_snapshot_names_round_trip() -> None:
 def test_the_newest_snapshot_at_or_below_the_target_is_the_start() -> None:
     listing = [*LISTING,
                *(snap(GUESTS, 0x150, n) for n in (10, 2, 0, 1, 3, 4, 5, 6, 7, 8, 9)),
-               snap(GUESTS, 0x120, 0), snap(GUESTS, 0x1F0, 0)]
+               snap(GUESTS, 0x120, 0), snap(GUESTS, 0x1F0, 0), done(GUESTS, 0x150, 11),
+               done(GUESTS, 0x120, 1), done(GUESTS, 0x1F0, 1)]
     result = plan(listing, at=Lsn(0x170), checkpoint=Lsn(0x209))
     guests = result.table(GUESTS)
     assert guests.base_kind == "snapshot" and guests.base == Lsn(0x150)
@@ -321,31 +338,44 @@ def test_the_newest_snapshot_at_or_below_the_target_is_the_start() -> None:
     assert at_snapshot.segments == () and len(at_snapshot.parts) == 11
 
 
+def test_a_snapshot_without_its_manifest_is_passed_over() -> None:
+    # A compaction cut short (parts written, manifest not): the older state is the start.
+    listing = [*LISTING, snap(GUESTS, 0x150, 0), snap(GUESTS, 0x150, 1)]
+    guests = plan(listing, at=Lsn(0x170), checkpoint=Lsn(0x209)).table(GUESTS)
+    assert guests.base_kind == "archive-start" and guests.parts == ()
+    done_listing = [*listing, done(GUESTS, 0x150, 2)]
+    guests = plan(done_listing, at=Lsn(0x170), checkpoint=Lsn(0x209)).table(GUESTS)
+    assert guests.base_kind == "snapshot" and len(guests.parts) == 2
+
+
 def test_a_snapshot_straddled_by_a_segment_keeps_that_segment() -> None:
-    listing = [seg(GUESTS, 0x100, 0x100), seg(GUESTS, 0x110, 0x200), snap(GUESTS, 0x150, 0)]
+    listing = [seg(GUESTS, 0x100, 0x100), seg(GUESTS, 0x110, 0x200), snap(GUESTS, 0x150, 0),
+               done(GUESTS, 0x150, 1)]
     guests = plan(listing, at=Lsn(0x170), checkpoint=Lsn(0x300)).table(GUESTS)
     assert guests.segments == (seg(GUESTS, 0x110, 0x200),) and guests.apply_after == 0x150
 
 
 def test_the_oldest_snapshot_counts_when_segments_were_trimmed() -> None:
-    listing = [snap(GUESTS, 0x150, 0), seg(GUESTS, 0x160, 0x200)]
+    listing = [snap(GUESTS, 0x150, 0), done(GUESTS, 0x150, 1), seg(GUESTS, 0x160, 0x200)]
     assert plan(listing, at=Lsn(0x150), checkpoint=Lsn(0x300)).oldest == Lsn(0x150)
     with pytest.raises(ReplayRefused, match="before the oldest restorable point 0/150"):
         plan(listing, at=Lsn(0x14F), checkpoint=Lsn(0x300))
 
 
 def test_a_snapshot_with_a_missing_part_is_refused_naming_it() -> None:
-    listing = [*LISTING, snap(GUESTS, 0x150, 0), snap(GUESTS, 0x150, 2)]
+    listing = [*LISTING, snap(GUESTS, 0x150, 0), snap(GUESTS, 0x150, 2), done(GUESTS, 0x150, 3)]
     with pytest.raises(ReplayRefused, match=r"missing its part snapshots/public\.guests/"
-                                            r"0000000000000150/part-1\.seg"):
+                                            r"0000000000000150/part-1\.snap \(its manifest "
+                                            r".*manifest-3\.json names 3 parts\)"):
         plan(listing, at=Lsn(0x170), checkpoint=Lsn(0x209))
 
 
 def test_a_wedding_restore_filters_snapshot_parts_too() -> None:
     parts = [snap(GUESTS, 0x150, n) for n in range(3)]
+    parts_done = [*parts, done(GUESTS, 0x150, 3)]
     headers = {parts[0]: header(parts[0], ops={"r": 9}, weddings=("w1",)),
                parts[1]: header(parts[1], ops={"r": 9}, weddings=("w2",))}
-    guests = plan([*LISTING, *parts], at=Lsn(0x150), checkpoint=Lsn(0x209), wedding="w2",
+    guests = plan([*LISTING, *parts_done], at=Lsn(0x150), checkpoint=Lsn(0x209), wedding="w2",
                   headers=headers).table(GUESTS)
     assert guests.parts == (parts[1], parts[2]) and guests.skipped_for_wedding == 1
 
@@ -362,7 +392,7 @@ def test_a_gap_end_is_a_resnapshot() -> None:
     assert guests.segments == (seg(GUESTS, 0x160, 0x200), seg(GUESTS, 0x180, 0x180))
     assert result.table(VENDORS).segments == (seg(VENDORS, 0x180, 0x190),)
     # A compaction snapshot after the gap's end is newer: it wins.
-    later = plan([*listing, snap(GUESTS, 0x185, 0)], at=Lsn(0x190), checkpoint=Lsn(0x209),
+    later = plan([*listing, snap(GUESTS, 0x185, 0), done(GUESTS, 0x185, 1)], at=Lsn(0x190), checkpoint=Lsn(0x209),
                  gaps=gaps).table(GUESTS)
     assert later.base_kind == "snapshot" and later.base == Lsn(0x185)
     # Before the gap, nothing changes.
@@ -525,7 +555,10 @@ def archives(draw: st.DrawFn) -> tuple[list[str], dict[str, SegmentHeader]]:
                                            min_size=1))
                 headers[name] = header(name, ops=ops, weddings=weddings)
         for lsn in draw(st.lists(st.integers(1, 240), max_size=2, unique=True)):
-            names.update(snap(table, lsn, n) for n in range(draw(st.integers(1, 3))))
+            count = draw(st.integers(1, 3))
+            names.update(snap(table, lsn, n) for n in range(count))
+            if draw(st.integers(0, 3)):  # else a compaction cut short: no manifest
+                names.add(done(table, lsn, count))
     return sorted(names), headers
 
 
@@ -580,9 +613,9 @@ def test_plan_properties(archive: tuple[list[str], dict[str, SegmentHeader]], ta
         if table.base_kind == "snapshot":
             assert table.base is not None and table.base <= target
             assert all(parse_snapshot_key(p).lsn == table.base for p in table.parts)
-            assert not any(table.base < (k := parse_snapshot_key(n)).lsn <= target
+            assert not any(table.base < (k := parse_manifest_key(n)).lsn <= target
                            and k.table == table.table
-                           for n in listing if n.startswith("snapshots/"))
+                           for n in listing if "/manifest-" in n)
         assert list(table.segments) == sorted(table.segments)
     # Deterministic, and independent of the listing's order and repetitions.
     shuffled = listing + rnd.sample(listing, k=len(listing) // 2)
@@ -609,8 +642,8 @@ def _oldest_expected(listing: list[str], headers: dict[str, SegmentHeader] | Non
                      ) -> Lsn | None:
     per_table: dict[str, list[Lsn]] = {}
     for name in listing:
-        if name.startswith("snapshots/"):
-            key = parse_snapshot_key(name)
+        if "/manifest-" in name:
+            key = parse_manifest_key(name)
             per_table.setdefault(key.table, []).append(key.lsn)
     for table in {*per_table, *(t for t in TABLES if _records_in(listing, t))}:
         for name, first, _ in sorted(_records_in(listing, table)):

@@ -1,0 +1,210 @@
+"""Compaction: fold each table's base and its changes up to a point into a new snapshot, so
+that a restore at or after that point reads the snapshot and only the changes after it
+(DESIGN: "compaction folds older segments into a new snapshot so replay cost stays
+bounded"). It is a restore (`engine.restore_table`, the same merge and checks) whose rows are
+written back to the store as a compaction snapshot (`sink.snapshot`) instead of to a
+database; pgBackRest users know it as taking a new full backup from the archive.
+
+Steps, per table, in this order (a crash anywhere leaves the archive as it was, plus objects
+nothing reads):
+1. plan the restore at the point (`--at`, default the latest recoverable point);
+2. pass over a table whose snapshot is already at that point, or that has fewer than
+   *min_changes* changes since its base (nothing to gain);
+3. delete the parts of an earlier compaction at that point cut short (parts, no manifest);
+4. restore the table into a `SnapshotWriter` (rows spread over parts by wedding; the number of
+   parts from the bytes the restore reads, `part_bytes` each) and put every part;
+5. put the manifest, last: from then on replay and verify start from the snapshot.
+Nothing older is deleted: retention decides that (a point before the snapshot still needs
+the segments).
+
+A table whose primary key has a column of a type a snapshot cannot key exactly (other than
+integers, text, uuid and numeric) is passed over, with the reason in the summary.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from connectors.base import ObjectStore
+from replicator.crypto import Keyring, encrypt
+from replicator.position import Lsn
+from replicator.replay.engine import Archive, Rows, TableJob, TableSchema, restore_table
+from replicator.replay.plan import LATEST, At
+from replicator.replay.run import prepare
+from replicator.sink.snapshot import (
+    SnapshotHeader,
+    SnapshotWriter,
+    manifest,
+    manifest_key,
+    parse_snapshot_key,
+    snapshot_key,
+)
+
+__all__ = ["CompactSummary", "TableCompaction", "compact", "key_kinds"]
+
+logger = logging.getLogger(__name__)
+
+PART_BYTES = 8 << 20  # archive bytes read per snapshot part written
+MAX_PARTS = 4096
+
+_KINDS = {"bigint": "long", "integer": "long", "smallint": "long", "int8": "long",
+          "int4": "long", "int2": "long", "text": "string", "uuid": "uuid"}
+
+
+def key_kinds(schema: TableSchema) -> tuple[str, ...] | None:
+    """How each primary-key column's values are archived (`sink.snapshot.KEY_KINDS`), or
+    None when one is of a type a snapshot cannot key exactly."""
+    types = {c.name: c.type.lower() for c in schema.columns}
+    kinds = []
+    for name in schema.primary_key:
+        type_ = types.get(name, "")
+        kind = _KINDS.get(type_)
+        if kind is None and type_.startswith(("character varying", "varchar", "character(",
+                                              "char(")):
+            kind = "string"
+        if kind is None and type_.startswith("numeric"):
+            kind = "numeric"
+        if kind is None:
+            return None
+        kinds.append(kind)
+    return tuple(kinds) if kinds else None
+
+
+@dataclass(slots=True)
+class TableCompaction:
+    table: str
+    lsn: Lsn
+    done: bool = False
+    reason: str | None = None  # why it was passed over
+    rows: int = 0
+    changes: int = 0  # changes folded in since the table's previous base
+    parts: int = 0
+    bytes_read: int = 0
+    bytes_written: int = 0
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"lsn": str(self.lsn), "done": self.done, "reason": self.reason,
+                "rows": self.rows, "changes": self.changes, "parts": self.parts,
+                "bytes_read": self.bytes_read, "bytes_written": self.bytes_written,
+                "seconds": round(self.seconds, 3)}
+
+
+@dataclass(slots=True)
+class CompactSummary:
+    target: Lsn
+    destination: str
+    tables: list[TableCompaction] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"target": str(self.target), "destination": self.destination,
+                "seconds": round(self.seconds, 3),
+                "tables": {t.table: t.to_dict() for t in self.tables}}
+
+    def line(self) -> str:
+        done = [t for t in self.tables if t.done]
+        rows = sum(t.rows for t in done)
+        written = sum(t.bytes_written for t in done)
+        return (f"compacted {len(done)} of {len(self.tables)} table(s) at LSN {self.target}: "
+                f"{rows:,} rows in {sum(t.parts for t in done)} part(s), "
+                f"{written / 1e6:,.1f} MB written, {self.seconds:.2f} s")
+
+
+async def compact(store: ObjectStore, keyring: Keyring, *, at: At = LATEST,
+                  tables: Sequence[str] | None = None, destination: str | None = None,
+                  min_changes: int = 0, part_bytes: int = PART_BYTES) -> CompactSummary:
+    """Write a compaction snapshot of each table at *at* (module docstring). Raises what
+    `replay` raises (`ReplayRefused`, `ReplayFailed`) for the archive's problems."""
+    started = time.perf_counter()
+    prepared = await prepare(store, keyring, at=at, tables=tables, destination=destination)
+    target = prepared.plan.target
+    summary = CompactSummary(target, prepared.destination)
+    archive = prepared.archive
+    existing = {key for key in prepared.sizes if key.startswith("snapshots/")}
+    for job, table_plan in zip(prepared.jobs, prepared.plan.tables, strict=True):
+        result = TableCompaction(job.table, target)
+        summary.tables.append(result)
+        counts = archive.timeline.counts.get(job.table, {})
+        result.changes = sum(n for lsn, n in counts.items()
+                             if job.first_change <= lsn <= int(target)
+                             and lsn not in archive.timeline.snapshots.get(job.table, ()))
+        kinds = key_kinds(job.schema)
+        if table_plan.base_kind == "snapshot" and table_plan.base == target:
+            result.reason = "its snapshot is already at this point"
+        elif result.changes < min_changes:
+            result.reason = (f"{result.changes} change(s) since its snapshot, fewer than "
+                             f"--min-changes {min_changes}")
+        elif kinds is None:
+            result.reason = ("its primary key has a column of a type a snapshot cannot key "
+                             "exactly (only integers, text, varchar, uuid and numeric)")
+        if result.reason is not None:
+            logger.info("compaction of %s passed over: %s", job.table, result.reason)
+            continue
+        assert kinds is not None
+        read = sum(prepared.sizes.get(key, 0) for key in job.segments)
+        parts = min(MAX_PARTS, max(1, math.ceil(read / max(part_bytes, 1))))
+        table_started = time.perf_counter()
+        read_before = archive.bytes_read
+        await _clear_cut_short(store, existing, job.table, target)
+        await _compact_table(archive, job, kinds, parts, read, result)
+        result.bytes_read = archive.bytes_read - read_before
+        result.seconds = time.perf_counter() - table_started
+        result.done = True
+        logger.info("compacted %s at %s: %d rows in %d part(s), %d changes folded",
+                    job.table, target, result.rows, result.parts, result.changes)
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+async def _clear_cut_short(store: ObjectStore, existing: set[str], table: str, lsn: Lsn
+                           ) -> None:
+    """Delete the parts an earlier compaction at *lsn* wrote before it was cut short (the
+    plan passes a snapshot without manifest over, so they are nobody's data)."""
+    prefix = snapshot_key(table, lsn, 0).rsplit("/", 1)[0] + "/"
+    stale = []
+    for key in existing:
+        if key.startswith(prefix) and key.endswith(".snap"):
+            parse_snapshot_key(key)
+            stale.append(key)
+    if stale:
+        logger.warning("deleting %d part(s) of a compaction of %s at %s that was cut short",
+                       len(stale), table, lsn)
+        await store.delete(sorted(stale))
+
+
+async def _compact_table(archive: Archive, job: TableJob, kinds: tuple[str, ...],
+                         parts: int, folded_bytes: int, result: TableCompaction) -> None:
+    store, keyring = archive.store, archive.keyring
+    writer = SnapshotWriter(table=job.table, lsn=job.target, columns=job.schema.names,
+                            key=job.schema.primary_key, key_kinds=kinds, parts=parts)
+
+    async def refuse(rows: Rows) -> None:
+        raise AssertionError("compaction writes lines only")
+
+    async def add(rows: list[str], index: list[str]) -> None:
+        writer.add(rows, index)
+
+    await restore_table(archive, job, refuse, emit_lines=add)
+    headers: list[SnapshotHeader] = []
+    for n, data, header in writer.parts():
+        key = snapshot_key(job.table, job.target, n)
+        sealed = encrypt(data, key, keyring)
+        await store.put(key, sealed)
+        result.bytes_written += len(sealed)
+        headers.append(header)
+    result.rows, result.parts = writer.rows, len(headers)
+    doc = manifest(table=job.table, lsn=job.target, headers=headers,
+                   created_at=datetime.now(UTC).isoformat(), folded_objects=len(job.segments),
+                   folded_bytes=folded_bytes)
+    key = manifest_key(job.table, job.target, len(headers))
+    sealed = encrypt(doc, key, keyring)
+    await store.put(key, sealed)
+    result.bytes_written += len(sealed)
+

@@ -1,0 +1,359 @@
+"""Compaction snapshots: a table's full state at one LSN, in the form a restore loads fastest.
+
+Compaction (`replicator.replay.compact`) folds a table's base snapshot and every change up to
+an LSN into a new snapshot, so that a restore at or after that LSN reads it and only the
+changes after it. Names (`replicator.replay.plan` plans from them):
+
+    snapshots/<table>/<lsn>/part-<n>.snap       n = 0, 1, ...: the rows, split by wedding
+    snapshots/<table>/<lsn>/manifest-<count>.json   written last: the snapshot is complete
+
+A snapshot without its manifest (a compaction cut short) is never used; the manifest's name
+carries the number of parts, so a missing part is seen from the listing alone. Rows are
+spread over the parts by a hash of their wedding id (`bucket_of`), all rows of a wedding in
+one part, so a wedding restore reads one part of each table, found from the headers.
+
+Layout of a part (before encryption, which is the same as for every object):
+
+    b"WSS1" | header length (4 bytes, big-endian) | header (JSON) | rows frame | index frame
+
+Both frames are zstd. The **rows frame** is pure Postgres COPY text, one line per row, in the
+header's column order: a restore streams it into `COPY ... FROM STDIN` without touching a
+line. The **index frame** has one line per row, in the same order:
+
+    <wedding id or \\N> TAB <key text>
+
+(both COPY-escaped; the key text is the key columns' Postgres text joined by U+001F, as
+snapshot-part lines hold it, `sink.part.key_text`). The header: `format`, `table`, `lsn`,
+`part`, `parts`, `rows`, `columns`, `key`, `key_kinds` (`long`, `string`, `uuid`,
+`numeric`: the canonical key form the text gives back exactly), `rows_frame` (its byte
+length), `wedding_ids` (sorted) or `wedding_bloom` (above `MAX_WEDDING_IDS`), `codec`.
+
+The manifest (JSON): `format`, `table`, `lsn`, `parts`, `rows` (per part and in total),
+`columns`, `created_at`, `from` (the objects folded in: count and bytes).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+import zlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final, NamedTuple
+from urllib.parse import quote, unquote
+
+from replicator.position import Lsn
+from replicator.sink.bloom import Bloom
+from replicator.sink.part import MAX_WEDDING_IDS, PartCorrupt, unescape
+
+__all__ = ["SnapshotHeader", "SnapshotName", "SnapshotPart", "SnapshotWriter", "bucket_of",
+           "is_manifest_key", "is_snapshot_key", "manifest_key", "parse_manifest_key",
+           "parse_snapshot_key", "snapshot_key"]
+
+MAGIC: Final = b"WSS1"
+FORMAT: Final = 1
+_CHUNK: Final = 1 << 20
+_FLUSH: Final = 4 << 20  # characters of lines gathered before they are compressed
+_PART: Final = re.compile(
+    r"snapshots/(?P<table>[^/]+)/(?P<lsn>[0-9A-F]{16})/part-(?P<n>0|[1-9][0-9]{0,8})\.snap")
+_MANIFEST: Final = re.compile(
+    r"snapshots/(?P<table>[^/]+)/(?P<lsn>[0-9A-F]{16})/manifest-(?P<n>[1-9][0-9]{0,8})\.json")
+KEY_KINDS: Final = ("long", "string", "uuid", "numeric")
+
+
+# --- names -----------------------------------------------------------------------------------
+
+
+class SnapshotName(NamedTuple):
+    table: str
+    lsn: Lsn
+    number: int  # a part's number, or a manifest's count of parts
+
+
+def _check_table(table: str) -> None:
+    if not table or table in (".", ".."):
+        raise ValueError(f"invalid table name {table!r} for a snapshot")
+
+
+def snapshot_key(table: str, lsn: Lsn, part: int) -> str:
+    """`snapshots/<table>/<16 hex>/part-<n>.snap`: the table quoted as in segment names, the
+    LSN as `Lsn.hex_key()`, the part number in decimal without leading zeros, from 0."""
+    _check_table(table)
+    if not 0 <= part < 10**9:
+        raise ValueError(f"invalid snapshot part number {part}")
+    return f"snapshots/{quote(table, safe='')}/{lsn.hex_key()}/part-{part}.snap"
+
+
+def manifest_key(table: str, lsn: Lsn, parts: int) -> str:
+    """`snapshots/<table>/<16 hex>/manifest-<parts>.json`."""
+    _check_table(table)
+    if not 0 < parts < 10**9:
+        raise ValueError(f"invalid snapshot part count {parts}")
+    return f"snapshots/{quote(table, safe='')}/{lsn.hex_key()}/manifest-{parts}.json"
+
+
+def _parse(key: str, pattern: re.Pattern[str], what: str, canonical: Any) -> SnapshotName:
+    match = pattern.fullmatch(key)
+    if match is None:
+        raise ValueError(f"{key!r} is not a {what}")
+    table = unquote(match["table"], errors="strict")
+    name = SnapshotName(table, Lsn.from_key(match["lsn"]), int(match["n"]))
+    if table in ("", ".", "..") or canonical(table, name.lsn, name.number) != key:
+        raise ValueError(f"{key!r} is not the canonical {what} of its table")
+    return name
+
+
+def parse_snapshot_key(key: str) -> SnapshotName:
+    """The inverse of `snapshot_key`; `ValueError` for any other name."""
+    return _parse(key, _PART, "snapshot part name (snapshots/<table>/<16 hex>/part-<n>.snap)",
+                  snapshot_key)
+
+
+def parse_manifest_key(key: str) -> SnapshotName:
+    """The inverse of `manifest_key`; `ValueError` for any other name."""
+    return _parse(key, _MANIFEST, "snapshot manifest name "
+                  "(snapshots/<table>/<16 hex>/manifest-<parts>.json)", manifest_key)
+
+
+def is_snapshot_key(key: str) -> bool:
+    return key.startswith("snapshots/") and key.endswith(".snap")
+
+
+def is_manifest_key(key: str) -> bool:
+    return key.startswith("snapshots/") and "/manifest-" in key and key.endswith(".json")
+
+
+def bucket_of(wedding_field: str, parts: int) -> int:
+    """The part that holds the rows of a wedding (its index-line field, COPY-escaped)."""
+    return zlib.crc32(wedding_field.encode()) % parts if parts > 1 else 0
+
+
+# --- one part --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotHeader:
+    table: str
+    lsn: Lsn
+    part: int
+    parts: int
+    rows: int
+    columns: tuple[str, ...]
+    key: tuple[str, ...]
+    key_kinds: tuple[str, ...]
+    rows_frame: int
+    wedding_ids: tuple[str, ...] | None
+    wedding_bloom: str | None
+
+    def may_hold_wedding(self, wedding_id: str) -> bool:
+        if self.wedding_ids is not None:
+            return wedding_id in self.wedding_ids
+        if self.wedding_bloom is not None:
+            return wedding_id in Bloom.from_text(self.wedding_bloom)
+        return True
+
+    def to_json(self) -> bytes:
+        doc = {"format": FORMAT, "table": self.table, "lsn": int(self.lsn), "part": self.part,
+               "parts": self.parts, "rows": self.rows, "columns": list(self.columns),
+               "key": list(self.key), "key_kinds": list(self.key_kinds),
+               "rows_frame": self.rows_frame,
+               "wedding_ids": None if self.wedding_ids is None else list(self.wedding_ids),
+               "wedding_bloom": self.wedding_bloom, "codec": "zstd"}
+        return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> SnapshotHeader:
+        try:
+            doc = json.loads(raw)
+            if doc["format"] > FORMAT:
+                raise PartCorrupt(f"snapshot format {doc['format']} is newer than this "
+                                  f"replicator reads ({FORMAT}): upgrade it")
+            ids = doc["wedding_ids"]
+            return cls(str(doc["table"]), Lsn(doc["lsn"]), int(doc["part"]), int(doc["parts"]),
+                       int(doc["rows"]), tuple(doc["columns"]), tuple(doc["key"]),
+                       tuple(doc["key_kinds"]), int(doc["rows_frame"]),
+                       None if ids is None else tuple(ids), doc["wedding_bloom"])
+        except (ValueError, KeyError, TypeError) as exc:
+            if isinstance(exc, PartCorrupt):
+                raise
+            raise PartCorrupt(f"the snapshot part's header is not valid: "
+                              f"{type(exc).__name__}") from None
+
+
+def read_snapshot_header(data: bytes) -> tuple[SnapshotHeader, int]:
+    if data[:4] != MAGIC or len(data) < 8:
+        raise PartCorrupt("not a compaction snapshot part (no WSS1 magic)")
+    (size,) = struct.unpack(">I", data[4:8])
+    if len(data) < 8 + size:
+        raise PartCorrupt("the snapshot part ends inside its header")
+    return SnapshotHeader.from_json(data[8:8 + size]), 8 + size
+
+
+def _frame_chunks(view: memoryview, what: str) -> Iterator[bytes]:
+    from backports import zstd
+
+    decompressor = zstd.ZstdDecompressor()
+    try:
+        pos = 0
+        while pos < len(view):
+            chunk = decompressor.decompress(view[pos:pos + _CHUNK])
+            pos += _CHUNK
+            if chunk:
+                yield chunk
+        if not decompressor.eof or decompressor.unused_data:
+            raise PartCorrupt(f"the snapshot part's {what} frame is cut short or has "
+                              "trailing bytes")
+    except zstd.ZstdError:
+        raise PartCorrupt(f"the snapshot part's {what} frame is not readable") from None
+
+
+class SnapshotPart:
+    """One decrypted part: its header and its two frames, read on demand and checked against
+    the header (row counts, weddings); a mismatch raises `PartCorrupt`."""
+
+    def __init__(self, data: bytes) -> None:
+        self.header, start = read_snapshot_header(data)
+        rows_end = start + self.header.rows_frame
+        if rows_end > len(data):
+            raise PartCorrupt("the snapshot part ends inside its rows frame")
+        view = memoryview(data)
+        self._rows = view[start:rows_end]
+        self._index = view[rows_end:]
+
+    def row_chunks(self) -> Iterator[bytes]:
+        """The rows frame as decompressed chunks of COPY text (not cut at line ends); the row
+        count is checked once the last chunk is out."""
+        lines = 0
+        last = b"\n"
+        for chunk in _frame_chunks(self._rows, "rows"):
+            lines += chunk.count(b"\n")
+            last = chunk[-1:]
+            yield chunk
+        if lines != self.header.rows or last != b"\n":
+            raise PartCorrupt(f"the snapshot part holds {lines} rows, its header says "
+                              f"{self.header.rows}")
+
+    def _lines(self, frame: memoryview, what: str) -> list[str]:
+        try:
+            text = b"".join(_frame_chunks(frame, what)).decode()
+        except UnicodeDecodeError:
+            raise PartCorrupt(f"the snapshot part's {what} frame is not UTF-8") from None
+        lines = text.split("\n")
+        if lines.pop() != "" or len(lines) != self.header.rows:
+            raise PartCorrupt(f"the snapshot part's {what} frame holds {len(lines)} lines, "
+                              f"its header says {self.header.rows} rows")
+        return lines
+
+    def row_lines(self) -> list[str]:
+        return self._lines(self._rows, "rows")
+
+    def index_lines(self) -> list[str]:
+        """`<wedding>\\t<key text>` per row (COPY-escaped), checked against the header's
+        weddings."""
+        lines = self._lines(self._index, "index")
+        weddings = set(_unescape_all({line[:line.index("\t")] for line in lines} - {"\\N"}))
+        header = self.header
+        if header.wedding_ids is not None and not weddings <= set(header.wedding_ids):
+            raise PartCorrupt("the snapshot part's weddings do not match its header")
+        if header.wedding_bloom is not None:
+            bloom = Bloom.from_text(header.wedding_bloom)
+            if any(w not in bloom for w in weddings):
+                raise PartCorrupt("the snapshot part's weddings do not match its header")
+        return lines
+
+
+# --- writing ---------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Bucket:
+    rows: Any  # zstd.ZstdCompressor
+    index: Any
+    rows_out: list[bytes] = field(default_factory=list)
+    index_out: list[bytes] = field(default_factory=list)
+    row_lines: list[str] = field(default_factory=list)
+    index_lines: list[str] = field(default_factory=list)
+    pending: int = 0
+    count: int = 0
+    weddings: set[str] = field(default_factory=set)
+
+
+class SnapshotWriter:
+    """Gathers a table's rows (COPY text lines and index lines, without newlines) into
+    *parts* wedding buckets, compressing as they come; `parts()` gives each part's bytes.
+    Memory: the compressed snapshot (the caller chooses *parts* so that one part is a few
+    MiB)."""
+
+    def __init__(self, *, table: str, lsn: Lsn, columns: Sequence[str], key: Sequence[str],
+                 key_kinds: Sequence[str], parts: int, level: int = 3) -> None:
+        from backports import zstd
+
+        unknown = [k for k in key_kinds if k not in KEY_KINDS]
+        if unknown:
+            raise ValueError(f"key kinds {unknown} cannot be held by a snapshot")
+        self.table, self.lsn = table, lsn
+        self.columns, self.key, self.key_kinds = tuple(columns), tuple(key), tuple(key_kinds)
+        self.count = max(1, parts)
+        self._buckets = [_Bucket(zstd.ZstdCompressor(level), zstd.ZstdCompressor(level))
+                         for _ in range(self.count)]
+        self.rows = 0
+
+    def add(self, rows: Sequence[str], index: Sequence[str]) -> None:
+        buckets, count = self._buckets, self.count
+        for row, line in zip(rows, index, strict=True):
+            wedding = line[:line.index("\t")]
+            bucket = buckets[bucket_of(wedding, count) if count > 1 else 0]
+            bucket.row_lines.append(row)
+            bucket.index_lines.append(line)
+            bucket.pending += len(row)
+            if wedding != "\\N":
+                bucket.weddings.add(wedding)
+            if bucket.pending >= _FLUSH:
+                self._compress(bucket)
+        self.rows += len(rows)
+
+    @staticmethod
+    def _compress(bucket: _Bucket) -> None:
+        if not bucket.row_lines:
+            return
+        bucket.rows_out.append(bucket.rows.compress(("\n".join(bucket.row_lines) + "\n")
+                                                    .encode()))
+        bucket.index_out.append(bucket.index.compress(("\n".join(bucket.index_lines) + "\n")
+                                                      .encode()))
+        bucket.count += len(bucket.row_lines)
+        bucket.row_lines, bucket.index_lines, bucket.pending = [], [], 0
+
+    def parts(self) -> Iterator[tuple[int, bytes, SnapshotHeader]]:
+        """Each part's number, bytes and header; buckets are released as they go."""
+        from backports import zstd
+
+        for n, bucket in enumerate(self._buckets):
+            self._compress(bucket)
+            rows = b"".join(bucket.rows_out) + bucket.rows.flush(zstd.ZstdCompressor.FLUSH_FRAME)
+            index = (b"".join(bucket.index_out)
+                     + bucket.index.flush(zstd.ZstdCompressor.FLUSH_FRAME))
+            ids: tuple[str, ...] | None = tuple(sorted(_unescape_all(bucket.weddings)))
+            bloom = None
+            if ids is not None and len(ids) > MAX_WEDDING_IDS:
+                bloom, ids = Bloom.of(ids).to_text(), None
+            header = SnapshotHeader(self.table, self.lsn, n, self.count, bucket.count,
+                                    self.columns, self.key, self.key_kinds, len(rows), ids,
+                                    bloom)
+            raw = header.to_json()
+            self._buckets[n] = _Bucket(None, None)
+            yield n, MAGIC + struct.pack(">I", len(raw)) + raw + rows + index, header
+
+
+def _unescape_all(fields: set[str]) -> list[str]:
+    return [unescape(f) for f in fields]
+
+
+def manifest(*, table: str, lsn: Lsn, headers: Sequence[SnapshotHeader],
+             created_at: str, folded_objects: int, folded_bytes: int) -> bytes:
+    doc = {"format": FORMAT, "table": table, "lsn": int(lsn), "parts": len(headers),
+           "rows": sum(h.rows for h in headers), "part_rows": [h.rows for h in headers],
+           "columns": list(headers[0].columns) if headers else [],
+           "created_at": created_at,
+           "from": {"objects": folded_objects, "bytes": folded_bytes}}
+    return json.dumps(doc, sort_keys=True, indent=1).encode()
