@@ -188,8 +188,8 @@ async def _compact_table(archive: Archive, job: TableJob, kinds: tuple[str, ...]
     async def refuse(rows: Rows) -> None:
         raise AssertionError("compaction writes lines only")
 
-    async def add(rows: list[str], index: list[str]) -> None:
-        writer.add(rows, index)
+    async def add(rows: list[str], keys: list[str], weddings: list[str]) -> None:
+        writer.add(rows, keys, weddings)
 
     await restore_table(archive, job, refuse, emit_lines=add)
     headers: list[SnapshotHeader] = []

@@ -89,9 +89,9 @@ __all__ = ["Archive", "ReplayFailed", "TableJob", "TableSchema", "TableStats", "
 Rows = list[list[Any]]
 Emit = Callable[[Rows], Awaitable[None]]
 EmitCopy = Callable[[str | bytes, int], Awaitable[None]]  # COPY text lines, and how many
-# Rows as COPY text lines and their index lines (`<wedding>\t<key text>`), no newlines: what a
-# compaction snapshot holds (`sink.snapshot`).
-EmitLines = Callable[[list[str], list[str]], Awaitable[None]]
+# Rows as COPY text lines, their key texts and wedding ids (COPY-escaped), no newlines: what
+# a compaction snapshot holds (`sink.snapshot`).
+EmitLines = Callable[[list[str], list[str], list[str]], Awaitable[None]]
 BATCH_ROWS = 2000
 
 
@@ -547,7 +547,8 @@ async def restore_table(archive: Archive, job: TableJob, emit: Emit,
         part, batches = await archive.part(key)
         for lines in batches:
             rows: list[str] = []
-            index: list[str] = []
+            keys: list[str] = []
+            weddings: list[str] = []
             for line in lines:
                 seq_text, wedding_text, key_field, row = line.split("\t", 3)
                 seq = int(seq_text)
@@ -562,9 +563,10 @@ async def restore_table(archive: Archive, job: TableJob, emit: Emit,
                     continue
                 rows.append(row)
                 if emit_lines is not None:
-                    index.append(f"{wedding_text}\t{key_field}")
+                    keys.append(key_field)
+                    weddings.append(wedding_text)
             archive.check_memory(job.table, len(changed))
-            await out.lines(rows, index, part.columns)
+            await out.lines(rows, part.columns, keys, weddings)
 
     for key in snapshots:
         stats.segments += 1
@@ -586,7 +588,8 @@ async def restore_table(archive: Archive, job: TableJob, emit: Emit,
 
 class _Output:
     """Where restored rows go: value batches (*emit*), COPY text (*emit_copy*, for rows
-    already in the schema's column order), or COPY text with index lines (*emit_lines*)."""
+    already in the schema's column order), or COPY text with key texts and wedding ids
+    (*emit_lines*)."""
 
     def __init__(self, job: TableJob, stats: TableStats, emit: Emit,
                  emit_copy: EmitCopy | None, emit_lines: EmitLines | None,
@@ -595,7 +598,8 @@ class _Output:
         self.emit_copy, self.emit_lines, self.progress = emit_copy, emit_lines, progress
         self.columns = job.schema.names
         self.batch: Rows = []
-        self.index: list[str] = []
+        self.keys: list[str] = []
+        self.weddings: list[str] = []
 
     def _count(self, rows: int, base: bool) -> None:
         self.stats.rows += rows
@@ -609,7 +613,8 @@ class _Output:
         after = record["after"]
         self.batch.append([after.get(c) for c in self.columns])
         if self.emit_lines is not None:
-            self.index.append(_index_line(record["wedding_id"], part_key_text(record["key"])))
+            self.keys.append(copy_escape(part_key_text(record["key"])))
+            self.weddings.append(_wedding_field(record["wedding_id"]))
         if len(self.batch) >= BATCH_ROWS:
             await self.flush()
 
@@ -617,7 +622,8 @@ class _Output:
         """A merged row (not a base row)."""
         self.batch.append([after.get(c) for c in self.columns])
         if self.emit_lines is not None:
-            self.index.append(_index_line(wedding, key))
+            self.keys.append(copy_escape(key))
+            self.weddings.append(_wedding_field(wedding))
         if len(self.batch) >= BATCH_ROWS:
             await self.flush(base=False)
 
@@ -626,14 +632,15 @@ class _Output:
         if not batch:
             return
         if self.emit_lines is not None:
-            index, self.index = self.index, []
-            await self.emit_lines([copy_line(values)[:-1] for values in batch], index)
+            keys, weddings, self.keys, self.weddings = self.keys, self.weddings, [], []
+            await self.emit_lines([copy_line(values)[:-1] for values in batch], keys, weddings)
         else:
             await self.emit(batch)
         self._count(len(batch), base)
 
-    async def lines(self, rows: list[str], index: list[str], columns: Sequence[str]) -> None:
-        """Base rows as COPY text in *columns*' order (and their index lines, for
+    async def lines(self, rows: list[str], columns: Sequence[str], keys: list[str],
+                    weddings: list[str]) -> None:
+        """Base rows as COPY text in *columns*' order (and their key texts and weddings, for
         *emit_lines*)."""
         if not rows:
             return
@@ -646,7 +653,7 @@ class _Output:
                 self._count(len(rows), True)
                 return
         if self.emit_lines is not None:
-            await self.emit_lines(rows, index)
+            await self.emit_lines(rows, keys, weddings)
         elif self.emit_copy is not None:
             await self.emit_copy("\n".join(rows) + "\n", len(rows))
         else:
@@ -661,39 +668,49 @@ class _Output:
         self._count(rows, True)
 
 
-def _index_line(wedding: str | None, key: str) -> str:
-    return ("\\N" if wedding is None else copy_escape(wedding)) + "\t" + copy_escape(key)
+def _wedding_field(wedding: str | None) -> str:
+    return "\\N" if wedding is None else copy_escape(wedding)
 
 
 async def _snapshot_rows(archive: Archive, job: TableJob, snapshot: SnapshotPart,
                          changed: set[str], merger: Merger, out: _Output) -> None:
-    """A compaction snapshot part's rows: streamed as they are when no key of the table
-    changed after it (and the target takes COPY text), else line by line, a row whose key
-    changed joining the merger as the older version."""
+    """A compaction snapshot part's rows: streamed as they are when none of its keys changed
+    after it (and the target takes COPY text); else the rows whose key changed join the
+    merger as the older version, found by set operations on the keys frame, and the others
+    go out in slices."""
     header = snapshot.header
-    if (not changed and out.emit_lines is None and out.emit_copy is not None
-            and header.columns == out.columns):
+    raw = out.emit_lines is None and out.emit_copy is not None and header.columns == out.columns
+    keys = snapshot.key_lines() if changed or not raw else []
+    hits = changed.intersection(keys) if changed else set()
+    if raw and not hits:
+        del keys
         for chunk in snapshot.row_chunks():
             await out.raw(chunk, chunk.count(b"\n"))
-            archive.check_memory(job.table, 0)
+            archive.check_memory(job.table, len(changed))
         return
     rows = snapshot.row_lines()
-    index = snapshot.index_lines()
-    keep_rows: list[str] = []
-    keep_index: list[str] = []
-    for seq, (row, line) in enumerate(zip(rows, index, strict=True)):
-        wedding_text, key_field = line.split("\t", 1)
-        if key_field in changed:
-            merger.add(_line_event(job, header, seq, wedding_text, key_field, row),
-                       (job.table, unescape(key_field)))
-            continue
-        keep_rows.append(row)
-        keep_index.append(line)
-    del rows, index
+    weddings = snapshot.wedding_lines()
+    if hits:
+        where = dict(zip(keys, range(len(keys)), strict=True))
+        drop = sorted(where[key] for key in hits)
+        del where
+        for n in drop:
+            merger.add(_line_event(job, header, n, weddings[n], keys[n], rows[n]),
+                       (job.table, unescape(keys[n])))
+    else:
+        drop = []
     archive.check_memory(job.table, len(changed))
-    for start in range(0, len(keep_rows), 50_000):
-        await out.lines(keep_rows[start:start + 50_000], keep_index[start:start + 50_000],
-                        header.columns)
+    if drop:  # the rows between the dropped ones, by slices (no per-row work)
+        kept: tuple[list[str], list[str], list[str]] = ([], [], [])
+        start = 0
+        for stop in [*drop, len(rows)]:
+            for whole, part in zip((rows, keys, weddings), kept, strict=True):
+                part.extend(whole[start:stop])
+            start = stop + 1
+        rows, keys, weddings = kept
+    for low in range(0, len(rows), 50_000):
+        await out.lines(rows[low:low + 50_000], header.columns, keys[low:low + 50_000],
+                        weddings[low:low + 50_000])
 
 
 def _check_counts(timeline: Timeline, job: TableJob, seen: Mapping[int, bytearray],
@@ -873,15 +890,14 @@ async def _restore_wedding(archive: Archive, job: TableJob, emit: Emit,
 def _snapshot_wedding(job: TableJob, snapshot: SnapshotPart, wedding: str
                       ) -> Iterator[tuple[int, ChangeEvent]]:
     """The rows of *wedding* in a compaction snapshot part, as versions at the base."""
-    mine = copy_escape(wedding) + "\t"
-    index = snapshot.index_lines()
-    picked = [n for n, line in enumerate(index) if line.startswith(mine)]
+    mine = copy_escape(wedding)
+    weddings = snapshot.wedding_lines()
+    picked = [n for n, field_ in enumerate(weddings) if field_ == mine]
     if not picked:
         return
-    rows = snapshot.row_lines()
+    rows, keys = snapshot.row_lines(), snapshot.key_lines()
     for n in picked:
-        key_field = index[n][len(mine):]
-        yield n, _line_event(job, snapshot.header, n, mine[:-1], key_field, rows[n])
+        yield n, _line_event(job, snapshot.header, n, mine, keys[n], rows[n])
 
 
 def _values(row: str, where: Sequence[int]) -> list[Any]:

@@ -14,19 +14,18 @@ one part, so a wedding restore reads one part of each table, found from the head
 
 Layout of a part (before encryption, which is the same as for every object):
 
-    b"WSS1" | header length (4 bytes, big-endian) | header (JSON) | rows frame | index frame
+    b"WSS1" | header length (4 bytes, big-endian) | header (JSON) | rows | keys | weddings
 
-Both frames are zstd. The **rows frame** is pure Postgres COPY text, one line per row, in the
-header's column order: a restore streams it into `COPY ... FROM STDIN` without touching a
-line. The **index frame** has one line per row, in the same order:
-
-    <wedding id or \\N> TAB <key text>
-
-(both COPY-escaped; the key text is the key columns' Postgres text joined by U+001F, as
-snapshot-part lines hold it, `sink.part.key_text`). The header: `format`, `table`, `lsn`,
-`part`, `parts`, `rows`, `columns`, `key`, `key_kinds` (`long`, `string`, `uuid`,
-`numeric`: the canonical key form the text gives back exactly), `rows_frame` (its byte
-length), `wedding_ids` (sorted) or `wedding_bloom` (above `MAX_WEDDING_IDS`), `codec`.
+Three zstd frames, each one line per row, in the same order. The **rows** frame is pure
+Postgres COPY text, in the header's column order: a restore streams it into `COPY ... FROM
+STDIN` without touching a line. The **keys** frame holds each row's key text (the key
+columns' Postgres text joined by U+001F, COPY-escaped, as snapshot-part lines hold it,
+`sink.part.key_text`): a restore with changes after the snapshot finds the rows they replace
+by set operations on it, not by reading rows. The **weddings** frame holds each row's wedding
+id (COPY-escaped, `\\N` for none). The header: `format`, `table`, `lsn`, `part`, `parts`,
+`rows`, `columns`, `key`, `key_kinds` (`long`, `string`, `uuid`, `numeric`: the canonical key
+form the text gives back exactly), `rows_frame` and `keys_frame` (byte lengths),
+`wedding_ids` (sorted) or `wedding_bloom` (above `MAX_WEDDING_IDS`), `codec`.
 
 The manifest (JSON): `format`, `table`, `lsn`, `parts`, `rows` (per part and in total),
 `columns`, `created_at`, `from` (the objects folded in: count and bytes).
@@ -143,6 +142,7 @@ class SnapshotHeader:
     key: tuple[str, ...]
     key_kinds: tuple[str, ...]
     rows_frame: int
+    keys_frame: int
     wedding_ids: tuple[str, ...] | None
     wedding_bloom: str | None
 
@@ -157,7 +157,7 @@ class SnapshotHeader:
         doc = {"format": FORMAT, "table": self.table, "lsn": int(self.lsn), "part": self.part,
                "parts": self.parts, "rows": self.rows, "columns": list(self.columns),
                "key": list(self.key), "key_kinds": list(self.key_kinds),
-               "rows_frame": self.rows_frame,
+               "rows_frame": self.rows_frame, "keys_frame": self.keys_frame,
                "wedding_ids": None if self.wedding_ids is None else list(self.wedding_ids),
                "wedding_bloom": self.wedding_bloom, "codec": "zstd"}
         return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
@@ -172,7 +172,7 @@ class SnapshotHeader:
             ids = doc["wedding_ids"]
             return cls(str(doc["table"]), Lsn(doc["lsn"]), int(doc["part"]), int(doc["parts"]),
                        int(doc["rows"]), tuple(doc["columns"]), tuple(doc["key"]),
-                       tuple(doc["key_kinds"]), int(doc["rows_frame"]),
+                       tuple(doc["key_kinds"]), int(doc["rows_frame"]), int(doc["keys_frame"]),
                        None if ids is None else tuple(ids), doc["wedding_bloom"])
         except (ValueError, KeyError, TypeError) as exc:
             if isinstance(exc, PartCorrupt):
@@ -209,17 +209,19 @@ def _frame_chunks(view: memoryview, what: str) -> Iterator[bytes]:
 
 
 class SnapshotPart:
-    """One decrypted part: its header and its two frames, read on demand and checked against
-    the header (row counts, weddings); a mismatch raises `PartCorrupt`."""
+    """One decrypted part: its header and its three frames, read on demand and checked
+    against the header (row counts, weddings); a mismatch raises `PartCorrupt`."""
 
     def __init__(self, data: bytes) -> None:
         self.header, start = read_snapshot_header(data)
         rows_end = start + self.header.rows_frame
-        if rows_end > len(data):
-            raise PartCorrupt("the snapshot part ends inside its rows frame")
+        keys_end = rows_end + self.header.keys_frame
+        if keys_end > len(data):
+            raise PartCorrupt("the snapshot part ends inside its frames")
         view = memoryview(data)
         self._rows = view[start:rows_end]
-        self._index = view[rows_end:]
+        self._keys = view[rows_end:keys_end]
+        self._weddings = view[keys_end:]
 
     def row_chunks(self) -> Iterator[bytes]:
         """The rows frame as decompressed chunks of COPY text (not cut at line ends); the row
@@ -230,7 +232,7 @@ class SnapshotPart:
             lines += chunk.count(b"\n")
             last = chunk[-1:]
             yield chunk
-        if lines != self.header.rows or last != b"\n":
+        if lines != self.header.rows or (self.header.rows and last != b"\n"):
             raise PartCorrupt(f"the snapshot part holds {lines} rows, its header says "
                               f"{self.header.rows}")
 
@@ -248,11 +250,15 @@ class SnapshotPart:
     def row_lines(self) -> list[str]:
         return self._lines(self._rows, "rows")
 
-    def index_lines(self) -> list[str]:
-        """`<wedding>\\t<key text>` per row (COPY-escaped), checked against the header's
-        weddings."""
-        lines = self._lines(self._index, "index")
-        weddings = set(_unescape_all({line[:line.index("\t")] for line in lines} - {"\\N"}))
+    def key_lines(self) -> list[str]:
+        """Each row's key text, COPY-escaped."""
+        return self._lines(self._keys, "keys")
+
+    def wedding_lines(self) -> list[str]:
+        """Each row's wedding id, COPY-escaped (`\\N` for none), checked against the
+        header's weddings."""
+        lines = self._lines(self._weddings, "weddings")
+        weddings = set(_unescape_all(set(lines) - {"\\N"}))
         header = self.header
         if header.wedding_ids is not None and not weddings <= set(header.wedding_ids):
             raise PartCorrupt("the snapshot part's weddings do not match its header")
@@ -266,24 +272,24 @@ class SnapshotPart:
 # --- writing ---------------------------------------------------------------------------------
 
 
+_FRAMES = 3  # rows, keys, weddings
+
+
 @dataclass(slots=True)
 class _Bucket:
-    rows: Any  # zstd.ZstdCompressor
-    index: Any
-    rows_out: list[bytes] = field(default_factory=list)
-    index_out: list[bytes] = field(default_factory=list)
-    row_lines: list[str] = field(default_factory=list)
-    index_lines: list[str] = field(default_factory=list)
+    compressors: list[Any]  # zstd.ZstdCompressor per frame
+    out: list[list[bytes]] = field(default_factory=lambda: [[] for _ in range(_FRAMES)])
+    lines: list[list[str]] = field(default_factory=lambda: [[] for _ in range(_FRAMES)])
     pending: int = 0
     count: int = 0
     weddings: set[str] = field(default_factory=set)
 
 
 class SnapshotWriter:
-    """Gathers a table's rows (COPY text lines and index lines, without newlines) into
-    *parts* wedding buckets, compressing as they come; `parts()` gives each part's bytes.
-    Memory: the compressed snapshot (the caller chooses *parts* so that one part is a few
-    MiB)."""
+    """Gathers a table's rows (COPY text lines, key texts and wedding ids, COPY-escaped,
+    without newlines) into *parts* wedding buckets, compressing as they come; `parts()` gives
+    each part's bytes. Memory: the compressed snapshot (the caller chooses *parts* so that
+    one part is a few MiB)."""
 
     def __init__(self, *, table: str, lsn: Lsn, columns: Sequence[str], key: Sequence[str],
                  key_kinds: Sequence[str], parts: int, level: int = 3) -> None:
@@ -295,17 +301,18 @@ class SnapshotWriter:
         self.table, self.lsn = table, lsn
         self.columns, self.key, self.key_kinds = tuple(columns), tuple(key), tuple(key_kinds)
         self.count = max(1, parts)
-        self._buckets = [_Bucket(zstd.ZstdCompressor(level), zstd.ZstdCompressor(level))
+        self._buckets = [_Bucket([zstd.ZstdCompressor(level) for _ in range(_FRAMES)])
                          for _ in range(self.count)]
         self.rows = 0
 
-    def add(self, rows: Sequence[str], index: Sequence[str]) -> None:
+    def add(self, rows: Sequence[str], keys: Sequence[str], weddings: Sequence[str]) -> None:
         buckets, count = self._buckets, self.count
-        for row, line in zip(rows, index, strict=True):
-            wedding = line[:line.index("\t")]
+        for row, key, wedding in zip(rows, keys, weddings, strict=True):
             bucket = buckets[bucket_of(wedding, count) if count > 1 else 0]
-            bucket.row_lines.append(row)
-            bucket.index_lines.append(line)
+            lines = bucket.lines
+            lines[0].append(row)
+            lines[1].append(key)
+            lines[2].append(wedding)
             bucket.pending += len(row)
             if wedding != "\\N":
                 bucket.weddings.add(wedding)
@@ -315,14 +322,14 @@ class SnapshotWriter:
 
     @staticmethod
     def _compress(bucket: _Bucket) -> None:
-        if not bucket.row_lines:
+        if not bucket.lines[0]:
             return
-        bucket.rows_out.append(bucket.rows.compress(("\n".join(bucket.row_lines) + "\n")
-                                                    .encode()))
-        bucket.index_out.append(bucket.index.compress(("\n".join(bucket.index_lines) + "\n")
-                                                      .encode()))
-        bucket.count += len(bucket.row_lines)
-        bucket.row_lines, bucket.index_lines, bucket.pending = [], [], 0
+        bucket.count += len(bucket.lines[0])
+        for n in range(_FRAMES):
+            bucket.out[n].append(bucket.compressors[n].compress(
+                ("\n".join(bucket.lines[n]) + "\n").encode()))
+            bucket.lines[n] = []
+        bucket.pending = 0
 
     def parts(self) -> Iterator[tuple[int, bytes, SnapshotHeader]]:
         """Each part's number, bytes and header; buckets are released as they go."""
@@ -330,19 +337,19 @@ class SnapshotWriter:
 
         for n, bucket in enumerate(self._buckets):
             self._compress(bucket)
-            rows = b"".join(bucket.rows_out) + bucket.rows.flush(zstd.ZstdCompressor.FLUSH_FRAME)
-            index = (b"".join(bucket.index_out)
-                     + bucket.index.flush(zstd.ZstdCompressor.FLUSH_FRAME))
+            frames = [b"".join(bucket.out[i])
+                      + bucket.compressors[i].flush(zstd.ZstdCompressor.FLUSH_FRAME)
+                      for i in range(_FRAMES)]
             ids: tuple[str, ...] | None = tuple(sorted(_unescape_all(bucket.weddings)))
             bloom = None
             if ids is not None and len(ids) > MAX_WEDDING_IDS:
                 bloom, ids = Bloom.of(ids).to_text(), None
             header = SnapshotHeader(self.table, self.lsn, n, self.count, bucket.count,
-                                    self.columns, self.key, self.key_kinds, len(rows), ids,
-                                    bloom)
+                                    self.columns, self.key, self.key_kinds, len(frames[0]),
+                                    len(frames[1]), ids, bloom)
             raw = header.to_json()
-            self._buckets[n] = _Bucket(None, None)
-            yield n, MAGIC + struct.pack(">I", len(raw)) + raw + rows + index, header
+            self._buckets[n] = _Bucket([])
+            yield n, MAGIC + struct.pack(">I", len(raw)) + raw + b"".join(frames), header
 
 
 def _unescape_all(fields: set[str]) -> list[str]:
