@@ -1,0 +1,172 @@
+"""Compaction end to end: an archive written by the real pipeline (PostgreSQL, Kafka, the sinks)
+into every store kind is compacted at a recorded point; restores before, at and after it
+equal the exact table states recorded at those points, a wedding restore reads one snapshot
+part per table, and damage to a compaction snapshot is named or passed over."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from connectors.registry import open_store
+from replicator.position import Lsn
+from replicator.replay.compact import CompactSummary, compact
+from replicator.replay.engine import ReplayFailed
+from replicator.replay.plan import LATEST, At, ReplayRefused
+from replicator.replay.run import prepare
+from replicator.replay.targets import FileTarget, PostgresTarget
+from replicator.replay.verify import verify
+from replicator.sink.snapshot import manifest_key, snapshot_key
+from tests.conftest import StoreTarget
+from tests.integration.archive_helpers import keyring, sink_environ
+from tests.integration.replay_helpers import (
+    TABLES,
+    restore_db,
+    restored_state,
+    run_replay,
+    table_state,
+)
+from tests.integration.test_replay import build_archive, of_wedding
+
+REPLICATOR = str(Path(sys.executable).parent / "replicator")
+
+
+async def run_compact(url: str, at: At = LATEST, **options: object) -> CompactSummary:
+    store = open_store(url, sink_environ())
+    try:
+        return await compact(store, keyring(), at=at, **options)  # type: ignore[arg-type]
+    finally:
+        await store.close()
+
+
+async def base_kinds(url: str, at: At) -> dict[str, str]:
+    store = open_store(url, sink_environ())
+    try:
+        prepared = await prepare(store, keyring(), at=at)
+        return {t.table: t.base_kind for t in prepared.plan.tables}
+    finally:
+        await store.close()
+
+
+async def test_compaction_in_every_store_restores_every_point(
+        pg_dsn: str, pg_server_dsn: str, kafka_bootstrap: str, topic_prefix: str,
+        tmp_path: Path, s3_target: StoreTarget, azure_target: StoreTarget,
+        gcs_target: StoreTarget) -> None:
+    points, dests = await build_archive(pg_dsn, kafka_bootstrap, topic_prefix, tmp_path,
+                                        s3_target, azure_target, gcs_target, pause=0.03)
+    middle = Lsn(points[1].lsn)
+    for d in dests:
+        summary = await run_compact(d.url, middle)
+        assert summary.target == middle
+        done = {t.table: t for t in summary.tables}
+        assert set(done) == set(TABLES) and all(t.done for t in done.values()), summary
+        assert done["public.guests"].rows == len(points[1].state["public.guests"])
+        assert done["public.guests"].changes > 0
+        # The plan now starts from the snapshot at the middle point and after it, not before.
+        assert await base_kinds(d.url, middle) == {t: "snapshot" for t in TABLES}
+        assert set((await base_kinds(d.url, Lsn(points[0].lsn))).values()) != {"snapshot"}
+    local = tmp_path / "archive" / "snapshots" / "public.guests" / middle.hex_key()
+    assert sorted(p.name for p in local.iterdir()) == ["manifest-1.json", "part-0.snap"]
+
+    # Every recorded point, from every store: before the snapshot (segments as before), at
+    # it (the snapshot only) and after it (the snapshot and the changes after it).
+    for point in points:
+        for d in dests:
+            with restore_db(pg_server_dsn) as target_dsn:
+                result = await run_replay(d.url, PostgresTarget(target_dsn), Lsn(point.lsn))
+                assert restored_state(target_dsn) == point.state, (d.name, point.lsn)
+                if point.lsn == middle:  # one part per table, no segment
+                    assert {t: s.segments for t, s in result.tables.items()} == dict.fromkeys(
+                        TABLES, 1), d.name
+    # One wedding after the snapshot, and into files.
+    with restore_db(pg_server_dsn) as target_dsn:
+        await run_replay(dests[1].url, PostgresTarget(target_dsn), Lsn(points[2].lsn),
+                         wedding="2")
+        assert restored_state(target_dsn) == of_wedding(points[2].state, 2)
+    out = tmp_path / "files"
+    await run_replay(dests[0].url, FileTarget(out, "jsonl"), middle)
+    ids = sorted(int(r.split(",", 1)[0].strip("(")) for r in points[1].state["public.guests"])
+    rows = [json.loads(line) for line in (out / "public.guests.jsonl").read_text().splitlines()]
+    assert sorted(r["id"] for r in rows) == ids
+
+    # Verify starts from the snapshot too, and checks the changes after it (and restores into
+    # a scratch database, hashed back).
+    store = open_store(dests[2].url, sink_environ())
+    try:
+        report = await verify(store, keyring(), at=LATEST, scratch_dsn=pg_server_dsn)
+    finally:
+        await store.close()
+    assert report.ok, report.to_dict()
+
+    # Compacting again at the same point passes over; with --min-changes above what changed
+    # since, too; at the latest point it folds the rest.
+    again = await run_compact(dests[0].url, middle)
+    assert {t.reason for t in again.tables} == {"its snapshot is already at this point"}
+    fewer = await run_compact(dests[0].url, LATEST, min_changes=10**6)
+    assert not any(t.done for t in fewer.tables)
+    assert all("fewer than --min-changes" in (t.reason or "") for t in fewer.tables)
+    latest = await run_compact(dests[0].url, LATEST)
+    assert any(t.done for t in latest.tables)
+    with restore_db(pg_server_dsn) as target_dsn:
+        await run_replay(dests[0].url, PostgresTarget(target_dsn), LATEST)
+        with psycopg.connect(pg_dsn) as live:
+            assert restored_state(target_dsn) == {t: table_state(live, t) for t in TABLES}
+
+
+@pytest.mark.parametrize("pg_server_dsn", ["15"], indirect=True)
+async def test_a_damaged_or_unfinished_snapshot(pg_dsn: str, pg_server_dsn: str,
+                                                kafka_bootstrap: str, topic_prefix: str,
+                                                tmp_path: Path) -> None:
+    points, dests = await build_archive(pg_dsn, kafka_bootstrap, topic_prefix, tmp_path,
+                                        transactions=30, points_at=(12, 29))
+    url = dests[0].url
+    at = Lsn(points[1].lsn)
+    folder = tmp_path / "archive" / "snapshots" / "public.guests" / at.hex_key()
+
+    # The command: JSON summary, exit 0.
+    done = await asyncio.to_thread(
+        subprocess.run, [REPLICATOR, "compact", "--from", url, "--at", str(at), "--json"],
+        env=sink_environ(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    doc = json.loads(done.stdout)
+    assert doc["target"] == str(at) and doc["tables"]["public.guests"]["done"] is True
+
+    # A compaction cut short (parts, no manifest) is passed over: the restore is as before;
+    # compacting again clears its parts and finishes.
+    (folder / "manifest-1.json").unlink()
+    assert (await base_kinds(url, at))["public.guests"] != "snapshot"
+    with restore_db(pg_server_dsn) as target_dsn:
+        await run_replay(url, PostgresTarget(target_dsn), at)
+        assert restored_state(target_dsn) == points[1].state
+    redo = await run_compact(url, at, tables=["public.guests"])
+    assert [t.done for t in redo.tables] == [True]
+    assert sorted(p.name for p in folder.iterdir()) == ["manifest-1.json", "part-0.snap"]
+
+    # A tampered part stops the replay, naming it; nothing is committed.
+    part = folder / "part-0.snap"
+    original = part.read_bytes()
+    spoiled = bytearray(original)
+    spoiled[len(spoiled) // 2] ^= 0x01
+    part.write_bytes(bytes(spoiled))
+    with restore_db(pg_server_dsn) as target_dsn:
+        with pytest.raises(ReplayFailed, match=r"object snapshots/public\.guests/"
+                                               rf"{at.hex_key()}/part-0\.snap cannot be "
+                                               "decrypted") as failed:
+            await run_replay(url, PostgresTarget(target_dsn), at)
+        assert failed.value.object == snapshot_key("public.guests", at, 0)
+        with psycopg.connect(target_dsn) as conn:
+            assert conn.execute("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'"
+                                ).fetchone() == (0,)
+    # A missing part of a complete snapshot is refused, naming it and its manifest.
+    part.unlink()
+    with pytest.raises(ReplayRefused, match=r"missing its part snapshots/public\.guests/"
+                                            rf"{at.hex_key()}/part-0\.snap"):
+        await run_replay(url, FileTarget(tmp_path / "never", "jsonl"), at)
+    assert manifest_key("public.guests", at, 1).endswith("manifest-1.json")
+    assert not (tmp_path / "never").exists()
