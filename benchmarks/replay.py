@@ -609,10 +609,11 @@ def child_env() -> dict[str, str]:
     return env
 
 
-def run_cli(archive: Path, dsn: str, wedding: str | None = None) -> tuple[dict[str, Any], float]:
+def run_cli(archive: Path, dsn: str, wedding: str | None = None, at: str = "latest"
+            ) -> tuple[dict[str, Any], float]:
     """`replicator replay` in a child process; its JSON summary and its wall time."""
     command = [sys.executable, "-m", "replicator", "replay", "--from", archive.as_uri(),
-               "--at", "latest", "--to", dsn, "--json"]
+               "--at", at, "--to", dsn, "--json"]
     if wedding is not None:
         command += ["--wedding", wedding]
     started = time.perf_counter()
@@ -621,6 +622,52 @@ def run_cli(archive: Path, dsn: str, wedding: str | None = None) -> tuple[dict[s
     wall = time.perf_counter() - started
     if done.returncode != 0:
         raise SystemExit(f"replay failed (exit {done.returncode}):\n{done.stderr.strip()}")
+    return json.loads(done.stdout.strip().splitlines()[-1]), wall
+
+
+def compaction_point(archive: Path, tail: int) -> tuple[Lsn, int]:
+    """The commit LSN after which about *tail* changes remain (the last commit with at least
+    *tail* changes after it), and how many do."""
+    import uvloop
+
+    from connectors.local import LocalStore
+    from replicator.replay.engine import Archive
+
+    async def main() -> list[Any]:
+        store = LocalStore(archive)
+        try:
+            return await Archive(store, _keyring()).transactions()
+        finally:
+            await store.close()
+
+    records = uvloop.run(main())
+    commits = sorted({(int(r.commit_lsn), sum(r.counts.values())) for r in records if r.xid})
+    after = 0
+    for lsn, count in reversed(commits):
+        if after + count > tail:
+            return Lsn(lsn), after
+        after += count
+    raise SystemExit(f"the archive holds fewer than {tail} changes")
+
+
+def compact_copy(source: Path, target: Path, at: Lsn | str) -> tuple[dict[str, Any], float]:
+    """A copy of *source* (hard links: compaction only adds objects) compacted at *at* by
+    `replicator compact` in a child process; its JSON summary and its wall time."""
+    if target.exists():
+        shutil.rmtree(target)
+    subprocess.run(["cp", "-al", str(source), str(target)], check=True)
+    return compact_again(target, at)
+
+
+def compact_again(target: Path, at: Lsn | str) -> tuple[dict[str, Any], float]:
+    command = [sys.executable, "-m", "replicator", "compact", "--from", target.as_uri(),
+               "--at", str(at), "--json"]
+    started = time.perf_counter()
+    done = subprocess.run(command, env=child_env(), cwd=PROJECT_ROOT, capture_output=True,
+                          text=True, check=False)
+    wall = time.perf_counter() - started
+    if done.returncode != 0:
+        raise SystemExit(f"compact failed (exit {done.returncode}):\n{done.stderr.strip()}")
     return json.loads(done.stdout.strip().splitlines()[-1]), wall
 
 
@@ -656,71 +703,84 @@ def profile_replay(archive: Path, dsn: str, path: str) -> float:
 # --- main ------------------------------------------------------------------------------------
 
 
-def main(p: Params, as_json: bool, profile: str | None, rebuild: bool, quick: bool) -> int:
+def main(p: Params, as_json: bool, profile: str | None, rebuild: bool, quick: bool,
+         tail: int) -> int:
     def say(text: str) -> None:
         print(text, flush=True)
 
     wall_started = time.perf_counter()
     directory, meta, cached = archive_for(p, rebuild, say)
     archive = directory / "archive"
+    compacted = directory / "compacted"
     say(f"archive {directory}: {meta['snapshot_rows']:,} snapshot rows + {meta['changes']:,} "
         f"changes ({meta['ops']}, {meta['toast_updates']:,} with TOAST-unchanged notes) in "
         f"{meta['transactions']} transactions, {meta['segments']} segments, "
         f"{meta['archive_bytes'] / 1e6:,.1f} MB; build {meta['build_s']:.1f}s"
         f"{' (cached)' if cached else ''}")
     tag = uuid.uuid4().hex[:8]
-    dbs = {k: f"bench_{k}_{tag}" for k in ("copy", "replay", "wedding", "profile")}
     created: list[str] = []
     failures: list[str] = []
+    dsns: dict[str, str] = {}
+
+    def fresh(kind: str) -> str:
+        name = f"bench_{kind}_{tag}"
+        dsns[kind] = create_db(name)
+        created.append(name)
+        return dsns[kind]
+
+    def replay_into(kind: str, source: Path, wedding: str | None = None
+                    ) -> tuple[dict[str, Any], float]:
+        checkpoint()
+        summary, wall = run_cli(source, fresh(kind), wedding)
+        got = fingerprint(dsns[kind], wedding)
+        want = floor_fp if wedding is None else fingerprint(dsns["copy"], wedding)
+        if got != want or summary["rows"] != want[0]:
+            failures.append(f"{kind}: restored (count, hash) {got} != COPY floor's {want} "
+                            f"(reported {summary['rows']} rows)")
+        return summary, wall
+
     try:
-        dsns = {}
-        for kind in ("copy", "replay", "wedding"):
-            dsns[kind] = create_db(dbs[kind])
-            created.append(dbs[kind])
         with psycopg.connect(ADMIN_DSN) as conn:
             version_row = conn.execute("SHOW server_version").fetchone()
         server = version_row[0] if version_row else "?"
-
         chunks = load_floor(directory / "floor.copy")
         floor_bytes = sum(len(c) for c in chunks)
         checkpoint()
         say(f"COPY floor: {floor_bytes / 1e6:,.1f} MB of COPY text ...")
-        copy_s = copy_floor(dsns["copy"], chunks)
+        copy_s = copy_floor(fresh("copy"), chunks)
         del chunks
-        checkpoint()
-        say(f"  {copy_s:.2f}s; replay (child process) ...")
-        before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        floor_fp = fingerprint(dsns["copy"])
+        if floor_fp[0] != meta["rows"]:
+            failures.append(f"the COPY table holds {floor_fp[0]} rows, {meta['rows']} expected")
         code = code_digest()
-        summary, replay_wall = run_cli(archive, dsns["replay"])
+
+        say(f"  {copy_s:.2f}s; replay of the uncompacted archive (child process) ...")
+        uncompacted, _ = replay_into("uncompacted", archive)
+        point, after = compaction_point(archive, tail)
+        say(f"  {uncompacted['seconds']:.2f}s; compaction at {point}, {after:,} changes before "
+            "the end (child process) ...")
+        compaction, compact_wall = compact_copy(archive, compacted, point)
+        say(f"  {compaction['seconds']:.2f}s; replay: that snapshot + {after:,} changes ...")
+        before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        summary, replay_wall = replay_into("replay", compacted)
         children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
         replay_s = float(summary["seconds"])
         peak_rss = float(summary["peak_rss_mb"])
-        say(f"  {replay_s:.2f}s; checking the restored table against the COPY table ...")
-        floor_fp = fingerprint(dsns["copy"])
-        replay_fp = fingerprint(dsns["replay"])
-        if floor_fp[0] != meta["rows"]:
-            failures.append(f"the COPY table holds {floor_fp[0]} rows, {meta['rows']} expected")
-        if replay_fp != floor_fp:
-            failures.append(f"replayed table (count, hash) {replay_fp} != COPY floor {floor_fp}")
-        if summary["rows"] != floor_fp[0]:
-            failures.append(f"replay reported {summary['rows']} rows, COPY has {floor_fp[0]}")
-
         wedding = meta["wedding"]
-        checkpoint()
-        say(f"wedding {wedding} restore (child process) ...")
-        one, wedding_wall = run_cli(archive, dsns["wedding"], wedding)
-        wedding_s = float(one["seconds"])
-        wedding_fp = fingerprint(dsns["wedding"])
-        floor_wedding_fp = fingerprint(dsns["copy"], wedding)
-        if wedding_fp != floor_wedding_fp or wedding_fp[0] != meta["wedding_rows"]:
-            failures.append(f"wedding {wedding}: restored (count, hash) {wedding_fp} != COPY "
-                            f"floor's {floor_wedding_fp} ({meta['wedding_rows']} rows expected)")
+        say(f"  {replay_s:.2f}s; wedding {wedding}, from it and from the uncompacted archive ...")
+        one, wedding_wall = replay_into("wedding", compacted, wedding)
+        one_uncompacted, _ = replay_into("wedding_u", archive, wedding)
+        if one["rows"] != meta["wedding_rows"]:
+            failures.append(f"wedding {wedding}: {one['rows']} rows restored, "
+                            f"{meta['wedding_rows']} expected")
+        say("compaction at the latest point (from the first snapshot and the changes after "
+            "it) ...")
+        latest_compaction, _ = compact_again(compacted, "latest")
+        at_snapshot, _ = replay_into("snapshot", compacted)
 
         profile_s = None
         if profile is not None:
-            dsns["profile"] = create_db(dbs["profile"])
-            created.append(dbs["profile"])
-            profile_s = profile_replay(archive, dsns["profile"], profile)
+            profile_s = profile_replay(compacted, fresh("profile"), profile)
             if fingerprint(dsns["profile"]) != floor_fp:
                 failures.append("the profiled replay's table differs from the COPY floor")
     finally:
@@ -732,25 +792,35 @@ def main(p: Params, as_json: bool, profile: str | None, rebuild: bool, quick: bo
 
     rows = floor_fp[0]
     ratio = replay_s / copy_s
+    uncompacted_s, snapshot_s = float(uncompacted["seconds"]), float(at_snapshot["seconds"])
+    wedding_s = float(one["seconds"])
     table = summary["tables"][TABLE]
     print(f"\n{rows:,} rows restored (snapshot {meta['snapshot_rows']:,} + "
-          f"{meta['changes']:,} changes in {meta['transactions']} transactions; "
-          f"{table['segments']} segments read, {table['changed_keys']:,} changed keys); "
+          f"{meta['changes']:,} changes in {meta['transactions']} transactions); "
           f"PostgreSQL {server}, {os.cpu_count()} CPUs{'; --quick' if quick else ''}")
-    print(f"{'':44}{'seconds':>9}{'rows/s':>12}")
-    print(f"{'COPY floor (create, COPY, primary key)':44}{copy_s:>9.2f}{rows / copy_s:>12,.0f}")
-    print(f"{'replicator replay (its own timing)':44}{replay_s:>9.2f}{rows / replay_s:>12,.0f}")
-    print(f"{'  same, process wall time (start-up incl.)':44}{replay_wall:>9.2f}"
-          f"{rows / replay_wall:>12,.0f}")
+    print(f"{'':58}{'seconds':>9}{'ratio':>7}{'rows/s':>12}")
+    lines = [
+        ("COPY floor (create, COPY, primary key)", copy_s),
+        (f"replay: compaction snapshot + {after:,} changes", replay_s),
+        ("replay: uncompacted (first snapshot + every change)", uncompacted_s),
+        ("replay: compaction snapshot at the latest point", snapshot_s),
+    ]
+    for label, seconds in lines:
+        print(f"{label:58}{seconds:>9.2f}{seconds / copy_s:>7.2f}{rows / seconds:>12,.0f}")
     print(f"ratio replay / COPY: {ratio:.2f} (target <= {TARGET_RATIO:.1f}: "
-          f"{'met' if ratio <= TARGET_RATIO else 'NOT met'})")
+          f"{'met' if ratio <= TARGET_RATIO else 'NOT met'}); process wall time "
+          f"{replay_wall:.2f}s, {table['segments']} objects read for the table, "
+          f"{table['changed_keys']:,} changed keys")
     print(f"replay peak RSS: {peak_rss:,.0f} MB (RUSAGE_CHILDREN: {children:,.0f} MB, before "
           f"the replay {before:,.0f} MB); read {summary['bytes_read'] / 1e6:,.1f} MB in "
           f"{summary['objects_read']} objects")
     print(f"wedding {wedding} restore: {wedding_s:.2f}s (wall {wedding_wall:.2f}s; target < "
           f"{TARGET_WEDDING_S:.0f}s: {'met' if wedding_s < TARGET_WEDDING_S else 'NOT met'}), "
           f"{one['rows']} rows, {one['objects_read']} objects read, "
-          f"{one['bytes_read'] / 1e6:,.1f} MB")
+          f"{one['bytes_read'] / 1e6:,.1f} MB; uncompacted "
+          f"{float(one_uncompacted['seconds']):.2f}s")
+    print(f"compaction at {point}: {compaction['seconds']:.2f}s (wall {compact_wall:.2f}s); "
+          f"again at the latest point: {latest_compaction['seconds']:.2f}s")
     print(f"archive build: {meta['build_s']:.1f}s{' (cached, not in this run)' if cached else ''}"
           f"; this run's wall time {time.perf_counter() - wall_started:.1f}s; replay code "
           f"{code}")
@@ -766,6 +836,16 @@ def main(p: Params, as_json: bool, profile: str | None, rebuild: bool, quick: bo
             "ratio_replay_vs_copy": round(ratio, 3),
             "wedding_restore_s": round(wedding_s, 3),
             "peak_rss_mb": round(peak_rss, 1),
+            "tail_changes": after,
+            "compaction_lsn": str(point),
+            "compact_s": round(float(compaction["seconds"]), 3),
+            "compact_latest_s": round(float(latest_compaction["seconds"]), 3),
+            "uncompacted_replay_s": round(uncompacted_s, 3),
+            "ratio_uncompacted_vs_copy": round(uncompacted_s / copy_s, 3),
+            "at_snapshot_replay_s": round(snapshot_s, 3),
+            "ratio_at_snapshot_vs_copy": round(snapshot_s / copy_s, 3),
+            "uncompacted_peak_rss_mb": round(float(uncompacted["peak_rss_mb"]), 1),
+            "wedding_restore_uncompacted_s": round(float(one_uncompacted["seconds"]), 3),
             "replay_wall_s": round(replay_wall, 3),
             "wedding_restore_wall_s": round(wedding_wall, 3),
             "wedding": wedding,
@@ -794,10 +874,14 @@ if __name__ == "__main__":
                         help="weddings of 100 guests in the snapshot (default 20000)")
     parser.add_argument("--changes", type=int, default=None,
                         help="changes after the snapshot (default 400000)")
+    parser.add_argument("--tail", type=int, default=None,
+                        help="changes after the compaction point (default a quarter of them)")
     parser.add_argument("--profile", metavar="FILE", default=None,
-                        help="also replay in-process under cProfile, stats into FILE")
+                        help="also replay the compacted archive in-process under cProfile")
     parser.add_argument("--rebuild", action="store_true", help="ignore the cached archive")
     args = parser.parse_args()
     weddings = args.weddings or (5_000 if args.quick else 20_000)
     changes = args.changes if args.changes is not None else (100_000 if args.quick else 400_000)
-    sys.exit(main(Params(weddings, changes), args.json, args.profile, args.rebuild, args.quick))
+    tail = args.tail if args.tail is not None else changes // 4
+    sys.exit(main(Params(weddings, changes), args.json, args.profile, args.rebuild, args.quick,
+                  tail))
