@@ -93,6 +93,7 @@ EmitCopy = Callable[[str | bytes, int], Awaitable[None]]  # COPY text lines, and
 # a compaction snapshot holds (`sink.snapshot`).
 EmitLines = Callable[[list[str], list[str], list[str]], Awaitable[None]]
 BATCH_ROWS = 2000
+_RAW_BATCH = 8 << 20  # bytes of COPY text per write from a compaction snapshot
 
 
 class ReplayFailed(ReplayRefused):
@@ -259,13 +260,15 @@ class Archive:
         except CryptoError as exc:
             raise self._unreadable(key, exc) from None
 
-    async def segment(self, key: str) -> tuple[SegmentHeader, Iterator[dict[str, Any]]]:
+    async def segment(self, key: str, after: int | None = None
+                      ) -> tuple[SegmentHeader, Iterator[dict[str, Any]]]:
         """The header and verified records of change segment *key*, decrypted while they are
-        decoded (the plaintext is never held whole); errors name the object."""
+        decoded (the plaintext is never held whole); errors name the object. With *after*,
+        blocks of records all at or below that LSN are passed over (`decode_record_segment`)."""
         data = await self._get(key)
         try:
             header, records = decode_record_segment(
-                chunk_stream(decrypt_stream((data,), name=key, keyring=self.keyring)))
+                chunk_stream(decrypt_stream((data,), name=key, keyring=self.keyring)), after)
         except (CryptoError, SegmentError) as exc:
             raise self._unreadable(key, exc) from None
 
@@ -485,7 +488,7 @@ async def restore_table(archive: Archive, job: TableJob, emit: Emit,
         parsed = parse_key(key)
         if parsed.last < low or parsed.first > target:
             continue
-        header, records = await archive.segment(key)
+        header, records = await archive.segment(key, low - 1 if parsed.first < low else None)
         stats.segments += 1
         if (not job.compacted and header.first.commit_lsn == header.last.commit_lsn == base
                 and set(header.ops) == {Op.READ.value}):
@@ -687,6 +690,32 @@ async def _snapshot_rows(archive: Archive, job: TableJob, snapshot: SnapshotPart
         for chunk in snapshot.row_chunks():
             await out.raw(chunk, chunk.count(b"\n"))
             archive.check_memory(job.table, len(changed))
+        return
+    if raw:  # bytes in, bytes out: only the rows whose key changed are parsed
+        lines = snapshot.row_bytes()
+        weddings = snapshot.wedding_lines()
+        where = dict(zip(keys, range(len(keys)), strict=True))
+        drop = sorted(where[key] for key in hits)
+        del where
+        for n in drop:
+            merger.add(_line_event(job, header, n, weddings[n], keys[n], lines[n].decode()),
+                       (job.table, unescape(keys[n])))
+        del keys, weddings
+        archive.check_memory(job.table, len(changed))
+        pieces: list[bytes] = []
+        count = size = start = 0
+        for stop in [*drop, len(lines)]:
+            if stop > start:
+                piece = b"\n".join(lines[start:stop])
+                pieces.append(piece)
+                count += stop - start
+                size += len(piece)
+                if size >= _RAW_BATCH:
+                    await out.raw(b"\n".join(pieces) + b"\n", count)
+                    pieces, count, size = [], 0, 0
+            start = stop + 1
+        if pieces:
+            await out.raw(b"\n".join(pieces) + b"\n", count)
         return
     rows = snapshot.row_lines()
     weddings = snapshot.wedding_lines()

@@ -621,10 +621,11 @@ def read_header(data_prefix: bytes | bytearray | memoryview) -> SegmentHeader:
     return _checked_header(meta, meta.get("avro.codec", "null"))
 
 
-def _open(data: Source, kind: SegmentKind | None
+def _open(data: Source, kind: SegmentKind | None, after: int | None = None
           ) -> tuple[SegmentHeader, Iterator[dict[str, Any]]]:
     """Reads the header first, to give fastavro a reader schema only when the segment was
-    written with another schema (resolution halves the reading speed)."""
+    written with another schema (resolution halves the reading speed). With *after*, blocks
+    whose records all have a commit LSN at or below it are passed over undecoded."""
     stream: IO[bytes]
     try:
         if isinstance(data, bytes | bytearray | memoryview):
@@ -650,6 +651,11 @@ def _open(data: Source, kind: SegmentKind | None
                                _transaction_facts)
     reader_schema = None if header.schema_fingerprint == ours.hex() else schema
     try:
+        if after is not None and header.first.commit_lsn <= after:
+            seekable = io.BytesIO(stream.read())  # block_reader asks for positions
+            records = _blocks_after(fastavro.block_reader(
+                seekable, reader_schema=reader_schema, return_record_name=True), after)
+            return header, _verified(header, records, facts, complete=False)
         reader = fastavro.reader(stream, reader_schema=reader_schema, return_record_name=True)
     except Exception as exc:  # fastavro raises assorted types on bytes that are not an OCF
         raise SegmentCorrupt(f"segment of {header.table or 'transactions'} is not readable: "
@@ -657,9 +663,28 @@ def _open(data: Source, kind: SegmentKind | None
     return header, _verified(header, cast(Iterator[dict[str, Any]], iter(reader)), facts)
 
 
+def _blocks_after(blocks: Iterable[Any], after: int) -> Iterator[dict[str, Any]]:
+    """The records of the OCF *blocks* less the blocks that hold only records at or below
+    LSN *after*: records are in position order, so a block is such a block when the next
+    block's first record is at or below *after*; only that first record is decoded."""
+    pending: tuple[dict[str, Any], Iterator[dict[str, Any]]] | None = None
+    for block in blocks:
+        rest = iter(block)
+        first = next(rest, None)
+        if pending is not None and (first is None or first["source"]["lsn"] > after):
+            yield pending[0]
+            yield from pending[1]
+        pending = None if first is None else (first, rest)
+    if pending is not None:
+        yield pending[0]
+        yield from pending[1]
+
+
 def _verified(header: SegmentHeader, records: Iterator[dict[str, Any]],
-              facts: Callable[[Mapping[str, Any]], _Facts],
+              facts: Callable[[Mapping[str, Any]], _Facts], complete: bool = True,
               ) -> Iterator[dict[str, Any]]:
+    """The records, checked as they pass (table, position order) and, when *complete* (no
+    block was passed over), against every field of the header once they are all out."""
     summary = _Summary(header.kind, header.table)
     where = f"segment of {header.table or 'transactions'} starting at {header.first}"
     while True:
@@ -672,6 +697,12 @@ def _verified(header: SegmentHeader, records: Iterator[dict[str, Any]],
                                  f"{type(exc).__name__}") from exc
         summary.add(*facts(record))
         yield record
+    if not complete:
+        if summary.last is not None and summary.last != (header.last.commit_lsn,
+                                                         header.last.seq):
+            raise SegmentCorrupt(f"{where}: its last record is at {summary.last}, its header "
+                                 f"says {header.last}")
+        return
     try:
         actual = summary.header(header.schema_fingerprint, header.codec)
     except SegmentError:
@@ -685,10 +716,14 @@ def _verified(header: SegmentHeader, records: Iterator[dict[str, Any]],
                              f"({', '.join(differ)})")
 
 
-def decode_record_segment(data: Source) -> tuple[SegmentHeader, Iterator[dict[str, Any]]]:
+def decode_record_segment(data: Source, after: int | None = None
+                          ) -> tuple[SegmentHeader, Iterator[dict[str, Any]]]:
     """The header and the envelope records of a change segment (fastavro's dicts, with
-    record-typed Values as `(name, fields)`), streamed and verified (module docstring)."""
-    return _open(data, SegmentKind.CHANGES)
+    record-typed Values as `(name, fields)`), streamed and verified (module docstring).
+    With *after* (a commit LSN), the OCF blocks holding only records at or below it are
+    passed over undecoded (a restore from a snapshot at *after*); the records read are then
+    checked for order and for the header's last position, not for its counts."""
+    return _open(data, SegmentKind.CHANGES, after)
 
 
 def decode_segment(data: Source) -> tuple[SegmentHeader, Iterator[ChangeEvent]]:

@@ -250,6 +250,14 @@ class SnapshotPart:
     def row_lines(self) -> list[str]:
         return self._lines(self._rows, "rows")
 
+    def row_bytes(self) -> list[bytes]:
+        """The rows frame's lines as bytes, unparsed and not decoded."""
+        lines = b"".join(_frame_chunks(self._rows, "rows")).split(b"\n")
+        if lines.pop() != b"" or len(lines) != self.header.rows:
+            raise PartCorrupt(f"the snapshot part's rows frame holds {len(lines)} lines, "
+                              f"its header says {self.header.rows} rows")
+        return lines
+
     def key_lines(self) -> list[str]:
         """Each row's key text, COPY-escaped."""
         return self._lines(self._keys, "keys")

@@ -417,3 +417,25 @@ def test_a_header_without_the_later_fields_still_reads_and_verifies() -> None:
     assert "wedsync.unknown_deletes" not in old.metadata()
     assert read_header(data) == old == verify_segment(data)
     assert old.may_delete_key('{"id":5}')  # unknown: a wedding restore reads the segment
+
+
+@pytest.mark.parametrize("codec", CODECS)
+def test_reading_after_a_position_passes_over_whole_blocks_only(codec: str) -> None:
+    # Records of about 1 KB: a 256 KiB block holds a few hundred; 3,000 make several blocks.
+    note = "x" * 1000
+    events = [change(lsn, seq, after={"id": seq, "name": note})
+              for lsn in range(1, 301) for seq in range(10)]
+    data, header = encode_segment(events, table=TABLE, column_types=None, codec=codec)
+    for after in (0, 1, 57, 150, 299, 300):
+        _, records = decode_record_segment(io.BytesIO(data), after)
+        got = [(r["source"]["lsn"], r["source"]["seq"]) for r in records]
+        wanted = [(int(e.position[0]), e.position[1]) for e in events]
+        # Every record past the point, in order; before it, only the tail of one block.
+        assert got == wanted[len(wanted) - len(got):]
+        assert all(p in got for p in wanted if p[0] > after)
+        if after >= 150:
+            assert len(got) < len(wanted) - 1000
+    # The records read are still checked: a last position other than the header's is corrupt.
+    forged = rewrite(data, records_of(data)[:-1])
+    with pytest.raises(SegmentCorrupt, match="its last record is at"):
+        list(decode_record_segment(io.BytesIO(forged), 150)[1])
