@@ -41,10 +41,11 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from connectors.base import ObjectStore
 from connectors.errors import NotFound, StoreError
@@ -265,7 +266,11 @@ class Archive:
         """The header and verified records of change segment *key*, decrypted while they are
         decoded (the plaintext is never held whole); errors name the object. With *after*,
         blocks of records all at or below that LSN are passed over (`decode_record_segment`)."""
-        data = await self._get(key)
+        return self.open_segment(key, await self._get(key), after)
+
+    def open_segment(self, key: str, data: bytes, after: int | None = None
+                     ) -> tuple[SegmentHeader, Iterator[dict[str, Any]]]:
+        """`segment()` of the stored bytes *data* of *key*."""
         try:
             header, records = decode_record_segment(
                 chunk_stream(decrypt_stream((data,), name=key, keyring=self.keyring)), after)
@@ -286,7 +291,10 @@ class Archive:
     async def part(self, key: str) -> tuple[PartHeader, Iterator[list[str]]]:
         """The header and the body lines (in batches) of snapshot part *key*; errors name
         it."""
-        data = await self._get(key)
+        return self.open_part(key, await self._get(key))
+
+    def open_part(self, key: str, data: bytes) -> tuple[PartHeader, Iterator[list[str]]]:
+        """`part()` of the stored bytes *data* of *key*."""
         try:
             header, batches = decode_part(decrypt(data, key, self.keyring))
         except (CryptoError, PartCorrupt) as exc:
@@ -448,87 +456,73 @@ def _text_key(table: str, key: Mapping[str, Any]) -> tuple[str, str]:
     return table, part_key_text(key)
 
 
+class Remover(Protocol):
+    """A target that can drop rows it was given (in the same transaction)."""
+
+    async def remove_keys(self, keys: list[str]) -> list[list[str | None]]:
+        """Drop the rows whose key text (COPY-escaped `sink.part.key_text`) is one of
+        *keys*; their columns' text, in the schema's order (NULL as None)."""
+        ...
+
+    async def remove_all(self) -> None: ...
+
+
 async def restore_table(archive: Archive, job: TableJob, emit: Emit,
                         progress: Callable[[int], None] | None = None,
                         emit_copy: EmitCopy | None = None,
-                        emit_lines: EmitLines | None = None) -> TableStats:
+                        emit_lines: EmitLines | None = None,
+                        remover: Remover | None = None) -> TableStats:
     """Write the rows of *job*'s table as of `job.target` through *emit*, in batches of
     value lists ordered as `job.schema.columns` (module docstring). With *emit_copy*, rows of
     snapshot parts whose columns are the schema's go through it as COPY text, unparsed. With
-    *emit_lines*, every row goes through it instead, with its index line (compaction)."""
+    *emit_lines*, every row goes through it instead, with its key text and wedding
+    (compaction). With *remover*, a compaction snapshot is loaded while the changes are
+    read, and the rows of changed keys removed after."""
     if job.wedding is not None:
         return await _restore_wedding(archive, job, emit, progress)
     stats = TableStats(job.table)
-    base, target, low = int(job.base), int(job.target), job.first_change
-    merger = Merger()
-    # The changed keys, as part lines hold them (`sink.part.key_text`, COPY-escaped).
-    changed: set[str] = set()
-    seen: dict[int, bytearray] = {}
-    change_commits: set[int] = set()
-    truncated: tuple[int, int] | None = None
-    deferred: list[str] = []
-    key_changes: list[dict[str, Any]] = []
-
-    parts: list[str] = []
-    snapshots: list[str] = []
+    base = int(job.base)
+    parts: list[str] = []  # the base's snapshot parts (rows-*.part at the base LSN)
+    snapshots: list[str] = []  # the base's compaction snapshot parts
     for key in job.segments:
         if is_snapshot_key(key):
             snapshots.append(key)
-            continue
-        if is_part_key(key):
-            lsn = int(parse_part_key(key).lsn)
-            if lsn == base and not job.compacted:
-                parts.append(key)
-            elif low <= lsn <= target:  # an on-demand snapshot: versions like changes
-                stats.segments += 1
-                async for event, text_key in _part_events(archive, key, job, seen):
-                    merger.add(event, (job.table, text_key))
-                    changed.add(copy_escape(text_key))
-            continue
-        parsed = parse_key(key)
-        if parsed.last < low or parsed.first > target:
-            continue
-        header, records = await archive.segment(key, low - 1 if parsed.first < low else None)
-        stats.segments += 1
-        if (not job.compacted and header.first.commit_lsn == header.last.commit_lsn == base
-                and set(header.ops) == {Op.READ.value}):
-            deferred.append(key)
-            continue
-        for record in records:
-            source = record["source"]
-            lsn = source["lsn"]
-            if lsn < low or lsn > target:
-                continue
-            if not _mark(seen, lsn, source["seq"]):
-                stats.duplicates += 1
-                continue
-            op = record["op"]
-            if op != "r":
-                change_commits.add(lsn)
-                stats.changes += 1
-            if op == "t":
-                position = (lsn, source["seq"])
-                if source["origin"] is None and (truncated is None or position > truncated):
-                    truncated = position
-                merger.add(_event(record))
-                continue
-            text_key = part_key_text(record["key"])
-            changed.add(copy_escape(text_key))
-            before = record["before"]
-            if op == "u" and before is not None:
-                old_key = part_key_text({name: before.get(name) for name in record["key"]})
-                if old_key != text_key:
-                    # A key change: applied once every older version is in (below).
-                    key_changes.append(record)
-                    changed.add(copy_escape(old_key))
-                    continue
-            merger.add(_event(record, python_key=False), (job.table, text_key))
-        archive.check_memory(job.table, len(changed))
-        await asyncio.sleep(0)
-    stats.changed_keys = len(changed)
+        elif is_part_key(key) and int(parse_part_key(key).lsn) == base and not job.compacted:
+            parts.append(key)
     out = _Output(job, stats, emit, emit_copy, emit_lines, progress)
+    loop = asyncio.get_running_loop()
 
-    for key in deferred:
+    def fetch(key: str) -> bytes:  # from the pass's thread, through this loop
+        return asyncio.run_coroutine_threadsafe(archive._get(key), loop).result()
+
+    # Pass 1 runs in a thread. With a target that can take the base first and drop the
+    # rows of changed keys after (`remover`), a compaction snapshot's rows are loaded
+    # meanwhile: the target database works while this process decodes the changes.
+    early = bool(snapshots) and remover is not None and emit_lines is None
+    pending = asyncio.create_task(_load_snapshots(archive, job, snapshots, out)) if early else None
+    try:
+        changes = await asyncio.to_thread(_pass1, archive, job, fetch, stats)
+    except BaseException:
+        if pending is not None:
+            pending.cancel()
+            with contextlib.suppress(BaseException):
+                await pending
+        raise
+    if pending is not None:
+        await pending
+    merger, changed, seen = changes.merger, changes.changed, changes.seen
+    truncated, key_changes = changes.truncated, changes.key_changes
+    stats.changed_keys = len(changed)
+    if early:
+        assert remover is not None
+        if truncated is not None:  # a truncate after the base empties the table
+            await remover.remove_all()
+        elif changed:
+            for texts in await remover.remove_keys(sorted(changed)):
+                event, text_key = _base_row_event(job, texts)
+                merger.add(event, (job.table, text_key))
+
+    for key in changes.deferred:
         _, records = await archive.segment(key)
         for record in records:
             seq = record["source"]["seq"]
@@ -571,7 +565,7 @@ async def restore_table(archive: Archive, job: TableJob, emit: Emit,
             archive.check_memory(job.table, len(changed))
             await out.lines(rows, part.columns, keys, weddings)
 
-    for key in snapshots:
+    for key in snapshots if not early else ():
         stats.segments += 1
         snapshot = await archive.snapshot(key)
         if truncated is not None:  # a truncate after the base empties the table
@@ -582,11 +576,120 @@ async def restore_table(archive: Archive, job: TableJob, emit: Emit,
             raise archive.snapshot_failed(key, exc) from None
 
     if job.check_counts:  # before any conclusion is drawn from the versions found
-        _check_counts(archive.timeline, job, seen, change_commits)
+        _check_counts(archive.timeline, job, seen, changes.commits)
 
     _apply_key_changes(merger, key_changes, job.table)
     await _emit_states(merger, job, out, archive.timeline)
     return stats
+
+
+@dataclass(slots=True)
+class _Changes:
+    """What pass 1 found: every change after the base, merged; the changed keys."""
+
+    merger: Merger = field(default_factory=Merger)
+    # The changed keys, as part lines hold them (`sink.part.key_text`, COPY-escaped).
+    changed: set[str] = field(default_factory=set)
+    seen: dict[int, bytearray] = field(default_factory=dict)
+    commits: set[int] = field(default_factory=set)  # commit LSNs with changes
+    truncated: tuple[int, int] | None = None
+    deferred: list[str] = field(default_factory=list)  # segments of base rows only
+    key_changes: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _pass1(archive: Archive, job: TableJob, fetch: Callable[[str], bytes], stats: TableStats
+           ) -> _Changes:
+    """Pass 1 (module docstring), in a thread: *fetch* gets an object's stored bytes."""
+    found = _Changes()
+    merger, changed, seen = found.merger, found.changed, found.seen
+    base, target, low = int(job.base), int(job.target), job.first_change
+    for key in job.segments:
+        if is_snapshot_key(key):
+            continue
+        if is_part_key(key):
+            lsn = int(parse_part_key(key).lsn)
+            if low <= lsn <= target and not (lsn == base and not job.compacted):
+                # an on-demand snapshot: versions like changes
+                stats.segments += 1
+                for event, text_key in _part_events(archive, key, fetch(key), job, seen):
+                    merger.add(event, (job.table, text_key))
+                    changed.add(copy_escape(text_key))
+            continue
+        parsed = parse_key(key)
+        if parsed.last < low or parsed.first > target:
+            continue
+        header, records = archive.open_segment(key, fetch(key),
+                                               low - 1 if parsed.first < low else None)
+        stats.segments += 1
+        if (not job.compacted and header.first.commit_lsn == header.last.commit_lsn == base
+                and set(header.ops) == {Op.READ.value}):
+            found.deferred.append(key)
+            continue
+        for record in records:
+            source = record["source"]
+            lsn = source["lsn"]
+            if lsn < low or lsn > target:
+                continue
+            if not _mark(seen, lsn, source["seq"]):
+                stats.duplicates += 1
+                continue
+            op = record["op"]
+            if op != "r":
+                found.commits.add(lsn)
+                stats.changes += 1
+            if op == "t":
+                position = (lsn, source["seq"])
+                if source["origin"] is None and (found.truncated is None
+                                                 or position > found.truncated):
+                    found.truncated = position
+                merger.add(_event(record))
+                continue
+            text_key = part_key_text(record["key"])
+            changed.add(copy_escape(text_key))
+            before = record["before"]
+            if op == "u" and before is not None:
+                old_key = part_key_text({name: before.get(name) for name in record["key"]})
+                if old_key != text_key:
+                    # A key change: applied once every older version is in (below).
+                    found.key_changes.append(record)
+                    changed.add(copy_escape(old_key))
+                    continue
+            merger.add(_event(record, python_key=False), (job.table, text_key))
+        archive.check_memory(job.table, len(changed))
+    return found
+
+
+async def _load_snapshots(archive: Archive, job: TableJob, keys: Sequence[str], out: _Output
+                          ) -> None:
+    """Every row of the base's compaction snapshot parts, as they are."""
+    for key in keys:
+        out.stats.segments += 1
+        snapshot = await archive.snapshot(key)
+        try:
+            if snapshot.header.columns == out.columns and out.emit_copy is not None:
+                for chunk in snapshot.row_chunks():
+                    await out.raw(chunk, chunk.count(b"\n"))
+            else:
+                rows = snapshot.row_lines()
+                for low in range(0, len(rows), 50_000):
+                    await out.lines(rows[low:low + 50_000], snapshot.header.columns, [], [])
+        except PartCorrupt as exc:
+            raise archive.snapshot_failed(key, exc) from None
+        archive.check_memory(job.table, 0)
+
+
+def _base_row_event(job: TableJob, texts: Sequence[str | None]) -> tuple[ChangeEvent, str]:
+    """A base row the target removed (its columns' text, in the schema's order) as the
+    version at the base, and its key text."""
+    names = job.schema.names
+    after = {n: (None if v is None else PgText(v)) for n, v in zip(names, texts, strict=True)}
+    key_texts = [str(after[k]) for k in job.schema.primary_key]
+    key = {k: after[k] for k in job.schema.primary_key}
+    schema, _, table = job.table.partition(".")
+    event = ChangeEvent(op=Op.READ, schema=schema, table=table,
+                        position=ChangePosition(job.base, 0), commit_ts_us=0, xid=0, key=key,
+                        after=after, tier=Tier.LOW)
+    return event, KEY_SEPARATOR.join(key_texts)
 
 
 class _Output:
@@ -952,10 +1055,10 @@ def _line_event(job: TableJob, header: PartHeader | SnapshotHeader, seq: int, we
                        wedding_id=None if wedding == "\\N" else unescape(wedding))
 
 
-async def _part_events(archive: Archive, key: str, job: TableJob, seen: dict[int, bytearray]
-                       ) -> AsyncIterator[tuple[ChangeEvent, str]]:
+def _part_events(archive: Archive, key: str, data: bytes, job: TableJob,
+                 seen: dict[int, bytearray]) -> Iterator[tuple[ChangeEvent, str]]:
     """The rows of an on-demand snapshot's part, as versions at their position."""
-    header, batches = await archive.part(key)
+    header, batches = archive.open_part(key, data)
     for lines in batches:
         for line in lines:
             seq_text, wedding, key_field, row = line.split("\t", 3)

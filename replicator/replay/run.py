@@ -273,7 +273,8 @@ async def apply(prepared: Prepared, target: Target, *, jobs: int = 4,
     async def one(job: TableJob) -> TableStats:
         async with limit, target.table(job.schema) as writer:
             return await restore_table(archive, job, writer.write, bar.add,
-                                       getattr(writer, "write_copy", None))
+                                       getattr(writer, "write_copy", None),
+                                       remover=getattr(writer, "remover", None))
 
     try:
         results = await asyncio.gather(*(one(job) for job in prepared.jobs))

@@ -160,10 +160,14 @@ class PostgresTarget:
                                           sql.SQL(" NOT NULL" if c.not_null else ""))
                 for c in schema.columns)
             await conn.execute(sql.SQL("CREATE TABLE {} ({})").format(name, columns))
-            copy_sql = sql.SQL("COPY {} ({}) FROM STDIN").format(
-                name, sql.SQL(", ").join(sql.Identifier(c.name) for c in schema.columns))
-            async with conn.cursor() as cur, cur.copy(copy_sql) as copy:
-                yield _CopyWriter(self, copy)
+            writer = _CopyWriter(self, conn, schema)
+            try:
+                yield writer
+            except BaseException as exc:
+                with contextlib.suppress(Exception):
+                    await writer.finish(exc)
+                raise
+            await writer.finish()
             if schema.primary_key:
                 await conn.execute(sql.SQL("ALTER TABLE {} ADD PRIMARY KEY ({})").format(
                     name, sql.SQL(", ").join(sql.Identifier(c) for c in schema.primary_key)))
@@ -194,20 +198,89 @@ class PostgresTarget:
 
 
 class _CopyWriter:
-    def __init__(self, target: PostgresTarget, copy: Any) -> None:
-        self._target = target
-        self._copy = copy
+    """One table's rows into its new table, by `COPY ... FROM STDIN` (opened at the first
+    write); `remove_keys` ends the COPY and removes rows, and the next write opens another."""
+
+    def __init__(self, target: PostgresTarget, conn: Any, schema: TableSchema) -> None:
+        from psycopg import sql
+
+        self._target, self._conn, self._schema = target, conn, schema
+        self._name = _identifier(schema.table)
+        self._copy_sql = sql.SQL("COPY {} ({}) FROM STDIN").format(
+            self._name, sql.SQL(", ").join(sql.Identifier(c.name) for c in schema.columns))
+        self._cursor: Any = None
+        self._context: Any = None  # the cursor's copy() context, while a COPY is open
+        self._copy: Any = None
+
+    async def _started(self) -> Any:
+        if self._copy is None:
+            self._cursor = self._conn.cursor()
+            self._context = self._cursor.copy(self._copy_sql)
+            self._copy = await self._context.__aenter__()
+        return self._copy
+
+    async def finish(self, exc: BaseException | None = None) -> None:
+        """End the open COPY: done, or (*exc*) failed, which the server is told."""
+        context, self._context, self._copy = self._context, None, None
+        if context is not None:
+            try:
+                await context.__aexit__(None if exc is None else type(exc), exc,
+                                        None if exc is None else exc.__traceback__)
+            finally:
+                await self._cursor.close()
 
     async def write(self, rows: list[list[Any]]) -> None:
         data = "".join([copy_line(row) for row in rows]).encode()
         self._target.bytes_written += len(data)
-        await self._copy.write(data)
+        await (await self._started()).write(data)
 
     async def write_copy(self, text: str | bytes, rows: int) -> None:
         """Rows already in COPY text format, in the table's column order."""
         data = text.encode() if isinstance(text, str) else text
         self._target.bytes_written += len(data)
-        await self._copy.write(data)
+        await (await self._started()).write(data)
+
+    @property
+    def remover(self) -> _CopyWriter:
+        """This writer can remove rows it loaded (`engine.Remover`)."""
+        return self
+
+    async def remove_keys(self, keys: list[str]) -> list[list[str | None]]:
+        """Delete the rows loaded so far whose key text (COPY-escaped, key columns joined by
+        U+001F) is in *keys*; their columns as text. The keys go to a temporary table and
+        one hash join deletes the rows (the table has no index yet)."""
+        from psycopg import sql
+
+        await self.finish()
+        conn, schema = self._conn, self._schema
+        key_columns = sql.SQL(", ").join(sql.Identifier(c) for c in schema.primary_key)
+        await conn.execute(sql.SQL(
+            "CREATE TEMPORARY TABLE replay_removed_keys ON COMMIT DROP AS "
+            "SELECT {} FROM {} WITH NO DATA").format(key_columns, self._name))
+        async with conn.cursor() as cur, cur.copy("COPY replay_removed_keys FROM STDIN") as copy:
+            for start in range(0, len(keys), 10_000):
+                lines = "\n".join(keys[start:start + 10_000]).replace("\x1f", "\t") + "\n"
+                await copy.write(lines.encode())
+        await conn.execute("ANALYZE replay_removed_keys")
+        await conn.execute("SET LOCAL enable_nestloop = off")
+        match = sql.SQL(" AND ").join(
+            sql.SQL("t.{0} = k.{0}").format(sql.Identifier(c)) for c in schema.primary_key)
+        returning = sql.SQL(", ").join(sql.SQL("t.{}::text").format(sql.Identifier(c.name))
+                                       for c in schema.columns)
+        async with conn.cursor() as cur:
+            await cur.execute(sql.SQL("DELETE FROM {} AS t USING replay_removed_keys AS k "
+                                      "WHERE {} RETURNING {}").format(
+                                          self._name, match, returning))
+            rows = await cur.fetchall()
+        await conn.execute("RESET enable_nestloop")
+        await conn.execute("DROP TABLE replay_removed_keys")
+        return [list(row) for row in rows]
+
+    async def remove_all(self) -> None:
+        from psycopg import sql
+
+        await self.finish()
+        await self._conn.execute(sql.SQL("TRUNCATE {}").format(self._name))
 
 
 def _first_line(exc: BaseException) -> str:
