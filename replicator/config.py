@@ -160,12 +160,26 @@ class FlushConfig(_Model):
         return float(getattr(self, f"{tier.value}_s"))
 
 
+class CompactionConfig(_Model):
+    """When the service folds a destination's changes into new snapshots
+    (`replicator.replay.compact`): every `check_every_s` it compacts, at its latest point,
+    each table with at least `min_changes` changes and `min_changes_ratio` of the table's rows
+    since its last snapshot. A restore reads a snapshot plus at most about that many changes;
+    each compaction costs a restore of the table, in a separate, lower-priority process."""
+
+    enabled: bool = True
+    check_every_s: float = Field(default=600.0, gt=0)
+    min_changes: int = Field(default=10_000, ge=0)
+    min_changes_ratio: float = Field(default=0.02, ge=0)
+
+
 class DestinationConfig(_Model):
     name: str
     url: str
     compression: Literal["zstd", "deflate"] = "zstd"
     bandwidth_bytes_per_s: int = Field(default=0, ge=0, description="0 means no limit")
     flush: FlushConfig = Field(default_factory=FlushConfig)
+    compaction: CompactionConfig = Field(default_factory=CompactionConfig)
 
     @field_validator("name")
     @classmethod

@@ -29,22 +29,29 @@ from replicator.cli.run import EXIT_NEEDS_OPERATOR, setup_logging
 @click.option("--tables", metavar="A,B", help="Only these tables (schema.table or table).")
 @click.option("--min-changes", type=click.IntRange(0), default=0, show_default=True,
               help="Pass over a table with fewer changes since its last snapshot.")
+@click.option("--min-changes-ratio", type=click.FloatRange(0), default=0.0, show_default=True,
+              help="Pass over a table with fewer changes since its last snapshot than this "
+                   "fraction of its rows then.")
 @click.option("--destination", metavar="NAME",
               help="Whose checkpoint to trust, when the store holds several.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.option("--nice", type=click.IntRange(0, 19), default=0, show_default=True,
+              help="Lower this process's CPU priority by this much (the service uses 10).")
 @click.option("--keyring", "keyring_file", type=click.Path(path_type=Path),
               help="Key file (name base64 lines); default: REPLICATOR_KEK_* variables.")
 @click.option("--log-level", default="warning", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
 def compact(store_url: str, at_text: str, tables: str | None, min_changes: int,
-            destination: str | None, as_json: bool, keyring_file: Path | None,
-            log_level: str) -> None:
+            min_changes_ratio: float, destination: str | None, as_json: bool, nice: int,
+            keyring_file: Path | None, log_level: str) -> None:
     """Write a compaction snapshot of every table (or --tables) at a point.
 
     A restore at or after that point then reads the snapshot and the changes after it only.
     The snapshot counts once its manifest is written, last; nothing older is deleted.
     """
     setup_logging(log_level)
+    if nice:
+        os.nice(nice)
     at = parse_at_option(at_text)
     store, keyring = open_archive(store_url, keyring_file, os.environ)
 
@@ -58,7 +65,8 @@ def compact(store_url: str, at_text: str, tables: str | None, min_changes: int,
     async def main() -> Any:
         async with store:
             return await run_compaction(store, keyring, at=at, tables=_tables(tables),
-                                        destination=destination, min_changes=min_changes)
+                                        destination=destination, min_changes=min_changes,
+                                        min_changes_ratio=min_changes_ratio)
 
     try:
         summary = uvloop.run(main())

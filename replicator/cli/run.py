@@ -93,7 +93,8 @@ def run(config_path: Path, only: str | None, accept_gap: bool, log_level: str) -
         tasks: list[asyncio.Task[None]] = []
         metrics = MetricsServer(
             config.metrics.listen,
-            PipelineCollector(lambda: capture, lambda: sinks.stats if sinks else {}),
+            PipelineCollector(lambda: capture, lambda: sinks.stats if sinks else {},
+                              lambda: sinks.compaction_stats if sinks else {}),
             ready=lambda: bool(tasks) and not any(t.done() for t in tasks))
         await metrics.start()  # first: if its port is taken, nothing else was opened
         try:

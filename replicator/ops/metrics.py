@@ -19,6 +19,9 @@ otherwise (`metrics.listen`), and exposes no configuration and no secrets.
 | `wedsync_sink_segments_written_total` | destination | objects written |
 | `wedsync_sink_failures_total` | destination | failed flushes |
 | `wedsync_sink_breaker_open` | destination | 1 while the destination's breaker is not closed |
+| `wedsync_compaction_runs_total` | destination | compaction runs (`replicator compact`) |
+| `wedsync_compaction_failures_total` | destination | compaction runs that failed |
+| `wedsync_compaction_last_success_timestamp_seconds` | destination | end of the last good run |
 """
 
 from __future__ import annotations
@@ -41,9 +44,11 @@ class MetricsError(RuntimeError):
 
 class PipelineCollector(Collector):
     def __init__(self, capture: Callable[[], Any | None],
-                 sinks: Callable[[], Mapping[str, Any]]) -> None:
+                 sinks: Callable[[], Mapping[str, Any]],
+                 compaction: Callable[[], Mapping[str, Any]] | None = None) -> None:
         self._capture = capture
         self._sinks = sinks
+        self._compaction = compaction or dict
 
     def collect(self) -> Iterator[Metric]:
         capture = self._capture()
@@ -96,6 +101,18 @@ class PipelineCollector(Collector):
             failures.add_metric([name], stats.failures)
             breaker.add_metric([name], 0 if stats.breaker == "closed" else 1)
         yield from (checkpoint, lag, written, segments, failures, breaker)
+        runs = CounterMetricFamily("wedsync_compaction_runs", "Compaction runs",
+                                   labels=["destination"])
+        failed = CounterMetricFamily("wedsync_compaction_failures", "Failed compaction runs",
+                                     labels=["destination"])
+        last = GaugeMetricFamily("wedsync_compaction_last_success_timestamp_seconds",
+                                 "End of the last successful compaction run (Unix time)",
+                                 labels=["destination"])
+        for name, stats in sorted(self._compaction().items()):
+            runs.add_metric([name], stats.runs)
+            failed.add_metric([name], stats.failures)
+            last.add_metric([name], stats.last_success_at)
+        yield from (runs, failed, last)
 
 
 class MetricsServer:

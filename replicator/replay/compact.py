@@ -23,6 +23,7 @@ integers, text, uuid and numeric) is passed over, with the reason in the summary
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -36,7 +37,7 @@ from replicator.crypto import Keyring, encrypt
 from replicator.position import Lsn
 from replicator.replay.engine import Archive, Rows, TableJob, TableSchema, restore_table
 from replicator.replay.plan import LATEST, At
-from replicator.replay.run import prepare
+from replicator.replay.run import Prepared, prepare
 from replicator.sink.snapshot import (
     SnapshotHeader,
     SnapshotWriter,
@@ -119,9 +120,12 @@ class CompactSummary:
 
 async def compact(store: ObjectStore, keyring: Keyring, *, at: At = LATEST,
                   tables: Sequence[str] | None = None, destination: str | None = None,
-                  min_changes: int = 0, part_bytes: int = PART_BYTES) -> CompactSummary:
-    """Write a compaction snapshot of each table at *at* (module docstring). Raises what
-    `replay` raises (`ReplayRefused`, `ReplayFailed`) for the archive's problems."""
+                  min_changes: int = 0, min_changes_ratio: float = 0.0,
+                  part_bytes: int = PART_BYTES) -> CompactSummary:
+    """Write a compaction snapshot of each table at *at* (module docstring); a table with
+    fewer changes since its base than *min_changes*, or than *min_changes_ratio* times its
+    rows at the base, is passed over. Raises what `replay` raises (`ReplayRefused`,
+    `ReplayFailed`) for the archive's problems."""
     started = time.perf_counter()
     prepared = await prepare(store, keyring, at=at, tables=tables, destination=destination)
     target = prepared.plan.target
@@ -136,11 +140,17 @@ async def compact(store: ObjectStore, keyring: Keyring, *, at: At = LATEST,
                              if job.first_change <= lsn <= int(target)
                              and lsn not in archive.timeline.snapshots.get(job.table, ()))
         kinds = key_kinds(job.schema)
+        needed = min_changes
+        if min_changes_ratio > 0 and not (table_plan.base_kind == "snapshot"
+                                          and table_plan.base == target):
+            rows = await _base_rows(prepared, job, table_plan.base_kind)
+            needed = max(needed, math.ceil(min_changes_ratio * rows))
         if table_plan.base_kind == "snapshot" and table_plan.base == target:
             result.reason = "its snapshot is already at this point"
-        elif result.changes < min_changes:
-            result.reason = (f"{result.changes} change(s) since its snapshot, fewer than "
-                             f"--min-changes {min_changes}")
+        elif result.changes < needed:
+            result.reason = (f"{result.changes} change(s) since its snapshot, fewer than the "
+                             f"{needed} asked (--min-changes {min_changes}, "
+                             f"--min-changes-ratio {min_changes_ratio:g})")
         elif kinds is None:
             result.reason = ("its primary key has a column of a type a snapshot cannot key "
                              "exactly (only integers, text, varchar, uuid and numeric)")
@@ -161,6 +171,20 @@ async def compact(store: ObjectStore, keyring: Keyring, *, at: At = LATEST,
                     job.table, target, result.rows, result.parts, result.changes)
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+async def _base_rows(prepared: Prepared, job: TableJob, kind: str) -> int:
+    """The table's rows at its base: a compaction snapshot's manifest says; a capture
+    snapshot's boundary record counts them."""
+    if kind == "snapshot":
+        manifests = [k for k in prepared.sizes
+                     if k.startswith(manifest_key(job.table, job.base, 1).rsplit("/", 1)[0] + "/")
+                     and "/manifest-" in k]
+        if manifests:
+            doc = json.loads(await prepared.archive.fetch(manifests[0]))
+            return int(doc.get("rows", 0))
+        return 0
+    return prepared.archive.timeline.counts.get(job.table, {}).get(int(job.base), 0)
 
 
 async def _clear_cut_short(store: ObjectStore, existing: set[str], table: str, lsn: Lsn

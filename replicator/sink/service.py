@@ -18,6 +18,7 @@ from connectors.registry import open_store
 from connectors.retry import RetryingStore
 from replicator.config import Config
 from replicator.crypto import CryptoError, Keyring
+from replicator.sink.compaction import CompactionStats, Compactor
 from replicator.sink.worker import SinkStats, SinkWorker
 
 log = logging.getLogger(__name__)
@@ -41,11 +42,16 @@ class Sinks:
         self.config = config
         self.environ = os.environ if environ is None else environ
         self.workers: dict[str, SinkWorker] = {}
+        self.compactors: dict[str, Compactor] = {}
         self._stores: list[ObjectStore] = []
 
     @property
     def stats(self) -> dict[str, SinkStats]:
         return {name: worker.stats for name, worker in self.workers.items()}
+
+    @property
+    def compaction_stats(self) -> dict[str, CompactionStats]:
+        return {name: compactor.stats for name, compactor in self.compactors.items()}
 
     async def open(self) -> None:
         keyring = load_keyring(self.config, self.environ)
@@ -62,6 +68,9 @@ class Sinks:
             await self._preflight(destination.name, bare)
             self.workers[destination.name] = SinkWorker(destination, self.config.kafka, store,
                                                         keyring)
+            if destination.compaction.enabled:
+                self.compactors[destination.name] = Compactor(
+                    destination, self.environ, self.config.encryption.keyring_file)
 
     async def _preflight(self, name: str, store: ObjectStore) -> None:
         """One LIST of the destination's checkpoints, to catch what only an operator can fix
@@ -90,6 +99,8 @@ class Sinks:
     def stop(self) -> None:
         for worker in self.workers.values():
             worker.stop()
+        for compactor in self.compactors.values():
+            compactor.stop()
 
     async def run(self) -> None:
         if not self.workers:
@@ -98,5 +109,7 @@ class Sinks:
             async with asyncio.TaskGroup() as group:
                 for name, worker in self.workers.items():
                     group.create_task(worker.run(), name=f"sink:{name}")
+                for name, compactor in self.compactors.items():
+                    group.create_task(compactor.run(), name=f"compaction:{name}")
         finally:
             await self.close()

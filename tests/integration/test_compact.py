@@ -14,8 +14,11 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from prometheus_client import CollectorRegistry, generate_latest
 
 from connectors.registry import open_store
+from replicator.config import CompactionConfig
+from replicator.ops.metrics import PipelineCollector
 from replicator.position import Lsn
 from replicator.replay.compact import CompactSummary, compact
 from replicator.replay.engine import ReplayFailed
@@ -23,9 +26,11 @@ from replicator.replay.plan import LATEST, At, ReplayRefused
 from replicator.replay.run import prepare
 from replicator.replay.targets import FileTarget, PostgresTarget
 from replicator.replay.verify import verify
+from replicator.sink.compaction import Compactor
 from replicator.sink.snapshot import manifest_key, snapshot_key
 from tests.conftest import StoreTarget
 from tests.integration.archive_helpers import destinations, keyring, sink_environ
+from tests.integration.capture_helpers import holds, wait_for
 from tests.integration.replay_helpers import (
     TABLES,
     Point,
@@ -119,7 +124,12 @@ async def test_compaction_in_every_store_restores_every_point(
     assert {t.reason for t in again.tables} == {"its snapshot is already at this point"}
     fewer = await run_compact(dests[0].url, LATEST, min_changes=10**6)
     assert not any(t.done for t in fewer.tables)
-    assert all("fewer than --min-changes" in (t.reason or "") for t in fewer.tables)
+    assert all("fewer than the 1000000 asked" in (t.reason or "") for t in fewer.tables)
+    # ... or than a fraction of the rows at the snapshot (the manifest counts them).
+    rows = len(points[1].state["public.guests"])
+    ratio = await run_compact(dests[0].url, LATEST, tables=["public.guests"],
+                              min_changes_ratio=100)
+    assert f"fewer than the {rows * 100} asked" in (ratio.tables[0].reason or "")
     latest = await run_compact(dests[0].url, LATEST)
     assert any(t.done for t in latest.tables)
     with restore_db(pg_server_dsn) as target_dsn:
@@ -227,3 +237,49 @@ async def test_changes_after_a_snapshot_taken_by_the_running_service(
     finally:
         await store.close()
     assert report.ok, report.to_dict()
+
+
+@pytest.mark.parametrize("pg_server_dsn", ["15"], indirect=True)
+async def test_the_service_compacts_on_its_schedule(
+        pg_dsn: str, pg_server_dsn: str, kafka_bootstrap: str, topic_prefix: str,
+        tmp_path: Path) -> None:
+    seed(pg_dsn)
+    schedule = CompactionConfig(check_every_s=1.0, min_changes=5, min_changes_ratio=0.0)
+    dests = tuple(d.model_copy(update={"compaction": schedule})
+                  for d in destinations(tmp_path))
+    config = archive_config(pg_dsn, kafka_bootstrap, topic_prefix, dests)
+    guests = tmp_path / "archive" / "snapshots" / "public.guests"
+
+    def manifests() -> list[Path]:
+        return sorted(guests.glob("*/manifest-*.json")) if guests.exists() else []
+
+    async with pipeline(config) as capture:
+        await snapshot_done(capture, 146)
+        await asyncio.to_thread(random_workload, pg_dsn, rng=random.Random(3),
+                                transactions=20, points_at=(19,), add_column_at=99)
+        await wait_for(lambda: holds(bool(manifests())), within=60,
+                       what="a compaction snapshot written by the service")
+    # The newest snapshot is the base of a restore at the latest point, which equals the
+    # source.
+    url = dests[0].url
+    assert (await base_kinds(url, LATEST))["public.guests"] == "snapshot"
+    with restore_db(pg_server_dsn) as target_dsn:
+        await run_replay(url, PostgresTarget(target_dsn), LATEST)
+        with psycopg.connect(pg_dsn) as live:
+            assert restored_state(target_dsn) == {t: table_state(live, t) for t in TABLES}
+    # One run by hand: nothing new to fold, a success; its figures reach the metrics.
+    compactor = Compactor(dests[0], sink_environ())
+    assert await compactor.run_once()
+    assert compactor.stats.runs == 1 and compactor.stats.last_success_at > 0
+    broken = Compactor(dests[0].model_copy(update={"url": f"file://{tmp_path / 'nothing'}"}),
+                       sink_environ())
+    assert not await broken.run_once()
+    assert broken.stats.failures == 1
+    registry = CollectorRegistry()
+    registry.register(PipelineCollector(lambda: None, dict,
+                                        lambda: {"local": compactor.stats,
+                                                 "broken": broken.stats}))
+    scraped = generate_latest(registry).decode()
+    assert 'wedsync_compaction_runs_total{destination="local"} 1.0' in scraped
+    assert 'wedsync_compaction_failures_total{destination="broken"} 1.0' in scraped
+    assert 'wedsync_compaction_last_success_timestamp_seconds{destination="local"}' in scraped

@@ -1,0 +1,127 @@
+"""The service's compaction schedule: every `compaction.check_every_s`, each destination's
+tables with enough changes since their last snapshot get a new one (`replicator compact`,
+docs/ARCHITECTURE.md, "Compaction").
+
+Each run is a child process (`python -m replicator compact --from <url> --destination <name>
+--min-changes N --min-changes-ratio R --json`) at a lower CPU priority: it decodes and merges
+as much as a restore does, and must neither hold the sinks' event loop nor take the core the
+sinks need to keep the critical tier's recovery point short. Its stores' credentials and keys
+come from the service's environment (and the configured keyring file), as for the sinks.
+Stopping the service stops a run under way; a snapshot without its manifest is never read,
+and the next run clears it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from replicator.config import DestinationConfig
+
+log = logging.getLogger(__name__)
+
+NICENESS = 10
+
+
+@dataclass(slots=True)
+class CompactionStats:
+    runs: int = 0
+    failures: int = 0
+    tables_compacted: int = 0
+    last_success_at: float = 0.0  # wall clock (time.time())
+    last_seconds: float = 0.0
+
+
+class Compactor:
+    """One destination's compaction schedule."""
+
+    def __init__(self, destination: DestinationConfig, environ: Mapping[str, str],
+                 keyring_file: Path | None = None) -> None:
+        self.destination = destination
+        self.environ = dict(environ)
+        self.keyring_file = keyring_file
+        self.stats = CompactionStats()
+        self._stopping = asyncio.Event()
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    def command(self) -> list[str]:
+        settings = self.destination.compaction
+        command = [sys.executable, "-m", "replicator", "compact",
+                   "--from", self.destination.url, "--destination", self.destination.name,
+                   "--min-changes", str(settings.min_changes),
+                   "--min-changes-ratio", repr(settings.min_changes_ratio),
+                   "--nice", str(NICENESS), "--json"]
+        if self.keyring_file is not None:
+            command += ["--keyring", str(self.keyring_file)]
+        return command
+
+    async def run(self) -> None:
+        settings = self.destination.compaction
+        while not self._stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), settings.check_every_s)
+            if self._stopping.is_set():
+                return
+            await self.run_once()
+
+    async def run_once(self) -> bool:
+        """One compaction run; whether it succeeded. Failures are logged and counted (the
+        schedule goes on: a store down now may be back at the next check)."""
+        name = self.destination.name
+        started = time.monotonic()
+        self.stats.runs += 1
+        child = await asyncio.create_subprocess_exec(
+            *self.command(), env=self.environ, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE)
+        waiting = asyncio.ensure_future(child.communicate())
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait({waiting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            await _end(child, waiting)
+            raise
+        finally:
+            stopping.cancel()
+        if not waiting.done():
+            await _end(child, waiting)
+            log.info("compaction of destination %s stopped with the service", name)
+            return False
+        out, err = waiting.result()
+        seconds = time.monotonic() - started
+        if child.returncode != 0:
+            self.stats.failures += 1
+            message = err.decode(errors="replace").strip().splitlines()
+            log.warning("compaction of destination %s failed (exit %s): %s", name,
+                        child.returncode, message[-1] if message else "no message")
+            return False
+        try:
+            summary = json.loads(out.decode().strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            self.stats.failures += 1
+            log.warning("compaction of destination %s printed no summary", name)
+            return False
+        done = [t for t, s in summary.get("tables", {}).items() if s.get("done")]
+        self.stats.tables_compacted += len(done)
+        self.stats.last_success_at = time.time()
+        self.stats.last_seconds = seconds
+        if done:
+            log.info("compacted %s of destination %s at %s in %.1f s", ", ".join(done), name,
+                     summary.get("target"), seconds)
+        return True
+
+
+async def _end(child: asyncio.subprocess.Process,
+               waiting: asyncio.Future[tuple[bytes, bytes]]) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        child.terminate()
+    with contextlib.suppress(Exception):
+        await waiting
