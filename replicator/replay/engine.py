@@ -517,8 +517,13 @@ async def restore_table(archive: Archive, job: TableJob, emit: Emit,
         assert remover is not None
         if truncated is not None:  # a truncate after the base empties the table
             await remover.remove_all()
+            stats.rows -= stats.base_rows
+            stats.base_rows = 0
         elif changed:
-            for texts in await remover.remove_keys(sorted(changed)):
+            removed = await remover.remove_keys(sorted(changed))
+            stats.rows -= len(removed)
+            stats.base_rows -= len(removed)
+            for texts in removed:
                 event, text_key = _base_row_event(job, texts)
                 merger.add(event, (job.table, text_key))
 

@@ -95,6 +95,7 @@ async def test_compaction_in_every_store_restores_every_point(
             with restore_db(pg_server_dsn) as target_dsn:
                 result = await run_replay(d.url, PostgresTarget(target_dsn), Lsn(point.lsn))
                 assert restored_state(target_dsn) == point.state, (d.name, point.lsn)
+                assert result.rows == sum(len(rows) for rows in point.state.values())
                 if point.lsn == middle:  # one part per table, no segment
                     assert {t: s.segments for t, s in result.tables.items()} == dict.fromkeys(
                         TABLES, 1), d.name
@@ -228,8 +229,9 @@ async def test_changes_after_a_snapshot_taken_by_the_running_service(
         await wait_durable(dests, point.lsn)
     assert (await base_kinds(url, Lsn(point.lsn))) == {t: "snapshot" for t in TABLES}
     with restore_db(pg_server_dsn) as target_dsn:
-        await run_replay(url, PostgresTarget(target_dsn), Lsn(point.lsn))
+        result = await run_replay(url, PostgresTarget(target_dsn), Lsn(point.lsn))
         assert restored_state(target_dsn) == point.state
+        assert result.rows == sum(len(rows) for rows in point.state.values())
     # The same from the in-memory path (no rows removed from a database): verify's hashes.
     store = open_store(url, sink_environ())
     try:
