@@ -35,9 +35,10 @@ from typing import Any
 from connectors.base import ObjectStore
 from replicator.crypto import Keyring, encrypt
 from replicator.position import Lsn
-from replicator.replay.engine import Archive, Rows, TableJob, TableSchema, restore_table
+from replicator.replay.engine import Archive, TableJob, TableSchema, restore_table
 from replicator.replay.plan import LATEST, At
 from replicator.replay.run import Prepared, prepare
+from replicator.replay.table import Rows
 from replicator.sink.snapshot import (
     SnapshotHeader,
     SnapshotWriter,

@@ -96,8 +96,8 @@ async def test_replacing_tables_of_a_live_database_on_a_wedding_day_needs_a_reas
         pg_dsn: str, caplog: pytest.LogCaptureFixture) -> None:
     import psycopg
 
-    from replicator.replay.engine import Column, TableSchema
     from replicator.replay.plan import ReplayRefused
+    from replicator.replay.table import Column, TableSchema
     from replicator.replay.targets import PostgresTarget
 
     with psycopg.connect(pg_dsn, autocommit=True) as conn:

@@ -18,8 +18,8 @@ from replicator.replay.plan import (
     LATEST,
     ReplayPlan,
     ReplayRefused,
-    parse_at,
     manifest_key,
+    parse_at,
     parse_manifest_key,
     parse_snapshot_key,
     plan,
@@ -392,8 +392,8 @@ def test_a_gap_end_is_a_resnapshot() -> None:
     assert guests.segments == (seg(GUESTS, 0x160, 0x200), seg(GUESTS, 0x180, 0x180))
     assert result.table(VENDORS).segments == (seg(VENDORS, 0x180, 0x190),)
     # A compaction snapshot after the gap's end is newer: it wins.
-    later = plan([*listing, snap(GUESTS, 0x185, 0), done(GUESTS, 0x185, 1)], at=Lsn(0x190), checkpoint=Lsn(0x209),
-                 gaps=gaps).table(GUESTS)
+    later = plan([*listing, snap(GUESTS, 0x185, 0), done(GUESTS, 0x185, 1)], at=Lsn(0x190),
+                 checkpoint=Lsn(0x209), gaps=gaps).table(GUESTS)
     assert later.base_kind == "snapshot" and later.base == Lsn(0x185)
     # Before the gap, nothing changes.
     before = plan(listing, at=Lsn(0x150), checkpoint=Lsn(0x209), gaps=gaps).table(GUESTS)

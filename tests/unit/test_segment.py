@@ -425,7 +425,7 @@ def test_reading_after_a_position_passes_over_whole_blocks_only(codec: str) -> N
     note = "x" * 1000
     events = [change(lsn, seq, after={"id": seq, "name": note})
               for lsn in range(1, 301) for seq in range(10)]
-    data, header = encode_segment(events, table=TABLE, column_types=None, codec=codec)
+    data, _ = encode_segment(events, table=TABLE, column_types=None, codec=codec)
     for after in (0, 1, 57, 150, 299, 300):
         _, records = decode_record_segment(io.BytesIO(data), after)
         got = [(r["source"]["lsn"], r["source"]["seq"]) for r in records]

@@ -1,0 +1,302 @@
+"""Reading a destination's objects for a restore: fetched, decrypted, decoded and checked.
+
+`Archive` fetches and decrypts objects and decodes segments and parts; every failure is a
+`ReplayFailed` naming the object and the nearest earlier restorable point (a missing object, a
+tampered or truncated one, an unknown or wrong key, content that does not match its header).
+`Timeline` is the archived transaction records reduced to what a restore asks of them.
+"""
+
+
+from __future__ import annotations
+
+import bisect
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from connectors.base import ObjectStore
+from connectors.errors import NotFound, StoreError
+from replicator.crypto import CryptoError, Keyring, UnknownKey, decrypt, decrypt_stream
+from replicator.events import TransactionRecord
+from replicator.position import Lsn
+from replicator.replay.plan import ReplayRefused
+from replicator.sink.part import (
+    PartCorrupt,
+    PartHeader,
+    decode_part,
+    is_part_key,
+    parse_part_key,
+)
+from replicator.sink.segment import (
+    SegmentError,
+    SegmentHeader,
+    chunk_stream,
+    decode_record_segment,
+    decode_transaction_segment,
+    parse_key,
+)
+from replicator.sink.snapshot import (
+    SnapshotPart,
+    is_snapshot_key,
+    parse_snapshot_key,
+)
+
+__all__ = ["Archive", "ReplayFailed", "Timeline", "current_rss_mb", "nearest_hint"]
+
+
+class ReplayFailed(ReplayRefused):
+    """The replay stopped on an object it could not use. `object` names it; `nearest` is the
+    nearest earlier restorable point, when there is one."""
+
+    def __init__(self, message: str, *, object: str | None = None,
+                 nearest: Lsn | None = None) -> None:
+        super().__init__(message, nearest=nearest)
+        self.object = object
+
+
+# --- the timeline of commits, for "nearest earlier point" ------------------------------------
+
+
+@dataclass(slots=True)
+class Timeline:
+    """The archived transaction records, reduced to what replay asks of them."""
+
+    commits: list[int] = field(default_factory=list)  # sorted commit LSNs (no snapshots)
+    times: dict[int, int] = field(default_factory=dict)  # commit LSN -> commit time (us)
+    # table -> LSNs of its snapshot boundary records, sorted
+    snapshots: dict[str, list[int]] = field(default_factory=dict)
+    # table -> commit LSN -> changes announced
+    counts: dict[str, dict[int, int]] = field(default_factory=dict)
+    oldest: int = 0  # set by the caller: the oldest point any plan accepts
+
+    @classmethod
+    def of(cls, records: Sequence[TransactionRecord]) -> Timeline:
+        timeline = cls()
+        commits: set[int] = set()
+        for record in records:
+            lsn = int(record.commit_lsn)
+            timeline.times.setdefault(lsn, record.commit_ts_us)
+            if record.xid == 0:
+                for table in record.counts:
+                    timeline.snapshots.setdefault(table, []).append(lsn)
+            else:
+                commits.add(lsn)
+            for table, n in record.counts.items():
+                per = timeline.counts.setdefault(table, {})
+                if record.xid == 0:
+                    per[lsn] = max(per.get(lsn, 0), n)  # one boundary record per table
+                else:
+                    per[lsn] = n  # a redelivered record repeats the same counts
+        timeline.commits = sorted(commits | {lsn for lsns in timeline.snapshots.values()
+                                             for lsn in lsns})
+        for lsns in timeline.snapshots.values():
+            lsns.sort()
+        return timeline
+
+    def before(self, lsn: int) -> Lsn | None:
+        """The newest commit strictly below *lsn* that is restorable (`None` if none)."""
+        i = bisect.bisect_left(self.commits, lsn)
+        if i == 0:
+            return None
+        point = Lsn(self.commits[i - 1])
+        return point if point >= self.oldest else None
+
+    def base(self, table: str, *, at_or_after: int, target: int) -> Lsn | None:
+        """The table's snapshot to start from: the oldest boundary in range."""
+        for lsn in self.snapshots.get(table, ()):
+            if at_or_after <= lsn <= target:
+                return Lsn(lsn)
+        return None
+
+
+def current_rss_mb() -> float:
+    """The process's resident memory now (Linux: /proc/self/statm; else the peak so far)."""
+    try:
+        with open("/proc/self/statm", "rb") as statm:
+            pages = int(statm.read().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def nearest_hint(nearest: Lsn | None) -> str:
+    if nearest is None:
+        return "; no earlier point is restorable"
+    return f"; the nearest restorable earlier point is {nearest} (--at {nearest})"
+
+
+# --- reading objects -------------------------------------------------------------------------
+
+
+class Archive:
+    """One destination's objects, read and decrypted."""
+
+    def __init__(self, store: ObjectStore, keyring: Keyring, timeline: Timeline | None = None
+                 ) -> None:
+        self.store = store
+        self.keyring = keyring
+        self.timeline = timeline or Timeline()
+        self.bytes_read = 0
+        self.objects_read = 0
+        self.memory_budget_mb: float | None = None  # checked as changed keys accumulate
+        # The largest resident memory seen at the checks (after every object and batch):
+        # unlike ru_maxrss, not inflated by a parent's memory when started by fork/vfork.
+        self.peak_rss_mb = 0.0
+
+    def check_memory(self, table: str, changed_keys: int) -> None:
+        """Note the resident memory (`peak_rss_mb`), and stop the replay when the process
+        outgrows the memory budget (module docstring)."""
+        used = current_rss_mb()
+        self.peak_rss_mb = max(self.peak_rss_mb, used)
+        if self.memory_budget_mb is None:
+            return
+        if used > self.memory_budget_mb:
+            raise ReplayFailed(
+                f"{table}: the replay uses {used:,.0f} MB holding {changed_keys:,} changed "
+                f"keys, over its memory budget of {self.memory_budget_mb:,.0f} MB: restore "
+                "fewer tables at once (--jobs 1), a point with fewer changes since the "
+                "table's snapshot, or raise --memory-budget")
+
+    def _failed(self, key: str, what: str, first: int | None) -> ReplayFailed:
+        nearest = self.timeline.before(first) if first is not None else None
+        return ReplayFailed(f"object {key} {what}{nearest_hint(nearest)}", object=key,
+                            nearest=nearest)
+
+    @staticmethod
+    def _first(key: str) -> int | None:
+        try:
+            if is_part_key(key):
+                return int(parse_part_key(key).lsn)
+            if is_snapshot_key(key):
+                return int(parse_snapshot_key(key).lsn)
+            return int(parse_key(key).first)
+        except ValueError:
+            return None
+
+    async def _get(self, key: str) -> bytes:
+        try:
+            data = await self.store.get(key)
+        except NotFound:
+            raise self._failed(key, "is missing from the store", self._first(key)) from None
+        except StoreError as exc:
+            raise ReplayFailed(f"cannot read object {key}: {exc}", object=key) from None
+        self.bytes_read += len(data)
+        self.objects_read += 1
+        return data
+
+    def _unreadable(self, key: str, exc: Exception) -> ReplayFailed:
+        """What is wrong with *key*, from an error raised while decrypting or decoding it."""
+        cause: BaseException | None = exc
+        while cause is not None and not isinstance(cause, CryptoError):
+            cause = cause.__cause__ or cause.__context__
+        first = self._first(key)
+        if isinstance(cause, UnknownKey):
+            return self._failed(key, f"is encrypted with key {cause.key_name!r}, which is not "
+                                "in the keyring (set REPLICATOR_KEK_<NAME> or the keyring "
+                                "file)", first)
+        if isinstance(cause, CryptoError) and not isinstance(exc, PartCorrupt):
+            return self._failed(key, f"cannot be decrypted: {cause}", first)
+        return self._failed(key, f"is corrupt: {exc}", first)
+
+    async def fetch(self, key: str) -> bytes:
+        """The decrypted bytes of *key* (small objects: schemas, transaction records)."""
+        data = await self._get(key)
+        try:
+            return decrypt(data, key, self.keyring)
+        except CryptoError as exc:
+            raise self._unreadable(key, exc) from None
+
+    async def segment(self, key: str, after: int | None = None
+                      ) -> tuple[SegmentHeader, Iterator[dict[str, Any]]]:
+        """The header and verified records of change segment *key*, decrypted while they are
+        decoded (the plaintext is never held whole); errors name the object. With *after*,
+        blocks of records all at or below that LSN are passed over (`decode_record_segment`)."""
+        return self.open_segment(key, await self._get(key), after)
+
+    def open_segment(self, key: str, data: bytes, after: int | None = None
+                     ) -> tuple[SegmentHeader, Iterator[dict[str, Any]]]:
+        """`segment()` of the stored bytes *data* of *key*."""
+        try:
+            header, records = decode_record_segment(
+                chunk_stream(decrypt_stream((data,), name=key, keyring=self.keyring)), after)
+        except (CryptoError, SegmentError) as exc:
+            raise self._unreadable(key, exc) from None
+
+        def checked() -> Iterator[dict[str, Any]]:
+            try:
+                yield from records
+            except (CryptoError, SegmentError) as exc:
+                raise self._unreadable(key, exc) from None
+
+        if header.key != _without_digest(key):
+            raise self._failed(key, f"holds {header.key}, not what its name says",
+                               self._first(key))
+        return header, checked()
+
+    async def part(self, key: str) -> tuple[PartHeader, Iterator[list[str]]]:
+        """The header and the body lines (in batches) of snapshot part *key*; errors name
+        it."""
+        return self.open_part(key, await self._get(key))
+
+    def open_part(self, key: str, data: bytes) -> tuple[PartHeader, Iterator[list[str]]]:
+        """`part()` of the stored bytes *data* of *key*."""
+        try:
+            header, batches = decode_part(decrypt(data, key, self.keyring))
+        except (CryptoError, PartCorrupt) as exc:
+            raise self._unreadable(key, exc) from None
+        first = self._first(key)
+
+        def checked() -> Iterator[list[str]]:
+            try:
+                yield from batches
+            except PartCorrupt as exc:
+                raise self._failed(key, f"is corrupt: {exc}", first) from None
+
+        try:
+            name = parse_part_key(key)
+        except ValueError:
+            raise self._failed(key, "is not a snapshot part name", first) from None
+        if (name.table, name.lsn, name.first_seq, name.last_seq) != (
+                header.table, header.lsn, header.first_seq, header.last_seq):
+            raise self._failed(key, "holds other rows than its name says", first)
+        return header, checked()
+
+    async def snapshot(self, key: str) -> SnapshotPart:
+        """Compaction snapshot part *key*, decrypted, its header checked against its name;
+        errors (also those its frames raise as they are read) name it."""
+        data = await self._get(key)
+        first = self._first(key)
+        try:
+            part = SnapshotPart(decrypt(data, key, self.keyring))
+        except (CryptoError, PartCorrupt) as exc:
+            raise self._unreadable(key, exc) from None
+        name = parse_snapshot_key(key)
+        header = part.header
+        if (name.table, name.lsn, name.number) != (header.table, header.lsn, header.part):
+            raise self._failed(key, "holds another part than its name says", first)
+        return part
+
+    def snapshot_failed(self, key: str, exc: PartCorrupt) -> ReplayFailed:
+        return self._failed(key, f"is corrupt: {exc}", self._first(key))
+
+    async def transactions(self) -> list[TransactionRecord]:
+        """Every archived transaction record (duplicates included), in name order."""
+        out: list[TransactionRecord] = []
+        async for info in self.store.list("transactions/"):
+            data = await self.fetch(info.key)
+            try:
+                _, records = decode_transaction_segment(data)
+                out.extend(records)
+            except SegmentError as exc:
+                raise self._unreadable(info.key, exc) from None
+        return out
+
+
+def _without_digest(key: str) -> str:
+    parsed = parse_key(key)
+    if not parsed.digest:
+        return key
+    return key[: -len(".seg")].rsplit("-", 1)[0] + ".seg"

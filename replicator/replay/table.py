@@ -1,0 +1,279 @@
+"""One table of a restore: its archived schema, its job, its figures, and where its rows go.
+
+`Output` sends restored rows to the target as value batches, as COPY text (rows already in the
+schema's column order, unparsed), or, for compaction, as COPY text with each row's key text and
+wedding id. The helpers here turn archived records and snapshot lines into change events.
+"""
+
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from replicator.events import ChangeEvent, Op, Tier
+from replicator.position import ChangePosition, Lsn
+from replicator.replay.render import PgText, copy_escape, copy_line
+from replicator.sink.part import (
+    KEY_SEPARATOR,
+    PartHeader,
+    key_values,
+    row_fields,
+    unescape,
+)
+from replicator.sink.part import key_text as part_key_text
+from replicator.sink.segment import (
+    SegmentHeader,
+)
+from replicator.sink.snapshot import (
+    SnapshotHeader,
+)
+from replicator.transport.avro import to_python
+
+__all__ = ["Column", "Output", "Remover", "TableJob", "TableSchema", "TableStats"]
+
+Rows = list[list[Any]]
+Emit = Callable[[Rows], Awaitable[None]]
+EmitCopy = Callable[[str | bytes, int], Awaitable[None]]  # COPY text lines, and how many
+# Rows as COPY text lines, their key texts and wedding ids (COPY-escaped), no newlines: what
+# a compaction snapshot holds (`sink.snapshot`).
+EmitLines = Callable[[list[str], list[str], list[str]], Awaitable[None]]
+BATCH_ROWS = 2000
+RAW_BATCH = 8 << 20  # bytes of COPY text per write from a compaction snapshot
+
+
+# --- one table -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Column:
+    name: str
+    type: str
+    not_null: bool
+
+
+@dataclass(frozen=True, slots=True)
+class TableSchema:
+    """A table as archived under `schemas/<table>/<lsn>.json`."""
+
+    table: str  # schema.table
+    columns: tuple[Column, ...]
+    primary_key: tuple[str, ...]
+    lsn: Lsn
+
+    @classmethod
+    def from_json(cls, doc: Mapping[str, Any]) -> TableSchema:
+        return cls(doc["table"],
+                   tuple(Column(c["name"], c["type"], bool(c.get("not_null"))) for c in
+                         doc["columns"]),
+                   tuple(doc.get("primary_key") or ()), Lsn(doc["lsn"]))
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(c.name for c in self.columns)
+
+
+@dataclass(frozen=True, slots=True)
+class TableJob:
+    table: str
+    schema: TableSchema
+    segments: tuple[str, ...]
+    base: Lsn  # the LSN of the base snapshot's rows
+    target: Lsn
+    wedding: str | None = None
+    check_counts: bool = True
+    # fetched headers (wedding restores)
+    headers: Mapping[str, SegmentHeader | PartHeader | SnapshotHeader] | None = None
+    compacted: bool = False  # the base is a compaction snapshot, which holds changes at base
+
+    @property
+    def first_change(self) -> int:
+        """The lowest commit LSN whose changes the base does not hold."""
+        return int(self.base) + 1 if self.compacted else int(self.base)
+
+
+@dataclass(slots=True)
+class TableStats:
+    table: str
+    rows: int = 0
+    base_rows: int = 0
+    changes: int = 0
+    changed_keys: int = 0
+    duplicates: int = 0
+    segments: int = 0
+    segments_skipped: int = 0  # passed over because their header proved them irrelevant
+
+
+def mark_seen(seen: dict[int, bytearray], lsn: int, seq: int) -> bool:
+    """Record position (lsn, seq) as seen; False when it was seen before."""
+    index, mask = seq >> 3, 1 << (seq & 7)
+    bits = seen.get(lsn)
+    if bits is None:
+        bits = seen[lsn] = bytearray(index + 1)
+    elif len(bits) <= index:
+        bits.extend(bytes(index + 1 - len(bits)))
+    if bits[index] & mask:
+        return False
+    bits[index] |= mask
+    return True
+
+
+def record_event(record: Mapping[str, Any], op: Op | None = None,
+           key: Mapping[str, Any] | None = None, python_key: bool = True) -> ChangeEvent:
+    """The change event of a segment record, its values left as archived. *python_key*:
+    the key as Python values (for `merge_key`); else as archived (the caller gives the
+    merger its own key)."""
+    source = record["source"]
+    keys = record["key"] if key is None else key
+    return ChangeEvent(
+        op=op or _OPS[record["op"]], schema=source["schema"], table=source["table"],
+        position=ChangePosition(source["lsn"], source["seq"]),
+        commit_ts_us=source["ts_us"], xid=source["txId"],
+        key=to_python(keys) if python_key else keys,
+        before=record["before"], after=record["after"], unchanged=tuple(record["unchanged"]),
+        origin=source["origin"], db=source["db"], tier=_TIERS[record["priority"]],
+        wedding_id=record["wedding_id"])
+
+
+_OPS: dict[str, Op] = {op.value: op for op in Op}
+_TIERS: dict[str, Tier] = {tier.value: tier for tier in Tier}
+
+
+def merge_text_key(table: str, key: Mapping[str, Any]) -> tuple[str, str]:
+    """Replay's merge key: the key columns' Postgres text, as part lines hold it."""
+    return table, part_key_text(key)
+
+
+class Remover(Protocol):
+    """A target that can drop rows it was given (in the same transaction)."""
+
+    async def remove_keys(self, keys: list[str]) -> list[list[str | None]]:
+        """Drop the rows whose key text (COPY-escaped `sink.part.key_text`) is one of
+        *keys*; their columns' text, in the schema's order (NULL as None)."""
+        ...
+
+    async def remove_all(self) -> None: ...
+
+
+def base_row_event(job: TableJob, texts: Sequence[str | None]) -> tuple[ChangeEvent, str]:
+    """A base row the target removed (its columns' text, in the schema's order) as the
+    version at the base, and its key text."""
+    names = job.schema.names
+    after = {n: (None if v is None else PgText(v)) for n, v in zip(names, texts, strict=True)}
+    key_texts = [str(after[k]) for k in job.schema.primary_key]
+    key = {k: after[k] for k in job.schema.primary_key}
+    schema, _, table = job.table.partition(".")
+    event = ChangeEvent(op=Op.READ, schema=schema, table=table,
+                        position=ChangePosition(job.base, 0), commit_ts_us=0, xid=0, key=key,
+                        after=after, tier=Tier.LOW)
+    return event, KEY_SEPARATOR.join(key_texts)
+
+
+class Output:
+    """Where restored rows go: value batches (*emit*), COPY text (*emit_copy*, for rows
+    already in the schema's column order), or COPY text with key texts and wedding ids
+    (*emit_lines*)."""
+
+    def __init__(self, job: TableJob, stats: TableStats, emit: Emit,
+                 emit_copy: EmitCopy | None, emit_lines: EmitLines | None,
+                 progress: Callable[[int], None] | None) -> None:
+        self.job, self.stats, self.emit = job, stats, emit
+        self.emit_copy, self.emit_lines, self.progress = emit_copy, emit_lines, progress
+        self.columns = job.schema.names
+        self.batch: Rows = []
+        self.keys: list[str] = []
+        self.weddings: list[str] = []
+
+    def _count(self, rows: int, base: bool) -> None:
+        self.stats.rows += rows
+        if base:
+            self.stats.base_rows += rows
+        if self.progress is not None:
+            self.progress(rows)
+
+    async def record(self, record: Mapping[str, Any]) -> None:
+        """A base row from a change segment (op `r`)."""
+        after = record["after"]
+        self.batch.append([after.get(c) for c in self.columns])
+        if self.emit_lines is not None:
+            self.keys.append(copy_escape(part_key_text(record["key"])))
+            self.weddings.append(wedding_field(record["wedding_id"]))
+        if len(self.batch) >= BATCH_ROWS:
+            await self.flush()
+
+    async def state(self, after: Mapping[str, Any], wedding: str | None, key: str) -> None:
+        """A merged row (not a base row)."""
+        self.batch.append([after.get(c) for c in self.columns])
+        if self.emit_lines is not None:
+            self.keys.append(copy_escape(key))
+            self.weddings.append(wedding_field(wedding))
+        if len(self.batch) >= BATCH_ROWS:
+            await self.flush(base=False)
+
+    async def flush(self, base: bool = True) -> None:
+        batch, self.batch = self.batch, []
+        if not batch:
+            return
+        if self.emit_lines is not None:
+            keys, weddings, self.keys, self.weddings = self.keys, self.weddings, [], []
+            await self.emit_lines([copy_line(values)[:-1] for values in batch], keys, weddings)
+        else:
+            await self.emit(batch)
+        self._count(len(batch), base)
+
+    async def lines(self, rows: list[str], columns: Sequence[str], keys: list[str],
+                    weddings: list[str]) -> None:
+        """Base rows as COPY text in *columns*' order (and their key texts and weddings, for
+        *emit_lines*)."""
+        if not rows:
+            return
+        if tuple(columns) != self.columns:
+            where = [columns.index(c) if c in columns else -1 for c in self.columns]
+            if self.emit_lines is not None:
+                rows = [copy_line(row_values(row, where))[:-1] for row in rows]
+            else:
+                await self.emit([row_values(row, where) for row in rows])
+                self._count(len(rows), True)
+                return
+        if self.emit_lines is not None:
+            await self.emit_lines(rows, keys, weddings)
+        elif self.emit_copy is not None:
+            await self.emit_copy("\n".join(rows) + "\n", len(rows))
+        else:
+            where = list(range(len(columns)))
+            await self.emit([row_values(row, where) for row in rows])
+        self._count(len(rows), True)
+
+    async def raw(self, chunk: bytes, rows: int) -> None:
+        """COPY text straight from a compaction snapshot (*emit_copy* only)."""
+        assert self.emit_copy is not None
+        await self.emit_copy(chunk, rows)
+        self._count(rows, True)
+
+
+def wedding_field(wedding: str | None) -> str:
+    return "\\N" if wedding is None else copy_escape(wedding)
+
+
+def row_values(row: str, where: Sequence[int]) -> list[Any]:
+    """A part's COPY text row as values in the schema's column order (`PgText`, or None)."""
+    fields = row_fields(row)
+    return [None if i < 0 or fields[i] is None else PgText(fields[i]) for i in where]
+
+
+def line_event(job: TableJob, header: PartHeader | SnapshotHeader, seq: int, wedding: str,
+                key_field: str, row: str) -> ChangeEvent:
+    names = header.columns
+    fields = row_fields(row)
+    after = {n: (None if v is None else PgText(v)) for n, v in zip(names, fields, strict=True)}
+    schema, _, table = job.table.partition(".")
+    key = key_values(unescape(key_field).split(KEY_SEPARATOR), header.key_kinds, header.key)
+    # A compaction snapshot's row keeps no commit time or tier: neither decides a merge of
+    # one origin's versions (positions do).
+    ts, tier = ((header.min_commit_ts_us, Tier(header.tier)) if isinstance(header, PartHeader)
+                else (0, Tier.LOW))
+    return ChangeEvent(op=Op.READ, schema=schema, table=table,
+                       position=ChangePosition(header.lsn, seq),
+                       commit_ts_us=ts, xid=0, key=key, after=after, tier=tier,
+                       wedding_id=None if wedding == "\\N" else unescape(wedding))
