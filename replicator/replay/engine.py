@@ -16,7 +16,15 @@ below the base LSN are ignored: the snapshot holds their effect. Op `r` rows at 
    the older version unchanged columns are filled from), every other base row is written out
    at once. Then the merger's live rows are written.
 So only changed keys are held, never the whole table; the base segments are fetched twice and
-decoded once.
+decoded once. Pass 1 runs in a thread.
+
+**From a compaction snapshot** (`sink.snapshot`, base kind "snapshot"): the snapshot holds
+every change at or below its LSN, so pass 1 reads only what is above it (whole OCF blocks
+below it are passed over). With a target that can remove rows it was given (`Remover`: the
+Postgres target), the snapshot's rows are loaded, untouched, while pass 1 runs; then the rows
+of the changed keys are removed (their older versions join the merger) or, after a truncate,
+all of them. Otherwise the keys frame of each part is matched against the changed keys, and
+the other rows go out as they are.
 
 **Completeness.** Records are de-duplicated by position (segments overlap after a
 redelivery). For a full-table restore, the changes seen at each commit are counted against the
