@@ -216,14 +216,15 @@ async def _compact_table(archive: Archive, job: TableJob, kinds: tuple[str, ...]
     async def add(rows: list[str], keys: list[str], weddings: list[str]) -> None:
         writer.add(rows, keys, weddings)
 
-    await restore_table(archive, job, refuse, emit_lines=add)
     headers: list[SnapshotHeader] = []
-    for n, data, header in writer.parts():
-        key = snapshot_key(job.table, job.target, n)
-        sealed = encrypt(data, key, keyring)
-        await store.put(key, sealed)
-        result.bytes_written += len(sealed)
-        headers.append(header)
+    with writer:
+        await restore_table(archive, job, refuse, emit_lines=add)
+        for n, data, header in writer.parts():
+            key = snapshot_key(job.table, job.target, n)
+            sealed = encrypt(data, key, keyring)
+            await store.put(key, sealed)
+            result.bytes_written += len(sealed)
+            headers.append(header)
     result.rows, result.parts = writer.rows, len(headers)
     doc = manifest(table=job.table, lsn=job.target, headers=headers,
                    created_at=datetime.now(UTC).isoformat(), folded_objects=len(job.segments),

@@ -34,8 +34,10 @@ The manifest (JSON): `format`, `table`, `lsn`, `parts`, `rows` (per part and in 
 from __future__ import annotations
 
 import json
+import os
 import re
 import struct
+import tempfile
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -53,7 +55,7 @@ __all__ = ["SnapshotHeader", "SnapshotName", "SnapshotPart", "SnapshotWriter", "
 MAGIC: Final = b"WSS1"
 FORMAT: Final = 1
 _CHUNK: Final = 1 << 20
-_FLUSH: Final = 4 << 20  # characters of lines gathered before they are compressed
+_FLUSH: Final = 256 << 10  # characters of a bucket's lines gathered before compressing
 _PART: Final = re.compile(
     r"snapshots/(?P<table>[^/]+)/(?P<lsn>[0-9A-F]{16})/part-(?P<n>0|[1-9][0-9]{0,8})\.snap")
 _MANIFEST: Final = re.compile(
@@ -286,7 +288,9 @@ _FRAMES = 3  # rows, keys, weddings
 @dataclass(slots=True)
 class _Bucket:
     compressors: list[Any]  # zstd.ZstdCompressor per frame
-    out: list[list[bytes]] = field(default_factory=lambda: [[] for _ in range(_FRAMES)])
+    # per frame, the (offset, length) of its compressed pieces in the writer's spool file
+    out: list[list[tuple[int, int]]] = field(
+        default_factory=lambda: [[] for _ in range(_FRAMES)])
     lines: list[list[str]] = field(default_factory=lambda: [[] for _ in range(_FRAMES)])
     pending: int = 0
     count: int = 0
@@ -295,9 +299,10 @@ class _Bucket:
 
 class SnapshotWriter:
     """Gathers a table's rows (COPY text lines, key texts and wedding ids, COPY-escaped,
-    without newlines) into *parts* wedding buckets, compressing as they come; `parts()` gives
-    each part's bytes. Memory: the compressed snapshot (the caller chooses *parts* so that
-    one part is a few MiB)."""
+    without newlines) into *parts* wedding buckets, compressing as they come into one
+    temporary spool file; `parts()` gives each part's bytes. Memory: up to `_FLUSH`
+    characters of lines per bucket, and one part at a time (the caller chooses *parts* so
+    that a part is a few MiB). A context manager: leaving it removes the spool."""
 
     def __init__(self, *, table: str, lsn: Lsn, columns: Sequence[str], key: Sequence[str],
                  key_kinds: Sequence[str], parts: int, level: int = 3) -> None:
@@ -312,6 +317,16 @@ class SnapshotWriter:
         self._buckets = [_Bucket([zstd.ZstdCompressor(level) for _ in range(_FRAMES)])
                          for _ in range(self.count)]
         self.rows = 0
+        self._spool = tempfile.TemporaryFile(prefix="wedsync-snapshot-")  # noqa: SIM115 (close())
+
+    def __enter__(self) -> SnapshotWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._spool.close()
 
     def add(self, rows: Sequence[str], keys: Sequence[str], weddings: Sequence[str]) -> None:
         buckets, count = self._buckets, self.count
@@ -328,16 +343,22 @@ class SnapshotWriter:
                 self._compress(bucket)
         self.rows += len(rows)
 
-    @staticmethod
-    def _compress(bucket: _Bucket) -> None:
+    def _compress(self, bucket: _Bucket) -> None:
         if not bucket.lines[0]:
             return
         bucket.count += len(bucket.lines[0])
         for n in range(_FRAMES):
-            bucket.out[n].append(bucket.compressors[n].compress(
-                ("\n".join(bucket.lines[n]) + "\n").encode()))
+            data = bucket.compressors[n].compress(("\n".join(bucket.lines[n]) + "\n").encode())
+            if data:
+                bucket.out[n].append((self._spool.tell(), len(data)))
+                self._spool.write(data)
             bucket.lines[n] = []
         bucket.pending = 0
+
+    def _read(self, pieces: list[tuple[int, int]]) -> bytes:
+        fd = self._spool.fileno()
+        self._spool.flush()
+        return b"".join(os.pread(fd, length, offset) for offset, length in pieces)
 
     def parts(self) -> Iterator[tuple[int, bytes, SnapshotHeader]]:
         """Each part's number, bytes and header; buckets are released as they go."""
@@ -345,7 +366,7 @@ class SnapshotWriter:
 
         for n, bucket in enumerate(self._buckets):
             self._compress(bucket)
-            frames = [b"".join(bucket.out[i])
+            frames = [self._read(bucket.out[i])
                       + bucket.compressors[i].flush(zstd.ZstdCompressor.FLUSH_FRAME)
                       for i in range(_FRAMES)]
             ids: tuple[str, ...] | None = tuple(sorted(_unescape_all(bucket.weddings)))
