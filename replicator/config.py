@@ -164,8 +164,9 @@ class CompactionConfig(_Model):
     """When the service folds a destination's changes into new snapshots
     (`replicator.replay.compact`): every `check_every_s` it compacts, at its latest point,
     each table with at least `min_changes` changes and `min_changes_ratio` of the table's rows
-    since its last snapshot. A restore reads a snapshot plus at most about that many changes;
-    each compaction costs a restore of the table, in a separate, lower-priority process."""
+    since its last compaction snapshot (a table without one gets its first at the first
+    check). A restore reads a snapshot plus at most about that many changes; each compaction
+    costs a restore of the table, in a separate, lower-priority process."""
 
     enabled: bool = True
     check_every_s: float = Field(default=600.0, gt=0)

@@ -9,7 +9,9 @@ Steps, per table, in this order (a crash anywhere leaves the archive as it was, 
 nothing reads):
 1. plan the restore at the point (`--at`, default the latest recoverable point);
 2. pass over a table whose snapshot is already at that point, or that has fewer than
-   *min_changes* changes since its base (nothing to gain);
+   *min_changes* changes (and *min_changes_ratio* of its rows) since its last compaction
+   snapshot (little to gain); a table still based on the capture's snapshot is compacted at
+   once, whatever its changes;
 3. delete the parts of an earlier compaction at that point cut short (parts, no manifest);
 4. restore the table into a `SnapshotWriter` (rows spread over parts by wedding; the number of
    parts from the bytes the restore reads, `part_bytes` each) and put every part;
@@ -141,10 +143,13 @@ async def compact(store: ObjectStore, keyring: Keyring, *, at: At = LATEST,
                              if job.first_change <= lsn <= int(target)
                              and lsn not in archive.timeline.snapshots.get(job.table, ()))
         kinds = key_kinds(job.schema)
-        needed = min_changes
-        if min_changes_ratio > 0 and not (table_plan.base_kind == "snapshot"
-                                          and table_plan.base == target):
-            rows = await _base_rows(prepared, job, table_plan.base_kind)
+        # The thresholds count from a compaction snapshot; a table still based on the
+        # capture's snapshot gets its first one at once (it then restores, and restores one
+        # wedding, much faster: whole COPY text, parts by wedding).
+        needed = min_changes if table_plan.base_kind == "snapshot" else 0
+        if min_changes_ratio > 0 and table_plan.base_kind == "snapshot" \
+                and table_plan.base != target:
+            rows = await _base_rows(prepared, job)
             needed = max(needed, math.ceil(min_changes_ratio * rows))
         if table_plan.base_kind == "snapshot" and table_plan.base == target:
             result.reason = "its snapshot is already at this point"
@@ -174,18 +179,14 @@ async def compact(store: ObjectStore, keyring: Keyring, *, at: At = LATEST,
     return summary
 
 
-async def _base_rows(prepared: Prepared, job: TableJob, kind: str) -> int:
-    """The table's rows at its base: a compaction snapshot's manifest says; a capture
-    snapshot's boundary record counts them."""
-    if kind == "snapshot":
-        manifests = [k for k in prepared.sizes
-                     if k.startswith(manifest_key(job.table, job.base, 1).rsplit("/", 1)[0] + "/")
-                     and "/manifest-" in k]
-        if manifests:
-            doc = json.loads(await prepared.archive.fetch(manifests[0]))
-            return int(doc.get("rows", 0))
+async def _base_rows(prepared: Prepared, job: TableJob) -> int:
+    """The table's rows at its compaction snapshot, as its manifest counts them."""
+    prefix = manifest_key(job.table, job.base, 1).rsplit("/", 1)[0] + "/"
+    manifests = [k for k in prepared.sizes if k.startswith(prefix) and "/manifest-" in k]
+    if not manifests:
         return 0
-    return prepared.archive.timeline.counts.get(job.table, {}).get(int(job.base), 0)
+    doc = json.loads(await prepared.archive.fetch(manifests[0]))
+    return int(doc.get("rows", 0))
 
 
 async def _clear_cut_short(store: ObjectStore, existing: set[str], table: str, lsn: Lsn
