@@ -14,7 +14,7 @@ import hashlib
 from collections.abc import Collection
 from typing import Final
 
-__all__ = ["BITS_PER_ITEM", "Bloom"]
+__all__ = ["BITS_PER_ITEM", "Bloom", "may_hold"]
 
 BITS_PER_ITEM: Final = 10
 HASHES: Final = 7
@@ -68,3 +68,13 @@ class Bloom:
     def from_text(cls, text: str) -> Bloom:
         hashes, bits, data = text.split(":", 2)
         return cls(int(bits), int(hashes), base64.b64decode(data, validate=True))
+
+
+def may_hold(item: str, ids: Collection[str] | None, bloom: str | None) -> bool:
+    """Whether a header that lists *ids* (or, above its cap, their Bloom filter's text) may
+    name *item*: False only when it proves it does not; True when it says nothing."""
+    if ids is not None:
+        return item in ids
+    if bloom is not None:
+        return item in Bloom.from_text(bloom)
+    return True

@@ -42,7 +42,7 @@ from uuid import UUID
 
 from replicator.position import Lsn
 from replicator.replay.render import copy_escape, copy_line, text
-from replicator.sink.bloom import Bloom
+from replicator.sink.bloom import Bloom, may_hold
 from replicator.transport.avro import NUMERIC, UUID_
 
 __all__ = ["KEY_SEPARATOR", "PartCorrupt", "PartHeader", "decode_part", "encode_part",
@@ -109,11 +109,7 @@ class PartHeader:
     wedding_bloom: str | None
 
     def may_hold_wedding(self, wedding_id: str) -> bool:
-        if self.wedding_ids is not None:
-            return wedding_id in self.wedding_ids
-        if self.wedding_bloom is not None:
-            return wedding_id in Bloom.from_text(self.wedding_bloom)
-        return True
+        return may_hold(wedding_id, self.wedding_ids, self.wedding_bloom)
 
     def to_json(self) -> bytes:
         doc = {"format": FORMAT, "table": self.table, "lsn": int(self.lsn),
@@ -247,13 +243,20 @@ def encode_part(records: Sequence[Mapping[str, Any]], *, table: str, tier: str,
     return MAGIC + struct.pack(">I", len(raw)) + raw + body, header
 
 
-def read_part_header(data: bytes) -> tuple[PartHeader, int]:
-    if data[:4] != MAGIC or len(data) < 8:
-        raise PartCorrupt("not a snapshot part (no WSP1 magic)")
+def framed_header(data: bytes, magic: bytes, what: str) -> tuple[bytes, int]:
+    """The JSON header of `magic | length (4 bytes, big-endian) | header | ...`, and where
+    what follows it starts."""
+    if data[:4] != magic or len(data) < 8:
+        raise PartCorrupt(f"not a {what} (no {magic.decode()} magic)")
     (size,) = struct.unpack(">I", data[4:8])
     if len(data) < 8 + size:
-        raise PartCorrupt("the part ends inside its header")
-    return PartHeader.from_json(data[8:8 + size]), 8 + size
+        raise PartCorrupt(f"the {what} ends inside its header")
+    return data[8:8 + size], 8 + size
+
+
+def read_part_header(data: bytes) -> tuple[PartHeader, int]:
+    raw, start = framed_header(data, MAGIC, "snapshot part")
+    return PartHeader.from_json(raw), start
 
 
 def decode_part(data: bytes) -> tuple[PartHeader, Iterator[list[str]]]:

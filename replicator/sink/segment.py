@@ -82,7 +82,7 @@ from fastavro.schema import fingerprint, to_parsing_canonical_form
 
 from replicator.events import ChangeEvent, TransactionRecord
 from replicator.position import ChangePosition, Lsn
-from replicator.sink.bloom import Bloom
+from replicator.sink.bloom import Bloom, may_hold
 from replicator.transport.avro import (
     CodecError,
     EventCodec,
@@ -246,11 +246,7 @@ class SegmentHeader:
 
     def may_hold_wedding(self, wedding_id: str) -> bool:
         """False only when the header proves no row of *wedding_id* is inside."""
-        if self.wedding_ids is not None:
-            return wedding_id in self.wedding_ids
-        if self.wedding_bloom is not None:
-            return wedding_id in Bloom.from_text(self.wedding_bloom)
-        return True
+        return may_hold(wedding_id, self.wedding_ids, self.wedding_bloom)
 
     def may_delete_key(self, key_text: str) -> bool:
         """False only when the header proves no delete of unknown wedding removes *key_text*

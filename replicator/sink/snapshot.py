@@ -45,8 +45,8 @@ from typing import Any, Final, NamedTuple
 from urllib.parse import quote, unquote
 
 from replicator.position import Lsn
-from replicator.sink.bloom import Bloom
-from replicator.sink.part import MAX_WEDDING_IDS, PartCorrupt, unescape
+from replicator.sink.bloom import Bloom, may_hold
+from replicator.sink.part import MAX_WEDDING_IDS, PartCorrupt, framed_header, unescape
 
 __all__ = ["SnapshotHeader", "SnapshotName", "SnapshotPart", "SnapshotWriter", "bucket_of",
            "is_manifest_key", "is_snapshot_key", "manifest_key", "parse_manifest_key",
@@ -149,11 +149,7 @@ class SnapshotHeader:
     wedding_bloom: str | None
 
     def may_hold_wedding(self, wedding_id: str) -> bool:
-        if self.wedding_ids is not None:
-            return wedding_id in self.wedding_ids
-        if self.wedding_bloom is not None:
-            return wedding_id in Bloom.from_text(self.wedding_bloom)
-        return True
+        return may_hold(wedding_id, self.wedding_ids, self.wedding_bloom)
 
     def to_json(self) -> bytes:
         doc = {"format": FORMAT, "table": self.table, "lsn": int(self.lsn), "part": self.part,
@@ -184,12 +180,8 @@ class SnapshotHeader:
 
 
 def read_snapshot_header(data: bytes) -> tuple[SnapshotHeader, int]:
-    if data[:4] != MAGIC or len(data) < 8:
-        raise PartCorrupt("not a compaction snapshot part (no WSS1 magic)")
-    (size,) = struct.unpack(">I", data[4:8])
-    if len(data) < 8 + size:
-        raise PartCorrupt("the snapshot part ends inside its header")
-    return SnapshotHeader.from_json(data[8:8 + size]), 8 + size
+    raw, start = framed_header(data, MAGIC, "compaction snapshot part")
+    return SnapshotHeader.from_json(raw), start
 
 
 def _frame_chunks(view: memoryview, what: str) -> Iterator[bytes]:
