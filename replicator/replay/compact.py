@@ -12,7 +12,8 @@ nothing reads):
    *min_changes* changes (and *min_changes_ratio* of its rows) since its last compaction
    snapshot (little to gain); a table still based on the capture's snapshot is compacted at
    once, whatever its changes;
-3. delete the parts of an earlier compaction at that point cut short (parts, no manifest);
+3. pass over a table with parts but no manifest at that point: another run may be writing
+   them (parts of a run cut short are never read; they stay until deleted by hand);
 4. restore the table into a `SnapshotWriter` (rows spread over parts by wedding; the number of
    parts from the bytes the restore reads, `part_bytes` each) and put every part;
 5. put the manifest, last: from then on replay and verify start from the snapshot.
@@ -46,7 +47,6 @@ from replicator.sink.snapshot import (
     SnapshotWriter,
     manifest,
     manifest_key,
-    parse_snapshot_key,
     snapshot_key,
 )
 
@@ -160,6 +160,10 @@ async def compact(store: ObjectStore, keyring: Keyring, *, at: At = LATEST,
         elif kinds is None:
             result.reason = ("its primary key has a column of a type a snapshot cannot key "
                              "exactly (only integers, text, varchar, uuid and numeric)")
+        elif unfinished := _unfinished(existing, job.table, target):
+            result.reason = (f"{unfinished} part(s) of a compaction at this point have no "
+                             "manifest: another run may be writing them (or one was cut "
+                             "short); compact at another point")
         if result.reason is not None:
             logger.info("compaction of %s passed over: %s", job.table, result.reason)
             continue
@@ -168,7 +172,6 @@ async def compact(store: ObjectStore, keyring: Keyring, *, at: At = LATEST,
         parts = min(MAX_PARTS, max(1, math.ceil(read / max(part_bytes, 1))))
         table_started = time.perf_counter()
         read_before = archive.bytes_read
-        await _clear_cut_short(store, existing, job.table, target)
         await _compact_table(archive, job, kinds, parts, read, result)
         result.bytes_read = archive.bytes_read - read_before
         result.seconds = time.perf_counter() - table_started
@@ -189,20 +192,13 @@ async def _base_rows(prepared: Prepared, job: TableJob) -> int:
     return int(doc.get("rows", 0))
 
 
-async def _clear_cut_short(store: ObjectStore, existing: set[str], table: str, lsn: Lsn
-                           ) -> None:
-    """Delete the parts an earlier compaction at *lsn* wrote before it was cut short (the
-    plan passes a snapshot without manifest over, so they are nobody's data)."""
+def _unfinished(existing: set[str], table: str, lsn: Lsn) -> int:
+    """How many parts of a compaction at *lsn* without a manifest the listing holds."""
     prefix = snapshot_key(table, lsn, 0).rsplit("/", 1)[0] + "/"
-    stale = []
-    for key in existing:
-        if key.startswith(prefix) and key.endswith(".snap"):
-            parse_snapshot_key(key)
-            stale.append(key)
-    if stale:
-        logger.warning("deleting %d part(s) of a compaction of %s at %s that was cut short",
-                       len(stale), table, lsn)
-        await store.delete(sorted(stale))
+    mine = [key for key in existing if key.startswith(prefix)]
+    if any("/manifest-" in key for key in mine):
+        return 0
+    return sum(1 for key in mine if key.endswith(".snap"))
 
 
 async def _compact_table(archive: Archive, job: TableJob, kinds: tuple[str, ...],

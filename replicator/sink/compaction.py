@@ -8,7 +8,7 @@ as much as a restore does, and must neither hold the sinks' event loop nor take 
 sinks need to keep the critical tier's recovery point short. Its stores' credentials and keys
 come from the service's environment (and the configured keyring file), as for the sinks.
 Stopping the service stops a run under way; a snapshot without its manifest is never read,
-and the next run clears it.
+and the next run compacts at a later point.
 """
 
 from __future__ import annotations
