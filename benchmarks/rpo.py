@@ -100,7 +100,7 @@ from psycopg.conninfo import make_conninfo
 from benchmarks.capture import delete_topics
 from connectors.registry import open_store
 from replicator.capture import Capture
-from replicator.config import Config, DestinationConfig, FlushConfig
+from replicator.config import CompactionConfig, Config, DestinationConfig, FlushConfig
 from replicator.devstack.settings import S3_ACCESS_KEY, S3_REGION, S3_SECRET_KEY, StackSettings
 from replicator.devstack.stack import Stack
 from replicator.events import TIER_ORDER
@@ -940,6 +940,9 @@ def analyse(commits: Commits, capture: RpoCapture, sinks: Sinks, watcher: Watche
         "late_p99_s": pct(sorted(commits.late), 0.99), "late_max_s": max(commits.late, default=0),
         "changes": events, "changes_per_s": events / (load_ended - load_started),
         "sink_changes_written": {n: w.stats.changes_written for n, w in sinks.workers.items()},
+        "compaction": {n: {"runs": c.runs, "failures": c.failures,
+                           "tables_compacted": c.tables_compacted}
+                       for n, c in sinks.compaction_stats.items()},
         "events_by_tier": dict(capture.stats.events_by_tier),
         "unresolved_weddings": capture.calendar.unresolved,
         "drain_s": drained_at - load_ended,
@@ -1024,6 +1027,9 @@ def report(r: dict[str, Any], flush: dict[str, float], quick: bool, loop_name: s
           f"{r['changes']:,} changes captured = {r['changes_per_s']:,.0f} changes/s; by the "
           "end the sinks had written " + ", ".join(
               f"{n} {v:,}" for n, v in r["sink_changes_written"].items()) + " changes")
+    print("compaction runs during the measurement: " + ", ".join(
+        f"{n} {c['runs']} ({c['failures']} failed, {c['tables_compacted']} tables compacted)"
+        for n, c in r["compaction"].items()))
     print("RPO sample = first time the tier checkpoint >= the commit's end LSN - commit time "
           "(after COMMIT)")
     print(f"{'destination':12}{'tier':10}{'commits':>9}{'durable':>9}{'p50 s':>8}{'p99 s':>8}"
@@ -1098,7 +1104,7 @@ def _jsonable(value: Any) -> Any:
 
 
 async def main(seconds: float, rate: float, flush: dict[str, float], quick: bool,
-               as_json: bool) -> None:
+               compact_every: float | None, as_json: bool) -> None:
     logging.basicConfig(level=logging.WARNING)
 
     def say(text: str) -> None:
@@ -1118,10 +1124,16 @@ async def main(seconds: float, rate: float, flush: dict[str, float], quick: bool
                          f"{GUESTS_PER_WEDDING // 2}")
     flush_config = FlushConfig(critical_s=flush["critical"], high_s=flush["high"],
                                normal_s=flush["normal"], low_s=flush["low"])
+    # Compaction as the service runs it, or (--compact-every) much more often than its
+    # default 10 minutes, so that runs overlap the load.
+    compaction = (CompactionConfig() if compact_every is None else
+                  CompactionConfig(check_every_s=compact_every, min_changes=1_000,
+                                   min_changes_ratio=0.0))
     dests = (
-        DestinationConfig(name="local", url=f"file://{folder}", flush=flush_config),
+        DestinationConfig(name="local", url=f"file://{folder}", flush=flush_config,
+                          compaction=compaction),
         DestinationConfig(name="s3", url=f"s3://{bucket}/?endpoint={s3_endpoint}"
-                          f"&region={S3_REGION}", flush=flush_config),
+                          f"&region={S3_REGION}", flush=flush_config, compaction=compaction),
     )
     say(f"setting up {db} (400 weddings, {400 * GUESTS_PER_WEDDING:,} guests), bucket "
         f"{bucket}, folder {folder} ...")
@@ -1160,6 +1172,9 @@ if __name__ == "__main__":
     parser.add_argument("--flush", default=None, metavar="TIER=S,...",
                         help="flush interval overrides, e.g. critical=5,high=30,normal=60,low=300")
     parser.add_argument("--json", action="store_true", help="one JSON object on the last line")
+    parser.add_argument("--compact-every", type=float, default=None, metavar="S",
+                        help="run compaction every S seconds during the load (default: the "
+                             "service's schedule, every 600 s)")
     parser.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop",
                         help="event loop (the service runs on uvloop)")
     parser.add_argument("--watch", metavar="SPEC", default=None, help=argparse.SUPPRESS)
@@ -1173,7 +1188,8 @@ if __name__ == "__main__":
     from replicator.cli.run import tune_gc
 
     tune_gc()  # the collector settings `replicator run` uses
-    coroutine = main(secs, args.rate, parse_flush(args.flush, args.quick), args.quick, args.json)
+    coroutine = main(secs, args.rate, parse_flush(args.flush, args.quick), args.quick,
+                     args.compact_every, args.json)
     if args.loop == "uvloop":
         import uvloop
 

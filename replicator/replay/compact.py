@@ -39,7 +39,7 @@ from connectors.base import ObjectStore
 from replicator.crypto import Keyring, encrypt
 from replicator.position import Lsn
 from replicator.replay.engine import Archive, TableJob, TableSchema, restore_table
-from replicator.replay.plan import LATEST, At
+from replicator.replay.plan import LATEST, At, ReplayRefused, select_tables, tables_of
 from replicator.replay.run import Prepared, prepare
 from replicator.replay.table import Rows
 from replicator.sink.snapshot import (
@@ -130,10 +130,13 @@ async def compact(store: ObjectStore, keyring: Keyring, *, at: At = LATEST,
     rows at the base, is passed over. Raises what `replay` raises (`ReplayRefused`,
     `ReplayFailed`) for the archive's problems."""
     started = time.perf_counter()
-    prepared = await prepare(store, keyring, at=at, tables=tables, destination=destination)
+    prepared, unrestorable = await _prepare(store, keyring, at, tables, destination)
     target = prepared.plan.target
     summary = CompactSummary(target, prepared.destination)
     archive = prepared.archive
+    for table, why in sorted(unrestorable.items()):
+        summary.tables.append(TableCompaction(table, target, reason=why))
+        logger.info("compaction of %s passed over: %s", table, why)
     existing = {key for key in prepared.sizes if key.startswith("snapshots/")}
     for job, table_plan in zip(prepared.jobs, prepared.plan.tables, strict=True):
         result = TableCompaction(job.table, target)
@@ -180,6 +183,31 @@ async def compact(store: ObjectStore, keyring: Keyring, *, at: At = LATEST,
                     job.table, target, result.rows, result.parts, result.changes)
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+async def _prepare(store: ObjectStore, keyring: Keyring, at: At, tables: Sequence[str] | None,
+                   destination: str | None) -> tuple[Prepared, dict[str, str]]:
+    """`prepare` for the tables that can be restored at *at*; the others (no snapshot of them
+    at that point yet), each with the reason. Refused when none can."""
+    wanted: list[str] | None = None if tables is None else list(tables)
+    unrestorable: dict[str, str] = {}
+    while True:
+        try:
+            prepared = await prepare(store, keyring, at=at, tables=wanted,
+                                     destination=destination)
+            return prepared, unrestorable
+        except ReplayRefused as exc:
+            if not exc.tables:
+                raise
+            if wanted is None or any("." not in name for name in wanted):
+                listing = [info.key async for info in store.list("segments/")]
+                listing += [info.key async for info in store.list("snapshots/")]
+                wanted = select_tables(tables_of(listing), wanted)
+            remaining = [name for name in wanted if name not in exc.tables]
+            if not remaining or len(remaining) == len(wanted):
+                raise
+            unrestorable.update(dict.fromkeys(exc.tables, str(exc)))
+            wanted = remaining
 
 
 async def _base_rows(prepared: Prepared, job: TableJob) -> int:

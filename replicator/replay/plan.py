@@ -87,7 +87,8 @@ from replicator.sink.snapshot import (
 __all__ = [
     "LATEST", "PLAN_FORMAT", "At", "ReplayPlan", "ReplayRefused", "SnapshotName",
     "TablePlan", "manifest_key", "parse_at", "parse_manifest_key", "parse_snapshot_key",
-    "plan", "resolve_time", "snapshot_key", "transaction_segments_for",
+    "plan", "resolve_time", "select_tables", "snapshot_key", "tables_of",
+    "transaction_segments_for",
 ]
 
 LATEST: Final = "latest"
@@ -104,11 +105,14 @@ _LSN_TEXT: Final = re.compile(r"[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}")
 
 class ReplayRefused(Exception):
     """The replay cannot be done as asked. `nearest` is the restorable point the message
-    suggests (None when there is none)."""
+    suggests (None when there is none); `tables`, when the refusal is about some tables only
+    (no restorable state at the point), names them."""
 
-    def __init__(self, message: str, *, nearest: Lsn | None = None) -> None:
+    def __init__(self, message: str, *, nearest: Lsn | None = None,
+                 tables: tuple[str, ...] = ()) -> None:
         super().__init__(message)
         self.nearest = nearest
+        self.tables = tables
 
 
 # --- time cuts -------------------------------------------------------------------------------
@@ -383,7 +387,13 @@ def _read_listing(listing: Listing, headers: Mapping[str, Header]
     return tables, sizes
 
 
-def _select(known: Sequence[str], tables: Iterable[str] | None) -> list[str]:
+def tables_of(listing: Listing) -> list[str]:
+    """The tables whose data the listing holds, sorted."""
+    return sorted(_read_listing(listing, {})[0])
+
+
+def select_tables(known: Sequence[str], tables: Iterable[str] | None) -> list[str]:
+    """*tables* (qualified, or unqualified when unambiguous) among *known*, qualified."""
     if not known:
         raise ReplayRefused("the archive holds no table data (no segments/ or snapshots/ "
                             "objects)")
@@ -499,7 +509,7 @@ def plan(listing: Listing, *, at: At, checkpoint: Lsn,
     archives, sizes = _read_listing(listing, known_headers)
     for table in snapshots or {}:  # a table empty at its snapshot and never changed since
         archives.setdefault(table, _Archive([], {}))
-    selected = _select(sorted(archives), tables)
+    selected = select_tables(sorted(archives), tables)
     gap_list = _gaps(gaps)
     latest = Lsn(checkpoint - 1) if checkpoint > 0 else None
 
@@ -534,7 +544,8 @@ def plan(listing: Listing, *, at: At, checkpoint: Lsn,
     never = [t for t, lsn in oldest_by_table.items() if lsn is None]
     if never:
         raise ReplayRefused(f"no restorable state of {', '.join(never)}: the archive holds "
-                            "no snapshot of it (its first segments hold no snapshot rows)")
+                            "no snapshot of it (its first segments hold no snapshot rows)",
+                            tables=tuple(never))
     oldest = max(lsn for lsn in oldest_by_table.values() if lsn is not None)
 
     def out_of_gaps(point: Lsn, later: bool) -> Lsn:
@@ -575,7 +586,7 @@ def plan(listing: Listing, *, at: At, checkpoint: Lsn,
                      if len(late) < len(selected) else "")
         raise ReplayRefused(f"{what} is before the oldest restorable point {oldest} of "
                             f"{', '.join(late)} (where its archive starts with a snapshot)"
-                            f"{hint}{leave_out}", nearest=nearest)
+                            f"{hint}{leave_out}", nearest=nearest, tables=tuple(late))
     for start, end in gap_list:
         if start < target < end:
             nearest = at_or_before(start)

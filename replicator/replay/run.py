@@ -208,7 +208,8 @@ async def prepare(store: ObjectStore, keyring: Keyring, *, at: At,
                     else "; the archive holds no complete snapshot of it")
             raise ReplayRefused(f"LSN {target} is before the oldest restorable point of "
                                 f"{table_plan.table} (its first complete snapshot){hint}",
-                                nearest=later[0] if later else None)
+                                nearest=later[0] if later else None,
+                                tables=(table_plan.table,))
         bases[table_plan.table] = base
     timeline.oldest = max(bases.values(), default=Lsn(0))
 

@@ -292,3 +292,34 @@ async def test_the_service_compacts_on_its_schedule(
     assert 'wedsync_compaction_runs_total{destination="local"} 1.0' in scraped
     assert 'wedsync_compaction_failures_total{destination="broken"} 1.0' in scraped
     assert 'wedsync_compaction_last_success_timestamp_seconds{destination="local"}' in scraped
+
+
+@pytest.mark.parametrize("pg_server_dsn", ["15"], indirect=True)
+async def test_a_table_with_no_snapshot_yet_is_passed_over(
+        pg_dsn: str, kafka_bootstrap: str, topic_prefix: str, tmp_path: Path) -> None:
+    # A table created after the capture's snapshot has only changes in the archive (no
+    # snapshot of it to start from): compaction folds the others and names it.
+    seed(pg_dsn)
+    dests = destinations(tmp_path)
+    config = archive_config(pg_dsn, kafka_bootstrap, topic_prefix, dests)
+    async with pipeline(config) as capture:
+        await snapshot_done(capture, 146)
+
+        def late_table() -> Point:
+            with psycopg.connect(pg_dsn, autocommit=True) as conn:
+                conn.execute("CREATE TABLE seating (id bigint PRIMARY KEY, wedding_id bigint)")
+                conn.execute("INSERT INTO seating SELECT g, 1 FROM generate_series(1, 5) g")
+                conn.execute("UPDATE guests SET name = 'late' WHERE id = 1")
+                point = record_point(conn)
+                conn.execute("UPDATE weddings SET couple = couple || '!' WHERE id = 1")
+            return point
+
+        point = await asyncio.to_thread(late_table)
+        await wait_durable(dests, point.lsn)
+    summary = await run_compact(dests[0].url, LATEST)
+    by_table = {t.table: t for t in summary.tables}
+    assert {t for t, c in by_table.items() if c.done} == set(TABLES)
+    assert "no restorable state of public.seating" in (by_table["public.seating"].reason or "")
+    # Asking for that table alone is refused, naming it.
+    with pytest.raises(ReplayRefused, match=r"no restorable state of public\.seating"):
+        await run_compact(dests[0].url, LATEST, tables=["seating"])
