@@ -727,8 +727,8 @@ async def wait_until(predicate: Any, within: float, what: str, task: asyncio.Tas
 
 async def measure(dsn: str, bootstrap: str, prefix: str, dests: tuple[DestinationConfig, ...],
                   rate: float, seconds: float, writers: int, pids: dict[str, int | None],
-                  say: Any) -> dict[str, Any]:
-    config = with_destinations(make_config(dsn, bootstrap, prefix, snapshot="never"), dests)
+                  say: Any, snapshot: str = "never") -> dict[str, Any]:
+    config = with_destinations(make_config(dsn, bootstrap, prefix, snapshot=snapshot), dests)
     capture = RpoCapture(config)
     sinks = Sinks(config, sink_environ())
     watcher = WatcherProcess(dests)
@@ -1141,7 +1141,10 @@ async def main(seconds: float, rate: float, flush: dict[str, float], quick: bool
     try:
         dsn = await setup_database(admin, db)
         await create_bucket(s3_endpoint, bucket)
-        result = await measure(dsn, bootstrap, prefix, dests, rate, seconds, writers, pids, say)
+        # Compaction needs a snapshot to start from: with --compact-every, the capture takes
+        # its initial snapshot (before the load starts).
+        result = await measure(dsn, bootstrap, prefix, dests, rate, seconds, writers, pids, say,
+                               "never" if compact_every is None else "initial")
     finally:
         cleanup: list[str] = []
         for what, step in (("database and slot", drop_database(admin, db)),

@@ -25,6 +25,8 @@ from pathlib import Path
 
 from replicator.config import DestinationConfig
 
+EXIT_NEEDS_OPERATOR = 2  # `replicator compact` refused: nothing it can do at this point
+
 log = logging.getLogger(__name__)
 
 NICENESS = 10
@@ -97,11 +99,17 @@ class Compactor:
             return False
         out, err = waiting.result()
         seconds = time.monotonic() - started
+        message = err.decode(errors="replace").strip().splitlines()
+        last = message[-1] if message else "no message"
+        if child.returncode == EXIT_NEEDS_OPERATOR:
+            # A refusal: nothing to compact yet (no checkpoint or no snapshot in the
+            # archive yet, as after a first start); not a failure.
+            log.info("compaction of destination %s: nothing to do now: %s", name, last)
+            return True
         if child.returncode != 0:
             self.stats.failures += 1
-            message = err.decode(errors="replace").strip().splitlines()
             log.warning("compaction of destination %s failed (exit %s): %s", name,
-                        child.returncode, message[-1] if message else "no message")
+                        child.returncode, last)
             return False
         try:
             summary = json.loads(out.decode().strip().splitlines()[-1])

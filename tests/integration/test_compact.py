@@ -280,10 +280,17 @@ async def test_the_service_compacts_on_its_schedule(
     compactor = Compactor(dests[0], sink_environ())
     assert await compactor.run_once()
     assert compactor.stats.runs == 1 and compactor.stats.last_success_at > 0
+    # A store that cannot be read is a failure; an archive with nothing to compact yet (no
+    # checkpoint: a first start) is not.
     broken = Compactor(dests[0].model_copy(update={"url": f"file://{tmp_path / 'nothing'}"}),
                        sink_environ())
     assert not await broken.run_once()
     assert broken.stats.failures == 1
+    (tmp_path / "empty").mkdir()
+    empty = Compactor(dests[0].model_copy(update={"url": f"file://{tmp_path / 'empty'}"}),
+                      sink_environ())
+    assert await empty.run_once()
+    assert empty.stats.failures == 0 and empty.stats.last_success_at == 0
     registry = CollectorRegistry()
     registry.register(PipelineCollector(lambda: None, dict,
                                         lambda: {"local": compactor.stats,
