@@ -210,22 +210,34 @@ class _History:
     head: ChangeEvent
     deleted_at: ChangePosition | None = None
     columns: dict[str, tuple[ChangePosition, Any]] = field(default_factory=dict)
+    # No entry of `columns` is newer than this (None: no entry yet): a version above it,
+    # the common case of versions added in order, replaces its columns without comparing.
+    columns_upto: ChangePosition | None = None
 
     def add(self, event: ChangeEvent) -> None:
-        if event.position > self.head.position:
+        position = event.position
+        if position > self.head.position:
             self.head = event
         if event.op is Op.DELETE:
-            if self.deleted_at is None or event.position > self.deleted_at:
-                self.deleted_at = event.position
+            if self.deleted_at is None or position > self.deleted_at:
+                self.deleted_at = position
                 # Values older than a delete can never fill a gap again: forget them.
-                self.columns = {c: v for c, v in self.columns.items() if v[0] > event.position}
+                self.columns = {c: v for c, v in self.columns.items() if v[0] > position}
             return
-        if self.deleted_at is not None and event.position < self.deleted_at:
+        if self.deleted_at is not None and position < self.deleted_at:
             return
-        for column, value in (event.after or {}).items():
-            known = self.columns.get(column)
-            if known is None or event.position > known[0]:
-                self.columns[column] = (event.position, value)
+        after = event.after
+        if not after:
+            return
+        columns = self.columns
+        if self.columns_upto is None or position > self.columns_upto:
+            columns.update({column: (position, value) for column, value in after.items()})
+            self.columns_upto = position
+            return
+        for column, value in after.items():
+            known = columns.get(column)
+            if known is None or position > known[0]:
+                columns[column] = (position, value)
 
     def filled(self, barrier: ChangePosition | None) -> ChangeEvent:
         """The head with its unchanged columns filled from older versions above *barrier*."""

@@ -185,6 +185,10 @@ def _canonical(value: Any) -> Any:
 
 def key_text(key: Mapping[str, Any]) -> str:
     """The canonical JSON of a row's key columns: the same for every spelling of one key."""
+    if len(key) == 1:  # the common key, once per change: one integer column, kept short
+        for name, value in key.items():
+            if type(value) is int:
+                return f"{{{json.dumps(name, ensure_ascii=False)}:{value}}}"
     columns = {name: _canonical(value) for name, value in key.items()}
     return json.dumps(columns, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
