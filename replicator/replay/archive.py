@@ -176,7 +176,9 @@ class Archive:
         except ValueError:
             return None
 
-    async def _get(self, key: str) -> bytes:
+    async def stored(self, key: str) -> bytes:
+        """The stored (encrypted) bytes of *key*; a missing object or a store error is a
+        `ReplayFailed` naming it."""
         try:
             data = await self.store.get(key)
         except NotFound:
@@ -203,7 +205,7 @@ class Archive:
 
     async def fetch(self, key: str) -> bytes:
         """The decrypted bytes of *key* (small objects: schemas, transaction records)."""
-        data = await self._get(key)
+        data = await self.stored(key)
         try:
             return decrypt(data, key, self.keyring)
         except CryptoError as exc:
@@ -214,7 +216,7 @@ class Archive:
         """The header and verified records of change segment *key*, decrypted while they are
         decoded (the plaintext is never held whole); errors name the object. With *after*,
         blocks of records all at or below that LSN are passed over (`decode_record_segment`)."""
-        return self.open_segment(key, await self._get(key), after)
+        return self.open_segment(key, await self.stored(key), after)
 
     def open_segment(self, key: str, data: bytes, after: int | None = None
                      ) -> tuple[SegmentHeader, Iterator[dict[str, Any]]]:
@@ -239,7 +241,7 @@ class Archive:
     async def part(self, key: str) -> tuple[PartHeader, Iterator[list[str]]]:
         """The header and the body lines (in batches) of snapshot part *key*; errors name
         it."""
-        return self.open_part(key, await self._get(key))
+        return self.open_part(key, await self.stored(key))
 
     def open_part(self, key: str, data: bytes) -> tuple[PartHeader, Iterator[list[str]]]:
         """`part()` of the stored bytes *data* of *key*."""
@@ -267,7 +269,7 @@ class Archive:
     async def snapshot(self, key: str) -> SnapshotPart:
         """Compaction snapshot part *key*, decrypted, its header checked against its name;
         errors (also those its frames raise as they are read) name it."""
-        data = await self._get(key)
+        data = await self.stored(key)
         first = self._first(key)
         try:
             part = SnapshotPart(decrypt(data, key, self.keyring))

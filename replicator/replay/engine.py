@@ -118,7 +118,7 @@ async def restore_table(archive: Archive, job: TableJob, emit: Emit,
     loop = asyncio.get_running_loop()
 
     def fetch(key: str) -> bytes:  # from the pass's thread, through this loop
-        return asyncio.run_coroutine_threadsafe(archive._get(key), loop).result()
+        return asyncio.run_coroutine_threadsafe(archive.stored(key), loop).result()
 
     # Pass 1 runs in a thread. With a target that can take the base first and drop the
     # rows of changed keys after (`remover`), a compaction snapshot's rows are loaded
