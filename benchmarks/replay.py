@@ -630,18 +630,23 @@ def run_cli(archive: Path, dsn: str, wedding: str | None = None, at: str = "late
                "--at", at, "--to", dsn, "--json"]
     if wedding is not None:
         command += ["--wedding", wedding]
+    return child_json(command, "replay")
+
+
+def child_json(command: list[str], what: str) -> tuple[dict[str, Any], float]:
+    """*command* in a child process: the JSON object on its last line, and its wall time."""
     started = time.perf_counter()
     done = subprocess.run(command, env=child_env(), cwd=PROJECT_ROOT, capture_output=True,
                           text=True, check=False)
     wall = time.perf_counter() - started
     if done.returncode != 0:
-        raise SystemExit(f"replay failed (exit {done.returncode}):\n{done.stderr.strip()}")
+        raise SystemExit(f"{what} failed (exit {done.returncode}):\n{done.stderr.strip()}")
     return json.loads(done.stdout.strip().splitlines()[-1]), wall
 
 
 def compaction_point(archive: Path, tail: int) -> tuple[Lsn, int]:
-    """The commit LSN after which about *tail* changes remain (the last commit with at least
-    *tail* changes after it), and how many do."""
+    """The earliest commit LSN with at most *tail* changes after it, and how many there
+    are."""
     import uvloop
 
     from connectors.local import LocalStore
@@ -676,13 +681,7 @@ def compact_copy(source: Path, target: Path, at: Lsn | str) -> tuple[dict[str, A
 def compact_again(target: Path, at: Lsn | str) -> tuple[dict[str, Any], float]:
     command = [sys.executable, "-m", "replicator", "compact", "--from", target.as_uri(),
                "--at", str(at), "--json"]
-    started = time.perf_counter()
-    done = subprocess.run(command, env=child_env(), cwd=PROJECT_ROOT, capture_output=True,
-                          text=True, check=False)
-    wall = time.perf_counter() - started
-    if done.returncode != 0:
-        raise SystemExit(f"compact failed (exit {done.returncode}):\n{done.stderr.strip()}")
-    return json.loads(done.stdout.strip().splitlines()[-1]), wall
+    return child_json(command, "compact")
 
 
 def profile_replay(archive: Path, dsn: str, path: str) -> float:

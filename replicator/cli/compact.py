@@ -17,8 +17,8 @@ from typing import Any
 
 import click
 
-from replicator.cli.replay import EXIT_FAILED, _fail, _tables, open_archive, parse_at_option
-from replicator.cli.run import EXIT_NEEDS_OPERATOR, setup_logging
+from replicator.cli.replay import _tables, open_archive, parse_at_option, run_archive_command
+from replicator.cli.run import setup_logging
 
 
 @click.command()
@@ -55,12 +55,8 @@ def compact(store_url: str, at_text: str, tables: str | None, min_changes: int,
     at = parse_at_option(at_text)
     store, keyring = open_archive(store_url, keyring_file, os.environ)
 
-    import uvloop
-
     from connectors.errors import StoreError
     from replicator.replay.compact import compact as run_compaction
-    from replicator.replay.engine import ReplayFailed
-    from replicator.replay.plan import ReplayRefused
 
     async def main() -> Any:
         async with store:
@@ -68,14 +64,8 @@ def compact(store_url: str, at_text: str, tables: str | None, min_changes: int,
                                         destination=destination, min_changes=min_changes,
                                         min_changes_ratio=min_changes_ratio)
 
-    try:
-        summary = uvloop.run(main())
-    except ReplayFailed as exc:
-        _fail(f"compaction stopped: {exc}", EXIT_FAILED)
-    except ReplayRefused as exc:
-        _fail(str(exc), EXIT_NEEDS_OPERATOR)
-    except (StoreError, OSError) as exc:
-        _fail(f"compaction stopped: {exc}", EXIT_FAILED)
+    summary = run_archive_command(main(), failed="compaction stopped",
+                                  errors=(StoreError, OSError))
     if as_json:
         click.echo(json.dumps(summary.to_dict(), sort_keys=True))
     else:

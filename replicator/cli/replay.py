@@ -11,15 +11,16 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import click
 
 from replicator.cli.run import EXIT_NEEDS_OPERATOR, setup_logging
 
 EXIT_FAILED = 1
+T = TypeVar("T")
 
 
 def _fail(message: str, code: int) -> NoReturn:
@@ -51,6 +52,27 @@ def parse_at_option(text: str) -> Any:
         return parse_at(text)
     except ValueError as exc:
         _fail(str(exc), EXIT_NEEDS_OPERATOR)
+
+
+def run_archive_command(main: Coroutine[Any, Any, T], *, failed: str,
+                        errors: tuple[type[BaseException], ...] = (OSError,)) -> T:
+    """Run *main* on uvloop; map a replay's errors to exit codes and one-line messages:
+    `ReplayFailed` (an object or service) and *errors* exit 1 with *failed* before the
+    message; `ReplayRefused` (a request to change) exits 2."""
+    import uvloop
+
+    from replicator.replay.engine import ReplayFailed
+    from replicator.replay.plan import ReplayRefused
+
+    try:
+        return uvloop.run(main)
+    except ReplayFailed as exc:
+        _fail(f"{failed}: {exc}", EXIT_FAILED)
+    except ReplayRefused as exc:
+        _fail(str(exc), EXIT_NEEDS_OPERATOR)
+    except errors as exc:
+        _fail(f"{failed}: {(str(exc).strip().splitlines() or [type(exc).__name__])[0]}",
+              EXIT_FAILED)
 
 
 def _tables(text: str | None) -> list[str] | None:
@@ -105,9 +127,7 @@ def replay(store_url: str, at_text: str, to: str | None, tables: str | None,
     at = parse_at_option(at_text)
     store, keyring = open_archive(store_url, keyring_file, os.environ)
 
-    import uvloop
 
-    from replicator.replay.plan import ReplayRefused
     from replicator.replay.run import apply, plan_document, prepare
     from replicator.replay.targets import FileTarget, PostgresTarget, is_dsn
 
@@ -125,16 +145,7 @@ def replay(store_url: str, at_text: str, to: str | None, tables: str | None,
             return await apply(prepared, target, jobs=jobs, progress=show,
                                memory_budget_mb=memory_budget)
 
-    from replicator.replay.engine import ReplayFailed
-
-    try:
-        result = uvloop.run(main())
-    except ReplayFailed as exc:
-        _fail(f"replay stopped, nothing was committed: {exc}", EXIT_FAILED)
-    except ReplayRefused as exc:
-        _fail(str(exc), EXIT_NEEDS_OPERATOR)
-    except OSError as exc:
-        _fail(f"replay failed, nothing was committed: {exc}", EXIT_FAILED)
+    result = run_archive_command(main(), failed="replay stopped, nothing was committed")
     if dry_run:
         doc = plan_document(result)
         if as_json:
@@ -199,9 +210,7 @@ def verify(store_url: str, at_text: str, against: str | None, scratch: str | Non
     store, keyring = open_archive(store_url, keyring_file, os.environ)
 
     import psycopg
-    import uvloop
 
-    from replicator.replay.plan import ReplayRefused
     from replicator.replay.verify import verify as run_verify
 
     async def main() -> Any:
@@ -210,16 +219,8 @@ def verify(store_url: str, at_text: str, against: str | None, scratch: str | Non
                                     destination=destination, scratch_dsn=scratch,
                                     against_dsn=against, wait_s=wait_s)
 
-    from replicator.replay.engine import ReplayFailed
-
-    try:
-        report = uvloop.run(main())
-    except ReplayFailed as exc:
-        _fail(f"verify could not restore: {exc}", EXIT_FAILED)
-    except ReplayRefused as exc:
-        _fail(str(exc), EXIT_NEEDS_OPERATOR)
-    except (OSError, psycopg.Error) as exc:
-        _fail(f"verify could not run: {str(exc).strip().splitlines()[0]}", EXIT_FAILED)
+    report = run_archive_command(main(), failed="verify could not run",
+                                 errors=(OSError, psycopg.Error))
     if as_json:
         click.echo(json.dumps(report.to_dict(), sort_keys=True))
     else:
