@@ -69,7 +69,7 @@ from replicator.source.stream import (
     negotiate_protocol,
 )
 from replicator.source.values import TypeRegistry, UnknownTypeError, ValueConversionError
-from replicator.transport.avro import EventCodec
+from replicator.transport.avro import EventCodec, digest_text
 from replicator.transport.control import CaptureState, last_transaction_lsn
 from replicator.transport.kafka import (
     EventProducer,
@@ -613,12 +613,15 @@ class Capture:
         watermark.begin_tx(commit_lsn, record.end_lsn, len(events) + 1)
         kinds = assembler.column_kinds
         tiers: Counter[str] = Counter()
+        digests: dict[str, int] = {}
         for event in events:
             self.calendar.classify(event)
             tiers[event.tier.value] += 1
-            delivery = await self.producer.send_event(event, kinds.get(event.qualified_table))
+            delivery = await self.producer.send_event(event, kinds.get(event.qualified_table),
+                                                      digests)
             watermark.track(commit_lsn, delivery)
         record.tier_counts = dict(tiers)
+        record.digests = {table: digest_text(total) for table, total in digests.items()}
         watermark.track(commit_lsn, await self.producer.send_transaction(record))
         self.stats.events += len(events)
         by_tier = self.stats.events_by_tier

@@ -68,6 +68,8 @@ class Timeline:
     snapshots: dict[str, list[int]] = field(default_factory=dict)
     # table -> commit LSN -> changes announced
     counts: dict[str, dict[int, int]] = field(default_factory=dict)
+    # table -> commit LSN -> content digest of its changes, where the capture recorded one
+    digests: dict[str, dict[int, str]] = field(default_factory=dict)
     oldest: int = 0  # set by the caller: the oldest point any plan accepts
 
     @classmethod
@@ -88,6 +90,8 @@ class Timeline:
                     per[lsn] = max(per.get(lsn, 0), n)  # one boundary record per table
                 else:
                     per[lsn] = n  # a redelivered record repeats the same counts
+            for table, digest in record.digests.items():
+                timeline.digests.setdefault(table, {})[lsn] = digest
         timeline.commits = sorted(commits | {lsn for lsns in timeline.snapshots.values()
                                              for lsn in lsns})
         for lsns in timeline.snapshots.values():

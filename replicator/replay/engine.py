@@ -46,9 +46,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import hashlib
+import io
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from fastavro import schemaless_writer
 
 from replicator.events import ChangeEvent, Op
 from replicator.position import Lsn
@@ -78,13 +83,12 @@ from replicator.sink.part import (
     unescape,
 )
 from replicator.sink.part import key_text as part_key_text
-from replicator.sink.segment import (
-    parse_key,
-)
+from replicator.sink.segment import SegmentHeader, parse_key
 from replicator.sink.snapshot import (
     SnapshotPart,
     is_snapshot_key,
 )
+from replicator.transport.avro import EventCodec, digest_text
 
 __all__ = ["Archive", "ReplayFailed", "TableJob", "TableSchema", "TableStats", "Timeline",
            "current_rss_mb", "restore_table"]
@@ -207,6 +211,8 @@ async def restore_table(archive: Archive, job: TableJob, emit: Emit,
 
     if job.check_counts:  # before any conclusion is drawn from the versions found
         _check_counts(archive.timeline, job, seen, changes.commits)
+    if job.check_digests:
+        stats.digests_checked = _check_digests(archive.timeline, job, changes)
 
     apply_key_changes(merger, key_changes, job.table)
     await emit_states(merger, job, out, archive.timeline)
@@ -223,6 +229,10 @@ class _Changes:
     seen: dict[int, bytearray] = field(default_factory=dict)
     commits: set[int] = field(default_factory=set)  # commit LSNs with changes
     truncated: tuple[int, int] | None = None
+    # check_digests: commit LSN -> sum of the changes' content digests read; and the commits
+    # with a change in a segment of another envelope schema (not re-encodable: not checked)
+    digests: dict[int, int] = field(default_factory=dict)
+    unchecked: set[int] = field(default_factory=set)
     deferred: list[str] = field(default_factory=list)  # segments of base rows only
     key_changes: list[dict[str, Any]] = field(default_factory=list)
 
@@ -251,6 +261,7 @@ def _pass1(archive: Archive, job: TableJob, fetch: Callable[[str], bytes], stats
         header, records = archive.open_segment(key, fetch(key),
                                                low - 1 if parsed.first < low else None)
         stats.segments += 1
+        digest = _digester(header) if job.check_digests else None
         if (not job.compacted and header.first.commit_lsn == header.last.commit_lsn == base
                 and set(header.ops) == {Op.READ.value}):
             found.deferred.append(key)
@@ -267,6 +278,11 @@ def _pass1(archive: Archive, job: TableJob, fetch: Callable[[str], bytes], stats
             if op != "r":
                 found.commits.add(lsn)
                 stats.changes += 1
+                if job.check_digests:
+                    if digest is None:
+                        found.unchecked.add(lsn)
+                    else:
+                        found.digests[lsn] = found.digests.get(lsn, 0) + digest(record)
             if op == "t":
                 position = (lsn, source["seq"])
                 if source["origin"] is None and (found.truncated is None
@@ -373,6 +389,49 @@ async def _snapshot_rows(archive: Archive, job: TableJob, snapshot: SnapshotPart
     for low in range(0, len(rows), 50_000):
         await out.lines(rows[low:low + 50_000], header.columns, keys[low:low + 50_000],
                         weddings[low:low + 50_000])
+
+
+def _digester(header: SegmentHeader) -> Callable[[Mapping[str, Any]], int] | None:
+    """How to recompute the content digest of a record of a segment: re-encoded with the
+    envelope schema it was written with, when that is ours (None otherwise)."""
+    codec = _codec()
+    if header.schema_fingerprint != codec.event_fingerprint.hex():
+        return None
+    schema = codec.parsed_event_schema
+
+    def digest(record: Mapping[str, Any]) -> int:
+        body = io.BytesIO()
+        schemaless_writer(body, schema, record)
+        return int.from_bytes(hashlib.blake2b(body.getbuffer(), digest_size=16).digest(), "big")
+
+    return digest
+
+
+@functools.cache
+def _codec() -> EventCodec:
+    return EventCodec()
+
+
+def _check_digests(timeline: Timeline, job: TableJob, found: _Changes) -> int:
+    """Compare each transaction's content digest, recomputed from the changes read, with the
+    one the capture recorded; how many matched. A difference means an archived change is not
+    the one the capture sent."""
+    low, target = job.first_change, int(job.target)
+    checked = 0
+    for lsn, want in sorted(timeline.digests.get(job.table, {}).items()):
+        if lsn < low or lsn > target or lsn in found.unchecked:
+            continue
+        got = digest_text(found.digests.get(lsn, 0))
+        if got != want:
+            nearest = timeline.before(lsn)
+            raise ReplayFailed(
+                f"{job.table}: the changes archived for the transaction committed at "
+                f"{Lsn(lsn)} are not the ones the capture sent (content digest {got}, the "
+                f"transaction record says {want}): a segment of segments/{job.table}/ "
+                f"covering {Lsn(lsn).hex_key()} was altered{nearest_hint(nearest)}",
+                object=f"segments/{job.table}/", nearest=nearest)
+        checked += 1
+    return checked
 
 
 def _check_counts(timeline: Timeline, job: TableJob, seen: Mapping[int, bytearray],

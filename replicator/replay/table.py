@@ -83,6 +83,9 @@ class TableJob:
     target: Lsn
     wedding: str | None = None
     check_counts: bool = True
+    # Recompute each transaction's content digest from the archived changes and compare it
+    # with the capture's (verify: it re-encodes every change read).
+    check_digests: bool = False
     # fetched headers (wedding restores)
     headers: Mapping[str, SegmentHeader | PartHeader | SnapshotHeader] | None = None
     compacted: bool = False  # the base is a compaction snapshot, which holds changes at base
@@ -103,6 +106,7 @@ class TableStats:
     duplicates: int = 0
     segments: int = 0
     segments_skipped: int = 0  # passed over because their header proved them irrelevant
+    digests_checked: int = 0  # transactions whose content digest matched (check_digests)
 
 
 def mark_seen(seen: dict[int, bytearray], lsn: int, seq: int) -> bool:

@@ -3,9 +3,12 @@
 Checks, table by table:
 1. **Against the transaction records.** The restore reads every change of the table up to the
    point; the changes it finds at each commit must be exactly as many as that commit's
-   transaction record announced (none missing, none without a record). The restore is done in
-   memory and reduced to a row count and an order-independent content hash
-   (`render.TableHash`).
+   transaction record announced (none missing, none without a record), and their content
+   digest (each change re-encoded, BLAKE2b of the Avro body, summed) must equal the one the
+   capture recorded for the table (`avro.body_digest`; records written before digests were
+   recorded, and changes archived with another envelope schema, are counted only). The
+   restore is done in memory and reduced to a row count and an order-independent content
+   hash (`render.TableHash`).
 2. **Into a scratch database** (`scratch_dsn`, a server where verify may create a database):
    the same restore through `replay`'s Postgres path (CREATE TABLE, COPY, primary key) into
    a new database `replicator_verify_<hex>`, read back, hashed, compared; the database is
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import secrets
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -57,6 +61,7 @@ class TableCheck:
     scratch_hash: str | None = None
     live_rows: int | None = None
     live_hash: str | None = None
+    digests_checked: int = 0  # transactions whose content digest matched the archive's
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -67,7 +72,7 @@ class TableCheck:
         return {"ok": self.ok, "rows": self.rows, "hash": self.hash,
                 "scratch_rows": self.scratch_rows, "scratch_hash": self.scratch_hash,
                 "live_rows": self.live_rows, "live_hash": self.live_hash,
-                "problems": list(self.problems)}
+                "digests_checked": self.digests_checked, "problems": list(self.problems)}
 
 
 @dataclass(slots=True)
@@ -106,7 +111,8 @@ class VerifyReport:
         for name, check in sorted(self.tables.items()):
             state = "ok" if check.ok else "DIFFERS"
             out.append(f"  {name}: {state}, {check.rows if check.rows is not None else '?'} "
-                       f"rows, hash {(check.hash or '-')[:16]}")
+                       f"rows, hash {(check.hash or '-')[:16]}, {check.digests_checked} "
+                       "transaction digest(s) matched")
             out.extend(f"    - {p}" for p in check.problems)
         return out
 
@@ -190,10 +196,13 @@ async def _restore_hashes(prepared: Prepared, report: VerifyReport) -> None:
         check = report.tables[job.table]
         try:
             async with target.table(job.schema) as writer:
-                await restore_table(prepared.archive, job, writer.write)
+                stats = await restore_table(prepared.archive,
+                                            dataclasses.replace(job, check_digests=True),
+                                            writer.write)
         except ReplayFailed as exc:
             check.problems.append(f"restore failed: {exc}")
             continue
+        check.digests_checked = stats.digests_checked
         digest = target.hashes[job.table]
         check.rows, check.hash = digest.rows, digest.hexdigest()
 

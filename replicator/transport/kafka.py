@@ -42,7 +42,7 @@ from replicator.config import KafkaConfig
 from replicator.events import TIER_ORDER, ChangeEvent, Tier, TransactionRecord
 from replicator.position import Lsn
 from replicator.source.values import Infinity, Interval
-from replicator.transport.avro import EventCodec
+from replicator.transport.avro import EventCodec, body_digest
 from replicator.transport.registry import RegistryClient, subject_for
 
 __all__ = [
@@ -296,13 +296,19 @@ class EventProducer:
             self._failure = error
 
     async def send_event(
-        self, event: ChangeEvent, column_types: Mapping[str, str] | None = None
+        self, event: ChangeEvent, column_types: Mapping[str, str] | None = None,
+        digests: dict[str, int] | None = None,
     ) -> asyncio.Future[Any]:
-        """Queue *event* on its tier's topic; returns the delivery future (RecordMetadata)."""
+        """Queue *event* on its tier's topic; returns the delivery future (RecordMetadata).
+        With *digests*, the event's content digest (`avro.body_digest`) is added to its
+        table's entry."""
         producer = self._ready()
         topic = self._topics[event.tier]
         value = self._codec.encode_event(event, column_types,
                                          schema_id=self._schema_ids.get(topic))
+        if digests is not None:
+            table = event.qualified_table
+            digests[table] = digests.get(table, 0) + body_digest(value)
         commit_lsn, seq = event.position
         headers = [
             ("table", event.qualified_table.encode()),

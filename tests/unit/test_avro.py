@@ -510,6 +510,39 @@ def test_records_written_with_an_older_schema_version_stay_readable() -> None:
     message = SINGLE_OBJECT_MARKER + fp + body.getvalue()
     decoded = EventCodec().decode_transaction(message)
     assert decoded["counts"] == {"public.guests": 2} and decoded["tier_counts"] == {}
+    assert decoded["digests"] == {}
+    # ... and from before `digests` existed.
+    old = json.loads((SCHEMA_DIR / "history" / "transaction.2.avsc").read_text())
+    body = io.BytesIO()
+    schemaless_writer(body, parse_schema(old), {
+        "commit_lsn": 10, "end_lsn": 11, "commit_ts_us": 5, "xid": 7, "origin": None,
+        "counts": {"public.guests": 2}, "total": 2, "tier_counts": {"low": 2}})
+    fp = bytes.fromhex(fingerprint(to_parsing_canonical_form(old), "CRC-64-AVRO"))
+    decoded = EventCodec().decode_transaction(SINGLE_OBJECT_MARKER + fp + body.getvalue())
+    assert decoded["tier_counts"] == {"low": 2} and decoded["digests"] == {}
+
+
+def test_content_digests_cover_the_avro_body_not_the_framing() -> None:
+    # The same change framed for the registry or as a single object has one digest; another
+    # change has another; transaction records carry the sums per table.
+    from replicator.transport.avro import body_digest, digest_text, transaction_from_dict
+
+    codec = EventCodec(clock=lambda: 1_700_000_000_000_000_000)
+    event = ChangeEvent(op=Op.UPDATE, schema="public", table="guests",
+                        position=ChangePosition(Lsn(0x10), 0), commit_ts_us=1, xid=7,
+                        key={"id": 1}, after={"id": 1, "name": "Ana"}, tier=Tier.LOW)
+    single = codec.encode_event(event)
+    confluent = codec.encode_event(event, schema_id=42)
+    assert single != confluent and body_digest(single) == body_digest(confluent)
+    event.after = {"id": 1, "name": "Anna"}
+    other = body_digest(codec.encode_event(event))
+    assert other != body_digest(single)
+    total = digest_text(body_digest(single) + other)
+    assert len(total) == 32 and digest_text((1 << 128) + 5) == f"{5:032x}"
+    record = TransactionRecord(Lsn(0x10), Lsn(0x18), 1, 7, {"public.guests": 2},
+                               digests={"public.guests": total})
+    decoded = codec.decode_transaction(codec.encode_transaction(record))
+    assert transaction_from_dict(decoded).digests == {"public.guests": total}
 
 
 @given(st.text(min_size=1, max_size=20),
