@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -67,12 +68,21 @@ def pg_dsn(pg_server_dsn: str) -> Iterator[str]:
         yield make_conninfo(pg_server_dsn, dbname=name)
     finally:
         with psycopg.connect(pg_server_dsn, autocommit=True) as admin:
-            admin.execute(
-                "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots "
-                "WHERE database = %s AND active_pid IS NOT NULL", (name,))
-            admin.execute(
-                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
-                "WHERE database = %s", (name,))
+            # A slot stays active until its walsender has exited, which pg_terminate_backend
+            # only asks for: drop the inactive ones, and wait for the others.
+            deadline = time.monotonic() + 30
+            while True:
+                admin.execute(
+                    "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots "
+                    "WHERE database = %s AND active_pid IS NOT NULL", (name,))
+                admin.execute(
+                    "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
+                    "WHERE database = %s AND active_pid IS NULL", (name,))
+                row = admin.execute("SELECT count(*) FROM pg_replication_slots "
+                                    "WHERE database = %s", (name,)).fetchone()
+                if not row or not row[0] or time.monotonic() > deadline:
+                    break
+                time.sleep(0.1)
             admin.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
 
 

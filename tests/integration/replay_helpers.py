@@ -26,8 +26,10 @@ from replicator.replay.plan import At
 from replicator.replay.run import ReplaySummary, replay
 from replicator.replay.targets import Target
 from replicator.sink.service import Sinks
+from tests.conftest import StoreTarget
 from tests.integration.archive_helpers import (
     destination_checkpoint,
+    destinations,
     keyring,
     sink_environ,
     with_destinations,
@@ -229,3 +231,29 @@ def restored_state(dsn: str, tables: Sequence[str] = TABLES, wedding: int | None
 
 def local_archive(tmp_path: Path) -> Path:
     return tmp_path / "archive"
+
+
+async def build_archive(pg_dsn: str, kafka: str, prefix: str, tmp_path: Path,
+                        *targets: StoreTarget, transactions: int = 60,
+                        points_at: tuple[int, ...] = (9, 30, 59), pause: float = 0.0
+                        ) -> tuple[list[Point], tuple]:
+    seed(pg_dsn)
+    dests = destinations(tmp_path, *targets)
+    config = archive_config(pg_dsn, kafka, prefix, dests)
+    async with pipeline(config) as capture:
+        await snapshot_done(capture, 146)
+        points = await asyncio.to_thread(
+            random_workload, pg_dsn, rng=random.Random(transactions), transactions=transactions,
+            points_at=points_at, add_column_at=transactions // 2, pause=pause)
+        await wait_durable(dests, points[-1].lsn)
+    return points, dests
+
+
+def of_wedding(state: dict[str, list[str]], wedding: int) -> dict[str, list[str]]:
+    """The rows of one wedding: its row in weddings, its guests; vendors have no wedding."""
+    def field(row: str, n: int) -> str:
+        return row.strip("()").split(",")[n]
+    return {"public.guests": [r for r in state["public.guests"] if field(r, 1) == str(wedding)],
+            "public.vendors": [],
+            "public.weddings": [r for r in state["public.weddings"]
+                                if field(r, 0) == str(wedding)]}

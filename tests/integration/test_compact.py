@@ -36,6 +36,8 @@ from tests.integration.replay_helpers import (
     TABLES,
     Point,
     archive_config,
+    build_archive,
+    of_wedding,
     pipeline,
     random_workload,
     record_point,
@@ -47,7 +49,6 @@ from tests.integration.replay_helpers import (
     table_state,
     wait_durable,
 )
-from tests.integration.test_replay import build_archive, of_wedding
 
 REPLICATOR = str(Path(sys.executable).parent / "replicator")
 

@@ -23,6 +23,7 @@ from tests.conftest import StoreTarget
 from tests.integration.archive_helpers import destinations, keyring, sink_environ
 from tests.integration.replay_helpers import (
     archive_config,
+    build_archive,
     pipeline,
     random_workload,
     run_replay,
@@ -159,14 +160,8 @@ async def test_verify_proves_the_archived_changes_are_the_ones_captured(
     from replicator.crypto import decrypt, encrypt
     from replicator.sink.segment import decode_record_segment, encode_record_segment
 
-    seed(pg_dsn)
-    dests = destinations(tmp_path)
-    config = archive_config(pg_dsn, kafka_bootstrap, topic_prefix, dests)
-    async with pipeline(config) as capture:
-        await snapshot_done(capture, 146)
-        points = await asyncio.to_thread(random_workload, pg_dsn, rng=random.Random(9),
-                                         transactions=20, points_at=(19,), add_column_at=99)
-        await wait_durable(dests, points[-1].lsn)
+    _, dests = await build_archive(pg_dsn, kafka_bootstrap, topic_prefix, tmp_path,
+                                   transactions=20, points_at=(19,))
     url = dests[0].url
 
     async def run_verify() -> Any:
