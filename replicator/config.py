@@ -165,11 +165,15 @@ class CompactionConfig(_Model):
     (`replicator.replay.compact`): every `check_every_s` it compacts, at its latest point,
     each table with at least `min_changes` changes and `min_changes_ratio` of the table's rows
     since its last compaction snapshot (a table without one gets its first at the first
-    check). A restore reads a snapshot plus at most about that many changes; each compaction
-    costs a restore of the table, in a separate, lower-priority process."""
+    check). A burst does not wait for the next check: once the destination has written
+    `min_changes` rows since the last check, one runs at once, though no sooner than
+    `min_interval_s` after the last. A restore reads a snapshot plus at most about that many
+    changes; each compaction costs a restore of the table, in a separate, lower-priority
+    process."""
 
     enabled: bool = True
     check_every_s: float = Field(default=600.0, gt=0)
+    min_interval_s: float = Field(default=60.0, ge=0)
     min_changes: int = Field(default=10_000, ge=0)
     min_changes_ratio: float = Field(default=0.02, ge=0)
 

@@ -2,6 +2,12 @@
 tables with enough changes since their last snapshot get a new one (`replicator compact`,
 docs/ARCHITECTURE.md, "Compaction").
 
+A burst does not wait for the next check. Once the destination's sink has written
+`min_changes` rows since the last check began, the next one begins at once, though no sooner
+than `min_interval_s` after the last: the tail a restore reads stays near the policy, and a
+steady high rate costs at most one run per `min_interval_s`. A check that finds no table over
+the thresholds costs a LIST and the transaction records; the child decides per table.
+
 Each run is a child process (`python -m replicator compact --from <url> --destination <name>
 --min-changes N --min-changes-ratio R --json`) at a lower CPU priority: it decodes and merges
 as much as a restore does, and must neither hold the sinks' event loop nor take the core the
@@ -19,7 +25,7 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +36,7 @@ EXIT_NEEDS_OPERATOR = 2  # `replicator compact` refused: nothing it can do at th
 log = logging.getLogger(__name__)
 
 NICENESS = 10
+POLL_S = 1.0  # how often the rows written are looked at, between checks
 
 
 @dataclass(slots=True)
@@ -45,11 +52,15 @@ class Compactor:
     """One destination's compaction schedule."""
 
     def __init__(self, destination: DestinationConfig, environ: Mapping[str, str],
-                 keyring_file: Path | None = None) -> None:
+                 keyring_file: Path | None = None, *,
+                 written: Callable[[], int] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.destination = destination
         self.environ = dict(environ)
         self.keyring_file = keyring_file
         self.stats = CompactionStats()
+        self._written = written  # rows the destination's sink has written so far
+        self._clock = clock
         self._stopping = asyncio.Event()
 
     def stop(self) -> None:
@@ -66,13 +77,30 @@ class Compactor:
             command += ["--keyring", str(self.keyring_file)]
         return command
 
-    async def run(self) -> None:
+    def due(self, now: float, last_started: float, written_then: int) -> bool:
+        """Whether the next check begins now: *check_every_s* after the last one began, or
+        earlier for a burst (module docstring)."""
         settings = self.destination.compaction
+        since = now - last_started
+        if since >= settings.check_every_s:
+            return True
+        if self._written is None or settings.min_changes <= 0 \
+                or since < settings.min_interval_s:
+            return False
+        return self._written() - written_then >= settings.min_changes
+
+    async def run(self) -> None:
+        last_started = self._clock()
+        written_then = self._written() if self._written is not None else 0
         while not self._stopping.is_set():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), settings.check_every_s)
+                await asyncio.wait_for(self._stopping.wait(), POLL_S)
             if self._stopping.is_set():
                 return
+            if not self.due(self._clock(), last_started, written_then):
+                continue
+            last_started = self._clock()
+            written_then = self._written() if self._written is not None else 0
             await self.run_once()
 
     async def run_once(self) -> bool:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from connectors.base import ObjectStore
 from connectors.errors import Fatal, StoreError
@@ -35,6 +35,10 @@ def load_keyring(config: Config, environ: Mapping[str, str]) -> Keyring:
         return Keyring.from_env(environ)
     except (CryptoError, OSError, ValueError) as exc:
         raise SinkSetupError(f"encryption keys: {exc}") from exc
+
+
+def _rows_written(stats: SinkStats) -> Callable[[], int]:
+    return lambda: stats.changes_written
 
 
 class Sinks:
@@ -66,11 +70,12 @@ class Sinks:
             store: ObjectStore = RetryingStore(bare)
             self._stores.append(store)
             await self._preflight(destination.name, bare)
-            self.workers[destination.name] = SinkWorker(destination, self.config.kafka, store,
-                                                        keyring)
+            worker = SinkWorker(destination, self.config.kafka, store, keyring)
+            self.workers[destination.name] = worker
             if destination.compaction.enabled:
                 self.compactors[destination.name] = Compactor(
-                    destination, self.environ, self.config.encryption.keyring_file)
+                    destination, self.environ, self.config.encryption.keyring_file,
+                    written=_rows_written(worker.stats))
 
     async def _preflight(self, name: str, store: ObjectStore) -> None:
         """One LIST of the destination's checkpoints, to catch what only an operator can fix
