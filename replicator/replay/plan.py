@@ -254,6 +254,7 @@ class ReplayPlan:
     wedding: str | None
     tables: tuple[TablePlan, ...]  # sorted by table name
     bytes: int | None = None  # total size of the objects, when the listing had sizes
+    gaps: tuple[tuple[Lsn, Lsn], ...] = ()  # the recorded gaps (from, to) it planned around
 
     @property
     def count(self) -> int:
@@ -280,6 +281,7 @@ class ReplayPlan:
             "wedding": self.wedding,
             "objects": self.count,
             "bytes": self.bytes,
+            "gaps": [[str(start), str(end)] for start, end in self.gaps],
             "tables": {t.table: t.to_dict() for t in self.tables},
         }
 
@@ -600,4 +602,5 @@ def plan(listing: Listing, *, at: At, checkpoint: Lsn,
     planned_sizes = [sizes[name] for t in planned for name in t.objects]
     total = (None if any(s is None for s in planned_sizes)
              else sum(s for s in planned_sizes if s is not None))
-    return ReplayPlan(requested, target, checkpoint, latest, oldest, wedding, planned, total)
+    return ReplayPlan(requested, target, checkpoint, latest, oldest, wedding, planned, total,
+                      tuple(gap_list))

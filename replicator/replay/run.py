@@ -43,6 +43,7 @@ from replicator.replay.plan import At, Header, ReplayPlan, ReplayRefused, plan, 
 from replicator.replay.render import utc_text
 from replicator.replay.targets import Target
 from replicator.sink.archive import checkpoint as archive_checkpoint
+from replicator.sink.archive import recorded_gaps
 from replicator.sink.part import PartCorrupt, is_part_key, read_part_header
 from replicator.sink.segment import SegmentError, read_header
 from replicator.sink.snapshot import is_snapshot_key, read_snapshot_header
@@ -176,6 +177,10 @@ async def prepare(store: ObjectStore, keyring: Keyring, *, at: At,
     checkpoint = await archive_checkpoint(store, dest)
     listing: list[ObjectInfo] = [info async for info in store.list("segments/")]
     listing += [info async for info in store.list("snapshots/")]
+    try:
+        gaps = await recorded_gaps(store)
+    except ValueError as exc:
+        raise ReplayRefused(f"cannot plan: {exc}") from None
     archive = Archive(store, keyring)
     records = await archive.transactions()
     timeline = archive.timeline = Timeline.of(records)
@@ -185,12 +190,13 @@ async def prepare(store: ObjectStore, keyring: Keyring, *, at: At,
     if wedding is not None:
         # Plan once without headers to learn which segments are in range, then read theirs.
         rough = plan(listing, at=at, checkpoint=checkpoint, tables=tables, resolver=resolver,
-                     snapshots=timeline.snapshots)
+                     snapshots=timeline.snapshots, gaps=gaps)
         keys = [k for t in rough.tables for k in t.objects]
         fetched = await run_bounded([partial(_header, archive, k) for k in keys], 16)
         headers = dict(zip(keys, fetched, strict=True))
     the_plan = plan(listing, at=at, checkpoint=checkpoint, tables=tables, wedding=wedding,
-                    headers=headers, resolver=resolver, snapshots=timeline.snapshots)
+                    headers=headers, resolver=resolver, snapshots=timeline.snapshots,
+                    gaps=gaps)
     target = the_plan.target
 
     bases: dict[str, Lsn] = {}

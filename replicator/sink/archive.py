@@ -29,6 +29,34 @@ def schema_key(table: str, lsn: Lsn) -> str:
     return f"schemas/{quote(table, safe='')}/{lsn.hex_key()}.json"
 
 
+GAPS_PREFIX = "gaps/"
+
+
+def gap_key(start: Lsn, end: Lsn) -> str:
+    """`gaps/<from>-<to>.json`: changes between these LSNs may be missing (a lost slot replaced
+    after the operator confirmed, recorded by the capture); the name is what a replay plans
+    with, the content (JSON, encrypted) says why and when."""
+    return f"{GAPS_PREFIX}{start.hex_key()}-{end.hex_key()}.json"
+
+
+def parse_gap_key(key: str) -> tuple[Lsn, Lsn]:
+    """Inverse of `gap_key`; ValueError naming *key* when it is not one."""
+    name = key.removeprefix(GAPS_PREFIX).removesuffix(".json")
+    start, dash, end = name.partition("-")
+    try:
+        if not (key.startswith(GAPS_PREFIX) and key.endswith(".json") and dash):
+            raise ValueError(key)
+        return Lsn.from_key(start), Lsn.from_key(end)
+    except ValueError:
+        raise ValueError(f"object {key} is not a gap record name "
+                         "(gaps/<16 hex digits>-<16 hex digits>.json)") from None
+
+
+async def recorded_gaps(store: ObjectStore) -> list[tuple[Lsn, Lsn]]:
+    """The gaps the destination has archived, sorted."""
+    return sorted([parse_gap_key(info.key) async for info in store.list(GAPS_PREFIX)])
+
+
 async def schemas(store: ObjectStore, keyring: Keyring, table: str) -> list[dict[str, Any]]:
     """The archived schemas of *table*, oldest first."""
     import json

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka.errors import KafkaError
 from aiokafka.structs import OffsetAndMetadata
 
 from connectors.base import ObjectStore
@@ -50,7 +51,7 @@ from replicator.crypto import Keyring, encrypt
 from replicator.events import TIER_ORDER, Tier
 from replicator.position import INVALID_LSN, Lsn
 from replicator.sink import archive
-from replicator.sink.archive import schema_key
+from replicator.sink.archive import gap_key, schema_key
 from replicator.sink.breaker import BreakerState, CircuitBreaker, CircuitOpen, TokenBucket
 from replicator.sink.checkpoint import CompletenessTracker, checkpoint_key
 from replicator.sink.part import encode_part, part_key, partable
@@ -61,6 +62,7 @@ from replicator.sink.segment import (
     transactions_key,
 )
 from replicator.transport.avro import EventCodec, transaction_from_dict
+from replicator.transport.control import StateFollower
 from replicator.transport.kafka import schemas_topic, topic_names, transactions_topic
 
 log = logging.getLogger(__name__)
@@ -124,6 +126,9 @@ class SinkWorker:
         self._stopping = asyncio.Event()
         self._consumer: AIOKafkaConsumer | None = None
         self.poll_records = 5000  # records per poll at most
+        # The capture's recorded gaps, archived before a checkpoint passes them.
+        self._state = StateFollower(kafka.bootstrap_servers, kafka.topic_prefix)
+        self._gaps_due: dict[str, dict[str, Any]] = {}  # key -> content, not yet written
 
     def stop(self) -> None:
         self._stopping.set()
@@ -154,6 +159,7 @@ class SinkWorker:
             await self._flush_guarded(consumer, list(TIER_ORDER), final=True)
         finally:
             await consumer.stop()
+            await self._state.close()
 
     async def _restore_checkpoints(self) -> tuple[Lsn, dict[Tier, Lsn]] | None:
         """The newest checkpoints in the store, read again until the store answers.
@@ -326,9 +332,13 @@ class SinkWorker:
                 self._oldest.setdefault(Tier.CRITICAL,
                                         self.clock() if tx_since is None else tx_since)
             self._durable(written_positions, records)
-        # 2. checkpoint
+        # 2. checkpoint, after the gaps recorded so far
         checkpoint = self.tracker.advance()
         name = self.destination.name
+        if checkpoint > self.stats.checkpoint or any(
+                lsn > self.stats.tier_checkpoints.get(tier, INVALID_LSN)
+                for tier, lsn in self.tracker.tier_checkpoints.items()):
+            await self._archive_gaps()
         for tier, lsn in self.tracker.tier_checkpoints.items():
             if lsn > self.stats.tier_checkpoints.get(tier, INVALID_LSN):
                 with contextlib.suppress(AlreadyExists):
@@ -342,6 +352,26 @@ class SinkWorker:
         await self._commit(consumer, checkpoint)
         self.stats.flushes += 1
         self.stats.last_flush_at = time.time()
+
+    async def _archive_gaps(self) -> None:
+        """Write the gaps the capture recorded (`gap/<from>-<to>` in its state topic) as
+        `gaps/<from>-<to>.json`. The capture puts a gap (acks=all) before it produces anything
+        after it, and this reads the state topic to its end now: so a checkpoint written after
+        this never passes a gap the store does not show."""
+        try:
+            entries = await self._state.read_new()
+        except KafkaError as exc:
+            raise OSError(f"cannot read the capture state topic {self._state.topic}: "
+                          f"{exc}") from exc
+        for key, value in entries:
+            if key.startswith("gap/") and value is not None:
+                self._gaps_due[key] = value
+        for key, value in list(self._gaps_due.items()):
+            start, end = Lsn(value["from_lsn"]), Lsn(value["to_lsn"])
+            await self._put(gap_key(start, end), json.dumps(value, sort_keys=True).encode())
+            del self._gaps_due[key]
+            log.info("destination %s: the recorded gap %s-%s is archived (%s)",
+                        self.destination.name, start, end, value.get("reason", ""))
 
     def _durable(self, positions: list[tuple[Tier, Lsn, int]],
                  records: list[dict[str, Any]]) -> None:

@@ -9,8 +9,9 @@ durable side, never from local memory (like Kafka Connect's offsets topic for De
 - `snapshot/<schema.table>` -> `{"table", "lsn", "rows"}`: the table's snapshot is complete in
   Kafka at that LSN; a crash mid-snapshot redoes only the tables without one;
 - `gap/<from>-<to>` -> `{"from_lsn", "to_lsn", "reason", "recorded_at"}`: changes between
-  these LSNs may be missing (a lost slot replaced after the operator confirmed); replay
-  refuses points inside it.
+  these LSNs may be missing (a lost slot replaced after the operator confirmed); each sink
+  archives it as `gaps/<from>-<to>.json` before its checkpoint passes it (`StateFollower`),
+  so a replay from the store alone refuses points inside it.
 """
 
 from __future__ import annotations
@@ -113,6 +114,50 @@ class CaptureState:
         await self.put(f"gap/{start.hex_key()}-{end.hex_key()}", {
             "from_lsn": int(start), "to_lsn": int(end), "reason": reason,
             "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+
+
+class StateFollower:
+    """Reads the state topic from the start and then whatever was added since, without a
+    consumer group and without creating the topic (a sink may run before any capture has).
+    `read_new()` reads up to the end offset as of the call, so an entry put (acks=all)
+    before the call is among what it returns."""
+
+    def __init__(self, bootstrap: str, prefix: str) -> None:
+        self.bootstrap = bootstrap
+        self.topic = state_topic(prefix)
+        self._tp = TopicPartition(self.topic, 0)
+        self._consumer: AIOKafkaConsumer | None = None
+        self._assigned = False
+
+    async def read_new(self) -> list[tuple[str, dict[str, Any] | None]]:
+        """The entries put since the last call, in order: (key, value), None for a removal."""
+        if self._consumer is None:
+            self._consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap,
+                                              enable_auto_commit=False,
+                                              auto_offset_reset="earliest")
+            await self._consumer.start()
+        consumer, tp = self._consumer, self._tp
+        if not self._assigned:
+            if self.topic not in await consumer.topics():
+                return []  # no capture has run yet: nothing recorded
+            consumer.assign([tp])
+            consumer.seek(tp, (await consumer.beginning_offsets([tp]))[tp])
+            self._assigned = True
+        end = (await consumer.end_offsets([tp]))[tp]
+        out: list[tuple[str, dict[str, Any] | None]] = []
+        while await consumer.position(tp) < end:
+            batch = await consumer.getmany(tp, timeout_ms=1000)
+            for record in batch.get(tp, []):
+                if record.key is not None:
+                    out.append((record.key.decode(),
+                                None if record.value is None else json.loads(record.value)))
+        return out
+
+    async def close(self) -> None:
+        if self._consumer is not None:
+            await self._consumer.stop()
+            self._consumer = None
+            self._assigned = False
 
 
 async def last_transaction_lsn(bootstrap: str, topic: str) -> Lsn | None:

@@ -155,9 +155,9 @@ def random_workload(dsn: str, *, rng: random.Random, transactions: int,
 
 
 @contextlib.asynccontextmanager
-async def pipeline(config: Config, environ: dict[str, str] | None = None
-                   ) -> AsyncIterator[Capture]:
-    capture = Capture(config)
+async def pipeline(config: Config, environ: dict[str, str] | None = None, *,
+                   accept_gap: bool = False) -> AsyncIterator[Capture]:
+    capture = Capture(config, accept_gap=accept_gap)
     sinks = Sinks(config, environ or sink_environ())
     await sinks.open()
     tasks = [asyncio.create_task(capture.run()), asyncio.create_task(sinks.run())]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from datetime import UTC, datetime, timedelta, timezone
 from functools import partial
 
@@ -27,6 +28,7 @@ from replicator.replay.plan import (
     snapshot_key,
     transaction_segments_for,
 )
+from replicator.sink.archive import gap_key, parse_gap_key
 from replicator.sink.checkpoint import checkpoint_key
 from replicator.sink.segment import (
     SegmentHeader,
@@ -406,11 +408,12 @@ def test_a_gap_end_is_a_resnapshot() -> None:
 def test_the_json_document_is_stable() -> None:
     listing = [ObjectInfo(name, 100 + i, {}, None) for i, name in enumerate(LISTING)]
     result = plan(listing, at=Lsn(0x150), checkpoint=Lsn(0x209), tables=[VENDORS],
-                  wedding="w1")
+                  wedding="w1", gaps=[(0x180, 0x190)])
     assert result.bytes == 104
     assert json.loads(result.to_json()) == {
         "format": 1, "at": "0/150", "target": "0/150", "checkpoint": "0/209",
         "latest": "0/208", "oldest": "0/100", "wedding": "w1", "objects": 1, "bytes": 104,
+        "gaps": [["0/180", "0/190"]],
         "tables": {VENDORS: {
             "base": {"kind": "archive-start", "lsn": None}, "apply_after": None,
             "objects": [seg(VENDORS, 0x100, 0x100)], "parts": 0, "segments": 1,
@@ -418,7 +421,7 @@ def test_the_json_document_is_stable() -> None:
     }
     assert result.to_json() == plan(list(reversed(listing)), at=Lsn(0x150),
                                     checkpoint=Lsn(0x209), tables=[VENDORS],
-                                    wedding="w1").to_json()
+                                    wedding="w1", gaps=[(0x180, 0x190)]).to_json()
     assert result.to_json(indent=None).startswith('{"at": "0/150", "bytes": 104, ')
     # Names alone carry no sizes.
     assert plan(LISTING, at=Lsn(0x150), checkpoint=Lsn(0x209)).bytes is None
@@ -703,3 +706,13 @@ def test_transaction_segments_for_reads_enough(batches: list[list[TransactionRec
     everything = [r for batch in segments.values() for r in batch]
     assert resolve_time([r for n in chosen for r in segments[n]], moment) == resolve_time(
         everything, moment)
+
+
+def test_gap_record_names_round_trip_and_bad_ones_are_named() -> None:
+    key = gap_key(Lsn(0x16B374D848), Lsn(0x16B3750000))
+    assert key == "gaps/00000016B374D848-00000016B3750000.json"
+    assert parse_gap_key(key) == (Lsn(0x16B374D848), Lsn(0x16B3750000))
+    for bad in ("gaps/16B374D848-16B3750000.json", "gaps/00000016B374D848.json",
+                "gaps/00000016B374D848-00000016B3750000.txt", "other/x"):
+        with pytest.raises(ValueError, match=re.escape(bad)):
+            parse_gap_key(bad)
