@@ -62,7 +62,7 @@ from replicator.sink.segment import (
     transactions_key,
 )
 from replicator.transport.avro import EventCodec, transaction_from_dict
-from replicator.transport.control import StateFollower
+from replicator.transport.control import StateFollower, state_topic
 from replicator.transport.kafka import schemas_topic, topic_names, transactions_topic
 
 log = logging.getLogger(__name__)
@@ -127,7 +127,7 @@ class SinkWorker:
         self._consumer: AIOKafkaConsumer | None = None
         self.poll_records = 5000  # records per poll at most
         # The capture's recorded gaps, archived before a checkpoint passes them.
-        self._state = StateFollower(kafka.bootstrap_servers, kafka.topic_prefix)
+        self._state = StateFollower(kafka.bootstrap_servers, state_topic(kafka.topic_prefix))
         self._gaps_due: dict[str, dict[str, Any]] = {}  # key -> content, not yet written
 
     def stop(self) -> None:
@@ -371,7 +371,7 @@ class SinkWorker:
             await self._put(gap_key(start, end), json.dumps(value, sort_keys=True).encode())
             del self._gaps_due[key]
             log.info("destination %s: the recorded gap %s-%s is archived (%s)",
-                        self.destination.name, start, end, value.get("reason", ""))
+                     self.destination.name, start, end, value.get("reason", ""))
 
     def _durable(self, positions: list[tuple[Tier, Lsn, int]],
                  records: list[dict[str, Any]]) -> None:

@@ -53,26 +53,15 @@ class CaptureState:
             pass
         finally:
             await admin.close()
-        tp = TopicPartition(self.topic, 0)
-        consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False,
-                                    auto_offset_reset="earliest")
-        await consumer.start()
+        follower = StateFollower(self.bootstrap, self.topic, exists=True)
         try:
-            consumer.assign([tp])
-            end = (await consumer.end_offsets([tp]))[tp]
-            consumer.seek(tp, (await consumer.beginning_offsets([tp]))[tp])
-            while await consumer.position(tp) < end:
-                batch = await consumer.getmany(tp, timeout_ms=1000)
-                for record in batch.get(tp, []):
-                    if record.key is None:
-                        continue
-                    key = record.key.decode()
-                    if record.value is None:
-                        self.entries.pop(key, None)
-                    else:
-                        self.entries[key] = json.loads(record.value)
+            for key, value in await follower.read_new():
+                if value is None:
+                    self.entries.pop(key, None)
+                else:
+                    self.entries[key] = value
         finally:
-            await consumer.stop()
+            await follower.close()
 
     async def put(self, key: str, value: dict[str, Any]) -> None:
         """Write one entry and wait until Kafka has it (acks=all)."""
@@ -117,17 +106,19 @@ class CaptureState:
 
 
 class StateFollower:
-    """Reads the state topic from the start and then whatever was added since, without a
-    consumer group and without creating the topic (a sink may run before any capture has).
+    """Reads the state *topic* from the start and then whatever was added since, without a
+    consumer group and without creating the topic: unless told it *exists*, a topic not in
+    the cluster's metadata reads as empty (a sink may run before any capture has).
     `read_new()` reads up to the end offset as of the call, so an entry put (acks=all)
     before the call is among what it returns."""
 
-    def __init__(self, bootstrap: str, prefix: str) -> None:
+    def __init__(self, bootstrap: str, topic: str, *, exists: bool = False) -> None:
         self.bootstrap = bootstrap
-        self.topic = state_topic(prefix)
-        self._tp = TopicPartition(self.topic, 0)
+        self.topic = topic
+        self._tp = TopicPartition(topic, 0)
         self._consumer: AIOKafkaConsumer | None = None
         self._assigned = False
+        self._exists = exists
 
     async def read_new(self) -> list[tuple[str, dict[str, Any] | None]]:
         """The entries put since the last call, in order: (key, value), None for a removal."""
@@ -138,7 +129,7 @@ class StateFollower:
             await self._consumer.start()
         consumer, tp = self._consumer, self._tp
         if not self._assigned:
-            if self.topic not in await consumer.topics():
+            if not self._exists and self.topic not in await consumer.topics():
                 return []  # no capture has run yet: nothing recorded
             consumer.assign([tp])
             consumer.seek(tp, (await consumer.beginning_offsets([tp]))[tp])
