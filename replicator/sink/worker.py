@@ -335,15 +335,14 @@ class SinkWorker:
         # 2. checkpoint, after the gaps recorded so far
         checkpoint = self.tracker.advance()
         name = self.destination.name
-        if checkpoint > self.stats.checkpoint or any(
-                lsn > self.stats.tier_checkpoints.get(tier, INVALID_LSN)
-                for tier, lsn in self.tracker.tier_checkpoints.items()):
+        tiers_moved = {tier: lsn for tier, lsn in self.tracker.tier_checkpoints.items()
+                       if lsn > self.stats.tier_checkpoints.get(tier, INVALID_LSN)}
+        if tiers_moved or checkpoint > self.stats.checkpoint:
             await self._archive_gaps()
-        for tier, lsn in self.tracker.tier_checkpoints.items():
-            if lsn > self.stats.tier_checkpoints.get(tier, INVALID_LSN):
-                with contextlib.suppress(AlreadyExists):
-                    await self.store.put(checkpoint_key(name, lsn, tier), b"")
-                self.stats.tier_checkpoints[tier] = lsn
+        for tier, lsn in tiers_moved.items():
+            with contextlib.suppress(AlreadyExists):
+                await self.store.put(checkpoint_key(name, lsn, tier), b"")
+            self.stats.tier_checkpoints[tier] = lsn
         if checkpoint > self.stats.checkpoint:
             with contextlib.suppress(AlreadyExists):
                 await self.store.put(checkpoint_key(name, checkpoint), b"")
