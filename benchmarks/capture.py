@@ -35,29 +35,38 @@ import json
 import logging
 import os
 import pstats
+import resource
 import sys
+import tempfile
 import time
 import uuid
 from datetime import date
+from pathlib import Path
 from typing import Any
 
 import psycopg
+from aiokafka import TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
+from benchmarks import debezium
 from benchmarks.capture_stream import PUB, drop, run_recvlogical, server_dsn
 from replicator.capture import Capture
+from replicator.config import WeddingLink
 from replicator.devstack.settings import StackSettings
 from replicator.devstack.stack import Stack
+from replicator.events import Tier
 from replicator.position import Lsn
-from replicator.source.stream import negotiate_protocol
+from replicator.source import pgoutput as pg
+from replicator.source.stream import ReplicationStream, negotiate_protocol
 from tests.integration.capture_helpers import make_config, setup_schema
 
 TX_CHANGES = 100  # row changes per transaction (see WORKLOAD)
 WEDDINGS = 300
 GUESTS0 = 2_000  # guests before the slots exist (updates and deletes need rows to hit)
 VENDORS0 = 100
+TABLES = ("weddings", "guests", "vendors", "bookings", "timeline_items")
 
 # A wedding's date by tier bucket (id % 4): critical (0-7 days), high (8-30), normal
 # (31-90), low (beyond 90 days, or already past). `salt` moves it within its bucket.
@@ -72,33 +81,60 @@ CREATE FUNCTION bench_wedding_date(k int, salt int) RETURNS date LANGUAGE sql IM
 $$
 """
 
-# One transaction per iteration, 100 row changes each: 50 guest inserts, 30 guest updates (of
-# the previous transaction's first 30), 10 guest deletes (of the last 10 inserted two
-# transactions before), 5 vendor inserts, 3 updates, 1 delete, and 1 wedding update (its date
-# moves within its tier). Every statement hits exactly the rows it names (the ids start past
-# the rows loaded before the slots), so the change count is exact.
+# The tables the capture tests' schema lacks (no foreign keys: deletes stay exact).
+EXTRA_SCHEMA = """
+CREATE TABLE bookings (id bigint PRIMARY KEY, wedding_id bigint, vendor_id bigint,
+                       status text, booked_at timestamptz);
+CREATE TABLE timeline_items (id bigint PRIMARY KEY, wedding_id bigint, starts_at timestamptz,
+                             title text);
+"""
+BOOKINGS0 = 100
+BIG_TRANSACTIONS = 3  # multi-MB transactions, spread through the workload
+BIG_ROWS = 10_000  # timeline items each (about 4.5 MB of WAL)
+
+# One transaction per iteration, 100 row changes each: 46 guest inserts, 28 guest updates (of
+# the previous transaction's first 28), 10 guest deletes (of the last 10 inserted two
+# transactions before), 5 vendor inserts, 3 updates, 1 delete, 3 booking inserts and 1 update,
+# 2 timeline items, and 1 wedding update (its date moves within its tier). At three points a
+# transaction also inserts BIG_ROWS timeline items with long titles. Every statement hits
+# exactly the rows it names (the ids start past the rows loaded before the slots).
 WORKLOAD = """
-CREATE PROCEDURE bench_workload(n_tx int, g0 bigint, v0 bigint, w int) LANGUAGE plpgsql AS $$
+CREATE PROCEDURE bench_workload(n_tx int, g0 bigint, v0 bigint, b0 bigint, w int,
+                                big_every int, big_rows int) LANGUAGE plpgsql AS $$
 DECLARE
-  i int; g bigint; v bigint;
+  i int; g bigint; v bigint; b bigint; t bigint := 0;
 BEGIN
   FOR i IN 0 .. n_tx - 1 LOOP
-    g := g0 + i * 50;
+    g := g0 + i * 46;
     v := v0 + i * 5;
+    b := b0 + i * 3;
     INSERT INTO guests
       SELECT x, (x * 7919) % w + 1, 'guest ' || x,
              jsonb_build_object('vegan', x % 5 = 0, 'table', x % 40, 'allergies',
                                 CASE WHEN x % 7 = 0 THEN '["nuts"]'::jsonb ELSE '[]' END),
              repeat('n', 20 + (x % 40)::int)
-      FROM generate_series(g + 1, g + 50) x;
+      FROM generate_series(g + 1, g + 46) x;
     UPDATE guests SET notes = 'seated at table ' || (id % 40) || ' in round ' || i,
                       dietary = dietary || jsonb_build_object('rev', i)
-      WHERE id BETWEEN g - 49 AND g - 20;
-    DELETE FROM guests WHERE id BETWEEN g - 59 AND g - 50;
+      WHERE id BETWEEN g - 45 AND g - 18;
+    DELETE FROM guests WHERE id BETWEEN g - 55 AND g - 46;
     INSERT INTO vendors SELECT x, 'vendor ' || x, (x % 997) * 12.5
       FROM generate_series(v + 1, v + 5) x;
     UPDATE vendors SET fee = fee + 1 WHERE id BETWEEN v - 4 AND v - 2;
     DELETE FROM vendors WHERE id = v - 5;
+    INSERT INTO bookings SELECT x, (x * 31) % w + 1, v + 1 + x % 5, 'requested', now()
+      FROM generate_series(b + 1, b + 3) x;
+    UPDATE bookings SET status = 'confirmed' WHERE id = b;
+    INSERT INTO timeline_items SELECT t + x, (i * 13 + x) % w + 1,
+                                      now() + make_interval(hours => x), 'first dance'
+      FROM generate_series(1, 2) x;
+    t := t + 2;
+    IF big_every > 0 AND i % big_every = big_every / 2 THEN
+      INSERT INTO timeline_items SELECT t + x, x % w + 1, now() + make_interval(mins => x),
+                                        'run of show ' || x || ' ' || repeat('x', 400)
+        FROM generate_series(1, big_rows) x;
+      t := t + big_rows;
+    END IF;
     UPDATE weddings SET wedding_date = bench_wedding_date(i % w + 1, i)
       WHERE id = i % w + 1;
     COMMIT;
@@ -121,8 +157,10 @@ async def setup(admin_dsn: str, db: str, rows: int, slots: list[str]) -> tuple[s
         await admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(db)))
     dsn = make_conninfo(admin_dsn, dbname=db)
     await asyncio.to_thread(setup_schema, dsn, date.today())  # weddings 1-3
-    n_tx = max(1, -(-rows // TX_CHANGES))
+    big = BIG_TRANSACTIONS if rows >= 4 * BIG_TRANSACTIONS * BIG_ROWS else 0
+    n_tx = max(1, -(-(rows - big * BIG_ROWS) // TX_CHANGES))
     async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        await conn.execute(EXTRA_SCHEMA)
         await conn.execute(WEDDING_DATE)
         await conn.execute(WORKLOAD)
         await conn.execute(
@@ -133,13 +171,16 @@ async def setup(admin_dsn: str, db: str, rows: int, slots: list[str]) -> tuple[s
             "FROM generate_series(1, %s) x", (WEDDINGS, GUESTS0))
         await conn.execute("INSERT INTO vendors SELECT x, 'vendor ' || x, 100 "
                            "FROM generate_series(1, %s) x", (VENDORS0,))
-        await conn.execute(f"CREATE PUBLICATION {PUB} FOR TABLE weddings, guests, vendors")
+        await conn.execute("INSERT INTO bookings SELECT x, x %% %s + 1, x, 'confirmed', now() "
+                           "FROM generate_series(1, %s) x", (WEDDINGS, BOOKINGS0))
+        await conn.execute(f"CREATE PUBLICATION {PUB} FOR TABLE {', '.join(TABLES)}")
         for slot in slots:
             await conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')",
                                (slot,))
-        await conn.execute(sql.SQL("CALL bench_workload({}, {}, {}, {})").format(
+        await conn.execute(sql.SQL("CALL bench_workload({}, {}, {}, {}, {}, {}, {})").format(
             sql.Literal(n_tx), sql.Literal(GUESTS0), sql.Literal(VENDORS0),
-            sql.Literal(WEDDINGS)))
+            sql.Literal(BOOKINGS0), sql.Literal(WEDDINGS),
+            sql.Literal(n_tx // big if big else 0), sql.Literal(BIG_ROWS)))
         # Not during the measurements: the checkpoint the writes would soon cause.
         await conn.execute("CHECKPOINT")
     return dsn, n_tx
@@ -161,6 +202,30 @@ async def run_peek(dsn: str, slot: str) -> tuple[float, int, int, Lsn]:
         counts = await cur.fetchone()
     assert counts is not None
     return elapsed, int(counts[0]), int(counts[1]), Lsn.parse(counts[2])
+
+
+async def run_decode(dsn: str, slot: str, end: Lsn, changes: int) -> tuple[float, float]:
+    """Our client without Kafka: ReplicationStream + pgoutput.Decoder drain the slot (the
+    protocol version pg_recvlogical is given) until every row change is decoded. Seconds and
+    client CPU seconds."""
+    decoder = pg.Decoder(1)
+    decode = decoder.decode
+    kinds = (pg.Insert, pg.Update, pg.Delete)
+    decoded = 0
+    cpu = time.process_time()
+    started = time.perf_counter()
+    async with ReplicationStream(dsn, slot=slot, publication=PUB, start_lsn=Lsn(0),
+                                 protocol_version=1, streaming=None) as stream:
+        while decoded < changes:
+            for message in await stream.read_batch():
+                if type(decode(message.payload)) in kinds:
+                    decoded += 1
+            if stream.received_lsn:
+                stream.confirm(stream.received_lsn)
+        elapsed = time.perf_counter() - started
+    if stream.received_lsn and stream.received_lsn < end:
+        raise RuntimeError(f"decoded {decoded} changes before the end LSN {end}")
+    return elapsed, time.process_time() - cpu
 
 
 class TimedCapture(Capture):
@@ -200,8 +265,11 @@ async def slot_lsn(conn: psycopg.AsyncConnection[Any], slot: str) -> Lsn:
 async def run_ours(dsn: str, bootstrap: str, prefix: str, slot: str, end: Lsn,
                    changes: int, profiler: cProfile.Profile | None) -> dict[str, Any]:
     config = make_config(dsn, bootstrap, prefix, snapshot="never")
-    config = config.model_copy(update={"source": config.source.model_copy(
-        update={"slot": slot, "publication": PUB})})
+    linked = {f"public.{t}": WeddingLink(column="wedding_id")
+              for t in ("guests", "bookings", "timeline_items")}
+    config = config.model_copy(update={
+        "source": config.source.model_copy(update={"slot": slot, "publication": PUB}),
+        "priority": config.priority.model_copy(update={"tables": linked})})
     capture = TimedCapture(config)
     capture.profiler = profiler
     created = time.perf_counter()
@@ -259,52 +327,88 @@ async def delete_topics(bootstrap: str, prefix: str) -> None:
         await admin.close()
 
 
-async def main(rows: int, as_json: bool, profile_path: str | None) -> None:
+async def main(rows: int, as_json: bool, profile_path: str | None, with_debezium: bool) -> None:
     logging.basicConfig(level=logging.WARNING)
     admin, bootstrap = await server_dsn(), await kafka_bootstrap()
+    settings = StackSettings.from_env(os.environ)
+    libs = debezium.install(settings.cache_dir) if with_debezium else None
     tag = uuid.uuid4().hex[:8]
     db, prefix = f"bench_{tag}", f"bench-capture-{tag}"
-    ours_slot, recv_slot, peek_slot = f"{db}_ours", f"{db}_recv", f"{db}_peek"
+    slots = {name: f"{db}_{name}" for name in ("ours", "recv", "peek", "decode", "dbz")}
     profiler = cProfile.Profile() if profile_path else None
     print(f"setting up {rows} row changes in {db} ...", flush=True)
+    dbz: debezium.Run | None = None
     try:
         setup_started = time.perf_counter()
-        dsn, n_tx = await setup(admin, db, rows, [ours_slot, recv_slot, peek_slot])
+        dsn, n_tx = await setup(admin, db, rows, list(slots.values()))
         setup_s = time.perf_counter() - setup_started
-        peek_s, changes, messages, end = await run_peek(dsn, peek_slot)
+        peek_s, changes, messages, end = await run_peek(dsn, slots["peek"])
         print(f"wrote {changes} changes in {n_tx} transactions ({setup_s:.1f}s); end LSN {end}"
               f"; measuring ...", flush=True)
-        recv_s = await asyncio.to_thread(run_recvlogical, dsn, recv_slot, end)
-        ours = await run_ours(dsn, bootstrap, prefix, ours_slot, end, changes, profiler)
+        recv_s = await asyncio.to_thread(run_recvlogical, dsn, slots["recv"], end)
+        decode_s, decode_cpu = await run_decode(dsn, slots["decode"], end, changes)
+        ours = await run_ours(dsn, bootstrap, prefix, slots["ours"], end, changes, profiler)
+        async with debezium.kafka_clients(bootstrap) as (kafka_admin, consumer):
+            tps = [TopicPartition(d["topic"], p["partition"])
+                   for d in await kafka_admin.describe_topics(
+                       [f"{prefix}.{tier.value}" for tier in Tier])
+                   for p in d["partitions"]]
+            published, first, last = await debezium.first_and_last(consumer, tps)
+        ours["e2e_s"] = last - first
+        peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        if libs is not None:
+            print("Debezium on Kafka Connect ...", flush=True)
+            with tempfile.TemporaryDirectory(prefix="bench-debezium-") as work:
+                dbz = await debezium.run(
+                    libs, Path(work), dsn, bootstrap, slot=slots["dbz"], publication=PUB,
+                    prefix=f"bench-dbz-{tag}", changes=changes, partitions=2,
+                    timeout_s=max(300.0, changes / 1_000))
     finally:
         try:
             await drop(admin, db)
         finally:
             await delete_topics(bootstrap, prefix)
-    if ours["events"] != changes:
-        print(f"WARNING: capture published {ours['events']} events, expected {changes}",
+    if ours["events"] != changes or published != changes:
+        print(f"WARNING: capture published {ours['events']} events ({published} in its "
+              f"topics), expected {changes}", file=sys.stderr)
+    if dbz is not None and dbz.messages != changes:
+        print(f"WARNING: Debezium wrote {dbz.messages} messages, expected {changes}",
               file=sys.stderr)
 
     ours_rate, recv_rate, peek_rate = changes / ours["seconds"], changes / recv_s, changes / peek_s
+    decode_rate, e2e_rate = changes / decode_s, changes / ours["e2e_s"]
+    dbz_rate = changes / dbz.seconds if dbz else None
     cpu_us = ours["cpu_s"] / changes * 1e6
     ratio = ours_rate / recv_rate
     loop = type(asyncio.get_running_loop())
     print(f"\n{changes} row changes (I/U/D) in {n_tx} transactions, {messages} pgoutput messages; "
           f"PostgreSQL 15, {os.cpu_count()} CPUs, {loop.__module__}.{loop.__name__}"
           f"{', PROFILED (ratio not meaningful)' if profiler else ''}")
-    print(f"{'':34}{'seconds':>9}{'changes/s':>12}")
-    print(f"{'server-side decoding (peek)':34}{peek_s:>9.2f}{peek_rate:>12,.0f}")
-    print(f"{'pg_recvlogical -> /dev/null':34}{recv_s:>9.2f}{recv_rate:>12,.0f}")
-    print(f"{'Capture -> Kafka (acks=all)':34}{ours['seconds']:>9.2f}{ours_rate:>12,.0f}")
+    print(f"{'':40}{'seconds':>9}{'changes/s':>12}")
+    print(f"{'server-side decoding (peek)':40}{peek_s:>9.2f}{peek_rate:>12,.0f}")
+    print(f"{'pg_recvlogical -> /dev/null':40}{recv_s:>9.2f}{recv_rate:>12,.0f}")
+    print(f"{'ours: decode only (no Kafka)':40}{decode_s:>9.2f}{decode_rate:>12,.0f}")
+    print(f"{'ours -> Kafka, first to last message':40}{ours['e2e_s']:>9.2f}{e2e_rate:>12,.0f}")
+    print(f"{'ours -> Kafka, stream start to confirmed':40}{ours['seconds']:>9.2f}"
+          f"{ours_rate:>12,.0f}")
+    if dbz is not None and dbz_rate is not None:
+        print(f"{'Debezium -> Kafka, first to last message':40}{dbz.seconds:>9.2f}"
+              f"{dbz_rate:>12,.0f}")
+        print(f"  Debezium {debezium.DEBEZIUM_VERSION}: start-up to its first message "
+              f"{dbz.startup_s:.1f}s; CPU {dbz.cpu_s:.1f}s including start-up = "
+              f"{dbz.cpu_s / changes * 1e6:.1f} us/change; peak RSS {dbz.peak_rss_mb:.0f} MB")
     print(f"  capture start-up (not timed):   {ours['startup_s']:.2f}s; pgoutput "
           f"v{ours['protocol']}; {ours['transactions']} transactions, events by tier "
           f"{ours['by_tier']}")
     print(f"  capture CPU: {ours['cpu_s']:.2f}s = {cpu_us:.1f} us/change "
           f"({ours['cpu_s'] / ours['seconds']:.0%} of one core), of which garbage collector "
           f"{ours['gc_s']:.2f}s = {ours['gc_s'] / changes * 1e6:.1f} us/change "
-          f"({ours['gc_runs']} collections)")
-    print(f"ratio ours / pg_recvlogical:      {ratio:.2f}")
-    print(f"ratio ours / server-side decoding: {ours_rate / peek_rate:.2f}")
+          f"({ours['gc_runs']} collections); decode only {decode_cpu / changes * 1e6:.1f} "
+          f"us/change; peak RSS {peak_rss_mb:.0f} MB")
+    print(f"ratio decode / pg_recvlogical:    {decode_rate / recv_rate:.2f}")
+    print(f"ratio ours -> Kafka / pg_recvlogical: {ratio:.2f}")
+    if dbz_rate is not None:
+        print(f"ratio ours -> Kafka / Debezium:   {e2e_rate / dbz_rate:.2f}")
     if profiler is not None and profile_path:
         profiler.dump_stats(profile_path)
         stats = pstats.Stats(profiler, stream=sys.stdout).strip_dirs()
@@ -312,14 +416,22 @@ async def main(rows: int, as_json: bool, profile_path: str | None) -> None:
         stats.sort_stats("cumulative").print_stats(40)
     if as_json:
         print(json.dumps({
-            "rows": changes,
-            "ours_s": round(ours["seconds"], 4),
-            "ours_changes_per_s": round(ours_rate, 1),
-            "ours_cpu_us_per_change": round(cpu_us, 3),
-            "recvlogical_s": round(recv_s, 4),
-            "recvlogical_changes_per_s": round(recv_rate, 1),
+            "changes": changes,
+            "transactions": n_tx,
+            "decode_per_s": round(decode_rate, 1),
+            "recvlogical_per_s": round(recv_rate, 1),
+            "server_decode_per_s": round(peek_rate, 1),
+            "e2e_per_s": round(e2e_rate, 1),
+            "debezium_per_s": round(dbz_rate, 1) if dbz_rate else None,
+            "ratio_decode_vs_recvlogical": round(decode_rate / recv_rate, 4),
+            "ratio_e2e_vs_debezium": round(e2e_rate / dbz_rate, 4) if dbz_rate else None,
             "ratio_vs_recvlogical": round(ratio, 4),
-            "server_decode_changes_per_s": round(peek_rate, 1),
+            "peak_rss_mb": round(peak_rss_mb, 1),
+            "cpu_s_per_million_changes": round(ours["cpu_s"] / changes * 1e6, 2),
+            "decode_cpu_s_per_million_changes": round(decode_cpu / changes * 1e6, 2),
+            "debezium_cpu_s_per_million_changes":
+                round(dbz.cpu_s / changes * 1e6, 2) if dbz else None,
+            "debezium_peak_rss_mb": round(dbz.peak_rss_mb, 1) if dbz else None,
             "ours_startup_s": round(ours["startup_s"], 3),
             "ours_gc_us_per_change": round(ours["gc_s"] / changes * 1e6, 3),
             "profiled": profiler is not None,
@@ -329,8 +441,10 @@ async def main(rows: int, as_json: bool, profile_path: str | None) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", type=int, default=None,
-                        help="row changes to write and capture (default 200000)")
-    parser.add_argument("--quick", action="store_true", help="50000 row changes")
+                        help="row changes to write and capture (default 1000000)")
+    parser.add_argument("--quick", action="store_true", help="200000 row changes")
+    parser.add_argument("--no-debezium", action="store_true",
+                        help="leave out the Debezium reference (no Java or Maven needed)")
     parser.add_argument("--json", action="store_true", help="one JSON object on the last line")
     parser.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop",
                         help="event loop (the service runs on uvloop)")
@@ -338,8 +452,8 @@ if __name__ == "__main__":
                         help="cProfile our streaming into FILE and print its top entries "
                              "(slows ours: the ratio is then not meaningful)")
     args = parser.parse_args()
-    n = args.rows if args.rows is not None else 50_000 if args.quick else 200_000
-    coroutine = main(n, args.json, args.profile)
+    n = args.rows if args.rows is not None else 200_000 if args.quick else 1_000_000
+    coroutine = main(n, args.json, args.profile, not args.no_debezium)
     if args.loop == "uvloop":
         import uvloop
 
