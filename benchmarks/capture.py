@@ -53,6 +53,7 @@ from psycopg.conninfo import make_conninfo
 from benchmarks import debezium
 from benchmarks.capture_stream import PUB, drop, run_recvlogical, server_dsn
 from replicator.capture import Capture
+from replicator.cli.run import tune_gc
 from replicator.config import WeddingLink
 from replicator.devstack.settings import StackSettings
 from replicator.devstack.stack import Stack
@@ -454,6 +455,7 @@ if __name__ == "__main__":
     args = parser.parse_args()
     n = args.rows if args.rows is not None else 200_000 if args.quick else 1_000_000
     coroutine = main(n, args.json, args.profile, not args.no_debezium)
+    tune_gc()  # the collector settings `replicator run` uses
     if args.loop == "uvloop":
         import uvloop
 

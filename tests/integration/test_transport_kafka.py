@@ -17,6 +17,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.partitioner import murmur2 as java_murmur2
 
 from replicator.config import KafkaConfig
 from replicator.events import ChangeEvent, Op, Tier, TransactionRecord
@@ -175,6 +176,8 @@ async def test_events_arrive_decoded_keyed_ordered_with_headers(
                            "lsn": str(original.commit_lsn),
                            "seq": str(original.position.seq), "tier": str(original.tier)}
         partitions_of_key[record.key].add((record.topic, record.partition))
+        # The partition the Java client's default partitioner gives the key (3 partitions).
+        assert record.partition == (java_murmur2(record.key) & 0x7FFFFFFF) % 3
         assert back.after is not None
         versions[record.topic, record.partition].append(back.after.get("version", -1))
 
