@@ -24,21 +24,22 @@ the remedy is a restart from the slot.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
-import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, date, datetime, time
 from decimal import Decimal
+from functools import partial
 from types import TracebackType
 from typing import Any, Final
 from uuid import UUID
 
-from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
-from aiokafka.partitioner import DefaultPartitioner
+from confluent_kafka import KafkaError as CKafkaError
+from confluent_kafka import KafkaException, Message, Producer
 
 from replicator.config import KafkaConfig
 from replicator.events import TIER_ORDER, ChangeEvent, Tier, TransactionRecord
@@ -48,13 +49,12 @@ from replicator.transport.avro import EventCodec, body_digest
 from replicator.transport.registry import RegistryClient, subject_for
 
 __all__ = [
+    "DeliveryFailed",
     "EventProducer",
-    "KeyPartitioner",
     "ProducerError",
     "all_topics",
     "ensure_topics",
     "message_key",
-    "murmur2",
     "schemas_topic",
     "topic_names",
     "transactions_topic",
@@ -67,8 +67,38 @@ COMPACT: Final = {"cleanup.policy": "compact"}
 _KEY_SEPARATOR: Final = b"\x00"
 
 
+START_TIMEOUT_S: Final = 10.0
+STOP_FLUSH_S: Final = 30.0
+POLL_S: Final = 0.002  # delivery reports wait at most this long to be read
+POLL_EVERY: Final = 1_000  # messages between reads of the delivery reports while sending
+_Headers = list[tuple[str, str | bytes | None]]
+_LIBRDKAFKA_LOG: Final = logging.getLogger("replicator.transport.librdkafka")
+
+
 class ProducerError(Exception):
     """The producer cannot send: it is not started, or an earlier delivery failed."""
+
+
+class DeliveryFailed(ProducerError):
+    """Kafka did not take one message; `code` is librdkafka's error name (e.g.
+    `MSG_SIZE_TOO_LARGE`)."""
+
+    def __init__(self, topic: str, code: str, reason: str) -> None:
+        super().__init__(f"Kafka did not take a message for {topic}: {code} ({reason})")
+        self.code = code
+
+
+def _report(delivery: asyncio.Future[Any], on_failure: Callable[[BaseException], None],
+            error: CKafkaError | None, message: Message) -> None:
+    """librdkafka's delivery report for one message (called by `poll`, on the loop)."""
+    if delivery.done():
+        return
+    if error is None:
+        delivery.set_result(message)
+        return
+    failure = DeliveryFailed(message.topic() or "?", error.name(), error.str())
+    on_failure(failure)
+    delivery.set_exception(failure)
 
 
 def topic_names(prefix: str) -> dict[Tier, str]:
@@ -202,49 +232,6 @@ def message_key(event: ChangeEvent) -> bytes:
     return event.qualified_table.encode() + _KEY_SEPARATOR + key_text(event.key).encode()
 
 
-# --- partitioning ----------------------------------------------------------------------------
-
-_M: Final = 0x5BD1E995
-_MASK: Final = 0xFFFFFFFF
-_WORDS: Final = [struct.Struct(f"<{n}I") for n in range(64)]
-
-
-def murmur2(data: bytes) -> int:
-    """The Java client's `Utils.murmur2` (unsigned), as aiokafka's `partitioner.murmur2`
-    computes it, reading the key four bytes at a time: about half its cost per message."""
-    length = len(data)
-    h = (0x9747B28C ^ length) & _MASK
-    n = length >> 2
-    words = _WORDS[n].unpack_from(data) if n < 64 else struct.unpack_from(f"<{n}I", data)
-    for k in words:
-        k = (k * _M) & _MASK
-        k = ((k ^ (k >> 24)) * _M) & _MASK
-        h = ((h * _M) & _MASK) ^ k
-    extra = length & 3
-    if extra:
-        tail = length & ~3
-        if extra == 3:
-            h ^= data[tail + 2] << 16
-        if extra >= 2:
-            h ^= data[tail + 1] << 8
-        h = ((h ^ data[tail]) * _M) & _MASK
-    h ^= h >> 13
-    h = (h * _M) & _MASK
-    return h ^ (h >> 15)
-
-
-class KeyPartitioner:
-    """aiokafka's `DefaultPartitioner` for keyed messages (every message of ours has a key):
-    the partition the Java client would choose, so downstream consumers in any language
-    agree on it."""
-
-    def __call__(self, key: bytes | None, all_partitions: Sequence[int],
-                 available: Sequence[int]) -> int:
-        if key is None:  # not sent by us; aiokafka's own choice
-            return int(DefaultPartitioner()(key, all_partitions, available))
-        return all_partitions[(murmur2(key) & 0x7FFFFFFF) % len(all_partitions)]
-
-
 # --- producer --------------------------------------------------------------------------------
 
 
@@ -265,7 +252,10 @@ class EventProducer:
         self._codec = codec
         self._registry = registry
         self._owns_registry = False
-        self._producer: AIOKafkaProducer | None = None
+        self._producer: Producer | None = None
+        self._poller: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._sent = 0
         self._topics = topic_names(config.topic_prefix)
         self._transactions = transactions_topic(config.topic_prefix)
         self._schemas = schemas_topic(config.topic_prefix)
@@ -286,36 +276,83 @@ class EventProducer:
         config = self._config
         if config.schema_registry_url is not None:
             await self._register_schemas(config.schema_registry_url)
-        producer = AIOKafkaProducer(
-            bootstrap_servers=config.bootstrap_servers,
-            client_id=f"wedsync-replicator-{config.topic_prefix}",
-            enable_idempotence=True,
-            acks="all",
-            compression_type=None if config.compression == "none" else config.compression,
-            linger_ms=config.linger_ms,
-            max_batch_size=config.max_batch_bytes,
-            max_request_size=max(config.max_batch_bytes, 1_048_576),
-            partitioner=KeyPartitioner(),
-        )
+        producer = Producer({
+            "bootstrap.servers": config.bootstrap_servers,
+            "client.id": f"wedsync-replicator-{config.topic_prefix}",
+            "enable.idempotence": True,
+            "acks": "all",
+            "compression.type": config.compression,
+            "linger.ms": config.linger_ms,
+            "batch.size": config.max_batch_bytes,
+            "message.max.bytes": max(config.max_batch_bytes, 1_048_576),
+            # The Java client's partition for a key (`murmur2` here), so consumers in any
+            # language agree on where a row's changes are.
+            "partitioner": "murmur2_random",
+            "error_cb": self._on_error,
+            "logger": _LIBRDKAFKA_LOG,
+        })
         try:
-            await producer.start()
-        except BaseException:
-            await producer.stop()
-            raise
+            # librdkafka connects lazily: ask for the cluster's metadata, so an unreachable
+            # broker is an error here, as it is for the other stages.
+            await asyncio.to_thread(producer.list_topics, timeout=START_TIMEOUT_S)
+        except KafkaException as exc:
+            raise ProducerError(f"cannot reach Kafka at {config.bootstrap_servers}: "
+                                f"{exc.args[0].str() if exc.args else exc}") from None
         self._failure = None
+        self._loop = asyncio.get_running_loop()
         self._producer = producer
+        self._poller = asyncio.create_task(self._poll_forever(producer),
+                                           name="kafka-delivery-reports")
 
     async def stop(self) -> None:
-        """Flush pending messages (their futures resolve) and close; safe to call twice."""
+        """Flush pending messages (their futures resolve) and close; safe to call twice.
+        What Kafka has not taken within `STOP_FLUSH_S` is dropped: its futures fail, so
+        nothing after it counts as delivered."""
         producer, self._producer = self._producer, None
         try:
             if producer is not None:
-                await producer.stop()
+                try:
+                    await asyncio.wait_for(self._drain(producer), STOP_FLUSH_S)
+                except TimeoutError:
+                    logger.warning("Kafka did not take %d message(s) within %.0fs; dropped",
+                                   len(producer), STOP_FLUSH_S)
+                    producer.purge()
+                    producer.poll(0)
         finally:
+            poller, self._poller = self._poller, None
+            if poller is not None:
+                poller.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await poller
+            if producer is not None:
+                producer.poll(0)
             if self._owns_registry and self._registry is not None:
                 await self._registry.close()
                 self._registry = None
                 self._owns_registry = False
+
+    async def _poll_forever(self, producer: Producer) -> None:
+        """Deliver librdkafka's delivery reports (they resolve the futures) on this loop."""
+        while True:
+            if producer.poll(0) == 0:
+                await asyncio.sleep(POLL_S)
+            else:
+                await asyncio.sleep(0)
+
+    async def _drain(self, producer: Producer) -> None:
+        while len(producer) > 0:
+            producer.poll(0)
+            await asyncio.sleep(POLL_S)
+        producer.poll(0)
+
+    def _on_error(self, error: CKafkaError) -> None:
+        """librdkafka's client-level errors: a fatal one (the idempotent producer's state is
+        lost) fails the producer; the others (a broker down, being retried) are logged."""
+        if error.fatal():
+            logger.error("Kafka producer failed: %s", error.str())
+            self._failure = self._failure or ProducerError(f"fatal Kafka error: {error.str()}")
+        else:
+            logger.warning("Kafka: %s", error.str())
 
     async def _register_schemas(self, url: str) -> None:
         if self._registry is None:
@@ -327,21 +364,13 @@ class EventProducer:
         self._schema_ids[self._transactions] = await self._registry.register(
             subject_for(self._transactions), self._codec.transaction_schema)
 
-    def _ready(self) -> AIOKafkaProducer:
+    def _ready(self) -> Producer:
         if self._failure is not None:
             raise ProducerError(f"an earlier Kafka delivery failed ({self._failure!r}); restart "
                                 "the producer and resume from the slot") from self._failure
         if self._producer is None:
             raise ProducerError("the producer is not started; call start() first")
         return self._producer
-
-    def _on_delivery(self, delivery: asyncio.Future[Any]) -> None:
-        if delivery.cancelled() or self._failure is not None:
-            return
-        error = delivery.exception()
-        if error is not None:
-            logger.error("Kafka delivery failed: %r", error)
-            self._failure = error
 
     async def send_event(
         self, event: ChangeEvent, column_types: Mapping[str, str] | None = None,
@@ -358,7 +387,7 @@ class EventProducer:
             table = event.qualified_table
             digests[table] = digests.get(table, 0) + body_digest(value)
         commit_lsn, seq = event.position
-        headers = [
+        headers: _Headers = [
             ("table", event.qualified_table.encode()),
             ("op", str(event.op).encode()),
             ("lsn", str(commit_lsn).encode()),
@@ -372,23 +401,44 @@ class EventProducer:
         producer = self._ready()
         topic = self._transactions
         value = self._codec.encode_transaction(record, schema_id=self._schema_ids.get(topic))
-        headers = [("lsn", str(record.commit_lsn).encode()),
+        headers: _Headers = [("lsn", str(record.commit_lsn).encode()),
                    ("end_lsn", str(record.end_lsn).encode())]
         return await self._send(producer, topic, value, record.commit_lsn.hex_key().encode(),
                                 TRANSACTIONS_PARTITION, headers)
 
-    async def _send(self, producer: AIOKafkaProducer, topic: str, value: bytes, key: bytes,
-                    partition: int | None, headers: list[tuple[str, bytes]]
+    async def _send(self, producer: Producer, topic: str, value: bytes, key: bytes,
+                    partition: int | None, headers: _Headers
                     ) -> asyncio.Future[Any]:
-        try:
-            delivery: asyncio.Future[Any] = await producer.send(
-                topic, value, key=key, partition=partition, headers=headers)
-        except KafkaError as exc:
-            # The sender task died (its error is re-raised here) or the buffer stayed full.
-            self._failure = self._failure or exc
-            raise ProducerError(f"cannot queue a message for {topic}: {exc!r}") from exc
-        delivery.add_done_callback(self._on_delivery)
+        assert self._loop is not None
+        delivery: asyncio.Future[Any] = self._loop.create_future()
+        report = partial(_report, delivery, self._on_failure)
+        while True:
+            try:
+                if partition is None:
+                    producer.produce(topic, value, key, headers=headers, on_delivery=report)
+                else:
+                    producer.produce(topic, value, key, partition, headers=headers,
+                                     on_delivery=report)
+                break
+            except BufferError:  # librdkafka's queue is full: wait for deliveries
+                producer.poll(0)
+                await asyncio.sleep(POLL_S)
+                self._ready()
+            except KafkaException as exc:
+                error = exc.args[0] if exc.args else None
+                failure = ProducerError(f"cannot queue a message for {topic}: "
+                                        f"{error.str() if error is not None else exc}")
+                self._failure = self._failure or failure
+                raise failure from None
+        self._sent += 1
+        if self._sent % POLL_EVERY == 0:
+            producer.poll(0)
         return delivery
+
+    def _on_failure(self, error: BaseException) -> None:
+        if self._failure is None:
+            logger.error("Kafka delivery failed: %s", error)
+            self._failure = error
 
     async def send_schema(self, schema: Mapping[str, Any]) -> asyncio.Future[Any]:
         """Queue a table schema (`Capture.table_schema`) on the schemas topic, partition 0."""
@@ -400,5 +450,5 @@ class EventProducer:
 
     async def flush(self) -> None:
         """Wait until every queued message is delivered or failed; raises if one failed."""
-        await self._ready().flush()
+        await self._drain(self._ready())
         self._ready()
