@@ -413,6 +413,12 @@ class _Schema:
         )
 
 
+def _long_bytes(n: int) -> bytes:
+    out = bytearray()
+    write_long(out, n)
+    return bytes(out)
+
+
 class _EnvelopeWriter:
     """The envelope's Avro body, written straight from a `ChangeEvent`: the bytes fastavro
     writes for `EventCodec.event_datum` (checked by `tests/unit/test_avrowrite.py`), at about a
@@ -429,6 +435,9 @@ class _EnvelopeWriter:
         self._name = name
         self._text: dict[str, bytes] = {}  # a string's Avro encoding (names, constants)
         self._source: dict[tuple[str, str, str], bytes] = {}  # db, schema, table -> prefix
+        self._ts_ms, self._ts_ms_bytes = -1, b""
+        self._commit: tuple[Lsn, int, int] | None = None
+        self._commit_bytes = b""
 
     def _string(self, text: str) -> bytes:
         encoded = self._text.get(text)
@@ -473,7 +482,9 @@ class _EnvelopeWriter:
         out.append(0)
         text = self._string
         out += text(str(event.op))
-        write_long(out, ts_ms)
+        if ts_ms != self._ts_ms:  # the same for every change of a millisecond
+            self._ts_ms, self._ts_ms_bytes = ts_ms, _long_bytes(ts_ms)
+        out += self._ts_ms_bytes
         source_key = (event.db, event.schema, event.table)
         prefix = self._source.get(source_key)
         if prefix is None:
@@ -481,11 +492,14 @@ class _EnvelopeWriter:
                 text(part) for part in (__version__, CONNECTOR, self._name, *source_key))
         out += prefix
         commit_lsn, seq = event.position
-        commit_us = event.commit_ts_us
-        write_long(out, int(commit_lsn))
-        write_long(out, event.xid)
-        write_long(out, commit_us // 1000)
-        write_long(out, commit_us)
+        commit = (commit_lsn, event.xid, event.commit_ts_us)
+        if commit != self._commit:  # the same for every change of a transaction
+            commit_us = commit[2]
+            self._commit = commit
+            self._commit_bytes = b"".join(
+                _long_bytes(n) for n in (int(commit_lsn), commit[1], commit_us // 1000,
+                                         commit_us))
+        out += self._commit_bytes
         write_long(out, seq)
         if event.origin is None:
             out.append(0)

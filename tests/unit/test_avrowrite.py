@@ -123,3 +123,18 @@ def test_what_it_does_not_take_is_unsupported() -> None:
 def test_an_unencodable_value_is_still_named(codec: EventCodec) -> None:
     with pytest.raises(EncodeError, match="column secret: a set has no Avro Value form"):
         codec.encode_event(event({"id": 1, "secret": {1, 2}}))
+
+
+@given(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 3), st.integers(0, 2),
+                          st.integers(0, 5)), min_size=1, max_size=30))
+def test_a_run_of_changes_is_written_as_fastavro_writes_each(
+        steps: list[tuple[int, int, int, int]]) -> None:
+    # The writer keeps the encoding of the last commit and millisecond: a change of another
+    # transaction, or in another millisecond, must not reuse it.
+    now = [NOW_NS]
+    codec = EventCodec("wedsync", clock=lambda: now[0])
+    for lsn, xid, ms, seq in steps:
+        now[0] = NOW_NS + ms * 1_000_000
+        change = event({"id": seq}, position=ChangePosition(Lsn(1_000 + lsn), seq),
+                       xid=xid, commit_ts_us=1_718_000_000_000_000 + lsn * 7_000)
+        assert codec.encode_event(change) == fastavro_bytes(codec, change, None)
