@@ -39,6 +39,7 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Literal
 
 import psycopg
@@ -617,9 +618,8 @@ class Capture:
         for event in events:
             self.calendar.classify(event)
             tiers[event.tier.value] += 1
-            delivery = await self.producer.send_event(event, kinds.get(event.qualified_table),
-                                                      digests)
-            watermark.track(commit_lsn, delivery)
+            await self.producer.publish_event(event, kinds.get(event.qualified_table), digests,
+                                              partial(watermark.delivered, commit_lsn))
         record.tier_counts = dict(tiers)
         record.digests = {table: digest_text(total) for table, total in digests.items()}
         watermark.track(commit_lsn, await self.producer.send_transaction(record))

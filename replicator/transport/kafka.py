@@ -42,7 +42,7 @@ from confluent_kafka import KafkaError as CKafkaError
 from confluent_kafka import KafkaException, Message, Producer
 
 from replicator.config import KafkaConfig
-from replicator.events import TIER_ORDER, ChangeEvent, Tier, TransactionRecord
+from replicator.events import TIER_ORDER, ChangeEvent, Op, Tier, TransactionRecord
 from replicator.position import Lsn
 from replicator.source.values import Infinity, Interval
 from replicator.transport.avro import EventCodec, body_digest
@@ -99,6 +99,21 @@ def _report(delivery: asyncio.Future[Any], on_failure: Callable[[BaseException],
     failure = DeliveryFailed(message.topic() or "?", error.name(), error.str())
     on_failure(failure)
     delivery.set_exception(failure)
+
+
+def _report_to(on_delivered: Callable[[BaseException | None], None],
+               on_failure: Callable[[BaseException], None],
+               error: CKafkaError | None, message: Message) -> None:
+    """A delivery report handed to a callback instead of a future."""
+    failure = None if error is None else \
+        DeliveryFailed(message.topic() or "?", error.name(), error.str())
+    if failure is not None:
+        on_failure(failure)
+    try:
+        on_delivered(failure)
+    except Exception as exc:  # a bug in the callback must not stop the delivery reports
+        logger.exception("a delivery report's callback failed")
+        on_failure(exc)
 
 
 def topic_names(prefix: str) -> dict[Tier, str]:
@@ -256,6 +271,9 @@ class EventProducer:
         self._poller: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sent = 0
+        # The headers that repeat: per table, op and tier; and the last commit's LSN.
+        self._headers: dict[tuple[str, Op, Tier], tuple[tuple[str, bytes], ...]] = {}
+        self._lsn_header: tuple[int, tuple[str, bytes]] = (-1, ("lsn", b""))
         self._topics = topic_names(config.topic_prefix)
         self._transactions = transactions_topic(config.topic_prefix)
         self._schemas = schemas_topic(config.topic_prefix)
@@ -376,9 +394,26 @@ class EventProducer:
         self, event: ChangeEvent, column_types: Mapping[str, str] | None = None,
         digests: dict[str, int] | None = None,
     ) -> asyncio.Future[Any]:
-        """Queue *event* on its tier's topic; returns the delivery future (RecordMetadata).
-        With *digests*, the event's content digest (`avro.body_digest`) is added to its
-        table's entry."""
+        """Queue *event* on its tier's topic; returns the delivery future (librdkafka's
+        `Message`). With *digests*, the event's content digest (`avro.body_digest`) is added
+        to its table's entry."""
+        delivery = await self._send_event(event, column_types, digests, None)
+        assert delivery is not None
+        return delivery
+
+    async def publish_event(
+        self, event: ChangeEvent, column_types: Mapping[str, str] | None,
+        digests: dict[str, int] | None, on_delivered: Callable[[BaseException | None], None],
+    ) -> None:
+        """`send_event` without a future, for the capture's stream: *on_delivered* is called
+        once, on the loop, with None when Kafka has the message or with the error."""
+        await self._send_event(event, column_types, digests, on_delivered)
+
+    async def _send_event(
+        self, event: ChangeEvent, column_types: Mapping[str, str] | None,
+        digests: dict[str, int] | None,
+        on_delivered: Callable[[BaseException | None], None] | None,
+    ) -> asyncio.Future[Any] | None:
         producer = self._ready()
         topic = self._topics[event.tier]
         value = self._codec.encode_event(event, column_types,
@@ -387,14 +422,17 @@ class EventProducer:
             table = event.qualified_table
             digests[table] = digests.get(table, 0) + body_digest(value)
         commit_lsn, seq = event.position
-        headers: _Headers = [
-            ("table", event.qualified_table.encode()),
-            ("op", str(event.op).encode()),
-            ("lsn", str(commit_lsn).encode()),
-            ("seq", str(seq).encode()),
-            ("tier", str(event.tier).encode()),
-        ]
-        return await self._send(producer, topic, value, message_key(event), None, headers)
+        fixed = self._headers.get((event.qualified_table, event.op, event.tier))
+        if fixed is None:
+            fixed = self._headers[event.qualified_table, event.op, event.tier] = (
+                ("table", event.qualified_table.encode()), ("op", str(event.op).encode()),
+                ("tier", str(event.tier).encode()))
+        if commit_lsn != self._lsn_header[0]:  # the same for every change of a transaction
+            self._lsn_header = (commit_lsn, ("lsn", str(commit_lsn).encode()))
+        headers: _Headers = [fixed[0], fixed[1], self._lsn_header[1],
+                             ("seq", str(seq).encode()), fixed[2]]
+        return await self._send(producer, topic, value, message_key(event), None, headers,
+                                on_delivered)
 
     async def send_transaction(self, record: TransactionRecord) -> asyncio.Future[Any]:
         """Queue *record* on the transactions topic, partition 0; returns the delivery future."""
@@ -402,16 +440,24 @@ class EventProducer:
         topic = self._transactions
         value = self._codec.encode_transaction(record, schema_id=self._schema_ids.get(topic))
         headers: _Headers = [("lsn", str(record.commit_lsn).encode()),
-                   ("end_lsn", str(record.end_lsn).encode())]
-        return await self._send(producer, topic, value, record.commit_lsn.hex_key().encode(),
-                                TRANSACTIONS_PARTITION, headers)
+                             ("end_lsn", str(record.end_lsn).encode())]
+        delivery = await self._send(producer, topic, value,
+                                    record.commit_lsn.hex_key().encode(),
+                                    TRANSACTIONS_PARTITION, headers)
+        assert delivery is not None
+        return delivery
 
     async def _send(self, producer: Producer, topic: str, value: bytes, key: bytes,
-                    partition: int | None, headers: _Headers
-                    ) -> asyncio.Future[Any]:
+                    partition: int | None, headers: _Headers,
+                    on_delivered: Callable[[BaseException | None], None] | None = None,
+                    ) -> asyncio.Future[Any] | None:
         assert self._loop is not None
-        delivery: asyncio.Future[Any] = self._loop.create_future()
-        report = partial(_report, delivery, self._on_failure)
+        delivery: asyncio.Future[Any] | None = None
+        if on_delivered is None:
+            delivery = self._loop.create_future()
+            report = partial(_report, delivery, self._on_failure)
+        else:
+            report = partial(_report_to, on_delivered, self._on_failure)
         while True:
             try:
                 if partition is None:
@@ -433,7 +479,7 @@ class EventProducer:
         self._sent += 1
         if self._sent % POLL_EVERY == 0:
             producer.poll(0)
-        return delivery
+        return delivery  # None with on_delivered
 
     def _on_failure(self, error: BaseException) -> None:
         if self._failure is None:
@@ -445,8 +491,10 @@ class EventProducer:
         producer = self._ready()
         key = f"{schema['table']}/{Lsn(schema['lsn']).hex_key()}".encode()
         value = json.dumps(schema, sort_keys=True).encode()
-        return await self._send(producer, self._schemas, value, key, TRANSACTIONS_PARTITION,
-                                [("table", str(schema["table"]).encode())])
+        delivery = await self._send(producer, self._schemas, value, key, TRANSACTIONS_PARTITION,
+                                    [("table", str(schema["table"]).encode())])
+        assert delivery is not None
+        return delivery
 
     async def flush(self) -> None:
         """Wait until every queued message is delivered or failed; raises if one failed."""

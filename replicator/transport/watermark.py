@@ -95,6 +95,14 @@ class AckWatermark:
             self._failed_at = commit_lsn
             self._failure = error
 
+    def delivered(self, commit_lsn: Lsn, error: BaseException | None) -> None:
+        """A delivery report without a future (`EventProducer.publish_event`): *error* None
+        acknowledges one message of the transaction, anything else fails it."""
+        if error is None:
+            self.ack(commit_lsn)
+        else:
+            self.fail(commit_lsn, error)
+
     def track(self, commit_lsn: Lsn, delivery: Future[Any]) -> None:
         """Ack or fail *commit_lsn* when the delivery future resolves. A cancelled future counts
         as a failure: the message may or may not have been written, and doubt never advances."""

@@ -264,6 +264,16 @@ async def test_a_failed_delivery_surfaces_on_the_next_call(
     commit, end = tx_lsns(0)
     watermark.begin_tx(commit, end, 1)
     too_big = change(0, 0, row=1, tier=Tier.LOW, after={"id": 1, "bio": os.urandom(20_000).hex()})
+    # Without a future (the capture's stream): the callback gets the same error.
+    reports: list[BaseException | None] = []
+    async with EventProducer(config, codec) as producer:
+        await producer.publish_event(too_big, None, None, reports.append)
+        for _ in range(3000):
+            if reports:
+                break
+            await asyncio.sleep(0.01)
+    assert len(reports) == 1 and isinstance(reports[0], DeliveryFailed)
+    assert reports[0].code == "MSG_SIZE_TOO_LARGE"
     async with EventProducer(config, codec) as producer:
         delivery = await producer.send_event(too_big)
         watermark.track(commit, delivery)
@@ -274,6 +284,9 @@ async def test_a_failed_delivery_surfaces_on_the_next_call(
         assert watermark.failed_at == commit
         with pytest.raises(ProducerError, match="an earlier Kafka delivery failed"):
             await producer.send_event(change(1, 0, row=2, tier=Tier.LOW))
+        with pytest.raises(ProducerError, match="an earlier Kafka delivery failed"):
+            await producer.publish_event(change(1, 0, row=2, tier=Tier.LOW), None, None,
+                                         lambda error: None)
         with pytest.raises(ProducerError):
             await producer.flush()
 

@@ -187,3 +187,18 @@ async def test_track_acks_delivered_and_fails_undelivered_futures() -> None:
     await asyncio.sleep(0)
     assert watermark.confirmable() == second[1]
     assert watermark.failed_at == third[0] and watermark.failure is error
+
+
+def test_delivery_reports_without_futures() -> None:
+    watermark = AckWatermark()
+    first, second = tx_lsns(0), tx_lsns(1)
+    watermark.begin_tx(*first, 2)
+    watermark.begin_tx(*second, 1)
+    watermark.delivered(first[0], None)
+    assert watermark.confirmable() is None  # one message of the first still out
+    watermark.delivered(first[0], None)
+    assert watermark.confirmable() == first[1]
+    error = RuntimeError("broker said no")
+    watermark.delivered(second[0], error)
+    assert watermark.confirmable() == first[1]
+    assert watermark.failed_at == second[0] and watermark.failure is error
