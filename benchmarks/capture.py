@@ -52,6 +52,7 @@ from psycopg.conninfo import make_conninfo
 
 from benchmarks import debezium
 from benchmarks.capture_stream import PUB, drop, run_recvlogical, server_dsn
+from benchmarks.capture_stream import run_ours as run_stream_decode
 from replicator.capture import Capture
 from replicator.cli.run import tune_gc
 from replicator.config import WeddingLink
@@ -60,7 +61,7 @@ from replicator.devstack.stack import Stack
 from replicator.events import Tier
 from replicator.position import Lsn
 from replicator.source import pgoutput as pg
-from replicator.source.stream import ReplicationStream, negotiate_protocol
+from replicator.source.stream import negotiate_protocol
 from tests.integration.capture_helpers import make_config, setup_schema
 
 TX_CHANGES = 100  # row changes per transaction (see WORKLOAD)
@@ -205,30 +206,6 @@ async def run_peek(dsn: str, slot: str) -> tuple[float, int, int, Lsn]:
     return elapsed, int(counts[0]), int(counts[1]), Lsn.parse(counts[2])
 
 
-async def run_decode(dsn: str, slot: str, end: Lsn, changes: int) -> tuple[float, float]:
-    """Our client without Kafka: ReplicationStream + pgoutput.Decoder drain the slot (the
-    protocol version pg_recvlogical is given) until every row change is decoded. Seconds and
-    client CPU seconds."""
-    decoder = pg.Decoder(1)
-    decode = decoder.decode
-    kinds = (pg.Insert, pg.Update, pg.Delete)
-    decoded = 0
-    cpu = time.process_time()
-    started = time.perf_counter()
-    async with ReplicationStream(dsn, slot=slot, publication=PUB, start_lsn=Lsn(0),
-                                 protocol_version=1, streaming=None) as stream:
-        while decoded < changes:
-            for message in await stream.read_batch():
-                if type(decode(message.payload)) in kinds:
-                    decoded += 1
-            if stream.received_lsn:
-                stream.confirm(stream.received_lsn)
-        elapsed = time.perf_counter() - started
-    if stream.received_lsn and stream.received_lsn < end:
-        raise RuntimeError(f"decoded {decoded} changes before the end LSN {end}")
-    return elapsed, time.process_time() - cpu
-
-
 class TimedCapture(Capture):
     """A Capture that notes when streaming starts (after start-up) and how long the garbage
     collector runs from then on; optionally profiled."""
@@ -347,7 +324,10 @@ async def main(rows: int, as_json: bool, profile_path: str | None, with_debezium
         print(f"wrote {changes} changes in {n_tx} transactions ({setup_s:.1f}s); end LSN {end}"
               f"; measuring ...", flush=True)
         recv_s = await asyncio.to_thread(run_recvlogical, dsn, slots["recv"], end)
-        decode_s, decode_cpu = await run_decode(dsn, slots["decode"], end, changes)
+        # Our client without Kafka: stream + decoder (the protocol version pg_recvlogical is
+        # given) until every row change is decoded.
+        decode_s, decode_cpu = await run_stream_decode(
+            dsn, slots["decode"], changes, (pg.Insert, pg.Update, pg.Delete))
         ours = await run_ours(dsn, bootstrap, prefix, slots["ours"], end, changes, profiler)
         async with debezium.kafka_clients(bootstrap) as (kafka_admin, consumer):
             tps = [TopicPartition(d["topic"], p["partition"])

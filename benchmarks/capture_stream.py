@@ -83,8 +83,10 @@ def run_recvlogical(dsn: str, slot: str, end: Lsn) -> float:
     return time.perf_counter() - started
 
 
-async def run_ours(dsn: str, slot: str, rows: int) -> tuple[float, float]:
-    """Seconds from connecting until the last Insert is decoded, and client CPU seconds."""
+async def run_ours(dsn: str, slot: str, rows: int,
+                   kinds: tuple[type, ...] = (pg.Insert,)) -> tuple[float, float]:
+    """Seconds from connecting until the *rows*-th message of *kinds* is decoded, and client
+    CPU seconds."""
     decoder = pg.Decoder(1)
     decode = decoder.decode
     inserts = 0
@@ -94,7 +96,7 @@ async def run_ours(dsn: str, slot: str, rows: int) -> tuple[float, float]:
                                  protocol_version=1, streaming=None) as stream:
         while inserts < rows:
             for message in await stream.read_batch():
-                if type(decode(message.payload)) is pg.Insert:
+                if type(decode(message.payload)) in kinds:
                     inserts += 1
             if stream.received_lsn:
                 stream.confirm(stream.received_lsn)
