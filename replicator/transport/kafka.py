@@ -6,17 +6,21 @@ per transaction, always in partition 0 so they stay in commit order.
 
 Message key of a change event (`message_key`): `schema.table`, a NUL byte, then the canonical
 JSON of the key columns (sorted keys, no spaces, UTF-8), e.g. `public.guests\\x00{"id":42}`.
-The same row always gets the same key, so Kafka's default partitioner keeps one row's changes
-in one partition, in order. Non-JSON values are written as strings in one canonical form each
-(numeric normalised so 1.50 and 1.5 agree, as they do in a Postgres index; timestamptz in
-UTC; uuid lower-case; bytea as `\\x` + hex).
+The same row always gets the same key, so the partitioner (librdkafka's `murmur2_random`: the
+Java client's default for a keyed message) keeps one row's changes in one partition, in order.
+Non-JSON values are written as strings in one canonical form each (numeric normalised so 1.50
+and 1.5 agree, as they do in a Postgres index; timestamptz in UTC; uuid lower-case; bytea as
+`\\x` + hex).
 
 Headers of a change event: `table` (schema.table), `op`, `lsn` (commit LSN, Postgres text
 form), `seq`, `tier`; of a transaction record: `lsn` and `end_lsn`. All UTF-8.
 
-Delivery is at-least-once: `send_event` returns the delivery future without awaiting it (the
-producer batches across events; awaiting each would send one message per round trip). The
-caller feeds those futures to an `AckWatermark`. The first failed delivery makes every later
+The producer is librdkafka (confluent-kafka): `produce()` queues, librdkafka's threads batch,
+compress and send, and its delivery reports are read by `poll()` on the event loop (a task
+every `POLL_S`, and every `POLL_EVERY` sends). Delivery is at-least-once: `send_event` returns
+the delivery future without awaiting it (awaiting each would send one message per round
+trip), and `publish_event` hands the report to a callback instead; either way the caller
+feeds an `AckWatermark`. The first failed delivery makes every later
 call raise `ProducerError`: after a lost message the partition order is no longer trusted, and
 the remedy is a restart from the slot.
 """
