@@ -615,11 +615,12 @@ class Capture:
         kinds = assembler.column_kinds
         tiers: Counter[str] = Counter()
         digests: dict[str, int] = {}
+        delivered = partial(watermark.delivered, commit_lsn)  # one per transaction
         for event in events:
             self.calendar.classify(event)
             tiers[event.tier.value] += 1
             await self.producer.publish_event(event, kinds.get(event.qualified_table), digests,
-                                              partial(watermark.delivered, commit_lsn))
+                                              delivered)
         record.tier_counts = dict(tiers)
         record.digests = {table: digest_text(total) for table, total in digests.items()}
         watermark.track(commit_lsn, await self.producer.send_transaction(record))

@@ -422,14 +422,14 @@ class EventProducer:
         topic = self._topics[event.tier]
         value = self._codec.encode_event(event, column_types,
                                          schema_id=self._schema_ids.get(topic))
+        table = event.qualified_table
         if digests is not None:
-            table = event.qualified_table
             digests[table] = digests.get(table, 0) + body_digest(value)
         commit_lsn, seq = event.position
-        fixed = self._headers.get((event.qualified_table, event.op, event.tier))
+        fixed = self._headers.get((table, event.op, event.tier))
         if fixed is None:
-            fixed = self._headers[event.qualified_table, event.op, event.tier] = (
-                ("table", event.qualified_table.encode()), ("op", str(event.op).encode()),
+            fixed = self._headers[table, event.op, event.tier] = (
+                ("table", table.encode()), ("op", str(event.op).encode()),
                 ("tier", str(event.tier).encode()))
         if commit_lsn != self._lsn_header[0]:  # the same for every change of a transaction
             self._lsn_header = (commit_lsn, ("lsn", str(commit_lsn).encode()))

@@ -203,6 +203,26 @@ async def snapshot_done(capture: Capture, rows: int, within: float = 30) -> None
                    what="the snapshot")
 
 
+SEED_ROWS = 146  # what `seed` writes: the capture's first snapshot
+
+
+def seeded_archive(pg_dsn: str, kafka: str, prefix: str, tmp_path: Path,
+                   *targets: StoreTarget) -> tuple[Config, tuple[DestinationConfig, ...]]:
+    """The sample database seeded, and the config of a pipeline archiving it into the local
+    folder and *targets*."""
+    seed(pg_dsn)
+    dests = destinations(tmp_path, *targets)
+    return archive_config(pg_dsn, kafka, prefix, dests), dests
+
+
+@contextlib.asynccontextmanager
+async def snapshotted(config: Config) -> AsyncIterator[Capture]:
+    """`pipeline`, once the capture has sent the seeded database's snapshot."""
+    async with pipeline(config) as capture:
+        await snapshot_done(capture, SEED_ROWS)
+        yield capture
+
+
 @contextlib.contextmanager
 def restore_db(server_dsn: str) -> Iterator[str]:
     name = "r_" + uuid.uuid4().hex[:12]
@@ -237,11 +257,8 @@ async def build_archive(pg_dsn: str, kafka: str, prefix: str, tmp_path: Path,
                         *targets: StoreTarget, transactions: int = 60,
                         points_at: tuple[int, ...] = (9, 30, 59), pause: float = 0.0
                         ) -> tuple[list[Point], tuple]:
-    seed(pg_dsn)
-    dests = destinations(tmp_path, *targets)
-    config = archive_config(pg_dsn, kafka, prefix, dests)
-    async with pipeline(config) as capture:
-        await snapshot_done(capture, 146)
+    config, dests = seeded_archive(pg_dsn, kafka, prefix, tmp_path, *targets)
+    async with snapshotted(config):
         points = await asyncio.to_thread(
             random_workload, pg_dsn, rng=random.Random(transactions), transactions=transactions,
             points_at=points_at, add_column_at=transactions // 2, pause=pause)

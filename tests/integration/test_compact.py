@@ -38,14 +38,14 @@ from tests.integration.replay_helpers import (
     archive_config,
     build_archive,
     of_wedding,
-    pipeline,
     random_workload,
     record_point,
     restore_db,
     restored_state,
     run_replay,
     seed,
-    snapshot_done,
+    seeded_archive,
+    snapshotted,
     table_state,
     wait_durable,
 )
@@ -207,12 +207,9 @@ async def test_changes_after_a_snapshot_taken_by_the_running_service(
     # Compaction while the pipeline runs; then a truncate, re-inserted rows, a key change and
     # updates leaving TOASTed notes alone: the restore loads the snapshot, removes the rows
     # those changes replace (all of them after the truncate) and adds their new versions.
-    seed(pg_dsn)
-    dests = destinations(tmp_path)
-    config = archive_config(pg_dsn, kafka_bootstrap, topic_prefix, dests)
+    config, dests = seeded_archive(pg_dsn, kafka_bootstrap, topic_prefix, tmp_path)
     url = dests[0].url
-    async with pipeline(config) as capture:
-        await snapshot_done(capture, 146)
+    async with snapshotted(config):
         first = await asyncio.to_thread(random_workload, pg_dsn, rng=random.Random(11),
                                         transactions=15, points_at=(14,), add_column_at=99)
         await wait_durable(dests, first[-1].lsn)
@@ -266,8 +263,7 @@ async def test_the_service_compacts_on_its_schedule(
     def manifests() -> list[Path]:
         return sorted(guests.glob("*/manifest-*.json")) if guests.exists() else []
 
-    async with pipeline(config) as capture:
-        await snapshot_done(capture, 146)
+    async with snapshotted(config):
         await asyncio.to_thread(random_workload, pg_dsn, rng=random.Random(3),
                                 transactions=20, points_at=(19,), add_column_at=99)
         await wait_for(lambda: holds(bool(manifests())), within=60,
@@ -310,11 +306,8 @@ async def test_a_table_with_no_snapshot_yet_is_passed_over(
         pg_dsn: str, kafka_bootstrap: str, topic_prefix: str, tmp_path: Path) -> None:
     # A table created after the capture's snapshot has only changes in the archive (no
     # snapshot of it to start from): compaction folds the others and names it.
-    seed(pg_dsn)
-    dests = destinations(tmp_path)
-    config = archive_config(pg_dsn, kafka_bootstrap, topic_prefix, dests)
-    async with pipeline(config) as capture:
-        await snapshot_done(capture, 146)
+    config, dests = seeded_archive(pg_dsn, kafka_bootstrap, topic_prefix, tmp_path)
+    async with snapshotted(config):
 
         def late_table() -> Point:
             with psycopg.connect(pg_dsn, autocommit=True) as conn:

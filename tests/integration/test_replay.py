@@ -15,10 +15,9 @@ from replicator.position import Lsn
 from replicator.replay.plan import LATEST, ReplayRefused
 from replicator.replay.targets import FileTarget, PostgresTarget
 from tests.conftest import StoreTarget
-from tests.integration.archive_helpers import destination_checkpoint, destinations
+from tests.integration.archive_helpers import destination_checkpoint
 from tests.integration.replay_helpers import (
     TABLES,
-    archive_config,
     build_archive,
     of_wedding,
     pipeline,
@@ -26,8 +25,8 @@ from tests.integration.replay_helpers import (
     restore_db,
     restored_state,
     run_replay,
-    seed,
-    snapshot_done,
+    seeded_archive,
+    snapshotted,
     table_state,
     wait_durable,
 )
@@ -142,11 +141,8 @@ async def test_replay_across_a_key_rotation(
     from replicator.replay.run import replay
     from tests.integration.archive_helpers import sink_environ
 
-    seed(pg_dsn)
-    dests = destinations(tmp_path)
-    config = archive_config(pg_dsn, kafka_bootstrap, topic_prefix, dests)
-    async with pipeline(config) as capture:  # objects under TEST1
-        await snapshot_done(capture, 146)
+    config, dests = seeded_archive(pg_dsn, kafka_bootstrap, topic_prefix, tmp_path)
+    async with snapshotted(config):  # objects under TEST1
         first = await asyncio.to_thread(random_workload, pg_dsn, rng=random.Random(1),
                                         transactions=10, points_at=(9,), add_column_at=99)
         await wait_durable(dests, first[-1].lsn)

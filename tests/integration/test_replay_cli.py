@@ -12,13 +12,11 @@ from pathlib import Path
 import pytest
 
 from replicator.position import Lsn
-from tests.integration.archive_helpers import destination_checkpoint, destinations, sink_environ
+from tests.integration.archive_helpers import destination_checkpoint, sink_environ
 from tests.integration.replay_helpers import (
-    archive_config,
-    pipeline,
     random_workload,
-    seed,
-    snapshot_done,
+    seeded_archive,
+    snapshotted,
     wait_durable,
 )
 
@@ -32,11 +30,8 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 async def test_replay_and_verify_commands(pg_dsn: str, kafka_bootstrap: str, topic_prefix: str,
                                           tmp_path: Path) -> None:
-    seed(pg_dsn)
-    dests = destinations(tmp_path)
-    config = archive_config(pg_dsn, kafka_bootstrap, topic_prefix, dests)
-    async with pipeline(config) as capture:
-        await snapshot_done(capture, 146)
+    config, dests = seeded_archive(pg_dsn, kafka_bootstrap, topic_prefix, tmp_path)
+    async with snapshotted(config):
         points = await asyncio.to_thread(random_workload, pg_dsn, rng=random.Random(5),
                                          transactions=20, points_at=(19,), add_column_at=5,
                                          pause=0.05)

@@ -17,17 +17,17 @@ from replicator.replay.run import prepare
 from replicator.replay.targets import PostgresTarget
 from replicator.sink.archive import recorded_gaps
 from tests.conftest import StoreTarget
-from tests.integration.archive_helpers import destinations, keyring, sink_environ
+from tests.integration.archive_helpers import keyring, sink_environ
 from tests.integration.replay_helpers import (
     TABLES,
-    archive_config,
     pipeline,
     record_point,
     restore_db,
     restored_state,
     run_replay,
-    seed,
+    seeded_archive,
     snapshot_done,
+    snapshotted,
     wait_durable,
 )
 
@@ -35,11 +35,8 @@ from tests.integration.replay_helpers import (
 async def test_a_recorded_gap_is_archived_and_planned_around(
         pg_dsn: str, pg_server_dsn: str, kafka_bootstrap: str, topic_prefix: str,
         tmp_path: Path, s3_target: StoreTarget) -> None:
-    seed(pg_dsn)
-    dests = destinations(tmp_path, s3_target)
-    config = archive_config(pg_dsn, kafka_bootstrap, topic_prefix, dests)
-    async with pipeline(config) as capture:
-        await snapshot_done(capture, 146)
+    config, dests = seeded_archive(pg_dsn, kafka_bootstrap, topic_prefix, tmp_path, s3_target)
+    async with snapshotted(config) as capture:
         with psycopg.connect(pg_dsn, autocommit=True) as conn:
             conn.execute("UPDATE guests SET name = 'before the gap' WHERE id <= 10")
             before = record_point(conn)

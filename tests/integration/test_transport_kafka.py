@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 from collections import defaultdict
 from datetime import UTC, date, datetime, time, timedelta, timezone
 from decimal import Decimal
@@ -356,3 +357,17 @@ async def test_the_schemas_topic_is_compacted(kafka_bootstrap: str, topic_prefix
         await admin.close()
     entries = {e[0]: e[1] for r in result for res in r.resources for e in res[4]}
     assert entries["cleanup.policy"] == "compact"
+
+
+async def test_an_unreachable_broker_is_an_error_at_start(topic_prefix: str) -> None:
+    # librdkafka connects lazily; start() asks for metadata so the capture fails at once, with
+    # the address, instead of queueing messages for a broker that is not there.
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{probe.getsockname()[1]}"
+    producer = EventProducer(KafkaConfig(bootstrap_servers=address, topic_prefix=topic_prefix),
+                             EventCodec(topic_prefix))
+    with pytest.raises(ProducerError, match=f"cannot reach Kafka at {address}"):
+        await producer.start()
+    with pytest.raises(ProducerError, match="not started"):
+        await producer.send_event(change(0, 0, row=1, tier=Tier.LOW))

@@ -20,15 +20,13 @@ from replicator.replay.plan import LATEST, ReplayRefused
 from replicator.replay.targets import FileTarget
 from replicator.replay.verify import verify
 from tests.conftest import StoreTarget
-from tests.integration.archive_helpers import destinations, keyring, sink_environ
+from tests.integration.archive_helpers import keyring, sink_environ
 from tests.integration.replay_helpers import (
-    archive_config,
     build_archive,
-    pipeline,
     random_workload,
     run_replay,
-    seed,
-    snapshot_done,
+    seeded_archive,
+    snapshotted,
     wait_durable,
 )
 
@@ -36,11 +34,8 @@ from tests.integration.replay_helpers import (
 async def test_verify_against_records_scratch_and_live(
         pg_dsn: str, pg_server_dsn: str, kafka_bootstrap: str, topic_prefix: str,
         tmp_path: Path, s3_target: StoreTarget) -> None:
-    seed(pg_dsn)
-    dests = destinations(tmp_path, s3_target)
-    config = archive_config(pg_dsn, kafka_bootstrap, topic_prefix, dests)
-    async with pipeline(config) as capture:
-        await snapshot_done(capture, 146)
+    config, dests = seeded_archive(pg_dsn, kafka_bootstrap, topic_prefix, tmp_path, s3_target)
+    async with snapshotted(config) as capture:
         points = await asyncio.to_thread(random_workload, pg_dsn, rng=random.Random(7),
                                          transactions=25, points_at=(24,), add_column_at=10)
         await wait_durable(dests, points[-1].lsn)
@@ -73,11 +68,8 @@ async def test_verify_against_records_scratch_and_live(
 
 async def test_missing_corrupt_and_unreadable_objects_stop_the_replay(
         pg_dsn: str, kafka_bootstrap: str, topic_prefix: str, tmp_path: Path) -> None:
-    seed(pg_dsn)
-    dests = destinations(tmp_path)
-    config = archive_config(pg_dsn, kafka_bootstrap, topic_prefix, dests)
-    async with pipeline(config) as capture:
-        await snapshot_done(capture, 146)
+    config, dests = seeded_archive(pg_dsn, kafka_bootstrap, topic_prefix, tmp_path)
+    async with snapshotted(config):
         points = await asyncio.to_thread(random_workload, pg_dsn, rng=random.Random(3),
                                          transactions=40, points_at=(5, 39), add_column_at=20,
                                          pause=0.1)
