@@ -367,8 +367,9 @@ async def _put(root: Path, key: str, data: bytes, encrypted: bool = True) -> int
 def _write_segments(root: Path, records: list[dict[str, Any]]) -> list[tuple[str, int, int]]:
     """One flush of the sink: per tier (it buffers per tier and table), the snapshot rows of
     one LSN as a part and the rest as a segment (`SinkWorker._write_segment`)."""
-    from replicator.sink.part import encode_part, part_key, partable
-    from replicator.sink.segment import encode_record_segment, segment_key
+    from replicator.archive.layout import part_key, segment_key
+    from replicator.archive.part import encode_part, partable
+    from replicator.archive.segment import encode_record_segment
 
     by_tier: dict[str, list[dict[str, Any]]] = {}
     for r in records:
@@ -428,7 +429,8 @@ def _transaction_datum(commit_lsn: int, end_lsn: int, ts: int, xid: int,
 
 
 def _write_transactions(root: Path, datums: list[dict[str, Any]]) -> tuple[str, int]:
-    from replicator.sink.segment import encode_transaction_segment, transactions_key
+    from replicator.archive.layout import transactions_key
+    from replicator.archive.segment import encode_transaction_segment
 
     data, header = encode_transaction_segment(datums, codec="zstd")
     digest = hashlib.sha256(data).hexdigest()[:16]
@@ -486,8 +488,7 @@ def build(p: Params, directory: Path, say: Any) -> dict[str, Any]:
                                                  {TABLE: len(tx.changes)}, dict(tier_counts)))
             _, size = _write_transactions(root, datums)
             keys_bytes += size
-        from replicator.sink.archive import schema_key
-        from replicator.sink.checkpoint import checkpoint_key
+        from replicator.archive.layout import checkpoint_key, schema_key
 
         schema = {"table": TABLE, "lsn": SNAPSHOT_LSN,
                   "columns": [{"name": c, "type": t, "type_oid": oid, "not_null": nn}

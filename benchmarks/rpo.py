@@ -99,13 +99,13 @@ from psycopg.conninfo import make_conninfo
 
 from benchmarks.capture import delete_topics
 from connectors.registry import open_store
+from replicator.archive.layout import checkpoints_prefix, parse_checkpoint_key
 from replicator.capture import Capture
 from replicator.config import CompactionConfig, Config, DestinationConfig, FlushConfig
 from replicator.devstack.settings import S3_ACCESS_KEY, S3_REGION, S3_SECRET_KEY, StackSettings
 from replicator.devstack.stack import Stack
-from replicator.events import TIER_ORDER
+from replicator.events import TIER_ORDER, Tier
 from replicator.position import Lsn
-from replicator.sink.checkpoint import parse_checkpoint_key
 from replicator.sink.service import Sinks
 from replicator.source.assembler import Assembler, Committed
 from tests.integration.archive_helpers import sink_environ, with_destinations
@@ -351,7 +351,7 @@ class Watcher:
 
     async def _one(self, dest: str, tier: str) -> None:
         store, key = self.stores[dest], (dest, tier)
-        keys = [info.key async for info in store.list(f"checkpoints/{dest}/{tier}/",
+        keys = [info.key async for info in store.list(checkpoints_prefix(dest, Tier(tier)),
                                                       after=self._after.get(key))]
         now = time.time()
         for name in keys:

@@ -23,6 +23,8 @@ import re
 from collections.abc import Callable, Iterator
 from urllib.parse import urlsplit, urlunsplit
 
+from replicator.errors import ReplicatorError, TransientError
+
 __all__ = [
     "AlreadyExists",
     "Fatal",
@@ -46,7 +48,7 @@ _USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/@\s]*@")
 _MAX_DETAIL = 300
 
 
-class StoreError(Exception):
+class StoreError(ReplicatorError):
     """A store operation failed. `url` is the store's display URL, `key` the object's key."""
 
     def __init__(self, message: str, *, url: str, key: str | None = None) -> None:
@@ -65,7 +67,7 @@ class AlreadyExists(StoreError):
     """The key exists already; stores never overwrite."""
 
 
-class Retriable(StoreError):
+class Retriable(StoreError, TransientError):
     """A transient failure: the same call may succeed if tried again later."""
 
 

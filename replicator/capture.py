@@ -48,6 +48,7 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from replicator.config import Config
+from replicator.errors import OperatorError
 from replicator.events import Tier, TransactionRecord
 from replicator.position import INVALID_LSN, Lsn
 from replicator.priority import WeddingCalendar
@@ -85,7 +86,7 @@ log = logging.getLogger(__name__)
 HEARTBEAT_PREFIX = "wedsync-replicator.heartbeat"
 
 
-class CaptureFatal(RuntimeError):
+class CaptureFatal(OperatorError):
     """Capture cannot go on without an operator: the message says what to do."""
 
 

@@ -27,12 +27,13 @@ from pydantic import (
     model_validator,
 )
 
+from replicator.errors import OperatorError
 from replicator.events import Tier
 
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_$]*")
 
 
-class ConfigError(ValueError):
+class ConfigError(OperatorError, ValueError):
     """The configuration cannot be used; the message names the file and the key."""
 
 

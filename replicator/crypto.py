@@ -81,6 +81,8 @@ from typing import Final
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from replicator.errors import OperatorError, ReplicatorError
+
 __all__ = [
     "DEFAULT_CHUNK_SIZE", "CryptoError", "EncryptedHeader", "Keyring", "KeyringError",
     "NotEncrypted", "ObjectNameMismatch", "ObjectTampered", "ObjectTruncated", "UnknownKey",
@@ -107,15 +109,15 @@ _MIDDLE: Final = struct.Struct(">8sIQ8s32s")  # check, chunk size, length, prefi
 _WRAP_NONCE, _WRAPPED, _DIGEST = 12, KEY_SIZE + _TAG, 32
 
 
-class CryptoError(Exception):
+class CryptoError(ReplicatorError):
     """An object cannot be encrypted or decrypted; the message names the object."""
 
 
-class KeyringError(CryptoError):
+class KeyringError(CryptoError, OperatorError):
     """The keyring cannot be loaded or changed as asked (a configuration error)."""
 
 
-class UnknownKey(CryptoError):
+class UnknownKey(CryptoError, OperatorError):
     def __init__(self, message: str, *, key_name: str) -> None:
         super().__init__(message)
         self.key_name = key_name

@@ -480,13 +480,13 @@ def demo(config_path: Path | None, seconds: float) -> None:
     """Run the pipeline on the local stack with a sample wedding database, restore one
     wedding as of a moment in the past, and verify the archive against the database."""
     from connectors.registry import open_store
+    from replicator.archive.reader import checkpoint
     from replicator.capture import Capture, CaptureFatal
     from replicator.cli.run import EXIT_NEEDS_OPERATOR, setup_logging
     from replicator.config import ConfigError, load_config
     from replicator.devstack.settings import StackSettings
     from replicator.replay.plan import ReplayRefused
     from replicator.replay.verify import verify
-    from replicator.sink.archive import checkpoint
     from replicator.sink.service import Sinks, SinkSetupError, load_keyring
 
     setup_logging("warning")

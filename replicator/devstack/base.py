@@ -22,11 +22,12 @@ from typing import Literal
 
 from replicator.devstack import process
 from replicator.devstack.settings import EXTERNAL_VARS, StackSettings
+from replicator.errors import ReplicatorError
 
 State = Literal["healthy", "unhealthy", "stopped"]
 
 
-class ServiceError(RuntimeError):
+class ServiceError(ReplicatorError):
     """A service could not be installed, started or reached; the message says which and why."""
 
 

@@ -18,6 +18,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from replicator.errors import OperatorError
+
 DEFAULT_PORTS: Mapping[str, int] = {
     "pg15": 15432,
     "pg18": 18432,
@@ -45,7 +47,7 @@ S3_SECRET_KEY = "testing"
 S3_REGION = "us-east-1"
 
 
-class SettingsError(ValueError):
+class SettingsError(OperatorError, ValueError):
     """A REPLICATOR_DEV_* variable has a value that cannot be used."""
 
 

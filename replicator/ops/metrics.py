@@ -35,10 +35,12 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from replicator.errors import OperatorError
+
 log = logging.getLogger(__name__)
 
 
-class MetricsError(RuntimeError):
+class MetricsError(OperatorError):
     """The metrics endpoint cannot listen where it is configured to."""
 
 

@@ -36,19 +36,14 @@ from datetime import UTC, datetime
 from typing import Any
 
 from connectors.base import ObjectStore
+from replicator.archive.layout import SEGMENTS, SNAPSHOTS, manifest_key, snapshot_key
+from replicator.archive.snapshot import SnapshotHeader, SnapshotWriter, manifest
 from replicator.crypto import Keyring, encrypt
 from replicator.position import Lsn
 from replicator.replay.engine import Archive, TableJob, TableSchema, restore_table
 from replicator.replay.plan import LATEST, At, ReplayRefused, select_tables, tables_of
 from replicator.replay.run import Prepared, prepare
 from replicator.replay.table import Rows
-from replicator.sink.snapshot import (
-    SnapshotHeader,
-    SnapshotWriter,
-    manifest,
-    manifest_key,
-    snapshot_key,
-)
 
 __all__ = ["CompactSummary", "TableCompaction", "compact", "key_kinds"]
 
@@ -137,7 +132,7 @@ async def compact(store: ObjectStore, keyring: Keyring, *, at: At = LATEST,
     for table, why in sorted(unrestorable.items()):
         summary.tables.append(TableCompaction(table, target, reason=why))
         logger.info("compaction of %s passed over: %s", table, why)
-    existing = {key for key in prepared.sizes if key.startswith("snapshots/")}
+    existing = {key for key in prepared.sizes if key.startswith(SNAPSHOTS)}
     for job, table_plan in zip(prepared.jobs, prepared.plan.tables, strict=True):
         result = TableCompaction(job.table, target)
         summary.tables.append(result)
@@ -200,8 +195,8 @@ async def _prepare(store: ObjectStore, keyring: Keyring, at: At, tables: Sequenc
             if not exc.tables:
                 raise
             if wanted is None or any("." not in name for name in wanted):
-                listing = [info.key async for info in store.list("segments/")]
-                listing += [info.key async for info in store.list("snapshots/")]
+                listing = [info.key async for info in store.list(SEGMENTS)]
+                listing += [info.key async for info in store.list(SNAPSHOTS)]
                 wanted = select_tables(tables_of(listing), wanted)
             remaining = [name for name in wanted if name not in exc.tables]
             if not remaining or len(remaining) == len(wanted):

@@ -55,10 +55,23 @@ from typing import Any
 
 from fastavro import schemaless_writer
 
+from replicator.archive.layout import (
+    TRANSACTIONS,
+    is_part_key,
+    is_snapshot_key,
+    parse_part_key,
+    parse_segment_key,
+    segments_prefix,
+)
+from replicator.archive.merge import Merger, Tombstone
+from replicator.archive.part import PartCorrupt, unescape
+from replicator.archive.part import key_text as part_key_text
+from replicator.archive.reader import Archive, ReplayFailed, Timeline, current_rss_mb, nearest_hint
+from replicator.archive.render import copy_escape
+from replicator.archive.segment import SegmentHeader
+from replicator.archive.snapshot import SnapshotPart
 from replicator.events import ChangeEvent, Op
 from replicator.position import Lsn
-from replicator.replay.archive import Archive, ReplayFailed, Timeline, current_rss_mb, nearest_hint
-from replicator.replay.render import copy_escape
 from replicator.replay.table import (
     RAW_BATCH,
     Emit,
@@ -74,19 +87,6 @@ from replicator.replay.table import (
     mark_seen,
     merge_text_key,
     record_event,
-)
-from replicator.sink.merge import Merger, Tombstone
-from replicator.sink.part import (
-    PartCorrupt,
-    is_part_key,
-    parse_part_key,
-    unescape,
-)
-from replicator.sink.part import key_text as part_key_text
-from replicator.sink.segment import SegmentHeader, parse_key
-from replicator.sink.snapshot import (
-    SnapshotPart,
-    is_snapshot_key,
 )
 from replicator.transport.avro import EventCodec, digest_text
 
@@ -255,7 +255,7 @@ def _pass1(archive: Archive, job: TableJob, fetch: Callable[[str], bytes], stats
                     merger.add(event, (job.table, text_key))
                     changed.add(copy_escape(text_key))
             continue
-        parsed = parse_key(key)
+        parsed = parse_segment_key(key)
         if parsed.last < low or parsed.first > target:
             continue
         header, records = archive.open_segment(key, fetch(key),
@@ -427,9 +427,9 @@ def _check_digests(timeline: Timeline, job: TableJob, found: _Changes) -> int:
             raise ReplayFailed(
                 f"{job.table}: the changes archived for the transaction committed at "
                 f"{Lsn(lsn)} are not the ones the capture sent (content digest {got}, the "
-                f"transaction record says {want}): a segment of segments/{job.table}/ "
+                f"transaction record says {want}): a segment of {segments_prefix(job.table)} "
                 f"covering {Lsn(lsn).hex_key()} was altered{nearest_hint(nearest)}",
-                object=f"segments/{job.table}/", nearest=nearest)
+                object=segments_prefix(job.table), nearest=nearest)
         checked += 1
     return checked
 
@@ -449,15 +449,15 @@ def _check_counts(timeline: Timeline, job: TableJob, seen: Mapping[int, bytearra
             raise ReplayFailed(
                 f"{job.table}: the transaction committed at {lsn and Lsn(lsn)} announced "
                 f"{want} change(s) and the archive holds {got}: a segment of "
-                f"segments/{job.table}/ covering {Lsn(lsn).hex_key()} is missing"
-                f"{nearest_hint(nearest)}", object=f"segments/{job.table}/", nearest=nearest)
+                f"{segments_prefix(job.table)} covering {Lsn(lsn).hex_key()} is missing"
+                f"{nearest_hint(nearest)}", object=segments_prefix(job.table), nearest=nearest)
     for lsn in sorted(change_commits):
         if lsn not in announced:
             nearest = timeline.before(lsn)
             raise ReplayFailed(
                 f"{job.table}: changes committed at {Lsn(lsn)} have no transaction record: "
-                f"the transaction records (transactions/) have a gap there"
-                f"{nearest_hint(nearest)}", object="transactions/", nearest=nearest)
+                f"the transaction records ({TRANSACTIONS}) have a gap there"
+                f"{nearest_hint(nearest)}", object=TRANSACTIONS, nearest=nearest)
 
 
 def apply_key_changes(merger: Merger, key_changes: list[dict[str, Any]],

@@ -69,20 +69,29 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Final, Literal, NamedTuple
 
 from connectors.base import ObjectInfo
-from replicator.events import Op, TransactionRecord
-from replicator.position import Lsn
-from replicator.sink.part import PartHeader, is_part_key, parse_part_key
-from replicator.sink.segment import SegmentHeader, SegmentKey, SegmentKind, parse_key
-from replicator.sink.snapshot import (
-    SnapshotHeader,
+from replicator.archive.layout import (
+    SEGMENTS,
+    SNAPSHOTS,
+    TRANSACTIONS,
+    SegmentKey,
+    SegmentKind,
     SnapshotName,
     is_manifest_key,
+    is_part_key,
     is_snapshot_key,
     manifest_key,
     parse_manifest_key,
+    parse_part_key,
+    parse_segment_key,
     parse_snapshot_key,
     snapshot_key,
 )
+from replicator.archive.part import PartHeader
+from replicator.archive.segment import SegmentHeader
+from replicator.archive.snapshot import SnapshotHeader
+from replicator.errors import OperatorError
+from replicator.events import Op, TransactionRecord
+from replicator.position import Lsn
 
 __all__ = [
     "LATEST", "PLAN_FORMAT", "At", "ReplayPlan", "ReplayRefused", "SnapshotName",
@@ -103,7 +112,7 @@ _MICROSECOND: Final = timedelta(microseconds=1)
 _LSN_TEXT: Final = re.compile(r"[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}")
 
 
-class ReplayRefused(Exception):
+class ReplayRefused(OperatorError):
     """The replay cannot be done as asked. `nearest` is the restorable point the message
     suggests (None when there is none); `tables`, when the refusal is about some tables only
     (no restorable state at the point), names them."""
@@ -171,7 +180,7 @@ def transaction_segments_for(listing: Listing, moment: datetime,
     known = headers or {}
     segments: list[tuple[str, Lsn]] = []
     for name in _names(listing):
-        if name.startswith("transactions/"):
+        if name.startswith(TRANSACTIONS):
             key = _parse_segment(name, SegmentKind.TRANSACTIONS)
             _check_header(name, known.get(name), SegmentKind.TRANSACTIONS, "", key.first,
                           key.last)
@@ -315,7 +324,7 @@ def _names(listing: Listing) -> Iterable[str]:
 
 def _parse_segment(name: str, kind: SegmentKind) -> SegmentKey:
     try:
-        key = parse_key(name)
+        key = parse_segment_key(name)
     except ValueError as exc:
         raise ReplayRefused(f"cannot plan: object {name} is not a valid segment name ({exc})"
                             ) from None
@@ -347,7 +356,7 @@ def _read_listing(listing: Listing, headers: Mapping[str, Header]
         if name in sizes:
             sizes[name] = sizes[name] if size is None else size
             continue
-        if name.startswith("segments/"):
+        if name.startswith(SEGMENTS):
             key = _parse_segment(name, SegmentKind.CHANGES)
             _check_header(name, headers.get(name), SegmentKind.CHANGES, key.table, key.first,
                           key.last)
@@ -377,7 +386,7 @@ def _read_listing(listing: Listing, headers: Mapping[str, Header]
                 archive.snapshots.setdefault(found.lsn, {})[found.number] = name
             else:
                 archive.manifests[found.lsn] = found.number
-        elif name.startswith("snapshots/"):
+        elif name.startswith(SNAPSHOTS):
             raise ReplayRefused(f"cannot plan: object {name} is not a valid snapshot object "
                                 "name (snapshots/<table>/<lsn>/ rows-*.part, part-<n>.snap or "
                                 "manifest-<parts>.json)")

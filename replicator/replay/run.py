@@ -24,9 +24,22 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from functools import partial
 from typing import Any
-from urllib.parse import quote
 
 from connectors.base import ObjectInfo, ObjectStore, run_bounded
+from replicator.archive.layout import (
+    SEGMENTS,
+    SNAPSHOTS,
+    checkpoints_prefix,
+    is_part_key,
+    is_snapshot_key,
+    schemas_prefix,
+)
+from replicator.archive.part import PartCorrupt, read_part_header
+from replicator.archive.reader import checkpoint as archive_checkpoint
+from replicator.archive.reader import destinations, recorded_gaps, schema_versions
+from replicator.archive.render import utc_text
+from replicator.archive.segment import SegmentError, read_header
+from replicator.archive.snapshot import read_snapshot_header
 from replicator.crypto import Keyring, decrypt_stream
 from replicator.position import Lsn
 from replicator.replay.engine import (
@@ -40,13 +53,7 @@ from replicator.replay.engine import (
     restore_table,
 )
 from replicator.replay.plan import At, Header, ReplayPlan, ReplayRefused, plan, resolve_time
-from replicator.replay.render import utc_text
 from replicator.replay.targets import Target
-from replicator.sink.archive import checkpoint as archive_checkpoint
-from replicator.sink.archive import recorded_gaps
-from replicator.sink.part import PartCorrupt, is_part_key, read_part_header
-from replicator.sink.segment import SegmentError, read_header
-from replicator.sink.snapshot import is_snapshot_key, read_snapshot_header
 
 __all__ = ["Prepared", "ReplaySummary", "apply", "prepare", "replay"]
 
@@ -117,18 +124,16 @@ class ReplaySummary:
 
 
 async def find_destination(store: ObjectStore, asked: str | None) -> str:
-    names: set[str] = set()
-    async for info in store.list("checkpoints/"):
-        names.add(info.key.split("/")[1])
+    names = await destinations(store)
     if asked is not None:
         if asked not in names:
             raise ReplayRefused(f"the store holds no checkpoint of destination {asked!r}"
                                 f" (it has: {', '.join(sorted(names)) or 'none'})")
         return asked
     if not names:
-        raise ReplayRefused("the store holds no checkpoint (checkpoints/<destination>/): "
-                            "nothing in it is known to be complete yet, or it is not an "
-                            "archive root")
+        raise ReplayRefused(f"the store holds no checkpoint ({checkpoints_prefix()}"
+                            "<destination>/): nothing in it is known to be complete yet, or "
+                            "it is not an archive root")
     if len(names) > 1:
         raise ReplayRefused(f"the store holds checkpoints of several destinations "
                             f"({', '.join(sorted(names))}): choose one with --destination")
@@ -136,15 +141,11 @@ async def find_destination(store: ObjectStore, asked: str | None) -> str:
 
 
 async def _schema(archive: Archive, table: str, target: Lsn) -> TableSchema:
-    docs = []
-    async for info in archive.store.list(f"schemas/{quote(table, safe='')}/"):
-        lsn = Lsn.from_key(info.key.rsplit("/", 1)[1].removesuffix(".json"))
-        docs.append((lsn, info.key))
+    docs = await schema_versions(archive.store, table)
     if not docs:
-        raise ReplayFailed(f"the archive holds no schema of {table} (schemas/{table}/): it "
-                           "was written by a sink that did not archive schemas",
-                           object=f"schemas/{table}/")
-    docs.sort()
+        where = schemas_prefix(table)
+        raise ReplayFailed(f"the archive holds no schema of {table} ({where}): it was written "
+                           "by a sink that did not archive schemas", object=where)
     chosen = [d for d in docs if d[0] <= target] or docs[:1]
     key = chosen[-1][1]
     doc = json.loads(await archive.fetch(key))
@@ -175,8 +176,8 @@ async def prepare(store: ObjectStore, keyring: Keyring, *, at: At,
     started = time.perf_counter()
     dest = await find_destination(store, destination)
     checkpoint = await archive_checkpoint(store, dest)
-    listing: list[ObjectInfo] = [info async for info in store.list("segments/")]
-    listing += [info async for info in store.list("snapshots/")]
+    listing: list[ObjectInfo] = [info async for info in store.list(SEGMENTS)]
+    listing += [info async for info in store.list(SNAPSHOTS)]
     try:
         gaps = await recorded_gaps(store)
     except ValueError as exc:

@@ -12,23 +12,23 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from replicator.events import ChangeEvent, Op, Tier
-from replicator.position import ChangePosition, Lsn
-from replicator.replay.render import PgText, copy_escape, copy_line
-from replicator.sink.part import (
+from replicator.archive.part import (
     KEY_SEPARATOR,
     PartHeader,
     key_values,
     row_fields,
     unescape,
 )
-from replicator.sink.part import key_text as part_key_text
-from replicator.sink.segment import (
+from replicator.archive.part import key_text as part_key_text
+from replicator.archive.render import PgText, copy_escape, copy_line
+from replicator.archive.segment import (
     SegmentHeader,
 )
-from replicator.sink.snapshot import (
+from replicator.archive.snapshot import (
     SnapshotHeader,
 )
+from replicator.events import ChangeEvent, Op, Tier
+from replicator.position import ChangePosition, Lsn
 from replicator.transport.avro import to_python
 
 __all__ = ["Column", "Output", "Remover", "TableJob", "TableSchema", "TableStats"]

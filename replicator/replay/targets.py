@@ -31,9 +31,7 @@ from datetime import date, datetime
 from pathlib import Path
 from typing import Any, Final, Protocol
 
-from replicator.replay.engine import ReplayFailed, TableSchema
-from replicator.replay.plan import ReplayRefused
-from replicator.replay.render import (
+from replicator.archive.render import (
     FLOAT_TYPES,
     INT_TYPES,
     TableHash,
@@ -42,6 +40,8 @@ from replicator.replay.render import (
     text,
     typed,
 )
+from replicator.replay.engine import ReplayFailed, TableSchema
+from replicator.replay.plan import ReplayRefused
 
 __all__ = ["FORMATS", "FileTarget", "HashTarget", "PostgresTarget", "Target", "is_dsn"]
 

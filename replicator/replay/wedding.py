@@ -8,10 +8,21 @@ import asyncio
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
+from replicator.archive.layout import (
+    is_part_key,
+    is_snapshot_key,
+    parse_part_key,
+    parse_segment_key,
+)
+from replicator.archive.merge import Merger
+from replicator.archive.part import PartCorrupt, PartHeader
+from replicator.archive.part import key_text as part_key_text
+from replicator.archive.reader import Archive
+from replicator.archive.render import copy_escape
+from replicator.archive.segment import SegmentHeader
+from replicator.archive.snapshot import SnapshotHeader, SnapshotPart
 from replicator.events import ChangeEvent, Op
-from replicator.replay.archive import Archive
 from replicator.replay.engine import apply_key_changes, emit_states
-from replicator.replay.render import copy_escape
 from replicator.replay.table import (
     Emit,
     Output,
@@ -20,23 +31,6 @@ from replicator.replay.table import (
     line_event,
     mark_seen,
     record_event,
-)
-from replicator.sink.merge import Merger
-from replicator.sink.part import (
-    PartCorrupt,
-    PartHeader,
-    is_part_key,
-    parse_part_key,
-)
-from replicator.sink.part import key_text as part_key_text
-from replicator.sink.segment import (
-    SegmentHeader,
-    parse_key,
-)
-from replicator.sink.snapshot import (
-    SnapshotHeader,
-    SnapshotPart,
-    is_snapshot_key,
 )
 from replicator.transport.avro import to_python
 from replicator.transport.kafka import key_text
@@ -119,7 +113,7 @@ async def restore_wedding(archive: Archive, job: TableJob, emit: Emit,
                     wanted.add(key_text(event.key))
                     merger.add(event)
             continue
-        parsed = parse_key(key)
+        parsed = parse_segment_key(key)
         if parsed.last < base or parsed.first > target:
             continue
         header = headers.get(key)

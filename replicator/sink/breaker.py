@@ -17,6 +17,8 @@ import random
 import time
 from collections.abc import Callable
 
+from replicator.errors import TransientError
+
 
 class BreakerState(enum.Enum):
     CLOSED = "closed"
@@ -24,7 +26,7 @@ class BreakerState(enum.Enum):
     HALF_OPEN = "half_open"
 
 
-class CircuitOpen(RuntimeError):
+class CircuitOpen(TransientError):
     """The destination is failing; the call was not attempted."""
 
 

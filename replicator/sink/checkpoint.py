@@ -152,12 +152,3 @@ class CompletenessTracker:
     def incomplete(self) -> int:
         """Transactions whose record is durable but not yet all of whose changes are."""
         return len(self._order)
-
-
-def checkpoint_key(destination: str, lsn: Lsn, tier: Tier | None = None) -> str:
-    middle = f"{tier.value}/" if tier is not None else ""
-    return f"checkpoints/{destination}/{middle}{lsn.hex_key()}"
-
-
-def parse_checkpoint_key(key: str) -> Lsn:
-    return Lsn.from_key(key.rsplit("/", 1)[-1])

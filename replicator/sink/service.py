@@ -16,15 +16,17 @@ from connectors.base import ObjectStore
 from connectors.errors import Fatal, StoreError
 from connectors.registry import open_store
 from connectors.retry import RetryingStore
+from replicator.archive.layout import checkpoints_prefix
 from replicator.config import Config
 from replicator.crypto import CryptoError, Keyring
+from replicator.errors import OperatorError
 from replicator.sink.compaction import CompactionStats, Compactor
 from replicator.sink.worker import SinkStats, SinkWorker
 
 log = logging.getLogger(__name__)
 
 
-class SinkSetupError(RuntimeError):
+class SinkSetupError(OperatorError):
     """A destination cannot be set up; the message names it and what to fix."""
 
 
@@ -82,7 +84,7 @@ class Sinks:
         (no credentials, access denied, a missing bucket or directory) at start-up, where it
         is a `SinkSetupError`. A store that is merely unreachable now is left to the worker's
         retries and breaker: it must not keep the other destinations from starting."""
-        listing = store.list(f"checkpoints/{name}/")
+        listing = store.list(checkpoints_prefix(name))
         try:
             await anext(listing, None)
         except Fatal as exc:

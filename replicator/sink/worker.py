@@ -46,21 +46,23 @@ from aiokafka.structs import OffsetAndMetadata
 
 from connectors.base import ObjectStore
 from connectors.errors import AlreadyExists, StoreError
+from replicator.archive import reader
+from replicator.archive.layout import (
+    checkpoint_key,
+    gap_key,
+    part_key,
+    schema_key,
+    segment_key,
+    transactions_key,
+)
+from replicator.archive.part import encode_part, partable
+from replicator.archive.segment import encode_record_segment, encode_transaction_segment
 from replicator.config import DestinationConfig, KafkaConfig
 from replicator.crypto import Keyring, encrypt
 from replicator.events import TIER_ORDER, Tier
 from replicator.position import INVALID_LSN, Lsn
-from replicator.sink import archive
-from replicator.sink.archive import gap_key, schema_key
 from replicator.sink.breaker import BreakerState, CircuitBreaker, CircuitOpen, TokenBucket
-from replicator.sink.checkpoint import CompletenessTracker, checkpoint_key
-from replicator.sink.part import encode_part, part_key, partable
-from replicator.sink.segment import (
-    encode_record_segment,
-    encode_transaction_segment,
-    segment_key,
-    transactions_key,
-)
+from replicator.sink.checkpoint import CompletenessTracker
 from replicator.transport.avro import EventCodec, transaction_from_dict
 from replicator.transport.control import StateFollower, state_topic
 from replicator.transport.kafka import schemas_topic, topic_names, transactions_topic
@@ -438,4 +440,4 @@ class SinkWorker:
             await consumer.commit(offsets)
 
     async def _latest_checkpoint(self, tier: Tier | None) -> Lsn:
-        return await archive.checkpoint(self.store, self.destination.name, tier)
+        return await reader.checkpoint(self.store, self.destination.name, tier)

@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from replicator.errors import ReplicatorError
 from replicator.events import ChangeEvent, Op, TransactionRecord
 from replicator.position import ChangePosition, Lsn
 from replicator.source import pgoutput as pg
@@ -34,7 +35,7 @@ _UNCHANGED = pg.UNCHANGED
 _EPOCH_SHIFT_US = 946_684_800_000_000  # 2000-01-01 - 1970-01-01 in microseconds
 
 
-class CaptureError(RuntimeError):
+class CaptureError(ReplicatorError):
     """A change that cannot be turned into an event; names the table and what to do."""
 
 

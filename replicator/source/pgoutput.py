@@ -55,6 +55,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final, Literal, NamedTuple, TypeAlias, cast
 
+from replicator.errors import ReplicatorError
 from replicator.position import Lsn
 
 PG_EPOCH: Final = datetime(2000, 1, 1, tzinfo=UTC)
@@ -75,7 +76,7 @@ def to_pg_timestamp(moment: datetime) -> int:
     return (moment - PG_EPOCH) // timedelta(microseconds=1)
 
 
-class PgOutputError(Exception):
+class PgOutputError(ReplicatorError):
     """A message that is not valid pgoutput for this protocol version and stream state.
 
     It means the decoder and the server disagree (wrong protocol version, a missed Stream

@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 import psycopg
 from psycopg import sql
 
+from replicator.errors import OperatorError
 from replicator.position import Lsn
 from replicator.source.stream import (
     SlotError,
@@ -50,11 +51,11 @@ logger = logging.getLogger(__name__)
 MIN_SERVER_VERSION = 140000
 
 
-class SourceConfigError(ValueError):
+class SourceConfigError(OperatorError, ValueError):
     """The database is not set up for capture; the message says what to change."""
 
 
-class SlotExistsError(SlotError):
+class SlotExistsError(SlotError, OperatorError):
     """`create_slot` found a slot of that name already there."""
 
 

@@ -35,6 +35,7 @@ import psycopg
 from psycopg import sql
 
 from replicator.config import PriorityConfig
+from replicator.errors import OperatorError
 from replicator.events import ChangeEvent, Op
 from replicator.position import ChangePosition, Lsn
 from replicator.source.catalog import TableInfo
@@ -137,7 +138,7 @@ async def snapshot_table(
 # --- what to snapshot on demand -------------------------------------------------------------
 
 
-class SnapshotRequestError(ValueError):
+class SnapshotRequestError(OperatorError, ValueError):
     """An on-demand snapshot cannot be taken as asked (a table that is not captured, a wedding
     id that the id column cannot hold); the message says why. Nothing was published."""
 

@@ -60,6 +60,7 @@ from typing import Any, Final, Literal, NamedTuple, Self
 import psycopg
 from psycopg import pq, sql
 
+from replicator.errors import OperatorError, ReplicatorError, TransientError
 from replicator.position import INVALID_LSN, Lsn
 
 __all__ = [
@@ -106,13 +107,13 @@ _lsn: Any = int.__new__  # an Lsn without range checks: unpacked ">Q" values are
 # --- errors -----------------------------------------------------------------------------
 
 
-class SourceError(Exception):
+class SourceError(ReplicatorError):
     """Capture from Postgres failed. `retriable` says whether reconnecting may help."""
 
     retriable: bool = False
 
 
-class SourceUnavailable(SourceError):
+class SourceUnavailable(SourceError, TransientError):
     """The server cannot be reached; reconnect with backoff."""
 
     retriable = True
@@ -131,7 +132,7 @@ class StreamDisconnected(SourceUnavailable):
         self.last_lsn = last_lsn
 
 
-class StreamClosed(SourceError):
+class StreamClosed(SourceError, TransientError):
     """`read_batch` was called on a stream that was stopped (or never started)."""
 
 
@@ -152,22 +153,22 @@ class SlotError(SourceError):
         self.sqlstate = sqlstate
 
 
-class SlotNotFoundError(SlotError):
+class SlotNotFoundError(SlotError, OperatorError):
     """The slot does not exist (never created, or dropped)."""
 
 
-class SlotInUseError(SlotError):
+class SlotInUseError(SlotError, TransientError):
     """Another connection streams from the slot. Right after a dropped connection this is
     often the old walsender still exiting, so it is retriable."""
 
     retriable = True
 
 
-class SlotInvalidatedError(SlotError):
+class SlotInvalidatedError(SlotError, OperatorError):
     """The server invalidated the slot: the WAL it needed is gone."""
 
 
-class SlotMismatchError(SlotError):
+class SlotMismatchError(SlotError, OperatorError):
     """The slot belongs to another database or uses another output plugin."""
 
 

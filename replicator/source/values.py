@@ -38,12 +38,13 @@ from decimal import Decimal
 from typing import Final
 from uuid import UUID
 
+from replicator.errors import ReplicatorError
 from replicator.source.pgoutput import UNCHANGED, Column, Relation, TupleData, Type
 
 Converter = Callable[[bytes], object]
 
 
-class ValueConversionError(ValueError):
+class ValueConversionError(ReplicatorError, ValueError):
     """A column value whose text form cannot be turned into its Python value."""
 
     def __init__(self, problem: str, *, table: str, column: str, type_oid: int) -> None:
@@ -53,7 +54,7 @@ class ValueConversionError(ValueError):
         self.type_oid = type_oid
 
 
-class UnknownTypeError(LookupError):
+class UnknownTypeError(ReplicatorError, LookupError):
     """A column whose type has no converter: an extension type, enum or domain not registered."""
 
     def __init__(self, type_oid: int, type_name: str | None, *, table: str, column: str) -> None:

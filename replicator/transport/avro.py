@@ -48,6 +48,7 @@ from fastavro import parse_schema, schemaless_reader, schemaless_writer
 from fastavro.schema import fingerprint, to_parsing_canonical_form
 
 from replicator import __version__
+from replicator.errors import ReplicatorError
 from replicator.events import ChangeEvent, Op, Tier, TransactionRecord
 from replicator.position import ChangePosition, Lsn
 from replicator.source.values import Infinity, Interval
@@ -95,7 +96,7 @@ _INT_MAX, _INT_MIN = 2**31 - 1, -(2**31)
 _LONG_MAX, _LONG_MIN = 2**63 - 1, -(2**63)
 
 
-class CodecError(ValueError):
+class CodecError(ReplicatorError, ValueError):
     """A message cannot be encoded or decoded."""
 
 

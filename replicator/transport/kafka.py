@@ -46,6 +46,7 @@ from confluent_kafka import KafkaError as CKafkaError
 from confluent_kafka import KafkaException, Message, Producer
 
 from replicator.config import KafkaConfig
+from replicator.errors import TransientError
 from replicator.events import TIER_ORDER, ChangeEvent, Op, Tier, TransactionRecord
 from replicator.position import Lsn
 from replicator.source.values import Infinity, Interval
@@ -79,7 +80,7 @@ _Headers = list[tuple[str, str | bytes | None]]
 _LIBRDKAFKA_LOG: Final = logging.getLogger("replicator.transport.librdkafka")
 
 
-class ProducerError(Exception):
+class ProducerError(TransientError):
     """The producer cannot send: it is not started, or an earlier delivery failed."""
 
 

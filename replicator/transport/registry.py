@@ -27,6 +27,7 @@ from urllib.parse import quote
 
 import aiohttp
 
+from replicator.errors import ReplicatorError
 from replicator.transport.avro import EventCodec
 
 __all__ = ["RegistryClient", "RegistryError", "SchemaNotFound", "adopt_schema_id", "subject_for"]
@@ -39,7 +40,7 @@ def subject_for(topic: str) -> str:
     return f"{topic}-value"
 
 
-class RegistryError(Exception):
+class RegistryError(ReplicatorError):
     """The schema registry refused a request or could not be reached."""
 
     def __init__(self, message: str, *, status: int | None = None,

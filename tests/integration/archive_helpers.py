@@ -12,9 +12,9 @@ from connectors.registry import open_store
 from replicator.config import Config, DestinationConfig, FlushConfig
 from replicator.crypto import Keyring
 from replicator.devstack.settings import S3_ACCESS_KEY, S3_SECRET_KEY
-from replicator.sink import archive
 from replicator.transport.avro import to_python
 from tests.conftest import StoreTarget
+from tests.integration import archive_readers as archive
 
 KEK = base64.b64encode(b"k" * 32).decode()
 FAST = FlushConfig(critical_s=0.5, high_s=0.8, normal_s=1.0, low_s=1.5)

@@ -39,6 +39,8 @@ from connectors.base import ObjectInfo, ObjectStore
 from connectors.errors import AlreadyExists, Retriable
 from connectors.local import LocalStore
 from connectors.registry import open_store
+from replicator.archive.layout import parse_part_key, parse_segment_key
+from replicator.archive.segment import decode_transaction_segment
 from replicator.capture import Capture
 from replicator.config import Config, DestinationConfig, MetricsConfig, load_config
 from replicator.crypto import (
@@ -52,14 +54,12 @@ from replicator.crypto import (
 )
 from replicator.devstack.settings import S3_ACCESS_KEY, S3_REGION, S3_SECRET_KEY
 from replicator.devstack.stack import Stack
-from replicator.sink import archive
-from replicator.sink.part import parse_part_key
-from replicator.sink.segment import decode_transaction_segment, parse_key
 from replicator.sink.service import Sinks, SinkSetupError
 from replicator.sink.worker import SinkWorker
 from replicator.transport.avro import to_python
 from replicator.transport.kafka import all_topics
 from tests.conftest import StoreTarget
+from tests.integration import archive_readers as archive
 from tests.integration.archive_helpers import (
     FAST,
     KEK,
@@ -159,7 +159,7 @@ async def read_whole_archive(store: ObjectStore, ring: Keyring) -> ArchiveConten
     async def every_record() -> AsyncIterator[dict[str, Any]]:
         nonlocal segments
         async for info in store.list("segments/"):
-            parse_key(info.key)
+            parse_segment_key(info.key)
             _, records = await archive.read_segment(store, info.key, ring)
             segments += 1
             for record in records:
@@ -177,7 +177,7 @@ async def read_whole_archive(store: ObjectStore, ring: Keyring) -> ArchiveConten
         if value is not None and str(value).isdigit():
             facts.add((table, int(after["id"]), int(value)))
     async for info in store.list("transactions/"):
-        parse_key(info.key)
+        parse_segment_key(info.key)
         _, txs = decode_transaction_segment(decrypt(await store.get(info.key), info.key, ring))
         transactions += len(list(txs))  # exhausting the iterator runs the header checks
         objects += 1
@@ -218,7 +218,7 @@ def assert_local_folder_clean(root: Path, listed: set[str]) -> None:
         top = rel.split("/", 1)[0]
         assert top in ("segments", "transactions", "schemas", "checkpoints", "snapshots"), rel
         if top in ("segments", "transactions"):
-            parse_key(rel)
+            parse_segment_key(rel)
         if top == "snapshots":
             parse_part_key(rel)
     leftovers = [p for p in (root / ".partial").glob("*")] if (root / ".partial").exists() else []

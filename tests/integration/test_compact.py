@@ -18,6 +18,7 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from connectors.registry import open_store
+from replicator.archive.layout import manifest_key, snapshot_key
 from replicator.config import CompactionConfig
 from replicator.ops.metrics import PipelineCollector
 from replicator.position import Lsn
@@ -28,7 +29,6 @@ from replicator.replay.run import prepare
 from replicator.replay.targets import FileTarget, PostgresTarget
 from replicator.replay.verify import verify
 from replicator.sink.compaction import Compactor
-from replicator.sink.snapshot import manifest_key, snapshot_key
 from tests.conftest import StoreTarget
 from tests.integration.archive_helpers import destinations, keyring, sink_environ
 from tests.integration.capture_helpers import holds, wait_for

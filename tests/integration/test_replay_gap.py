@@ -11,11 +11,11 @@ import psycopg
 import pytest
 
 from connectors.registry import open_store
+from replicator.archive.reader import recorded_gaps
 from replicator.position import Lsn
 from replicator.replay.plan import ReplayRefused
 from replicator.replay.run import prepare
 from replicator.replay.targets import PostgresTarget
-from replicator.sink.archive import recorded_gaps
 from tests.conftest import StoreTarget
 from tests.integration.archive_helpers import keyring, sink_environ
 from tests.integration.replay_helpers import (

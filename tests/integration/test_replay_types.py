@@ -31,9 +31,9 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from replicator.archive.render import TableHash, copy_line, row_digest
 from replicator.events import ChangeEvent, Op
 from replicator.position import ChangePosition, Lsn
-from replicator.replay.render import TableHash, copy_line, row_digest
 from replicator.source.assembler import column_types
 from replicator.source.catalog import _TYPES as CATALOG_TYPES_SQL
 from replicator.source.snapshot import parse_copy_line

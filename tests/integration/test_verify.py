@@ -136,8 +136,8 @@ async def test_missing_corrupt_and_unreadable_objects_stop_the_replay(
     # 4. A gap in the transaction records: changes without their transaction record.
     # Only an object whose records announce changes that no other object also records leaves
     # a gap: heartbeat transactions announce none, and a redelivery can record a commit twice.
+    from replicator.archive.segment import decode_transaction_segment
     from replicator.crypto import decrypt
-    from replicator.sink.segment import decode_transaction_segment
 
     def announced(path: Path) -> set[int]:
         key = f"transactions/{path.name}"
@@ -162,8 +162,8 @@ async def test_verify_proves_the_archived_changes_are_the_ones_captured(
     # The capture records, per transaction and table, a digest of the changes it sent;
     # verify recomputes it from the archive. A segment rewritten with one value changed (its
     # counts, header and encryption all valid, as a buggy writer would leave it) is caught.
+    from replicator.archive.segment import decode_record_segment, encode_record_segment
     from replicator.crypto import decrypt, encrypt
-    from replicator.sink.segment import decode_record_segment, encode_record_segment
 
     _, dests = await build_archive(pg_dsn, kafka_bootstrap, topic_prefix, tmp_path,
                                    transactions=20, points_at=(19,))

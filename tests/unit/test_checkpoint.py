@@ -7,9 +7,10 @@ import random
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from replicator.archive.layout import checkpoint_key, parse_checkpoint_key
 from replicator.events import TIER_ORDER, Tier, TransactionRecord
 from replicator.position import Lsn
-from replicator.sink.checkpoint import CompletenessTracker, checkpoint_key, parse_checkpoint_key
+from replicator.sink.checkpoint import CompletenessTracker
 
 
 def record(commit: int, tiers: dict[Tier, int]) -> TransactionRecord:

@@ -13,9 +13,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from replicator.events import ChangeEvent, Op
-from replicator.position import ChangePosition, Lsn
-from replicator.sink.merge import (
+from replicator.archive.merge import (
     LATEST_WINS,
     ConflictDecision,
     ConflictPolicy,
@@ -28,6 +26,8 @@ from replicator.sink.merge import (
     merge,
     merge_key,
 )
+from replicator.events import ChangeEvent, Op
+from replicator.position import ChangePosition, Lsn
 
 TABLE = "vendors"
 QT = f"public.{TABLE}"

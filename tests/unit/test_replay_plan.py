@@ -13,6 +13,16 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from connectors.base import ObjectInfo
+from replicator.archive.layout import (
+    SegmentKind,
+    checkpoint_key,
+    gap_key,
+    parse_gap_key,
+    parse_segment_key,
+    segment_key,
+    transactions_key,
+)
+from replicator.archive.segment import SegmentHeader
 from replicator.events import TransactionRecord
 from replicator.position import ChangePosition, Lsn
 from replicator.replay.plan import (
@@ -27,15 +37,6 @@ from replicator.replay.plan import (
     resolve_time,
     snapshot_key,
     transaction_segments_for,
-)
-from replicator.sink.archive import gap_key, parse_gap_key
-from replicator.sink.checkpoint import checkpoint_key
-from replicator.sink.segment import (
-    SegmentHeader,
-    SegmentKind,
-    parse_key,
-    segment_key,
-    transactions_key,
 )
 
 GUESTS, VENDORS, TASKS = "public.guests", "public.vendors", "crm.tasks"
@@ -65,7 +66,7 @@ def header(name: str, *, ops: dict[str, int] | None = None,
         key = parse_snapshot_key(name)
         kind, tbl, first, last = SegmentKind.CHANGES, key.table, key.lsn, key.lsn
     else:
-        parsed = parse_key(name)
+        parsed = parse_segment_key(name)
         kind, tbl, first, last = parsed.kind, parsed.table, parsed.first, parsed.last
     return SegmentHeader(
         kind=kind, table=table or tbl, first=ChangePosition(first, 0),
@@ -566,8 +567,8 @@ def archives(draw: st.DrawFn) -> tuple[list[str], dict[str, SegmentHeader]]:
 
 
 def _records_in(listing: list[str], table: str) -> list[tuple[str, Lsn, Lsn]]:
-    return [(n, (k := parse_key(n)).first, k.last) for n in listing
-            if n.startswith("segments/") and parse_key(n).table == table]
+    return [(n, (k := parse_segment_key(n)).first, k.last) for n in listing
+            if n.startswith("segments/") and parse_segment_key(n).table == table]
 
 
 @settings(max_examples=300, deadline=None)

@@ -1,4 +1,4 @@
-"""`replicator.replay.render`: archived Value datums as Postgres input text, COPY lines, JSON
+"""`replicator.archive.render`: archived Value datums as Postgres input text, COPY lines, JSON
 values and order-independent table hashes.
 
 Expected texts are written out literally, so a changed rendering fails here. Where Postgres's
@@ -21,7 +21,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from replicator.replay.render import (
+from replicator.archive.render import (
     TableHash,
     copy_line,
     json_value,

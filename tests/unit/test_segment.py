@@ -14,18 +14,20 @@ from uuid import UUID
 import fastavro
 import pytest
 
-from replicator.crypto import Keyring, decrypt, decrypt_stream, encrypt
-from replicator.events import ChangeEvent, Op, Tier, TransactionRecord
-from replicator.position import ChangePosition, Lsn
-from replicator.sink.segment import (
+from replicator.archive.layout import (
+    SegmentKey,
+    SegmentKind,
+    parse_segment_key,
+    segment_key,
+    transactions_key,
+)
+from replicator.archive.segment import (
     HEADER_PREFIX_SIZE,
     MAX_WEDDING_IDS,
     SegmentCorrupt,
     SegmentError,
     SegmentHeader,
     SegmentHeaderIncomplete,
-    SegmentKey,
-    SegmentKind,
     chunk_stream,
     decode_record_segment,
     decode_segment,
@@ -33,12 +35,12 @@ from replicator.sink.segment import (
     encode_record_segment,
     encode_segment,
     encode_transaction_segment,
-    parse_key,
     read_header,
-    segment_key,
-    transactions_key,
     verify_segment,
 )
+from replicator.crypto import Keyring, decrypt, decrypt_stream, encrypt
+from replicator.events import ChangeEvent, Op, Tier, TransactionRecord
+from replicator.position import ChangePosition, Lsn
 from replicator.source.values import Infinity
 from replicator.transport.avro import EventCodec
 from tests.unit.test_avro import ROUND_TRIP, same
@@ -336,12 +338,12 @@ def test_names_sort_by_position() -> None:
 def test_keys_parse_back() -> None:
     first, last = Lsn.parse("16/B374D848"), Lsn.parse("16/B3750000")
     key = segment_key(TABLE, first, last)
-    assert parse_key(key) == SegmentKey(SegmentKind.CHANGES, TABLE, first, last)
-    assert parse_key(f"backups/prod/{key}") == parse_key(key)
+    assert parse_segment_key(key) == SegmentKey(SegmentKind.CHANGES, TABLE, first, last)
+    assert parse_segment_key(f"backups/prod/{key}") == parse_segment_key(key)
     odd = 'public."a/b c%"'
     assert segment_key(odd, first, last).startswith("segments/public.%22a%2Fb%20c%25%22/")
-    assert parse_key(segment_key(odd, first, last)).table == odd
-    assert parse_key(transactions_key(first, last)) == SegmentKey(
+    assert parse_segment_key(segment_key(odd, first, last)).table == odd
+    assert parse_segment_key(transactions_key(first, last)) == SegmentKey(
         SegmentKind.TRANSACTIONS, "", first, last)
 
 
@@ -355,7 +357,7 @@ def test_keys_parse_back() -> None:
 ])
 def test_foreign_keys_are_refused(key: str) -> None:
     with pytest.raises(ValueError):
-        parse_key(key)
+        parse_segment_key(key)
 
 
 def test_invalid_ranges_and_tables() -> None:
@@ -377,9 +379,9 @@ def test_header_metadata_is_json_where_structured() -> None:
 
 def test_the_same_records_give_the_same_bytes() -> None:
     """A repeated flush after a crash writes an identical object (same name, same digest)."""
+    from replicator.archive.segment import encode_transaction_segment
     from replicator.events import TransactionRecord
     from replicator.position import Lsn
-    from replicator.sink.segment import encode_transaction_segment
 
     records = [TransactionRecord(Lsn(10 * i), Lsn(10 * i + 5), i, i, {"public.t": 1})
                for i in range(1, 4)]

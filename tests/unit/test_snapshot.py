@@ -8,15 +8,15 @@ from collections import Counter
 
 import pytest
 
-from replicator.position import Lsn
-from replicator.sink.part import PartCorrupt
-from replicator.sink.snapshot import (
+from replicator.archive.part import PartCorrupt
+from replicator.archive.snapshot import (
     SnapshotPart,
     SnapshotWriter,
     bucket_of,
     manifest,
     read_snapshot_header,
 )
+from replicator.position import Lsn
 
 TABLE = "public.guests"
 

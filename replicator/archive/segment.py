@@ -62,27 +62,30 @@ Python < 3.14) or `deflate`.
 
 from __future__ import annotations
 
-import enum
 import hashlib
 import importlib.util
 import io
 import itertools
 import json
-import re
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
 from functools import cache, lru_cache, partial
-from typing import IO, TYPE_CHECKING, Any, Final, NamedTuple, TypeVar, cast
-from urllib.parse import quote, unquote
+from typing import IO, TYPE_CHECKING, Any, Final, TypeVar, cast
 
 import fastavro
 from fastavro import parse_schema, schemaless_reader
 from fastavro.schema import fingerprint, to_parsing_canonical_form
 
+from replicator.archive.bloom import Bloom, may_hold
+from replicator.archive.layout import (
+    SegmentKind,
+    segment_key,
+    transactions_key,
+)
+from replicator.errors import ReplicatorError
 from replicator.events import ChangeEvent, TransactionRecord
 from replicator.position import ChangePosition, Lsn
-from replicator.sink.bloom import Bloom, may_hold
 from replicator.transport.avro import (
     CodecError,
     EventCodec,
@@ -98,10 +101,10 @@ if TYPE_CHECKING:
 __all__ = [
     "BLOCK_SIZE", "FORMAT_VERSION", "HEADER_PREFIX_SIZE", "MAX_WEDDING_IDS",
     "MAX_WEDDING_IDS_BYTES", "SegmentCorrupt", "SegmentError", "SegmentHeader",
-    "SegmentHeaderIncomplete", "SegmentKey", "SegmentKind", "chunk_stream",
+    "SegmentHeaderIncomplete", "chunk_stream",
     "decode_record_segment", "decode_segment", "decode_transaction_segment",
-    "encode_record_segment", "encode_segment", "encode_transaction_segment", "parse_key",
-    "read_header", "segment_key", "transactions_key", "verify_segment",
+    "encode_record_segment", "encode_segment", "encode_transaction_segment", "read_header",
+    "verify_segment",
 ]
 
 FORMAT_VERSION: Final = 1
@@ -122,16 +125,11 @@ _OCF_HEADER: Final = parse_schema({
         {"name": "sync", "type": {"type": "fixed", "name": "Sync", "size": 16}},
     ],
 })
-_KEY: Final = re.compile(
-    r"(?:.*/)?(?:segments/(?P<table>[^/]+)|(?P<tx>transactions))"
-    r"/(?P<first>[0-9A-F]{16})-(?P<last>[0-9A-F]{16})(?:-(?P<digest>[0-9a-f]{1,64}))?\.seg"
-)
-
 Source = bytes | bytearray | memoryview | IO[bytes]
 _T = TypeVar("_T")
 
 
-class SegmentError(ValueError):
+class SegmentError(ReplicatorError, ValueError):
     """A segment cannot be written or read as asked."""
 
 
@@ -141,72 +139,6 @@ class SegmentCorrupt(SegmentError):
 
 class SegmentHeaderIncomplete(SegmentError):
     """The prefix given to `read_header` ends inside the header: fetch more bytes."""
-
-
-class SegmentKind(enum.StrEnum):
-    CHANGES = "changes"
-    TRANSACTIONS = "transactions"
-
-
-class SegmentKey(NamedTuple):
-    """What an object name says: kind, table (empty for transactions), LSN range."""
-
-    kind: SegmentKind
-    table: str
-    first: Lsn
-    last: Lsn
-    digest: str = ""
-
-
-# --- names -----------------------------------------------------------------------------------
-
-
-def _check_range(first: Lsn, last: Lsn) -> None:
-    if last < first:
-        raise ValueError(f"segment range {first}-{last} ends before it starts")
-
-
-def _suffix(digest: str) -> str:
-    if digest and not re.fullmatch(r"[0-9a-f]{1,64}", digest):
-        raise ValueError(f"invalid segment digest {digest!r}: lower-case hex expected")
-    return f"-{digest}" if digest else ""
-
-
-def segment_key(table: str, first_lsn: Lsn, last_lsn: Lsn, digest: str = "") -> str:
-    """`segments/<table>/<first>-<last>[-<digest>].seg`, relative to the namespace root.
-
-    The optional digest (of the object's content) keeps names unique when two segments of one
-    table cover the same LSN range with different changes, which a sink produces when it
-    flushes one transaction's changes that arrived in two batches; names still sort by LSN."""
-    if not table or table in (".", ".."):
-        raise ValueError(f"invalid table name {table!r} for a segment")
-    _check_range(first_lsn, last_lsn)
-    return (f"segments/{quote(table, safe='')}/{first_lsn.hex_key()}-{last_lsn.hex_key()}"
-            f"{_suffix(digest)}.seg")
-
-
-def transactions_key(first_lsn: Lsn, last_lsn: Lsn, digest: str = "") -> str:
-    """`transactions/<first>-<last>[-<digest>].seg`, relative to the namespace root."""
-    _check_range(first_lsn, last_lsn)
-    return f"transactions/{first_lsn.hex_key()}-{last_lsn.hex_key()}{_suffix(digest)}.seg"
-
-
-def parse_key(key: str) -> SegmentKey:
-    """The inverse of `segment_key` and `transactions_key`; a leading `<root>/<namespace>/`
-    is allowed. Raises `ValueError` for any other name, including a non-canonical one."""
-    match = _KEY.fullmatch(key)
-    if match is None:
-        raise ValueError(f"{key!r} is not a segment name (segments/<table>/<16 hex>-<16 hex>.seg "
-                         "or transactions/<16 hex>-<16 hex>.seg)")
-    first, last = Lsn.from_key(match["first"]), Lsn.from_key(match["last"])
-    digest = match["digest"] or ""
-    if match["tx"]:
-        _check_range(first, last)
-        return SegmentKey(SegmentKind.TRANSACTIONS, "", first, last, digest)
-    table = unquote(match["table"], errors="strict")
-    if segment_key(table, first, last, digest) != key[match.start("table") - len("segments/"):]:
-        raise ValueError(f"{key!r} is not the canonical segment name of its table")
-    return SegmentKey(SegmentKind.CHANGES, table, first, last, digest)
 
 
 # --- the header ------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """A Bloom filter small enough for a segment header, so a wedding restore can pass over the
-segments that cannot matter to it (`replicator.sink.segment`).
+segments that cannot matter to it (`replicator.archive.segment`).
 
 Text form: `<hashes>:<bits>:<base64 of the bit array>`. Positions come from one BLAKE2b digest
 of the item (UTF-8) by double hashing, `(h1 + i * h2) mod bits`: the same on every machine and

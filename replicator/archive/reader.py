@@ -17,42 +17,50 @@ from typing import Any
 
 from connectors.base import ObjectStore
 from connectors.errors import NotFound, StoreError
-from replicator.crypto import CryptoError, Keyring, UnknownKey, decrypt, decrypt_stream
-from replicator.events import TransactionRecord
-from replicator.position import Lsn
-from replicator.replay.plan import ReplayRefused
-from replicator.sink.part import (
-    PartCorrupt,
-    PartHeader,
-    decode_part,
+from replicator.archive.layout import (
+    GAPS,
+    TRANSACTIONS,
+    checkpoints_prefix,
+    destination_of,
+    is_checkpoint_key,
     is_part_key,
+    is_snapshot_key,
+    parse_checkpoint_key,
+    parse_gap_key,
     parse_part_key,
+    parse_schema_key,
+    parse_segment_key,
+    parse_snapshot_key,
+    schemas_prefix,
+    without_digest,
 )
-from replicator.sink.segment import (
+from replicator.archive.part import PartCorrupt, PartHeader, decode_part
+from replicator.archive.segment import (
     SegmentError,
     SegmentHeader,
     chunk_stream,
     decode_record_segment,
     decode_transaction_segment,
-    parse_key,
 )
-from replicator.sink.snapshot import (
-    SnapshotPart,
-    is_snapshot_key,
-    parse_snapshot_key,
-)
+from replicator.archive.snapshot import SnapshotPart
+from replicator.crypto import CryptoError, Keyring, UnknownKey, decrypt, decrypt_stream
+from replicator.errors import ReplicatorError
+from replicator.events import Tier, TransactionRecord
+from replicator.position import INVALID_LSN, Lsn
 
-__all__ = ["Archive", "ReplayFailed", "Timeline", "current_rss_mb", "nearest_hint"]
+__all__ = ["Archive", "ReplayFailed", "Timeline", "checkpoint", "current_rss_mb", "destinations",
+           "nearest_hint", "recorded_gaps", "schema_versions"]
 
 
-class ReplayFailed(ReplayRefused):
+class ReplayFailed(ReplicatorError):
     """The replay stopped on an object it could not use. `object` names it; `nearest` is the
     nearest earlier restorable point, when there is one."""
 
     def __init__(self, message: str, *, object: str | None = None,
                  nearest: Lsn | None = None) -> None:
-        super().__init__(message, nearest=nearest)
+        super().__init__(message)
         self.object = object
+        self.nearest = nearest
 
 
 # --- the timeline of commits, for "nearest earlier point" ------------------------------------
@@ -176,7 +184,7 @@ class Archive:
                 return int(parse_part_key(key).lsn)
             if is_snapshot_key(key):
                 return int(parse_snapshot_key(key).lsn)
-            return int(parse_key(key).first)
+            return int(parse_segment_key(key).first)
         except ValueError:
             return None
 
@@ -237,7 +245,7 @@ class Archive:
             except (CryptoError, SegmentError) as exc:
                 raise self._unreadable(key, exc) from None
 
-        if header.key != _without_digest(key):
+        if header.key != without_digest(key):
             raise self._failed(key, f"holds {header.key}, not what its name says",
                                self._first(key))
         return header, checked()
@@ -291,7 +299,7 @@ class Archive:
     async def transactions(self) -> list[TransactionRecord]:
         """Every archived transaction record (duplicates included), in name order."""
         out: list[TransactionRecord] = []
-        async for info in self.store.list("transactions/"):
+        async for info in self.store.list(TRANSACTIONS):
             data = await self.fetch(info.key)
             try:
                 _, records = decode_transaction_segment(data)
@@ -301,8 +309,33 @@ class Archive:
         return out
 
 
-def _without_digest(key: str) -> str:
-    parsed = parse_key(key)
-    if not parsed.digest:
-        return key
-    return key[: -len(".seg")].rsplit("-", 1)[0] + ".seg"
+
+
+# --- listings: what a store holds, from names alone ------------------------------------------
+
+
+async def checkpoint(store: ObjectStore, destination: str, tier: Tier | None = None) -> Lsn:
+    """The destination's newest checkpoint (overall, or of one tier); `INVALID_LSN` when it
+    has none."""
+    latest = INVALID_LSN
+    async for info in store.list(checkpoints_prefix(destination, tier)):
+        if is_checkpoint_key(info.key, destination, tier):
+            latest = max(latest, parse_checkpoint_key(info.key))
+    return latest
+
+
+async def destinations(store: ObjectStore) -> set[str]:
+    """The destinations that have written a checkpoint into *store*."""
+    return {destination_of(info.key) async for info in store.list(checkpoints_prefix())}
+
+
+async def recorded_gaps(store: ObjectStore) -> list[tuple[Lsn, Lsn]]:
+    """The gaps the destination has archived, sorted."""
+    return sorted([parse_gap_key(info.key) async for info in store.list(GAPS)])
+
+
+async def schema_versions(store: ObjectStore, table: str) -> list[tuple[Lsn, str]]:
+    """The archived schemas of *table*: (from LSN, object name), oldest first."""
+    found = [(parse_schema_key(info.key), info.key)
+             async for info in store.list(schemas_prefix(table))]
+    return sorted(found)

@@ -37,59 +37,29 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Final
-from urllib.parse import quote, unquote
 from uuid import UUID
 
+from replicator.archive.bloom import Bloom, may_hold
+from replicator.archive.render import copy_escape, copy_line, text
+from replicator.errors import ReplicatorError
 from replicator.position import Lsn
-from replicator.replay.render import copy_escape, copy_line, text
-from replicator.sink.bloom import Bloom, may_hold
 from replicator.transport.avro import NUMERIC, UUID_
 
 __all__ = ["KEY_SEPARATOR", "PartCorrupt", "PartHeader", "decode_part", "encode_part",
-           "is_part_key", "key_values", "parse_part_key", "part_key", "partable"]
+           "key_values", "partable"]
 
 MAGIC: Final = b"WSP1"
 FORMAT: Final = 1
 KEY_SEPARATOR: Final = "\x1f"
 MAX_WEDDING_IDS: Final = 1000
 _CHUNK: Final = 1 << 20
-_KEY: Final = re.compile(
-    r"snapshots/(?P<table>[^/]+)/(?P<lsn>[0-9A-F]{16})/rows-(?P<first>[0-9]{10})-"
-    r"(?P<last>[0-9]{10})-(?P<digest>[0-9a-f]{1,64})\.part")
 _UNESCAPE: Final = re.compile(r"\\(.)")
 _UNESCAPED: Final = {"t": "\t", "n": "\n", "r": "\r", "\\": "\\", "b": "\b", "f": "\f",
                      "v": "\v"}
 
 
-class PartCorrupt(ValueError):
+class PartCorrupt(ReplicatorError, ValueError):
     """A part whose content does not match its header, or is not a part."""
-
-
-@dataclass(frozen=True, slots=True)
-class PartKey:
-    table: str
-    lsn: Lsn
-    first_seq: int
-    last_seq: int
-    digest: str
-
-
-def part_key(table: str, lsn: Lsn, first_seq: int, last_seq: int, digest: str) -> str:
-    return (f"snapshots/{quote(table, safe='')}/{lsn.hex_key()}/rows-{first_seq:010d}-"
-            f"{last_seq:010d}-{digest}.part")
-
-
-def is_part_key(key: str) -> bool:
-    return key.endswith(".part") and key.startswith("snapshots/")
-
-
-def parse_part_key(key: str) -> PartKey:
-    match = _KEY.fullmatch(key)
-    if match is None:
-        raise ValueError(f"{key!r} is not a snapshot part name "
-                         "(snapshots/<table>/<16 hex>/rows-<seq>-<seq>-<digest>.part)")
-    return PartKey(unquote(match["table"]), Lsn.from_key(match["lsn"]), int(match["first"]),
-                   int(match["last"]), match["digest"])
 
 
 @dataclass(frozen=True, slots=True)

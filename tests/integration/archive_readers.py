@@ -1,79 +1,49 @@
-"""Reading an archive back: segments and transaction records, decrypted and verified.
-
-Names sort by position, so listing a prefix gives a table's segments in order; each object
-is decrypted under its own name (a swapped or tampered object fails with a `CryptoError`
-naming it) and its content is checked against its header (`SegmentCorrupt`).
-"""
+"""Test-only readers of an archive: every record of every object, decrypted and checked,
+without the planning a restore does (the tests compare what was archived with what was
+written)."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
 from connectors.base import ObjectStore
-from replicator.crypto import Keyring, decrypt
-from replicator.events import TIER_ORDER, Tier, TransactionRecord
-from replicator.position import INVALID_LSN, Lsn
-from replicator.sink.checkpoint import parse_checkpoint_key
-from replicator.sink.segment import (
+from replicator.archive.layout import (
+    TRANSACTIONS,
+    is_part_key,
+    schemas_prefix,
+    segments_prefix,
+    snapshots_prefix,
+    table_of,
+)
+from replicator.archive.part import KEY_SEPARATOR, decode_part, key_values, row_fields, split_line
+from replicator.archive.reader import checkpoint
+from replicator.archive.render import PgText, typed
+from replicator.archive.segment import (
     SegmentHeader,
     decode_record_segment,
     decode_transaction_segment,
 )
+from replicator.crypto import Keyring, decrypt
+from replicator.events import TransactionRecord
 
-
-def schema_key(table: str, lsn: Lsn) -> str:
-    """`schemas/<table>/<lsn>.json`: the table's schema from *lsn* on (JSON, encrypted)."""
-    from urllib.parse import quote
-
-    return f"schemas/{quote(table, safe='')}/{lsn.hex_key()}.json"
-
-
-GAPS_PREFIX = "gaps/"
-
-
-def gap_key(start: Lsn, end: Lsn) -> str:
-    """`gaps/<from>-<to>.json`: changes between these LSNs may be missing (a lost slot replaced
-    after the operator confirmed, recorded by the capture); the name is what a replay plans
-    with, the content (JSON, encrypted) says why and when."""
-    return f"{GAPS_PREFIX}{start.hex_key()}-{end.hex_key()}.json"
-
-
-def parse_gap_key(key: str) -> tuple[Lsn, Lsn]:
-    """Inverse of `gap_key`; ValueError naming *key* when it is not one."""
-    name = key.removeprefix(GAPS_PREFIX).removesuffix(".json")
-    start, dash, end = name.partition("-")
-    try:
-        if not (key.startswith(GAPS_PREFIX) and key.endswith(".json") and dash):
-            raise ValueError(key)
-        return Lsn.from_key(start), Lsn.from_key(end)
-    except ValueError:
-        raise ValueError(f"object {key} is not a gap record name "
-                         "(gaps/<16 hex digits>-<16 hex digits>.json)") from None
-
-
-async def recorded_gaps(store: ObjectStore) -> list[tuple[Lsn, Lsn]]:
-    """The gaps the destination has archived, sorted."""
-    return sorted([parse_gap_key(info.key) async for info in store.list(GAPS_PREFIX)])
+__all__ = ["change_records", "checkpoint", "part_records", "read_segment", "schemas",
+           "table_names", "transaction_records"]
 
 
 async def schemas(store: ObjectStore, keyring: Keyring, table: str) -> list[dict[str, Any]]:
     """The archived schemas of *table*, oldest first."""
-    import json
-    from urllib.parse import quote
-
     out = []
-    async for info in store.list(f"schemas/{quote(table, safe='')}/"):
+    async for info in store.list(schemas_prefix(table)):
         out.append(json.loads(decrypt(await store.get(info.key), info.key, keyring)))
     return out
 
 
 async def table_names(store: ObjectStore) -> list[str]:
-    from urllib.parse import unquote
-
     tables: set[str] = set()
-    async for info in store.list("segments/"):
-        tables.add(unquote(info.key.split("/")[1]))
+    async for info in store.list(segments_prefix()):
+        tables.add(table_of(info.key))
     return sorted(tables)
 
 
@@ -88,11 +58,8 @@ async def change_records(store: ObjectStore, keyring: Keyring, table: str | None
                          ) -> AsyncIterator[dict[str, Any]]:
     """Every archived change record (fastavro dicts), table by table, in name order; then
     the rows of snapshot parts as op `r` records, their values typed by the table's archived
-    schema at the part's LSN (`replay.render.typed`)."""
-    from urllib.parse import quote
-
-    prefix = f"segments/{quote(table, safe='')}/" if table else "segments/"
-    async for info in store.list(prefix):
+    schema at the part's LSN (`archive.render.typed`)."""
+    async for info in store.list(segments_prefix(table)):
         _, records = await read_segment(store, info.key, keyring)
         for record in records:
             yield record
@@ -103,21 +70,8 @@ async def change_records(store: ObjectStore, keyring: Keyring, table: str | None
 async def part_records(store: ObjectStore, keyring: Keyring, table: str | None = None
                        ) -> AsyncIterator[dict[str, Any]]:
     """The rows of the snapshot parts (of *table*), as envelope-like op `r` records."""
-    from urllib.parse import quote
-
-    from replicator.replay.render import PgText, typed
-    from replicator.sink.part import (
-        KEY_SEPARATOR,
-        decode_part,
-        is_part_key,
-        key_values,
-        row_fields,
-        split_line,
-    )
-
-    prefix = f"snapshots/{quote(table, safe='')}/" if table else "snapshots/"
     types: dict[str, dict[str, str]] = {}
-    async for info in store.list(prefix):
+    async for info in store.list(snapshots_prefix(table)):
         if not is_part_key(info.key):
             continue
         header, batches = decode_part(decrypt(await store.get(info.key), info.key, keyring))
@@ -144,19 +98,8 @@ async def part_records(store: ObjectStore, keyring: Keyring, table: str | None =
 
 async def transaction_records(store: ObjectStore, keyring: Keyring
                               ) -> AsyncIterator[TransactionRecord]:
-    async for info in store.list("transactions/"):
+    async for info in store.list(TRANSACTIONS):
         data = decrypt(await store.get(info.key), info.key, keyring)
         _, records = decode_transaction_segment(data)
         for record in records:
             yield record
-
-
-async def checkpoint(store: ObjectStore, destination: str, tier: Tier | None = None) -> Lsn:
-    """The destination's newest checkpoint (overall, or of one tier)."""
-    prefix = f"checkpoints/{destination}/" + (f"{tier.value}/" if tier else "")
-    latest = INVALID_LSN
-    async for info in store.list(prefix):
-        rest = info.key[len(prefix):]
-        if "/" not in rest and rest not in {t.value for t in TIER_ORDER}:
-            latest = max(latest, parse_checkpoint_key(info.key))
-    return latest

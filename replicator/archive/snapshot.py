@@ -35,94 +35,24 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import struct
 import tempfile
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final, NamedTuple
-from urllib.parse import quote, unquote
+from typing import Any, Final
 
+from replicator.archive.bloom import Bloom, may_hold
+from replicator.archive.part import MAX_WEDDING_IDS, PartCorrupt, framed_header, unescape
 from replicator.position import Lsn
-from replicator.sink.bloom import Bloom, may_hold
-from replicator.sink.part import MAX_WEDDING_IDS, PartCorrupt, framed_header, unescape
 
-__all__ = ["SnapshotHeader", "SnapshotName", "SnapshotPart", "SnapshotWriter", "bucket_of",
-           "is_manifest_key", "is_snapshot_key", "manifest_key", "parse_manifest_key",
-           "parse_snapshot_key", "snapshot_key"]
+__all__ = ["SnapshotHeader", "SnapshotPart", "SnapshotWriter", "bucket_of"]
 
 MAGIC: Final = b"WSS1"
 FORMAT: Final = 1
 _CHUNK: Final = 1 << 20
 _FLUSH: Final = 256 << 10  # characters of a bucket's lines gathered before compressing
-_PART: Final = re.compile(
-    r"snapshots/(?P<table>[^/]+)/(?P<lsn>[0-9A-F]{16})/part-(?P<n>0|[1-9][0-9]{0,8})\.snap")
-_MANIFEST: Final = re.compile(
-    r"snapshots/(?P<table>[^/]+)/(?P<lsn>[0-9A-F]{16})/manifest-(?P<n>[1-9][0-9]{0,8})\.json")
 KEY_KINDS: Final = ("long", "string", "uuid", "numeric")
-
-
-# --- names -----------------------------------------------------------------------------------
-
-
-class SnapshotName(NamedTuple):
-    table: str
-    lsn: Lsn
-    number: int  # a part's number, or a manifest's count of parts
-
-
-def _check_table(table: str) -> None:
-    if not table or table in (".", ".."):
-        raise ValueError(f"invalid table name {table!r} for a snapshot")
-
-
-def snapshot_key(table: str, lsn: Lsn, part: int) -> str:
-    """`snapshots/<table>/<16 hex>/part-<n>.snap`: the table quoted as in segment names, the
-    LSN as `Lsn.hex_key()`, the part number in decimal without leading zeros, from 0."""
-    _check_table(table)
-    if not 0 <= part < 10**9:
-        raise ValueError(f"invalid snapshot part number {part}")
-    return f"snapshots/{quote(table, safe='')}/{lsn.hex_key()}/part-{part}.snap"
-
-
-def manifest_key(table: str, lsn: Lsn, parts: int) -> str:
-    """`snapshots/<table>/<16 hex>/manifest-<parts>.json`."""
-    _check_table(table)
-    if not 0 < parts < 10**9:
-        raise ValueError(f"invalid snapshot part count {parts}")
-    return f"snapshots/{quote(table, safe='')}/{lsn.hex_key()}/manifest-{parts}.json"
-
-
-def _parse(key: str, pattern: re.Pattern[str], what: str, canonical: Any) -> SnapshotName:
-    match = pattern.fullmatch(key)
-    if match is None:
-        raise ValueError(f"{key!r} is not a {what}")
-    table = unquote(match["table"], errors="strict")
-    name = SnapshotName(table, Lsn.from_key(match["lsn"]), int(match["n"]))
-    if table in ("", ".", "..") or canonical(table, name.lsn, name.number) != key:
-        raise ValueError(f"{key!r} is not the canonical {what} of its table")
-    return name
-
-
-def parse_snapshot_key(key: str) -> SnapshotName:
-    """The inverse of `snapshot_key`; `ValueError` for any other name."""
-    return _parse(key, _PART, "snapshot part name (snapshots/<table>/<16 hex>/part-<n>.snap)",
-                  snapshot_key)
-
-
-def parse_manifest_key(key: str) -> SnapshotName:
-    """The inverse of `manifest_key`; `ValueError` for any other name."""
-    return _parse(key, _MANIFEST, "snapshot manifest name "
-                  "(snapshots/<table>/<16 hex>/manifest-<parts>.json)", manifest_key)
-
-
-def is_snapshot_key(key: str) -> bool:
-    return key.startswith("snapshots/") and key.endswith(".snap")
-
-
-def is_manifest_key(key: str) -> bool:
-    return key.startswith("snapshots/") and "/manifest-" in key and key.endswith(".json")
 
 
 def bucket_of(wedding_field: str, parts: int) -> int:
