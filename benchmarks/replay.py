@@ -651,7 +651,7 @@ def compaction_point(archive: Path, tail: int) -> tuple[Lsn, int]:
     import uvloop
 
     from connectors.local import LocalStore
-    from replicator.replay.engine import Archive
+    from replicator.archive.reader import Archive
 
     async def main() -> list[Any]:
         store = LocalStore(archive)

@@ -53,8 +53,8 @@ from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
 from replicator.events import ChangeEvent, Op, Row
+from replicator.keys import message_key
 from replicator.position import ChangePosition
-from replicator.transport.kafka import message_key
 
 __all__ = [
     "LATEST_WINS",

@@ -45,8 +45,16 @@ from replicator.errors import ReplicatorError
 from replicator.position import Lsn
 from replicator.transport.avro import NUMERIC, UUID_
 
-__all__ = ["KEY_SEPARATOR", "PartCorrupt", "PartHeader", "decode_part", "encode_part",
-           "key_values", "partable"]
+__all__ = [
+    "KEY_SEPARATOR",
+    "PartCorrupt",
+    "PartHeader",
+    "decode_part",
+    "encode_part",
+    "key_values",
+    "partable",
+    "pg_key_text",
+]
 
 MAGIC: Final = b"WSP1"
 FORMAT: Final = 1
@@ -139,7 +147,7 @@ def partable(records: Sequence[Mapping[str, Any]]) -> bool:
     return True
 
 
-def key_text(key: Mapping[str, Any]) -> str:
+def pg_key_text(key: Mapping[str, Any]) -> str:
     """A row's key as a part line holds it (before COPY escaping)."""
     if len(key) == 1:  # the common case, once per change read: kept short
         for value in key.values():
@@ -199,7 +207,7 @@ def encode_part(records: Sequence[Mapping[str, Any]], *, table: str, tier: str,
         low, high = min(low, ts), max(high, ts)
         lines.append(f"{source['seq']}\t"
                      + ("\\N" if wedding is None else copy_escape(wedding))
-                     + "\t" + copy_escape(key_text(record["key"])) + "\t"
+                     + "\t" + copy_escape(pg_key_text(record["key"])) + "\t"
                      + copy_line([after[c] for c in columns]))
     ids: tuple[str, ...] | None = tuple(sorted(weddings))
     bloom = None

@@ -85,6 +85,7 @@ from replicator.archive.layout import (
 )
 from replicator.errors import ReplicatorError
 from replicator.events import ChangeEvent, TransactionRecord
+from replicator.keys import canonical_key
 from replicator.position import ChangePosition, Lsn
 from replicator.transport.avro import (
     CodecError,
@@ -93,7 +94,6 @@ from replicator.transport.avro import (
     to_python,
     transaction_from_dict,
 )
-from replicator.transport.kafka import key_text
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer
@@ -180,15 +180,15 @@ class SegmentHeader:
         """False only when the header proves no row of *wedding_id* is inside."""
         return may_hold(wedding_id, self.wedding_ids, self.wedding_bloom)
 
-    def may_delete_key(self, key_text: str) -> bool:
-        """False only when the header proves no delete of unknown wedding removes *key_text*
-        (a key as `merge_key` writes it: canonical JSON of the key columns)."""
+    def may_delete_key(self, key: str) -> bool:
+        """False only when the header proves no delete of unknown wedding removes *key* (its
+        canonical key, `keys.canonical_key`)."""
         if self.unknown_deletes is None:
             return self.ops.get("d", 0) > 0
         if self.unknown_deletes == 0:
             return False
         if self.delete_key_bloom is not None:
-            return key_text in Bloom.from_text(self.delete_key_bloom)
+            return key in Bloom.from_text(self.delete_key_bloom)
         return True
 
     def metadata(self) -> dict[str, str]:
@@ -348,11 +348,11 @@ def _event_facts(record: Mapping[str, Any]) -> _Facts:
     op, wedding = record["op"], record["wedding_id"]
     return (f"{source['schema']}.{source['table']}", (source["lsn"], source["seq"]),
             source["ts_us"], op, wedding,
-            partial(_record_key_text, record) if op == "d" and wedding is None else None)
+            partial(_record_canonical_key, record) if op == "d" and wedding is None else None)
 
 
-def _record_key_text(record: Mapping[str, Any]) -> str:
-    return key_text(to_python(record["key"]))
+def _record_canonical_key(record: Mapping[str, Any]) -> str:
+    return canonical_key(to_python(record["key"]))
 
 
 def _transaction_facts(record: Mapping[str, Any]) -> _Facts:
@@ -448,7 +448,7 @@ def encode_segment(
     summary = _Summary(SegmentKind.CHANGES, table, writing=True)
     for event in ordered:
         summary.add(event.qualified_table, event.position, event.commit_ts_us, str(event.op),
-                    event.wedding_id, partial(key_text, event.key))
+                    event.wedding_id, partial(canonical_key, event.key))
     header = summary.header(avro.event_fingerprint.hex(), name)
     hints = column_types.get(table) if column_types else None
     datums = (avro.event_datum(event, hints) for event in ordered)

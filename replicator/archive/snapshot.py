@@ -20,7 +20,7 @@ Three zstd frames, each one line per row, in the same order. The **rows** frame 
 Postgres COPY text, in the header's column order: a restore streams it into `COPY ... FROM
 STDIN` without touching a line. The **keys** frame holds each row's key text (the key
 columns' Postgres text joined by U+001F, COPY-escaped, as snapshot-part lines hold it,
-`sink.part.key_text`): a restore with changes after the snapshot finds the rows they replace
+`archive.part.pg_key_text`): a restore with changes after the snapshot finds the rows they replace
 by set operations on it, not by reading rows. The **weddings** frame holds each row's wedding
 id (COPY-escaped, `\\N` for none). The header: `format`, `table`, `lsn`, `part`, `parts`,
 `rows`, `columns`, `key`, `key_kinds` (`long`, `string`, `uuid`, `numeric`: the canonical key

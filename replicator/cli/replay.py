@@ -61,7 +61,7 @@ def run_archive_command(main: Coroutine[Any, Any, T], *, failed: str,
     message; `ReplayRefused` (a request to change) exits 2."""
     import uvloop
 
-    from replicator.replay.engine import ReplayFailed
+    from replicator.archive.reader import ReplayFailed
     from replicator.replay.plan import ReplayRefused
 
     try:

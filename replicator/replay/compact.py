@@ -37,13 +37,14 @@ from typing import Any
 
 from connectors.base import ObjectStore
 from replicator.archive.layout import SEGMENTS, SNAPSHOTS, manifest_key, snapshot_key
+from replicator.archive.reader import Archive
 from replicator.archive.snapshot import SnapshotHeader, SnapshotWriter, manifest
 from replicator.crypto import Keyring, encrypt
 from replicator.position import Lsn
-from replicator.replay.engine import Archive, TableJob, TableSchema, restore_table
+from replicator.replay.engine import restore_table
 from replicator.replay.plan import LATEST, At, ReplayRefused, select_tables, tables_of
 from replicator.replay.run import Prepared, prepare
-from replicator.replay.table import Rows
+from replicator.replay.table import Rows, TableJob, TableSchema
 
 __all__ = ["CompactSummary", "TableCompaction", "compact", "key_kinds"]
 

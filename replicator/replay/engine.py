@@ -33,7 +33,7 @@ has no transaction record mean the transaction records have a gap. Both stop the
 wedding restore reads only the segments that can hold the wedding, so it cannot count.
 
 **Keys.** A full-table restore keys rows by the Postgres text of their key columns, as part
-lines hold it (`sink.part.key_text`), so changes and snapshot-part lines meet without parsing
+lines hold it (`archive.part.pg_key_text`), so changes and snapshot-part lines meet without parsing
 (a numeric key archived as both `1.5` and `1.50` would not match, and the primary key added
 after loading refuses the duplicate rather than keep it silently); a wedding restore keys by
 the canonical JSON the sinks use, which the segment headers' filters of deleted keys hold. An
@@ -49,7 +49,7 @@ import contextlib
 import functools
 import hashlib
 import io
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,16 +57,11 @@ from fastavro import schemaless_writer
 
 from replicator.archive.layout import (
     TRANSACTIONS,
-    is_part_key,
-    is_snapshot_key,
-    parse_part_key,
-    parse_segment_key,
     segments_prefix,
 )
-from replicator.archive.merge import Merger, Tombstone
-from replicator.archive.part import PartCorrupt, unescape
-from replicator.archive.part import key_text as part_key_text
-from replicator.archive.reader import Archive, ReplayFailed, Timeline, current_rss_mb, nearest_hint
+from replicator.archive.merge import Merger
+from replicator.archive.part import PartCorrupt, pg_key_text, unescape
+from replicator.archive.reader import Archive, ReplayFailed, Timeline, nearest_hint
 from replicator.archive.render import copy_escape
 from replicator.archive.segment import SegmentHeader
 from replicator.archive.snapshot import SnapshotPart
@@ -77,21 +72,23 @@ from replicator.replay.table import (
     Emit,
     EmitCopy,
     EmitLines,
+    JobObject,
+    ObjectKind,
     Output,
     Remover,
     TableJob,
-    TableSchema,
     TableStats,
+    apply_key_changes,
     base_row_event,
+    emit_states,
+    job_objects,
     line_event,
     mark_seen,
-    merge_text_key,
     record_event,
 )
 from replicator.transport.avro import EventCodec, digest_text
 
-__all__ = ["Archive", "ReplayFailed", "TableJob", "TableSchema", "TableStats", "Timeline",
-           "current_rss_mb", "restore_table"]
+__all__ = ["restore_table"]
 
 
 async def restore_table(archive: Archive, job: TableJob, emit: Emit,
@@ -104,33 +101,62 @@ async def restore_table(archive: Archive, job: TableJob, emit: Emit,
     snapshot parts whose columns are the schema's go through it as COPY text, unparsed. With
     *emit_lines*, every row goes through it instead, with its key text and wedding
     (compaction). With *remover*, a compaction snapshot is loaded while the changes are
-    read, and the rows of changed keys removed after."""
+    read, and the rows of changed keys removed after. A wedding restore is
+    `replay.wedding.restore_wedding`."""
     if job.wedding is not None:
-        from replicator.replay.wedding import restore_wedding
-
-        return await restore_wedding(archive, job, emit, progress)
+        raise ValueError("restore_table restores whole tables: a wedding restore is "
+                         "replay.wedding.restore_wedding")
     stats = TableStats(job.table)
-    base = int(job.base)
-    parts: list[str] = []  # the base's snapshot parts (rows-*.part at the base LSN)
-    snapshots: list[str] = []  # the base's compaction snapshot parts
-    for key in job.segments:
-        if is_snapshot_key(key):
-            snapshots.append(key)
-        elif is_part_key(key) and int(parse_part_key(key).lsn) == base and not job.compacted:
-            parts.append(key)
+    objects = list(job_objects(job))
+    parts = [o.key for o in objects if o.kind is ObjectKind.BASE_PART]
+    snapshots = [o.key for o in objects if o.kind is ObjectKind.SNAPSHOT]
     out = Output(job, stats, emit, emit_copy, emit_lines, progress)
+    # With a target that can take the base first and drop the rows of changed keys after
+    # (`remover`), a compaction snapshot's rows are loaded while pass 1 runs: the target
+    # database works while this process decodes the changes.
+    early = bool(snapshots) and remover is not None and emit_lines is None
+    changes = await _gather_changes(archive, job, objects, stats,
+                                    _load_snapshots(archive, job, snapshots, out) if early
+                                    else None)
+    stats.changed_keys = len(changes.changed)
+    if early:
+        assert remover is not None
+        await _remove_changed(job, changes, remover, stats)
+    await _write_deferred(archive, job, changes, out)
+    for key in parts:
+        await _write_part(archive, job, key, changes, out)
+    for key in snapshots if not early else ():
+        stats.segments += 1
+        snapshot = await archive.snapshot(key)
+        if changes.truncated is not None:  # a truncate after the base empties the table
+            continue
+        try:
+            await _snapshot_rows(archive, job, snapshot, changes.changed, changes.merger, out)
+        except PartCorrupt as exc:
+            raise archive.snapshot_failed(key, exc) from None
+
+    if job.check_counts:  # before any conclusion is drawn from the versions found
+        _check_counts(archive.timeline, job, changes.seen, changes.commits)
+    if job.check_digests:
+        stats.digests_checked = _check_digests(archive.timeline, job, changes)
+    apply_key_changes(changes.merger, changes.key_changes, job.table)
+    await emit_states(changes.merger, job, out, archive.timeline)
+    return stats
+
+
+async def _gather_changes(archive: Archive, job: TableJob, objects: Sequence[JobObject],
+                          stats: TableStats, alongside: Coroutine[Any, Any, None] | None
+                          ) -> _Changes:
+    """Pass 1 in a thread, with *alongside* (the early load of a compaction snapshot) on
+    this loop meanwhile; either one's failure cancels the other."""
     loop = asyncio.get_running_loop()
 
     def fetch(key: str) -> bytes:  # from the pass's thread, through this loop
         return asyncio.run_coroutine_threadsafe(archive.stored(key), loop).result()
 
-    # Pass 1 runs in a thread. With a target that can take the base first and drop the
-    # rows of changed keys after (`remover`), a compaction snapshot's rows are loaded
-    # meanwhile: the target database works while this process decodes the changes.
-    early = bool(snapshots) and remover is not None and emit_lines is None
-    pending = asyncio.create_task(_load_snapshots(archive, job, snapshots, out)) if early else None
+    pending = asyncio.create_task(alongside) if alongside is not None else None
     try:
-        changes = await asyncio.to_thread(_pass1, archive, job, fetch, stats)
+        changes = await asyncio.to_thread(_pass1, archive, job, objects, fetch, stats)
     except BaseException:
         if pending is not None:
             pending.cancel()
@@ -139,84 +165,79 @@ async def restore_table(archive: Archive, job: TableJob, emit: Emit,
         raise
     if pending is not None:
         await pending
-    merger, changed, seen = changes.merger, changes.changed, changes.seen
-    truncated, key_changes = changes.truncated, changes.key_changes
-    stats.changed_keys = len(changed)
-    if early:
-        assert remover is not None
-        if truncated is not None:  # a truncate after the base empties the table
-            await remover.remove_all()
-            stats.rows -= stats.base_rows
-            stats.base_rows = 0
-        elif changed:
-            removed = await remover.remove_keys(sorted(changed))
-            stats.rows -= len(removed)
-            stats.base_rows -= len(removed)
-            for texts in removed:
-                event, text_key = base_row_event(job, texts)
-                merger.add(event, (job.table, text_key))
+    return changes
 
+
+async def _remove_changed(job: TableJob, changes: _Changes, remover: Remover,
+                          stats: TableStats) -> None:
+    """After an early load: drop the loaded rows that the changes replace (all of them after
+    a truncate); the removed rows join the merger as the older versions."""
+    if changes.truncated is not None:  # a truncate after the base empties the table
+        await remover.remove_all()
+        stats.rows -= stats.base_rows
+        stats.base_rows = 0
+    elif changes.changed:
+        removed = await remover.remove_keys(sorted(changes.changed))
+        stats.rows -= len(removed)
+        stats.base_rows -= len(removed)
+        for texts in removed:
+            event, text_key = base_row_event(job, texts)
+            changes.merger.add(event, (job.table, text_key))
+
+
+async def _write_deferred(archive: Archive, job: TableJob, changes: _Changes, out: Output
+                          ) -> None:
+    """Pass 2 over the segments that hold only base rows: each row goes out, or joins the
+    merger when its key changed."""
+    base, seen, changed = int(job.base), changes.seen, changes.changed
     for key in changes.deferred:
         _, records = await archive.segment(key)
         for record in records:
             seq = record["source"]["seq"]
             if not mark_seen(seen, base, seq):
-                stats.duplicates += 1
+                out.stats.duplicates += 1
                 continue
-            if truncated is not None and (base, seq) < truncated:
+            if changes.truncated is not None and (base, seq) < changes.truncated:
                 continue
             if changed:
-                text_key = part_key_text(record["key"])
+                text_key = pg_key_text(record["key"])
                 if copy_escape(text_key) in changed:
-                    merger.add(record_event(record, python_key=False), (job.table, text_key))
+                    changes.merger.add(record_event(record, python_key=False),
+                                       (job.table, text_key))
                     continue
             await out.record(record)
     await out.flush()
 
-    for key in parts:
-        stats.segments += 1
-        part, batches = await archive.part(key)
-        for lines in batches:
-            rows: list[str] = []
-            keys: list[str] = []
-            weddings: list[str] = []
-            for line in lines:
-                seq_text, wedding_text, key_field, row = line.split("\t", 3)
-                seq = int(seq_text)
-                if not mark_seen(seen, base, seq):
-                    stats.duplicates += 1
-                    continue
-                if truncated is not None and (base, seq) < truncated:
-                    continue
-                if key_field in changed:
-                    merger.add(line_event(job, part, seq, wedding_text, key_field, row),
-                               (job.table, unescape(key_field)))
-                    continue
-                rows.append(row)
-                if emit_lines is not None:
-                    keys.append(key_field)
-                    weddings.append(wedding_text)
-            archive.check_memory(job.table, len(changed))
-            await out.lines(rows, part.columns, keys, weddings)
 
-    for key in snapshots if not early else ():
-        stats.segments += 1
-        snapshot = await archive.snapshot(key)
-        if truncated is not None:  # a truncate after the base empties the table
-            continue
-        try:
-            await _snapshot_rows(archive, job, snapshot, changed, merger, out)
-        except PartCorrupt as exc:
-            raise archive.snapshot_failed(key, exc) from None
-
-    if job.check_counts:  # before any conclusion is drawn from the versions found
-        _check_counts(archive.timeline, job, seen, changes.commits)
-    if job.check_digests:
-        stats.digests_checked = _check_digests(archive.timeline, job, changes)
-
-    apply_key_changes(merger, key_changes, job.table)
-    await emit_states(merger, job, out, archive.timeline)
-    return stats
+async def _write_part(archive: Archive, job: TableJob, key: str, changes: _Changes,
+                      out: Output) -> None:
+    """Pass 2 over a base snapshot part: its lines go out as COPY text, less those whose key
+    changed (they join the merger)."""
+    base, seen, changed = int(job.base), changes.seen, changes.changed
+    out.stats.segments += 1
+    part, batches = await archive.part(key)
+    for lines in batches:
+        rows: list[str] = []
+        keys: list[str] = []
+        weddings: list[str] = []
+        for line in lines:
+            seq_text, wedding_text, key_field, row = line.split("\t", 3)
+            seq = int(seq_text)
+            if not mark_seen(seen, base, seq):
+                out.stats.duplicates += 1
+                continue
+            if changes.truncated is not None and (base, seq) < changes.truncated:
+                continue
+            if key_field in changed:
+                changes.merger.add(line_event(job, part, seq, wedding_text, key_field, row),
+                                   (job.table, unescape(key_field)))
+                continue
+            rows.append(row)
+            if out.emit_lines is not None:
+                keys.append(key_field)
+                weddings.append(wedding_text)
+        archive.check_memory(job.table, len(changed))
+        await out.lines(rows, part.columns, keys, weddings)
 
 
 @dataclass(slots=True)
@@ -224,7 +245,7 @@ class _Changes:
     """What pass 1 found: every change after the base, merged; the changed keys."""
 
     merger: Merger = field(default_factory=Merger)
-    # The changed keys, as part lines hold them (`sink.part.key_text`, COPY-escaped).
+    # The changed keys, as part lines hold them (`archive.part.pg_key_text`, COPY-escaped).
     changed: set[str] = field(default_factory=set)
     seen: dict[int, bytearray] = field(default_factory=dict)
     commits: set[int] = field(default_factory=set)  # commit LSNs with changes
@@ -234,75 +255,76 @@ class _Changes:
     digests: dict[int, int] = field(default_factory=dict)
     unchecked: set[int] = field(default_factory=set)
     deferred: list[str] = field(default_factory=list)  # segments of base rows only
-    key_changes: list[dict[str, Any]] = field(default_factory=list)
+    key_changes: list[Mapping[str, Any]] = field(default_factory=list)
 
 
-def _pass1(archive: Archive, job: TableJob, fetch: Callable[[str], bytes], stats: TableStats
-           ) -> _Changes:
+def _pass1(archive: Archive, job: TableJob, objects: Sequence[JobObject],
+           fetch: Callable[[str], bytes], stats: TableStats) -> _Changes:
     """Pass 1 (module docstring), in a thread: *fetch* gets an object's stored bytes."""
     found = _Changes()
-    merger, changed, seen = found.merger, found.changed, found.seen
-    base, target, low = int(job.base), int(job.target), job.first_change
-    for key in job.segments:
-        if is_snapshot_key(key):
-            continue
-        if is_part_key(key):
-            lsn = int(parse_part_key(key).lsn)
-            if low <= lsn <= target and not (lsn == base and not job.compacted):
-                # an on-demand snapshot: versions like changes
-                stats.segments += 1
-                for event, text_key in _part_events(archive, key, fetch(key), job, seen):
-                    merger.add(event, (job.table, text_key))
-                    changed.add(copy_escape(text_key))
-            continue
-        parsed = parse_segment_key(key)
-        if parsed.last < low or parsed.first > target:
-            continue
-        header, records = archive.open_segment(key, fetch(key),
-                                               low - 1 if parsed.first < low else None)
-        stats.segments += 1
-        digest = _digester(header) if job.check_digests else None
-        if (not job.compacted and header.first.commit_lsn == header.last.commit_lsn == base
-                and set(header.ops) == {Op.READ.value}):
-            found.deferred.append(key)
-            continue
-        for record in records:
-            source = record["source"]
-            lsn = source["lsn"]
-            if lsn < low or lsn > target:
+    low = job.first_change
+    for obj in objects:
+        if obj.kind is ObjectKind.PART:  # an on-demand snapshot: versions like changes
+            stats.segments += 1
+            for event, text_key in _part_events(archive, obj.key, fetch(obj.key), job,
+                                                found.seen):
+                found.merger.add(event, (job.table, text_key))
+                found.changed.add(copy_escape(text_key))
+        elif obj.kind is ObjectKind.SEGMENT:
+            header, records = archive.open_segment(obj.key, fetch(obj.key),
+                                                   low - 1 if obj.first < low else None)
+            stats.segments += 1
+            if (not job.compacted and header.first.commit_lsn == header.last.commit_lsn
+                    == int(job.base) and set(header.ops) == {Op.READ.value}):
+                found.deferred.append(obj.key)
                 continue
-            if not mark_seen(seen, lsn, source["seq"]):
-                stats.duplicates += 1
-                continue
-            op = record["op"]
-            if op != "r":
-                found.commits.add(lsn)
-                stats.changes += 1
-                if job.check_digests:
-                    if digest is None:
-                        found.unchecked.add(lsn)
-                    else:
-                        found.digests[lsn] = found.digests.get(lsn, 0) + digest(record)
-            if op == "t":
-                position = (lsn, source["seq"])
-                if source["origin"] is None and (found.truncated is None
-                                                 or position > found.truncated):
-                    found.truncated = position
-                merger.add(record_event(record))
-                continue
-            text_key = part_key_text(record["key"])
-            changed.add(copy_escape(text_key))
-            before = record["before"]
-            if op == "u" and before is not None:
-                old_key = part_key_text({name: before.get(name) for name in record["key"]})
-                if old_key != text_key:
-                    # A key change: applied once every older version is in (below).
-                    found.key_changes.append(record)
-                    changed.add(copy_escape(old_key))
-                    continue
-            merger.add(record_event(record, python_key=False), (job.table, text_key))
-        archive.check_memory(job.table, len(changed))
+            digest = _digester(header) if job.check_digests else None
+            _take_changes(job, records, digest, found, stats)
+            archive.check_memory(job.table, len(found.changed))
     return found
+
+
+def _take_changes(job: TableJob, records: Iterable[Mapping[str, Any]],
+                  digest: Callable[[Mapping[str, Any]], int] | None, found: _Changes,
+                  stats: TableStats) -> None:
+    """One segment's records between the base and the target, into *found*."""
+    low, target = job.first_change, int(job.target)
+    merger, changed, seen = found.merger, found.changed, found.seen
+    for record in records:
+        source = record["source"]
+        lsn = source["lsn"]
+        if lsn < low or lsn > target:
+            continue
+        if not mark_seen(seen, lsn, source["seq"]):
+            stats.duplicates += 1
+            continue
+        op = record["op"]
+        if op != "r":
+            found.commits.add(lsn)
+            stats.changes += 1
+            if job.check_digests:
+                if digest is None:
+                    found.unchecked.add(lsn)
+                else:
+                    found.digests[lsn] = found.digests.get(lsn, 0) + digest(record)
+        if op == "t":
+            position = (lsn, source["seq"])
+            if source["origin"] is None and (found.truncated is None
+                                             or position > found.truncated):
+                found.truncated = position
+            merger.add(record_event(record))
+            continue
+        text_key = pg_key_text(record["key"])
+        changed.add(copy_escape(text_key))
+        before = record["before"]
+        if op == "u" and before is not None:
+            old_key = pg_key_text({name: before.get(name) for name in record["key"]})
+            if old_key != text_key:
+                # A key change: applied once every older version is in (`apply_key_changes`).
+                found.key_changes.append(record)
+                changed.add(copy_escape(old_key))
+                continue
+        merger.add(record_event(record, python_key=False), (job.table, text_key))
 
 
 async def _load_snapshots(archive: Archive, job: TableJob, keys: Sequence[str], out: Output
@@ -458,46 +480,6 @@ def _check_counts(timeline: Timeline, job: TableJob, seen: Mapping[int, bytearra
                 f"{job.table}: changes committed at {Lsn(lsn)} have no transaction record: "
                 f"the transaction records ({TRANSACTIONS}) have a gap there"
                 f"{nearest_hint(nearest)}", object=TRANSACTIONS, nearest=nearest)
-
-
-def apply_key_changes(merger: Merger, key_changes: list[dict[str, Any]],
-                       text_keys: str | None = None) -> None:
-    """An update that moves a row to a new key deletes the old key, and takes along the old
-    row's values of the columns it left unchanged (TOAST), in position order (chains).
-    *text_keys*: the table, when the merger is keyed by `_text_key`."""
-    key_changes.sort(key=lambda r: (r["source"]["lsn"], r["source"]["seq"]))
-    python_key = text_keys is None
-    for record in key_changes:
-        before = record["before"]
-        old = {name: before.get(name) for name in record["key"]}
-        gone = record_event(record, Op.DELETE, old, python_key=python_key)
-        moved = record_event(record, python_key=python_key)
-        gone_key = moved_key = None
-        if text_keys is not None:
-            gone_key = merge_text_key(text_keys, old)
-            moved_key = merge_text_key(text_keys, record["key"])
-        if moved.unchanged:
-            taken = merger.values_before(gone, moved.position, moved.unchanged, gone_key)
-            moved.after = {**(moved.after or {}), **taken}
-            moved.unchanged = tuple(c for c in moved.unchanged if c not in taken)
-        merger.add(gone, gone_key)
-        merger.add(moved, moved_key)
-
-
-async def emit_states(merger: Merger, job: TableJob, out: Output, timeline: Timeline
-                       ) -> None:
-    for key, state in merger.state().items():
-        if isinstance(state, Tombstone):
-            continue
-        if job.wedding is not None and state.wedding_id != job.wedding:
-            continue
-        if state.unchanged:
-            raise ReplayFailed(
-                f"{job.table}: the row with key {dict(state.key)} at {state.position} has "
-                f"unchanged column(s) {', '.join(state.unchanged)} and no earlier version in "
-                f"the archive to take them from{nearest_hint(timeline.before(job.base))}")
-        await out.state(state.after or {}, state.wedding_id, key[1])
-    await out.flush(base=False)
 
 
 def _part_events(archive: Archive, key: str, data: bytes, job: TableJob,

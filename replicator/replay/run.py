@@ -35,25 +35,26 @@ from replicator.archive.layout import (
     schemas_prefix,
 )
 from replicator.archive.part import PartCorrupt, read_part_header
+from replicator.archive.reader import (
+    Archive,
+    ReplayFailed,
+    Timeline,
+    current_rss_mb,
+    destinations,
+    recorded_gaps,
+    schema_versions,
+)
 from replicator.archive.reader import checkpoint as archive_checkpoint
-from replicator.archive.reader import destinations, recorded_gaps, schema_versions
 from replicator.archive.render import utc_text
 from replicator.archive.segment import SegmentError, read_header
 from replicator.archive.snapshot import read_snapshot_header
 from replicator.crypto import Keyring, decrypt_stream
 from replicator.position import Lsn
-from replicator.replay.engine import (
-    Archive,
-    ReplayFailed,
-    TableJob,
-    TableSchema,
-    TableStats,
-    Timeline,
-    current_rss_mb,
-    restore_table,
-)
+from replicator.replay.engine import restore_table
 from replicator.replay.plan import At, Header, ReplayPlan, ReplayRefused, plan, resolve_time
+from replicator.replay.table import TableJob, TableSchema, TableStats
 from replicator.replay.targets import Target
+from replicator.replay.wedding import restore_wedding
 
 __all__ = ["Prepared", "ReplaySummary", "apply", "prepare", "replay"]
 
@@ -280,6 +281,8 @@ async def apply(prepared: Prepared, target: Target, *, jobs: int = 4,
 
     async def one(job: TableJob) -> TableStats:
         async with limit, target.table(job.schema) as writer:
+            if job.wedding is not None:
+                return await restore_wedding(archive, job, writer.write, bar.add)
             return await restore_table(archive, job, writer.write, bar.add,
                                        getattr(writer, "write_copy", None),
                                        remover=getattr(writer, "remover", None))

@@ -8,18 +8,27 @@ wedding id. The helpers here turn archived records and snapshot lines into chang
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+import enum
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from replicator.archive.layout import (
+    is_part_key,
+    is_snapshot_key,
+    parse_part_key,
+    parse_segment_key,
+)
+from replicator.archive.merge import Merger, Tombstone
 from replicator.archive.part import (
     KEY_SEPARATOR,
     PartHeader,
     key_values,
+    pg_key_text,
     row_fields,
     unescape,
 )
-from replicator.archive.part import key_text as part_key_text
+from replicator.archive.reader import ReplayFailed, Timeline, nearest_hint
 from replicator.archive.render import PgText, copy_escape, copy_line
 from replicator.archive.segment import (
     SegmentHeader,
@@ -29,9 +38,10 @@ from replicator.archive.snapshot import (
 )
 from replicator.events import ChangeEvent, Op, Tier
 from replicator.position import ChangePosition, Lsn
-from replicator.transport.avro import to_python
+from replicator.transport.avro import event_from_dict
 
-__all__ = ["Column", "Output", "Remover", "TableJob", "TableSchema", "TableStats"]
+__all__ = ["Column", "JobObject", "ObjectKind", "Output", "Remover", "TableJob", "TableSchema",
+           "TableStats", "apply_key_changes", "emit_states", "job_objects"]
 
 Rows = list[list[Any]]
 Emit = Callable[[Rows], Awaitable[None]]
@@ -109,6 +119,43 @@ class TableStats:
     digests_checked: int = 0  # transactions whose content digest matched (check_digests)
 
 
+class ObjectKind(enum.Enum):
+    """What a planned object is to a restore."""
+
+    SNAPSHOT = "snapshot"  # a part of the base's compaction snapshot
+    BASE_PART = "base part"  # a part of the capture snapshot the table starts from
+    PART = "part"  # a part of a later (on-demand) capture snapshot: versions like changes
+    SEGMENT = "segment"  # changes (and snapshot rows that did not fit a part)
+
+
+@dataclass(frozen=True, slots=True)
+class JobObject:
+    key: str
+    kind: ObjectKind
+    first: Lsn  # the lowest and highest commit LSN its name gives
+    last: Lsn
+
+
+def job_objects(job: TableJob) -> Iterator[JobObject]:
+    """The objects of *job* in plan order, each with its kind, less the parts and segments
+    whose name proves they hold nothing between the base and the target: the one loop over
+    the three object kinds that the table and wedding restores share."""
+    base, low, target = int(job.base), job.first_change, int(job.target)
+    for key in job.segments:
+        if is_snapshot_key(key):
+            yield JobObject(key, ObjectKind.SNAPSHOT, job.base, job.base)
+        elif is_part_key(key):
+            lsn = parse_part_key(key).lsn
+            if lsn == base and not job.compacted:
+                yield JobObject(key, ObjectKind.BASE_PART, lsn, lsn)
+            elif low <= lsn <= target:
+                yield JobObject(key, ObjectKind.PART, lsn, lsn)
+        else:
+            parsed = parse_segment_key(key)
+            if parsed.last >= low and parsed.first <= target:
+                yield JobObject(key, ObjectKind.SEGMENT, parsed.first, parsed.last)
+
+
 def mark_seen(seen: dict[int, bytearray], lsn: int, seq: int) -> bool:
     """Record position (lsn, seq) as seen; False when it was seen before."""
     index, mask = seq >> 3, 1 << (seq & 7)
@@ -124,36 +171,23 @@ def mark_seen(seen: dict[int, bytearray], lsn: int, seq: int) -> bool:
 
 
 def record_event(record: Mapping[str, Any], op: Op | None = None,
-           key: Mapping[str, Any] | None = None, python_key: bool = True) -> ChangeEvent:
-    """The change event of a segment record, its values left as archived. *python_key*:
-    the key as Python values (for `merge_key`); else as archived (the caller gives the
-    merger its own key)."""
-    source = record["source"]
-    keys = record["key"] if key is None else key
-    return ChangeEvent(
-        op=op or _OPS[record["op"]], schema=source["schema"], table=source["table"],
-        position=ChangePosition(source["lsn"], source["seq"]),
-        commit_ts_us=source["ts_us"], xid=source["txId"],
-        key=to_python(keys) if python_key else keys,
-        before=record["before"], after=record["after"], unchanged=tuple(record["unchanged"]),
-        origin=source["origin"], db=source["db"], tier=_TIERS[record["priority"]],
-        wedding_id=record["wedding_id"])
-
-
-_OPS: dict[str, Op] = {op.value: op for op in Op}
-_TIERS: dict[str, Tier] = {tier.value: tier for tier in Tier}
+                 key: Mapping[str, Any] | None = None, python_key: bool = True) -> ChangeEvent:
+    """An archived change record as the event a restore merges: its values left as archived
+    (`archive.render` writes them), its key as Python values (for `merge_key`) or, with
+    *python_key* false, as archived (the caller gives the merger its own key)."""
+    return event_from_dict(record, python_values=False, python_key=python_key, op=op, key=key)
 
 
 def merge_text_key(table: str, key: Mapping[str, Any]) -> tuple[str, str]:
     """Replay's merge key: the key columns' Postgres text, as part lines hold it."""
-    return table, part_key_text(key)
+    return table, pg_key_text(key)
 
 
 class Remover(Protocol):
     """A target that can drop rows it was given (in the same transaction)."""
 
     async def remove_keys(self, keys: list[str]) -> list[list[str | None]]:
-        """Drop the rows whose key text (COPY-escaped `sink.part.key_text`) is one of
+        """Drop the rows whose key text (COPY-escaped `archive.part.pg_key_text`) is one of
         *keys*; their columns' text, in the schema's order (NULL as None)."""
         ...
 
@@ -201,7 +235,7 @@ class Output:
         after = record["after"]
         self.batch.append([after.get(c) for c in self.columns])
         if self.emit_lines is not None:
-            self.keys.append(copy_escape(part_key_text(record["key"])))
+            self.keys.append(copy_escape(pg_key_text(record["key"])))
             self.weddings.append(wedding_field(record["wedding_id"]))
         if len(self.batch) >= BATCH_ROWS:
             await self.flush()
@@ -281,3 +315,46 @@ def line_event(job: TableJob, header: PartHeader | SnapshotHeader, seq: int, wed
                        position=ChangePosition(header.lsn, seq),
                        commit_ts_us=ts, xid=0, key=key, after=after, tier=tier,
                        wedding_id=None if wedding == "\\N" else unescape(wedding))
+
+
+# --- what every restore does with the versions it gathered ----------------------------------
+
+
+def apply_key_changes(merger: Merger, key_changes: list[Mapping[str, Any]],
+                       text_keys: str | None = None) -> None:
+    """An update that moves a row to a new key deletes the old key, and takes along the old
+    row's values of the columns it left unchanged (TOAST), in position order (chains).
+    *text_keys*: the table, when the merger is keyed by `_text_key`."""
+    key_changes.sort(key=lambda r: (r["source"]["lsn"], r["source"]["seq"]))
+    python_key = text_keys is None
+    for record in key_changes:
+        before = record["before"]
+        old = {name: before.get(name) for name in record["key"]}
+        gone = record_event(record, Op.DELETE, old, python_key=python_key)
+        moved = record_event(record, python_key=python_key)
+        gone_key = moved_key = None
+        if text_keys is not None:
+            gone_key = merge_text_key(text_keys, old)
+            moved_key = merge_text_key(text_keys, record["key"])
+        if moved.unchanged:
+            taken = merger.values_before(gone, moved.position, moved.unchanged, gone_key)
+            moved.after = {**(moved.after or {}), **taken}
+            moved.unchanged = tuple(c for c in moved.unchanged if c not in taken)
+        merger.add(gone, gone_key)
+        merger.add(moved, moved_key)
+
+
+async def emit_states(merger: Merger, job: TableJob, out: Output, timeline: Timeline
+                       ) -> None:
+    for key, state in merger.state().items():
+        if isinstance(state, Tombstone):
+            continue
+        if job.wedding is not None and state.wedding_id != job.wedding:
+            continue
+        if state.unchanged:
+            raise ReplayFailed(
+                f"{job.table}: the row with key {dict(state.key)} at {state.position} has "
+                f"unchanged column(s) {', '.join(state.unchanged)} and no earlier version in "
+                f"the archive to take them from{nearest_hint(timeline.before(job.base))}")
+        await out.state(state.after or {}, state.wedding_id, key[1])
+    await out.flush(base=False)

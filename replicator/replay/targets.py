@@ -31,6 +31,7 @@ from datetime import date, datetime
 from pathlib import Path
 from typing import Any, Final, Protocol
 
+from replicator.archive.reader import ReplayFailed
 from replicator.archive.render import (
     FLOAT_TYPES,
     INT_TYPES,
@@ -40,8 +41,8 @@ from replicator.archive.render import (
     text,
     typed,
 )
-from replicator.replay.engine import ReplayFailed, TableSchema
 from replicator.replay.plan import ReplayRefused
+from replicator.replay.table import TableSchema
 
 __all__ = ["FORMATS", "FileTarget", "HashTarget", "PostgresTarget", "Target", "is_dsn"]
 

@@ -40,13 +40,15 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from connectors.base import ObjectStore
+from replicator.archive.reader import ReplayFailed
 from replicator.archive.reader import checkpoint as archive_checkpoint
 from replicator.archive.render import TableHash, utc_text
 from replicator.crypto import Keyring
 from replicator.position import Lsn
-from replicator.replay.engine import ReplayFailed, TableSchema, restore_table
+from replicator.replay.engine import restore_table
 from replicator.replay.plan import LATEST, At, ReplayRefused
 from replicator.replay.run import Prepared, find_destination, prepare
+from replicator.replay.table import TableSchema
 from replicator.replay.targets import HashTarget, PostgresTarget
 
 __all__ = ["TableCheck", "VerifyReport", "live_hashes", "verify"]

@@ -5,35 +5,31 @@ header says the wedding may be inside."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
-from replicator.archive.layout import (
-    is_part_key,
-    is_snapshot_key,
-    parse_part_key,
-    parse_segment_key,
-)
 from replicator.archive.merge import Merger
-from replicator.archive.part import PartCorrupt, PartHeader
-from replicator.archive.part import key_text as part_key_text
+from replicator.archive.part import PartCorrupt, PartHeader, pg_key_text
 from replicator.archive.reader import Archive
 from replicator.archive.render import copy_escape
 from replicator.archive.segment import SegmentHeader
 from replicator.archive.snapshot import SnapshotHeader, SnapshotPart
 from replicator.events import ChangeEvent, Op
-from replicator.replay.engine import apply_key_changes, emit_states
+from replicator.keys import canonical_key
 from replicator.replay.table import (
     Emit,
+    ObjectKind,
     Output,
     TableJob,
     TableStats,
+    apply_key_changes,
+    emit_states,
+    job_objects,
     line_event,
     mark_seen,
     record_event,
 )
 from replicator.transport.avro import to_python
-from replicator.transport.kafka import key_text
 
 __all__ = ["restore_wedding"]
 
@@ -47,13 +43,14 @@ async def restore_wedding(archive: Archive, job: TableJob, emit: Emit,
     moved to another wedding is seen only if the move is in a segment read (the update names
     the new wedding only)."""
     stats = TableStats(job.table)
+    assert job.wedding is not None
     base, target, wedding = job.first_change, int(job.target), job.wedding
     headers = job.headers or {}
     merger = Merger()
     seen: dict[int, bytearray] = {}
     wanted: set[str] = set()  # key texts of the wedding's rows
     unknown_deletes: list[dict[str, Any]] = []
-    key_changes: list[dict[str, Any]] = []
+    key_changes: list[Mapping[str, Any]] = []
     for_deletes: list[tuple[str, SegmentHeader]] = []
 
     def take(record: Mapping[str, Any], deletes_only: bool) -> None:
@@ -68,66 +65,47 @@ async def restore_wedding(archive: Archive, job: TableJob, emit: Emit,
             unknown_deletes.append(dict(record))
         elif owner == wedding and not deletes_only:
             event = record_event(record)
-            wanted.add(key_text(event.key))
+            wanted.add(canonical_key(event.key))
             before = record["before"]
             if op == "u" and before is not None:
                 old = {name: before.get(name) for name in record["key"]}
-                if part_key_text(old) != part_key_text(record["key"]):
+                if pg_key_text(old) != pg_key_text(record["key"]):
                     key_changes.append(dict(record))
-                    wanted.add(key_text(to_python(old)))
+                    wanted.add(canonical_key(to_python(old)))
                     return
             merger.add(event)
 
-    for key in job.segments:
-        if is_snapshot_key(key):
-            known = headers.get(key)
-            if known is not None and not known.may_hold_wedding(wedding or ""):
-                stats.segments_skipped += 1
+    for obj in job_objects(job):
+        known = headers.get(obj.key)
+        if obj.kind is ObjectKind.SEGMENT:
+            assert not isinstance(known, PartHeader | SnapshotHeader)
+            if (known is not None and not known.may_hold_wedding(wedding)
+                    and not known.ops.get(Op.TRUNCATE.value, 0)):
+                for_deletes.append((obj.key, known))
                 continue
-            snapshot = await archive.snapshot(key)
-            stats.segments += 1
+        elif known is not None and not known.may_hold_wedding(wedding):
+            stats.segments_skipped += 1
+            continue
+        stats.segments += 1
+        if obj.kind is ObjectKind.SNAPSHOT:
+            snapshot = await archive.snapshot(obj.key)
             try:
-                for _, event in _snapshot_wedding(job, snapshot, wedding or ""):
-                    wanted.add(key_text(event.key))
+                for event in _snapshot_wedding(job, snapshot, wedding):
+                    wanted.add(canonical_key(event.key))
                     merger.add(event)
             except PartCorrupt as exc:
-                raise archive.snapshot_failed(key, exc) from None
-            continue
-        if is_part_key(key):
-            lsn = int(parse_part_key(key).lsn)
-            known = headers.get(key)
-            if lsn < base or lsn > target:
-                continue
-            if known is not None and not known.may_hold_wedding(wedding or ""):
-                stats.segments_skipped += 1
-                continue
-            part, batches = await archive.part(key)
-            stats.segments += 1
-            mine = copy_escape(wedding or "")
-            for lines in batches:
-                for line in lines:
-                    seq_text, owner, key_field, row = line.split("\t", 3)
-                    if owner != mine or not mark_seen(seen, lsn, int(seq_text)):
-                        continue
-                    event = line_event(job, part, int(seq_text), owner, key_field, row)
-                    wanted.add(key_text(event.key))
-                    merger.add(event)
-            continue
-        parsed = parse_segment_key(key)
-        if parsed.last < base or parsed.first > target:
-            continue
-        header = headers.get(key)
-        assert not isinstance(header, PartHeader | SnapshotHeader)
-        if (header is not None and not header.may_hold_wedding(wedding or "")
-                and not header.ops.get(Op.TRUNCATE.value, 0)):
-            for_deletes.append((key, header))
-            continue
-        _, records = await archive.segment(key)
-        stats.segments += 1
-        for record in records:
-            take(record, False)
-        archive.check_memory(job.table, len(wanted))
-        await asyncio.sleep(0)
+                raise archive.snapshot_failed(obj.key, exc) from None
+        elif obj.kind is ObjectKind.SEGMENT:
+            _, records = await archive.segment(obj.key)
+            for record in records:
+                take(record, False)
+            archive.check_memory(job.table, len(wanted))
+            await asyncio.sleep(0)
+        else:  # a capture snapshot's part, at the base or later
+            part, batches = await archive.part(obj.key)
+            for event in _part_wedding(job, part, batches, wedding, seen):
+                wanted.add(canonical_key(event.key))
+                merger.add(event)
     for key, header in for_deletes:
         if not any(header.may_delete_key(k) for k in wanted):
             stats.segments_skipped += 1
@@ -137,7 +115,7 @@ async def restore_wedding(archive: Archive, job: TableJob, emit: Emit,
         for record in records:
             take(record, True)
     for record in unknown_deletes:
-        if key_text(to_python(record["key"])) in wanted:
+        if canonical_key(to_python(record["key"])) in wanted:
             merger.add(record_event(record))
             stats.changes += 1
     apply_key_changes(merger, key_changes)
@@ -147,8 +125,20 @@ async def restore_wedding(archive: Archive, job: TableJob, emit: Emit,
     return stats
 
 
+def _part_wedding(job: TableJob, part: PartHeader, batches: Iterable[list[str]], wedding: str,
+                  seen: dict[int, bytearray]) -> Iterator[ChangeEvent]:
+    """The rows of *wedding* in a capture snapshot part, as versions at their position."""
+    mine = copy_escape(wedding)
+    for lines in batches:
+        for line in lines:
+            seq_text, owner, key_field, row = line.split("\t", 3)
+            if owner != mine or not mark_seen(seen, int(part.lsn), int(seq_text)):
+                continue
+            yield line_event(job, part, int(seq_text), owner, key_field, row)
+
+
 def _snapshot_wedding(job: TableJob, snapshot: SnapshotPart, wedding: str
-                      ) -> Iterator[tuple[int, ChangeEvent]]:
+                      ) -> Iterator[ChangeEvent]:
     """The rows of *wedding* in a compaction snapshot part, as versions at the base."""
     mine = copy_escape(wedding)
     weddings = snapshot.wedding_lines()
@@ -157,4 +147,4 @@ def _snapshot_wedding(job: TableJob, snapshot: SnapshotPart, wedding: str
         return
     rows, keys = snapshot.row_lines(), snapshot.key_lines()
     for n in picked:
-        yield n, line_event(job, snapshot.header, n, mine, keys[n], rows[n])
+        yield line_event(job, snapshot.header, n, mine, keys[n], rows[n])

@@ -32,13 +32,13 @@ import binascii
 import enum
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from datetime import date, datetime, time
 from decimal import Decimal
 from typing import Final
 from uuid import UUID
 
 from replicator.errors import ReplicatorError
+from replicator.keys import Infinity, Interval
 from replicator.source.pgoutput import UNCHANGED, Column, Relation, TupleData, Type
 
 Converter = Callable[[bytes], object]
@@ -70,26 +70,6 @@ class UnknownTypeError(ReplicatorError, LookupError):
 
 class _BadText(ValueError):
     """Raised by converters with a message that is safe to show (it holds no value)."""
-
-
-class Infinity(enum.Enum):
-    """Postgres's 'infinity' and '-infinity' for date/time types, which Python has no value for."""
-
-    POSITIVE = "infinity"
-    NEGATIVE = "-infinity"
-
-    def __repr__(self) -> str:
-        return f"Infinity.{self.name}"
-
-
-@dataclass(frozen=True, slots=True)
-class Interval:
-    """A Postgres interval: its three fields are independent (a month is not 30 days, a day is
-    not 24 hours across a DST change), so it is not a `timedelta`."""
-
-    months: int = 0
-    days: int = 0
-    microseconds: int = 0
 
 
 _SPECIAL: Final = {b"infinity": Infinity.POSITIVE, b"-infinity": Infinity.NEGATIVE}

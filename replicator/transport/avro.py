@@ -50,8 +50,8 @@ from fastavro.schema import fingerprint, to_parsing_canonical_form
 from replicator import __version__
 from replicator.errors import ReplicatorError
 from replicator.events import ChangeEvent, Op, Tier, TransactionRecord
+from replicator.keys import Infinity, Interval
 from replicator.position import ChangePosition, Lsn
-from replicator.source.values import Infinity, Interval
 from replicator.transport.avrowrite import Unsupported, compile_writer, write_long, write_string
 
 __all__ = [
@@ -355,27 +355,44 @@ def to_python(value: Any) -> Any:
     return value
 
 
-def event_from_dict(decoded: Mapping[str, Any]) -> ChangeEvent:
-    """The `ChangeEvent` a decoded envelope was made from (`ts_ms`, processing time, is not
-    part of it)."""
+def event_from_dict(decoded: Mapping[str, Any], *, python_values: bool = True,
+                    python_key: bool = True, op: Op | None = None,
+                    key: Mapping[str, Any] | None = None) -> ChangeEvent:
+    """The `ChangeEvent` a decoded envelope (a Kafka message's or an archived record's) was
+    made from; `ts_ms`, processing time, is not part of it. The one converter from the
+    decoded form to events.
+
+    *python_values* / *python_key*: `before`/`after` and the key as the Python values they
+    were made from (`to_python`), or left as decoded (the tagged form `archive.render` turns
+    into Postgres text without a round trip: what a restore merges and writes). *op* and
+    *key* replace the record's own (an update that moved its key becomes a delete of the old
+    key)."""
     source = decoded["source"]
     before, after = decoded["before"], decoded["after"]
+    keys = decoded["key"] if key is None else key
+    if python_values:
+        before = None if before is None else to_python(before)
+        after = None if after is None else to_python(after)
     return ChangeEvent(
-        op=Op(decoded["op"]),
+        op=op or _OPS[decoded["op"]],
         schema=source["schema"],
         table=source["table"],
         position=ChangePosition(Lsn(source["lsn"]), source["seq"]),
         commit_ts_us=source["ts_us"],
         xid=source["txId"],
-        key=to_python(decoded["key"]),
-        before=None if before is None else to_python(before),
-        after=None if after is None else to_python(after),
+        key=to_python(keys) if python_key else keys,
+        before=before,
+        after=after,
         unchanged=tuple(decoded["unchanged"]),
         origin=source["origin"],
         db=source["db"],
-        tier=Tier(decoded["priority"]),
+        tier=_TIERS[decoded["priority"]],
         wedding_id=decoded["wedding_id"],
     )
+
+
+_OPS: Final[dict[str, Op]] = {op.value: op for op in Op}
+_TIERS: Final[dict[str, Tier]] = {tier.value: tier for tier in Tier}
 
 
 def transaction_from_dict(decoded: Mapping[str, Any]) -> TransactionRecord:

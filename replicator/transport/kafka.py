@@ -31,14 +31,10 @@ import asyncio
 import contextlib
 import json
 import logging
-import math
 from collections.abc import Callable, Mapping, Sequence
-from datetime import UTC, date, datetime, time
-from decimal import Decimal
 from functools import partial
 from types import TracebackType
 from typing import Any, Final
-from uuid import UUID
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
@@ -48,8 +44,8 @@ from confluent_kafka import KafkaException, Message, Producer
 from replicator.config import KafkaConfig
 from replicator.errors import TransientError
 from replicator.events import TIER_ORDER, ChangeEvent, Op, Tier, TransactionRecord
+from replicator.keys import message_key
 from replicator.position import Lsn
-from replicator.source.values import Infinity, Interval
 from replicator.transport.avro import EventCodec, body_digest
 from replicator.transport.registry import RegistryClient, subject_for
 
@@ -69,7 +65,6 @@ logger = logging.getLogger(__name__)
 
 TRANSACTIONS_PARTITION: Final = 0
 COMPACT: Final = {"cleanup.policy": "compact"}
-_KEY_SEPARATOR: Final = b"\x00"
 
 
 START_TIMEOUT_S: Final = 10.0
@@ -205,51 +200,6 @@ async def _partition_counts(
         await asyncio.sleep(0.1)
     raise KafkaError(f"topics {', '.join(sorted(set(wait_for) - set(counts)))} were created but "
                      "do not appear in the cluster metadata")
-
-
-# --- keys ------------------------------------------------------------------------------------
-
-
-def _canonical(value: Any) -> Any:
-    """A JSON value that is the same for every representation of one Postgres value."""
-    if value is None or isinstance(value, (bool, int, str)):
-        return value
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "NaN"
-        return value + 0.0  # -0.0 == 0.0 in Postgres; make them one key
-    if isinstance(value, Decimal):
-        return "NaN" if value.is_nan() else format(value.normalize(), "f")
-    if isinstance(value, datetime):
-        return (value if value.tzinfo is None else value.astimezone(UTC)).isoformat()
-    if isinstance(value, (date, time)):
-        return value.isoformat()
-    if isinstance(value, UUID):
-        return str(value)
-    if isinstance(value, bytes):
-        return "\\x" + value.hex()
-    if isinstance(value, Interval):
-        return f"{value.months}m{value.days}d{value.microseconds}us"
-    if isinstance(value, Infinity):
-        return value.value
-    if isinstance(value, list):
-        return [_canonical(item) for item in value]
-    raise TypeError(f"a {type(value).__name__} cannot be part of a message key")
-
-
-def key_text(key: Mapping[str, Any]) -> str:
-    """The canonical JSON of a row's key columns: the same for every spelling of one key."""
-    if len(key) == 1:  # the common key, once per change: one integer column, kept short
-        for name, value in key.items():
-            if type(value) is int:
-                return f"{{{json.dumps(name, ensure_ascii=False)}:{value}}}"
-    columns = {name: _canonical(value) for name, value in key.items()}
-    return json.dumps(columns, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-
-
-def message_key(event: ChangeEvent) -> bytes:
-    """`schema.table` NUL canonical-JSON(key columns): one row, one key, one partition."""
-    return event.qualified_table.encode() + _KEY_SEPARATOR + key_text(event.key).encode()
 
 
 # --- producer --------------------------------------------------------------------------------

@@ -19,11 +19,11 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from connectors.registry import open_store
 from replicator.archive.layout import manifest_key, snapshot_key
+from replicator.archive.reader import ReplayFailed
 from replicator.config import CompactionConfig
 from replicator.ops.metrics import PipelineCollector
 from replicator.position import Lsn
 from replicator.replay.compact import CompactSummary, compact
-from replicator.replay.engine import ReplayFailed
 from replicator.replay.plan import LATEST, At, ReplayRefused
 from replicator.replay.run import prepare
 from replicator.replay.targets import FileTarget, PostgresTarget

@@ -136,8 +136,8 @@ async def test_replay_across_a_key_rotation(
     import base64
 
     from connectors.registry import open_store
+    from replicator.archive.reader import ReplayFailed
     from replicator.crypto import Keyring
-    from replicator.replay.engine import ReplayFailed
     from replicator.replay.run import replay
     from tests.integration.archive_helpers import sink_environ
 

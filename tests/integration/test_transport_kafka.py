@@ -22,8 +22,8 @@ from aiokafka.partitioner import murmur2 as java_murmur2
 
 from replicator.config import KafkaConfig
 from replicator.events import ChangeEvent, Op, Tier, TransactionRecord
+from replicator.keys import Infinity, Interval
 from replicator.position import ChangePosition, Lsn
-from replicator.source.values import Infinity, Interval
 from replicator.transport.avro import (
     EventCodec,
     UnknownSchemaError,

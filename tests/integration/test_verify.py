@@ -14,8 +14,8 @@ import psycopg
 import pytest
 
 from connectors.registry import open_store
+from replicator.archive.reader import ReplayFailed
 from replicator.position import Lsn
-from replicator.replay.engine import ReplayFailed
 from replicator.replay.plan import LATEST, ReplayRefused
 from replicator.replay.targets import FileTarget
 from replicator.replay.verify import verify

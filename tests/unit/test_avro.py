@@ -22,8 +22,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from replicator.events import ChangeEvent, Op, Tier, TransactionRecord
+from replicator.keys import Infinity, Interval, canonical_key, message_key
 from replicator.position import ChangePosition, Lsn
-from replicator.source.values import Infinity, Interval
 from replicator.transport.avro import (
     CodecError,
     EncodeError,
@@ -34,7 +34,6 @@ from replicator.transport.avro import (
     to_python,
     transaction_from_dict,
 )
-from replicator.transport.kafka import key_text, message_key
 from replicator.transport.registry import (
     RegistryClient,
     RegistryError,
@@ -549,5 +548,5 @@ def test_content_digests_cover_the_avro_body_not_the_framing() -> None:
        st.one_of(st.integers(), st.booleans(), st.text(max_size=10), st.none()))
 def test_key_text_of_one_column_is_the_canonical_json(name: str, value: Any) -> None:
     # One integer column takes a short path: it gives what the general one gives.
-    assert key_text({name: value}) == json.dumps({name: value}, sort_keys=True,
+    assert canonical_key({name: value}) == json.dumps({name: value}, sort_keys=True,
                                                  separators=(",", ":"), ensure_ascii=False)

@@ -40,8 +40,8 @@ from replicator.archive.segment import (
 )
 from replicator.crypto import Keyring, decrypt, decrypt_stream, encrypt
 from replicator.events import ChangeEvent, Op, Tier, TransactionRecord
+from replicator.keys import Infinity
 from replicator.position import ChangePosition, Lsn
-from replicator.source.values import Infinity
 from replicator.transport.avro import EventCodec
 from tests.unit.test_avro import ROUND_TRIP, same
 
