@@ -42,7 +42,7 @@ Measurement:
 - After the load, the pipeline keeps running until every commit is durable in every
   destination (or a timeout: the longest flush interval + 60 s); commits never seen durable
   are reported, not hidden.
-- Reference (same run, per DESIGN "Performance method"): each tier's p99 against its configured
+- Reference (same run): each tier's p99 against its configured
   flush interval (the bound the design promises: ratio ~1 means only the flush schedule
   separates a commit from durability) and against the 15-minute RPO target (p99 / 900 s).
 - Where the time goes (each over the load, first half against second half, so a growing
@@ -115,7 +115,7 @@ TIERS = tuple(t.value for t in TIER_ORDER)  # critical, high, normal, low: index
 DEFAULT_FLUSH = {"critical": 5.0, "high": 30.0, "normal": 60.0, "low": 300.0}
 QUICK_FLUSH = {"critical": 2.0, "high": 5.0, "normal": 10.0, "low": 15.0}
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RPO_TARGET_S = 900.0  # DESIGN / operations: 15 minutes
+RPO_TARGET_S = 900.0  # the operational RPO target: 15 minutes
 POLL_S = 0.2  # watcher
 MONITOR_S = 1.0
 SAMPLE_S = 0.005  # stage sampler: every 5 ms of process CPU

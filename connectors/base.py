@@ -1,6 +1,6 @@
 """The storage seam: one small async interface that every backend implements.
 
-The replicator's archive (DESIGN, "Object layout") needs very little from a store: write an
+The replicator's archive (`replicator.archive`) needs very little from a store: write an
 object once, read it (or a byte range of it), list names in order from a position, delete, and
 stat. `ObjectStore` is exactly that, and its docstrings are the contract that
 `tests/integration/test_store_contract.py` checks against every backend, the way Litestream's
@@ -149,7 +149,7 @@ def check_key(key: str) -> str:
         if segment in ("", ".", ".."):
             raise ValueError(
                 f"object key {key!r} has an empty, '.' or '..' segment; keys are relative "
-                "'/'-separated names like 'segments/guests/0000000016B374D8-0000000016B37500.seg'"
+                "'/'-separated names like 'folder/name.ext'"
             )
     return key
 

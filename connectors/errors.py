@@ -3,12 +3,14 @@
 Each connector turns its SDK's exceptions into this small tree at the boundary, raised `from`
 the original, so callers decide by kind and never import an SDK to catch something:
 
-    StoreError              anything that went wrong talking to a store
+    StoreError              anything that went wrong talking to a store (a ReplicatorError)
     ├── NotFound            get/stat of a key that does not exist
     ├── AlreadyExists       put of a key that exists (writes are create-only)
     ├── Retriable           the same call may succeed later: network, timeout, throttling, 5xx
+    │                       (also a TransientError)
     └── Fatal               it will not succeed until a person acts: credentials, permissions,
-                            bad configuration, a missing bucket/container/directory
+                            bad configuration, a missing bucket/container/directory (also an
+                            OperatorError: a command stopped by it exits 2)
 
 Only `Retriable` is retried (`connectors.retry`). A message names the store by its display URL,
 which never holds credentials, and the key when there is one; text taken from an SDK
@@ -23,7 +25,7 @@ import re
 from collections.abc import Callable, Iterator
 from urllib.parse import urlsplit, urlunsplit
 
-from replicator.errors import ReplicatorError, TransientError
+from replicator.errors import OperatorError, ReplicatorError, TransientError
 
 __all__ = [
     "AlreadyExists",
@@ -71,7 +73,7 @@ class Retriable(StoreError, TransientError):
     """A transient failure: the same call may succeed if tried again later."""
 
 
-class Fatal(StoreError):
+class Fatal(StoreError, OperatorError):
     """A failure that retrying cannot fix: authentication, permissions, configuration."""
 
 

@@ -1,4 +1,4 @@
-"""AES-256-GCM envelope encryption of every stored object (DESIGN, "Security").
+"""AES-256-GCM envelope encryption of every stored object.
 
 Each object gets a fresh random 256-bit data key. The data key is wrapped by a named
 key-encryption key (KEK) from the `Keyring`, and the wrapped key travels in the object's own

@@ -213,11 +213,16 @@ def snapshots_prefix(table: str | None = None) -> str:
     return SNAPSHOTS if table is None else f"{SNAPSHOTS}{_table(table, 'a snapshot')}/"
 
 
+def snapshot_prefix(table: str, lsn: Lsn) -> str:
+    """`snapshots/<table>/<lsn>/`: every object of the table's snapshot at *lsn*."""
+    return f"{snapshots_prefix(table)}{lsn.hex_key()}/"
+
+
 def part_key(table: str, lsn: Lsn, first_seq: int, last_seq: int, digest: str) -> str:
     """`snapshots/<table>/<lsn>/rows-<first seq>-<last seq>-<digest>.part`."""
     if not _DIGEST.fullmatch(digest):
         raise ValueError(f"invalid snapshot part digest {digest!r}: lower-case hex expected")
-    return (f"{snapshots_prefix(table)}{lsn.hex_key()}/rows-{first_seq:010d}-"
+    return (f"{snapshot_prefix(table, lsn)}rows-{first_seq:010d}-"
             f"{last_seq:010d}-{digest}.part")
 
 
@@ -243,7 +248,7 @@ def snapshot_key(table: str, lsn: Lsn, part: int) -> str:
     zeros, from 0."""
     if not 0 <= part < 10**9:
         raise ValueError(f"invalid snapshot part number {part}")
-    return f"{snapshots_prefix(table)}{lsn.hex_key()}/part-{part}.snap"
+    return f"{snapshot_prefix(table, lsn)}part-{part}.snap"
 
 
 def manifest_key(table: str, lsn: Lsn, parts: int) -> str:
@@ -251,7 +256,7 @@ def manifest_key(table: str, lsn: Lsn, parts: int) -> str:
     a missing part is seen from a listing alone."""
     if not 0 < parts < 10**9:
         raise ValueError(f"invalid snapshot part count {parts}")
-    return f"{snapshots_prefix(table)}{lsn.hex_key()}/manifest-{parts}.json"
+    return f"{snapshot_prefix(table, lsn)}manifest-{parts}.json"
 
 
 def _parse_snapshot(key: str, pattern: re.Pattern[str], what: str,

@@ -4,7 +4,7 @@ A sink sees every change at least once, and the tier topics reorder one row's ch
 moves to a closer tier as its wedding approaches). A destination may also receive one row from
 several origins. So nothing here may depend on arrival order or on duplicates: everything kept
 per key is a *maximum* over the versions received (commutative and idempotent), and the rules
-below are applied only when the state is read (DESIGN, "Conflict rules (vendor precedence)").
+below (vendor precedence) are applied only when the state is read.
 
 1. Per origin, the version with the highest `(commit_lsn, seq)` wins: the source's own order.
    Positions of different origins are never compared.
@@ -14,7 +14,7 @@ below are applied only when the state is read (DESIGN, "Conflict rules (vendor p
    name (the local origin, `None`, is less than every name).
 
 Keys. `merge_key(event)` is `(schema.table, canonical JSON of the key columns)`: the Kafka
-message key (`replicator.transport.kafka.message_key`) split at its NUL. So a key here is
+message key (`replicator.keys.message_key`) split at its NUL. So a key here is
 exactly a partition key there, and `1.50`/`1.5` or two spellings of one timestamptz are one key.
 
 Deletes and truncates are versions. A delete that is the newest version makes the key a

@@ -13,7 +13,7 @@ Layout (before encryption, which is the same as for every object):
 The header: `format`, `table`, `lsn`, `first_seq`, `last_seq`, `rows`, `columns` (names, in
 the order of the row text), `key` (the key columns), `key_kinds` (how each key value was
 archived: `long`, `string`, `uuid`, `numeric`), `min_commit_ts_us`, `max_commit_ts_us`,
-`tier`, `wedding_ids` (sorted) or `wedding_bloom` (`sink.bloom` text, above
+`tier`, `wedding_ids` (sorted) or `wedding_bloom` (`archive.bloom` text, above
 `segment.MAX_WEDDING_IDS`), `codec` (`zstd`).
 
 The body holds one line per row, in seq order, no seq twice:

@@ -1,4 +1,4 @@
-"""Segments: the Avro object container files of the archive (DESIGN, "Object layout").
+"""Segments: the Avro object container files of the archive (names: `archive.layout`).
 
 Two kinds, both plain Avro object container files (OCF) once decrypted, so `fastavro`,
 `avro-tools tojson` or Spark open them with the schema stored inside:
@@ -38,7 +38,7 @@ two batches, and two segments of the same LSN range must not collide.
 The wedding list is capped so the header stays small enough to fetch first (every header this
 module writes fits in `HEADER_PREFIX_SIZE`): above `MAX_WEDDING_IDS` ids, or
 `MAX_WEDDING_IDS_BYTES` bytes of JSON, it is the word `many`, and the ids go into a Bloom
-filter instead (`wedsync.wedding_bloom`, `sink.bloom`; up to `MAX_BLOOM_ITEMS` ids, beyond
+filter instead (`wedsync.wedding_bloom`, `archive.bloom`; up to `MAX_BLOOM_ITEMS` ids, beyond
 which a restore of one wedding must read the segment). `wedsync.unknown_deletes` counts the
 deletes whose wedding is not known (a key-only before image) and `wedsync.delete_key_bloom`
 holds their keys (canonical JSON, up to `MAX_DELETE_KEYS`, 20 bits per key), so a wedding

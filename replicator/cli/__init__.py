@@ -1,4 +1,5 @@
-"""The `replicator` command. Only this package turns errors into exit codes and messages."""
+"""The `replicator` command. Only this package turns errors into exit codes and messages, in
+one place: `cli.errors.ReplicatorGroup`."""
 
 from __future__ import annotations
 
@@ -8,12 +9,13 @@ from replicator import __version__
 from replicator.cli.compact import compact
 from replicator.cli.demo import demo
 from replicator.cli.dev import dev
+from replicator.cli.errors import ReplicatorGroup
 from replicator.cli.replay import replay, verify
 from replicator.cli.run import run
 from replicator.cli.snapshot import snapshot
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=ReplicatorGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="replicator")
 def main() -> None:
     """Change-data-capture replicator and point-in-time backup for WedSync."""

@@ -405,6 +405,7 @@ async def restore_wedding(store: ObjectStore, keyring: Keyring, destination: str
                           ) -> Restore:
     """Restore *wedding* as of *moment* into *database* (made if missing, its tables
     replaced), read it back, and compare it with the rows the source had at the moment."""
+    from replicator.archive.reader import ReplayFailed
     from replicator.replay.plan import ReplayRefused
     from replicator.replay.run import replay
     from replicator.replay.targets import PostgresTarget
@@ -420,7 +421,7 @@ async def restore_wedding(store: ObjectStore, keyring: Keyring, destination: str
                                       PostgresTarget(target_dsn, replace_existing=True),
                                       at=moment.at, wedding=str(wedding),
                                       destination=destination)
-    except ReplayRefused as exc:
+    except (ReplayRefused, ReplayFailed) as exc:
         result.problems.append(f"the restore failed: {exc}")
         return result
     async with await psycopg.AsyncConnection.connect(target_dsn, autocommit=True) as conn:
@@ -480,14 +481,14 @@ def demo(config_path: Path | None, seconds: float) -> None:
     """Run the pipeline on the local stack with a sample wedding database, restore one
     wedding as of a moment in the past, and verify the archive against the database."""
     from connectors.registry import open_store
-    from replicator.archive.reader import checkpoint
-    from replicator.capture import Capture, CaptureFatal
-    from replicator.cli.run import EXIT_NEEDS_OPERATOR, setup_logging
-    from replicator.config import ConfigError, load_config
+    from replicator.archive.reader import ReplayFailed, checkpoint
+    from replicator.capture import Capture
+    from replicator.cli.run import setup_logging
+    from replicator.config import load_config
     from replicator.devstack.settings import StackSettings
     from replicator.replay.plan import ReplayRefused
     from replicator.replay.verify import verify
-    from replicator.sink.service import Sinks, SinkSetupError, load_keyring
+    from replicator.sink.service import Sinks, load_keyring
 
     setup_logging("warning")
     console = Console(highlight=False)
@@ -496,10 +497,7 @@ def demo(config_path: Path | None, seconds: float) -> None:
         console.print(text, markup=False, soft_wrap=True)
 
     started = time.monotonic()
-    try:
-        config = load_config(config_path or default_config())
-    except ConfigError as exc:
-        raise click.ClickException(str(exc)) from exc
+    config = load_config(config_path or default_config())
     state_dir = StackSettings.from_env(os.environ).state_dir
     own_folder = not config.destinations
     config, environ = with_demo_archive(config, state_dir, dict(os.environ))
@@ -533,10 +531,7 @@ def demo(config_path: Path | None, seconds: float) -> None:
         # capture state remembers but that is gone has nothing left to continue.
         capture = Capture(config, accept_gap=own_folder)
         sinks = Sinks(config, environ)
-        try:
-            await sinks.open()
-        except SinkSetupError as exc:
-            raise click.ClickException(str(exc)) from exc
+        await sinks.open()
         keyring = load_keyring(config, environ)
         store = open_store(destination.url, environ)
         pipeline = Pipeline(capture, sinks)
@@ -578,7 +573,7 @@ def demo(config_path: Path | None, seconds: float) -> None:
                     report = await pipeline.guard(verify(
                         store, keyring, destination=destination.name, against_dsn=source_dsn,
                         scratch_dsn=server_dsn, wait_s=60))
-            except ReplayRefused as exc:
+            except (ReplayRefused, ReplayFailed) as exc:
                 verify_error = str(exc)
             for line in report.lines() if report is not None else [
                     f"verify FAILED: {verify_error}"]:
@@ -592,11 +587,7 @@ def demo(config_path: Path | None, seconds: float) -> None:
         return Outcome(dbname, created, work, moment, restore, report, verify_error, size, capture,
                        sinks)
 
-    try:
-        out = asyncio.run(main())
-    except CaptureFatal as exc:
-        console.print(f"[red]capture stopped:[/] {exc}")
-        raise SystemExit(EXIT_NEEDS_OPERATOR) from exc
+    out = asyncio.run(main())  # errors: cli.errors.ReplicatorGroup
     console.print(status_table(out, config))
     show_summary(say, out, time.monotonic() - started)
     if not (out.report is not None and out.report.ok and out.restore.ok):

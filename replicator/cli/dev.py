@@ -13,8 +13,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from replicator.devstack.base import ServiceError
-from replicator.devstack.settings import SettingsError, StackSettings
+from replicator.devstack.settings import StackSettings
 from replicator.devstack.stack import SERVICE_NAMES, Stack
 
 
@@ -39,10 +38,7 @@ ONLY = click.option("--only", metavar="NAMES",
 @click.pass_context
 def dev(ctx: click.Context, state_dir: Path | None) -> None:
     """Run the local stack: PostgreSQL 15 and 18, Kafka, S3, Azure Blob and GCS emulators."""
-    try:
-        ctx.obj = Stack(StackSettings.from_env(os.environ, state_dir))
-    except SettingsError as exc:
-        raise click.ClickException(str(exc)) from exc
+    ctx.obj = Stack(StackSettings.from_env(os.environ, state_dir))
 
 
 @dev.command()
@@ -50,10 +46,7 @@ def dev(ctx: click.Context, state_dir: Path | None) -> None:
 @click.pass_context
 def install(ctx: click.Context, only: str | None) -> None:
     """Fetch what the services need (apt, Maven, npm) without starting them."""
-    try:
-        _stack(ctx).install(_names(only))
-    except ServiceError as exc:
-        raise click.ClickException(str(exc)) from exc
+    _stack(ctx).install(_names(only))
     click.echo("installed")
 
 
@@ -63,10 +56,7 @@ def install(ctx: click.Context, only: str | None) -> None:
 def up(ctx: click.Context, only: str | None) -> None:
     """Start the services (idempotent) and wait until each answers."""
     started = time.monotonic()
-    try:
-        results = asyncio.run(_stack(ctx).up(_names(only)))
-    except ServiceError as exc:
-        raise click.ClickException(str(exc)) from exc
+    results = asyncio.run(_stack(ctx).up(_names(only)))
     for name, what in results.items():
         click.echo(f"{name:6} {what}")
     click.echo(f"stack ready in {time.monotonic() - started:.1f}s")
@@ -77,10 +67,7 @@ def up(ctx: click.Context, only: str | None) -> None:
 @click.pass_context
 def down(ctx: click.Context, only: str | None) -> None:
     """Stop the services this stack started."""
-    try:
-        stopped = _stack(ctx).down(_names(only))
-    except ServiceError as exc:
-        raise click.ClickException(str(exc)) from exc
+    stopped = _stack(ctx).down(_names(only))
     for name, was_running in stopped.items():
         click.echo(f"{name:6} {'stopped' if was_running else 'was not running'}")
 
@@ -91,10 +78,7 @@ def down(ctx: click.Context, only: str | None) -> None:
 @click.pass_context
 def status(ctx: click.Context, only: str | None, as_json: bool) -> None:
     """Connect to each service; exit 0 only if every one is healthy."""
-    try:
-        health = asyncio.run(_stack(ctx).status(_names(only)))
-    except ServiceError as exc:
-        raise click.ClickException(str(exc)) from exc
+    health = asyncio.run(_stack(ctx).status(_names(only)))
     if as_json:
         click.echo(json.dumps({"services": [h.as_dict() for h in health]}, indent=2))
     else:

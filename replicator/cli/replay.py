@@ -13,19 +13,19 @@ import os
 import sys
 from collections.abc import Coroutine, Mapping
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import Any, TypeVar
 
 import click
 
-from replicator.cli.run import EXIT_NEEDS_OPERATOR, setup_logging
+from replicator.cli.errors import failing_as
+from replicator.cli.run import setup_logging
+from replicator.errors import EXIT_FAILED, OperatorError
 
-EXIT_FAILED = 1
 T = TypeVar("T")
 
 
-def _fail(message: str, code: int) -> NoReturn:
-    click.echo(f"error: {message}", err=True)
-    sys.exit(code)
+class BadOption(OperatorError):
+    """An option's value cannot be used (exit 2)."""
 
 
 def open_archive(url: str, keyring_file: Path | None, environ: Mapping[str, str]) -> Any:
@@ -36,12 +36,12 @@ def open_archive(url: str, keyring_file: Path | None, environ: Mapping[str, str]
     try:
         store = open_store(url, environ)
     except (ValueError, StoreError) as exc:
-        _fail(f"--from: {exc}", EXIT_NEEDS_OPERATOR)
+        raise BadOption(f"--from: {exc}") from exc
     try:
         keyring = (Keyring.from_file(keyring_file) if keyring_file is not None
                    else Keyring.from_env(environ))
     except CryptoError as exc:
-        _fail(str(exc), EXIT_NEEDS_OPERATOR)
+        raise BadOption(str(exc)) from exc
     return store, keyring
 
 
@@ -51,28 +51,18 @@ def parse_at_option(text: str) -> Any:
     try:
         return parse_at(text)
     except ValueError as exc:
-        _fail(str(exc), EXIT_NEEDS_OPERATOR)
+        raise BadOption(str(exc)) from exc
 
 
 def run_archive_command(main: Coroutine[Any, Any, T], *, failed: str,
                         errors: tuple[type[BaseException], ...] = (OSError,)) -> T:
-    """Run *main* on uvloop; map a replay's errors to exit codes and one-line messages:
-    `ReplayFailed` (an object or service) and *errors* exit 1 with *failed* before the
-    message; `ReplayRefused` (a request to change) exits 2."""
+    """Run *main* on uvloop. A failure (not an operator's error), or one of *errors*, is
+    reported as `<failed>: <message>` with exit 1 (`cli.errors`)."""
     import uvloop
 
-    from replicator.archive.reader import ReplayFailed
-    from replicator.replay.plan import ReplayRefused
-
-    try:
-        return uvloop.run(main)
-    except ReplayFailed as exc:
-        _fail(f"{failed}: {exc}", EXIT_FAILED)
-    except ReplayRefused as exc:
-        _fail(str(exc), EXIT_NEEDS_OPERATOR)
-    except errors as exc:
-        _fail(f"{failed}: {(str(exc).strip().splitlines() or [type(exc).__name__])[0]}",
-              EXIT_FAILED)
+    with failing_as(failed, errors):
+        result = uvloop.run(main)
+    return result
 
 
 def _tables(text: str | None) -> list[str] | None:
@@ -226,4 +216,4 @@ def verify(store_url: str, at_text: str, against: str | None, scratch: str | Non
     else:
         click.echo("\n".join(report.lines()))
     if not report.ok:
-        sys.exit(EXIT_FAILED)
+        sys.exit(EXIT_FAILED)  # the report names what differs

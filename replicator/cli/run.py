@@ -12,13 +12,14 @@ from pathlib import Path
 
 import click
 
-from replicator.config import ConfigError, load_config
+from replicator.config import load_config
+from replicator.errors import EXIT_OPERATOR
 
 log = logging.getLogger("replicator")
 
 #: Exit code for problems only an operator can fix (bad config, bad input, lost slot): a
 #: supervisor should not restart on it (systemd: RestartPreventExitStatus=2).
-EXIT_NEEDS_OPERATOR = 2
+EXIT_NEEDS_OPERATOR = EXIT_OPERATOR
 
 
 def tune_gc() -> None:
@@ -58,14 +59,10 @@ def run(config_path: Path, only: str | None, accept_gap: bool, log_level: str) -
     """
     setup_logging(log_level)
     tune_gc()
-    try:
-        config = load_config(config_path)
-    except ConfigError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(EXIT_NEEDS_OPERATOR)
-    from replicator.capture import Capture, CaptureFatal
-    from replicator.ops.metrics import MetricsError, MetricsServer, PipelineCollector
-    from replicator.sink.service import Sinks, SinkSetupError
+    config = load_config(config_path)
+    from replicator.capture import Capture
+    from replicator.ops.metrics import MetricsServer, PipelineCollector
+    from replicator.sink.service import Sinks
 
     capture = Capture(config, accept_gap=accept_gap) if only != "sinks" else None
     sinks = Sinks(config) if only != "capture" and config.destinations else None
@@ -108,12 +105,6 @@ def run(config_path: Path, only: str | None, accept_gap: bool, log_level: str) -
         finally:
             await metrics.stop()
 
-    try:
-        import uvloop
+    import uvloop
 
-        uvloop.run(main())
-    except* (CaptureFatal, SinkSetupError, MetricsError) as group:
-        for problem in group.exceptions:
-            log.error("stopped: %s", problem)
-            click.echo(f"error: {problem}", err=True)
-        sys.exit(EXIT_NEEDS_OPERATOR)
+    uvloop.run(main())  # errors: cli.errors.ReplicatorGroup

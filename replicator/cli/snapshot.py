@@ -22,12 +22,13 @@ from typing import Any
 
 import click
 
-from replicator.cli.run import EXIT_NEEDS_OPERATOR, setup_logging
-from replicator.config import ConfigError, load_config
+from replicator.cli.errors import failing_as
+from replicator.cli.run import setup_logging
+from replicator.config import load_config
+from replicator.errors import EXIT_FAILED
 
 log = logging.getLogger("replicator")
 
-EXIT_FAILED = 1
 
 
 @click.command()
@@ -51,32 +52,19 @@ def snapshot(config_path: Path, table: str | None, wedding: str | None, as_json:
     if (table is None) == (wedding is None):
         raise click.UsageError("give exactly one of --table and --wedding")
     setup_logging(log_level)
-    try:
-        config = load_config(config_path)
-    except ConfigError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(EXIT_NEEDS_OPERATOR)
+    config = load_config(config_path)
 
     import psycopg
     from aiokafka.errors import KafkaError
 
-    from replicator.capture import Capture, CaptureFatal
-    from replicator.source.snapshot import SnapshotRequestError
-    from replicator.source.stream import SourceError
-    from replicator.transport.kafka import ProducerError
+    from replicator.capture import Capture
 
     capture = Capture(config)
-    try:
-        import uvloop
+    import uvloop
 
+    with failing_as("snapshot failed, nothing is recorded as done",
+                    (psycopg.OperationalError, KafkaError, OSError)):
         result = uvloop.run(capture.snapshot_on_demand(table=table, wedding=wedding))
-    except (SnapshotRequestError, CaptureFatal) as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(EXIT_NEEDS_OPERATOR)
-    except (psycopg.OperationalError, SourceError, KafkaError, ProducerError, OSError) as exc:
-        log.debug("snapshot failed", exc_info=True)
-        click.echo(f"error: snapshot failed, nothing is recorded as done: {exc}", err=True)
-        sys.exit(EXIT_FAILED)
 
     from replicator.events import TIER_ORDER
     from replicator.transport.kafka import topic_names

@@ -1,9 +1,9 @@
 """Compaction: fold each table's base and its changes up to a point into a new snapshot, so
 that a restore at or after that point reads the snapshot and only the changes after it
-(DESIGN: "compaction folds older segments into a new snapshot so replay cost stays
-bounded"). It is a restore (`engine.restore_table`, the same merge and checks) whose rows are
-written back to the store as a compaction snapshot (`sink.snapshot`) instead of to a
-database; pgBackRest users know it as taking a new full backup from the archive.
+(so the cost of a replay stays bounded however long the archive grows). It is a restore
+(`engine.restore_table`, the same merge and checks) whose rows are written back to the store
+as a compaction snapshot (`archive.snapshot`) instead of to a database; pgBackRest users know
+it as taking a new full backup from the archive.
 
 Steps, per table, in this order (a crash anywhere leaves the archive as it was, plus objects
 nothing reads):
@@ -36,7 +36,15 @@ from datetime import UTC, datetime
 from typing import Any
 
 from connectors.base import ObjectStore
-from replicator.archive.layout import SEGMENTS, SNAPSHOTS, manifest_key, snapshot_key
+from replicator.archive.layout import (
+    SEGMENTS,
+    SNAPSHOTS,
+    is_manifest_key,
+    is_snapshot_key,
+    manifest_key,
+    snapshot_key,
+    snapshot_prefix,
+)
 from replicator.archive.reader import Archive
 from replicator.archive.snapshot import SnapshotHeader, SnapshotWriter, manifest
 from replicator.crypto import Keyring, encrypt
@@ -58,7 +66,7 @@ _KINDS = {"bigint": "long", "integer": "long", "smallint": "long", "int8": "long
 
 
 def key_kinds(schema: TableSchema) -> tuple[str, ...] | None:
-    """How each primary-key column's values are archived (`sink.snapshot.KEY_KINDS`), or
+    """How each primary-key column's values are archived (`archive.snapshot.KEY_KINDS`), or
     None when one is of a type a snapshot cannot key exactly."""
     types = {c.name: c.type.lower() for c in schema.columns}
     kinds = []
@@ -208,8 +216,8 @@ async def _prepare(store: ObjectStore, keyring: Keyring, at: At, tables: Sequenc
 
 async def _base_rows(prepared: Prepared, job: TableJob) -> int:
     """The table's rows at its compaction snapshot, as its manifest counts them."""
-    prefix = manifest_key(job.table, job.base, 1).rsplit("/", 1)[0] + "/"
-    manifests = [k for k in prepared.sizes if k.startswith(prefix) and "/manifest-" in k]
+    prefix = snapshot_prefix(job.table, job.base)
+    manifests = [k for k in prepared.sizes if k.startswith(prefix) and is_manifest_key(k)]
     if not manifests:
         return 0
     doc = json.loads(await prepared.archive.fetch(manifests[0]))
@@ -218,11 +226,11 @@ async def _base_rows(prepared: Prepared, job: TableJob) -> int:
 
 def _unfinished(existing: set[str], table: str, lsn: Lsn) -> int:
     """How many parts of a compaction at *lsn* without a manifest the listing holds."""
-    prefix = snapshot_key(table, lsn, 0).rsplit("/", 1)[0] + "/"
+    prefix = snapshot_prefix(table, lsn)
     mine = [key for key in existing if key.startswith(prefix)]
-    if any("/manifest-" in key for key in mine):
+    if any(is_manifest_key(key) for key in mine):
         return 0
-    return sum(1 for key in mine if key.endswith(".snap"))
+    return sum(1 for key in mine if is_snapshot_key(key))
 
 
 async def _compact_table(archive: Archive, job: TableJob, kinds: tuple[str, ...],

@@ -18,7 +18,7 @@ below the base LSN are ignored: the snapshot holds their effect. Op `r` rows at 
 So only changed keys are held, never the whole table; the base segments are fetched twice and
 decoded once. Pass 1 runs in a thread.
 
-**From a compaction snapshot** (`sink.snapshot`, base kind "snapshot"): the snapshot holds
+**From a compaction snapshot** (`archive.snapshot`, base kind "snapshot"): the snapshot holds
 every change at or below its LSN, so pass 1 reads only what is above it (whole OCF blocks
 below it are passed over). With a target that can remove rows it was given (`Remover`: the
 Postgres target), the snapshot's rows are loaded, untouched, while pass 1 runs; then the rows

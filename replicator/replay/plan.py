@@ -1,5 +1,5 @@
-"""The replay plan: which objects rebuild which tables as of which point (DESIGN, "Replay,
-verify, drills"). Everything here is pure: it works on a listing and on headers or
+"""The replay plan: which objects rebuild which tables as of which point, for replay, verify
+and compaction. Everything here is pure: it works on a listing and on headers or
 transaction records the caller already read, and never does I/O.
 
 **The cut.** A plan's `target` is an LSN, and the restored state is every change whose commit
@@ -32,13 +32,13 @@ back). This assumes the capture's `snapshot = "initial"` (the default); with `"n
 end has no re-snapshot, and no replay across it can be right.
 
 **Snapshot parts.** A sink writes a flush of nothing but one table's snapshot rows at one LSN
-as a part (`sink.part`, `snapshots/<table>/<lsn>/rows-<seq>-<seq>-<digest>.part`): planned
+as a part (`archive.part`, `snapshots/<table>/<lsn>/rows-<seq>-<seq>-<digest>.part`): planned
 like a segment covering that one LSN. With *snapshots* (table -> the LSNs of its snapshot
 boundary records, from the transaction records), a table's oldest point is its first complete
 snapshot, and a table with no objects at all (empty at its snapshot, never changed) is
 planned too.
 
-**Snapshots.** Compaction writes `snapshots/<table>/<lsn>/part-<n>.snap` (`sink.snapshot`):
+**Snapshots.** Compaction writes `snapshots/<table>/<lsn>/part-<n>.snap` (`archive.snapshot`):
 the full table state at `<lsn>`, in parts numbered from 0, and then, last, the manifest
 `snapshots/<table>/<lsn>/manifest-<parts>.json`. Only a snapshot with its manifest counts (one
 without is a compaction cut short, and is passed over); one whose manifest names a part the

@@ -47,7 +47,7 @@ Rows = list[list[Any]]
 Emit = Callable[[Rows], Awaitable[None]]
 EmitCopy = Callable[[str | bytes, int], Awaitable[None]]  # COPY text lines, and how many
 # Rows as COPY text lines, their key texts and wedding ids (COPY-escaped), no newlines: what
-# a compaction snapshot holds (`sink.snapshot`).
+# a compaction snapshot holds (`archive.snapshot`).
 EmitLines = Callable[[list[str], list[str], list[str]], Awaitable[None]]
 BATCH_ROWS = 2000
 RAW_BATCH = 8 << 20  # bytes of COPY text per write from a compaction snapshot

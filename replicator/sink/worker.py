@@ -41,7 +41,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
-from aiokafka.errors import KafkaError
 from aiokafka.structs import OffsetAndMetadata
 
 from connectors.base import ObjectStore
@@ -59,10 +58,12 @@ from replicator.archive.part import encode_part, partable
 from replicator.archive.segment import encode_record_segment, encode_transaction_segment
 from replicator.config import DestinationConfig, KafkaConfig
 from replicator.crypto import Keyring, encrypt
+from replicator.errors import TransientError
 from replicator.events import TIER_ORDER, Tier
 from replicator.position import INVALID_LSN, Lsn
 from replicator.sink.breaker import BreakerState, CircuitBreaker, CircuitOpen, TokenBucket
 from replicator.sink.checkpoint import CompletenessTracker
+from replicator.sink.offsets import OffsetLedger, Pending
 from replicator.transport.avro import EventCodec, transaction_from_dict
 from replicator.transport.control import StateFollower, state_topic
 from replicator.transport.kafka import schemas_topic, topic_names, transactions_topic
@@ -94,7 +95,7 @@ class _Buffered:
     value: dict[str, Any]
     position: tuple[Lsn, int]
     size: int
-    entry: list[Any]  # its [offset, commit LSN, written] in `_uncommitted`
+    entry: Pending  # its place in the offset ledger
 
 
 class SinkWorker:
@@ -120,11 +121,10 @@ class SinkWorker:
         self._oldest: dict[Tier, float] = {}
         self._rows = 0
         self._bytes = 0
-        # decoded record and its [offset, commit LSN, written] entry in `_uncommitted`
-        self._tx_buffer: list[tuple[dict[str, Any], list[Any]]] = []
-        self._schema_buffer: list[tuple[dict[str, Any], list[Any]]] = []
-        # per partition: (offset, commit LSN, written) of records read but not yet committed
-        self._uncommitted: dict[TopicPartition, list[list[Any]]] = defaultdict(list)
+        # decoded record and its entry in the offset ledger
+        self._tx_buffer: list[tuple[dict[str, Any], Pending]] = []
+        self._schema_buffer: list[tuple[dict[str, Any], Pending]] = []
+        self.offsets = OffsetLedger()  # records read and not yet committed
         self._stopping = asyncio.Event()
         self._consumer: AIOKafkaConsumer | None = None
         self.poll_records = 5000  # records per poll at most
@@ -198,7 +198,7 @@ class SinkWorker:
             elif tp.topic == self.schema_topic:
                 for record in records:
                     # Not part of any transaction: committable once written.
-                    entry = self._track(tp, record.offset, INVALID_LSN)
+                    entry = self.offsets.track(tp, record.offset)
                     self._schema_buffer.append((json.loads(record.value), entry))
                     self._oldest.setdefault(Tier.CRITICAL, self.clock())
             else:
@@ -241,7 +241,7 @@ class SinkWorker:
         position = (Lsn(source["lsn"]), int(source["seq"]))
         table = f"{source['schema']}.{source['table']}"
         size = len(record.value)
-        entry = self._track(tp, record.offset, position[0])
+        entry = self.offsets.track(tp, record.offset, position[0])
         self._buffers[tier][table].append(_Buffered(value, position, size, entry))
         self._oldest.setdefault(tier, self.clock())
         self._rows += 1
@@ -249,15 +249,9 @@ class SinkWorker:
 
     def _add_transaction(self, tp: TopicPartition, record: ConsumerRecord[Any, Any]) -> None:
         value = self.codec.decode_transaction(record.value)
-        entry = self._track(tp, record.offset, Lsn(value["commit_lsn"]))
+        entry = self.offsets.track(tp, record.offset, Lsn(value["commit_lsn"]))
         self._tx_buffer.append((value, entry))
         self._oldest.setdefault(Tier.CRITICAL, self.clock())
-
-    def _track(self, tp: TopicPartition, offset: int, commit_lsn: Lsn) -> list[Any]:
-        """A record read: its offset waits in `_uncommitted` until written and covered."""
-        entry: list[Any] = [offset, commit_lsn, False]
-        self._uncommitted[tp].append(entry)
-        return entry
 
     def _due_tiers(self) -> list[Tier]:
         flush = self.destination.flush
@@ -278,7 +272,7 @@ class SinkWorker:
             return
         try:
             await self._flush(consumer, tiers)
-        except (StoreError, OSError) as exc:
+        except (StoreError, TransientError, OSError) as exc:
             self._failed("flush failed", exc)
             return
         self._succeeded()
@@ -306,14 +300,14 @@ class SinkWorker:
                 schema, entry = self._schema_buffer[0]
                 await self._write_schema(schema)
                 self._schema_buffer.pop(0)
-                entry[2] = True
+                entry.written = True
             for tier in tiers:
                 tables = self._buffers[tier]
                 for table in list(tables):
                     items = tables[table]
                     await self._write_segment(table, items, tier)
                     for item in items:
-                        item.entry[2] = True
+                        item.entry.written = True
                     written_positions.extend((tier, *i.position) for i in items)
                     self._rows -= len(items)
                     self._bytes -= sum(i.size for i in items)
@@ -322,7 +316,7 @@ class SinkWorker:
             if self._tx_buffer:
                 await self._write_transactions([value for value, _ in self._tx_buffer])
                 for value, entry in self._tx_buffer:
-                    entry[2] = True
+                    entry.written = True
                     records.append(value)
                 self._tx_buffer = []
         finally:
@@ -359,12 +353,7 @@ class SinkWorker:
         `gaps/<from>-<to>.json`. The capture puts a gap (acks=all) before it produces anything
         after it, and this reads the state topic to its end now: so a checkpoint written after
         this never passes a gap the store does not show."""
-        try:
-            entries = await self._state.read_new()
-        except KafkaError as exc:
-            raise OSError(f"cannot read the capture state topic {self._state.topic}: "
-                          f"{exc}") from exc
-        for key, value in entries:
+        for key, value in await self._state.read_new():
             if key.startswith("gap/") and value is not None:
                 self._gaps_due[key] = value
         for key, value in list(self._gaps_due.items()):
@@ -424,20 +413,10 @@ class SinkWorker:
         self.stats.bytes_written += len(sealed)
 
     async def _commit(self, consumer: AIOKafkaConsumer, checkpoint: Lsn) -> None:
-        offsets: dict[TopicPartition, OffsetAndMetadata] = {}
-        for tp, entries in self._uncommitted.items():
-            done = 0
-            for _offset, commit_lsn, written in entries:
-                # The checkpoint is an end LSN: a commit at it is not yet covered.
-                # (Schema records carry no LSN here: written is enough.)
-                if not written or (commit_lsn and commit_lsn >= checkpoint):
-                    break
-                done += 1
-            if done:
-                offsets[tp] = OffsetAndMetadata(entries[done - 1][0] + 1, "")
-                del entries[:done]
+        offsets = self.offsets.committable(checkpoint)
         if offsets:
-            await consumer.commit(offsets)
+            await consumer.commit({tp: OffsetAndMetadata(offset, "")
+                                   for tp, offset in offsets.items()})
 
     async def _latest_checkpoint(self, tier: Tier | None) -> Lsn:
         return await reader.checkpoint(self.store, self.destination.name, tier)

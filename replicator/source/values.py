@@ -1,6 +1,6 @@
 """Python values from the text form that pgoutput sends, by column type OID.
 
-Values keep their Postgres meaning (DESIGN, "Events and Kafka"): numeric stays an exact
+Values keep their Postgres meaning through Kafka and the archive: numeric stays an exact
 `Decimal`, timestamptz stays aware with the offset the server printed, and anything Python
 cannot hold faithfully is either a marker or an error, never a lookalike:
 
@@ -23,7 +23,7 @@ Speed: converters are looked up once per relation (`RowDecoder`), so each row is
 `datetime.fromisoformat`) called directly on the raw bytes.
 
 Errors name the table, column and type but never the value itself: values can be personal
-data, and error messages end up in logs (see "Erasure" in DESIGN).
+data, and error messages end up in logs where they could not be erased.
 """
 
 from __future__ import annotations

@@ -22,9 +22,14 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
+from replicator.errors import TransientError
 from replicator.position import Lsn
+
+
+class StateUnavailable(TransientError):
+    """The capture-state topic could not be read now."""
 
 
 def state_topic(prefix: str) -> str:
@@ -121,7 +126,15 @@ class StateFollower:
         self._exists = exists
 
     async def read_new(self) -> list[tuple[str, dict[str, Any] | None]]:
-        """The entries put since the last call, in order: (key, value), None for a removal."""
+        """The entries put since the last call, in order: (key, value), None for a removal.
+        `StateUnavailable` when Kafka does not answer (try again later)."""
+        try:
+            return await self._read_new()
+        except KafkaError as exc:
+            raise StateUnavailable(f"cannot read the capture state topic {self.topic}: "
+                                   f"{exc}") from exc
+
+    async def _read_new(self) -> list[tuple[str, dict[str, Any] | None]]:
         if self._consumer is None:
             self._consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap,
                                               enable_auto_commit=False,

@@ -1,16 +1,13 @@
 """Kafka side of the transport: topic names, topic creation, and the event producer.
 
-Topics (DESIGN, "Events and Kafka"): `<prefix>.critical`, `.high`, `.normal`, `.low` carry
+Topics: `<prefix>.critical`, `.high`, `.normal`, `.low` carry
 the change events of each wedding tier; `<prefix>.transactions` carries one boundary record
 per transaction, always in partition 0 so they stay in commit order.
 
-Message key of a change event (`message_key`): `schema.table`, a NUL byte, then the canonical
-JSON of the key columns (sorted keys, no spaces, UTF-8), e.g. `public.guests\\x00{"id":42}`.
-The same row always gets the same key, so the partitioner (librdkafka's `murmur2_random`: the
-Java client's default for a keyed message) keeps one row's changes in one partition, in order.
-Non-JSON values are written as strings in one canonical form each (numeric normalised so 1.50
-and 1.5 agree, as they do in a Postgres index; timestamptz in UTC; uuid lower-case; bytea as
-`\\x` + hex).
+Message key of a change event: `keys.message_key` (`schema.table`, a NUL byte, then the
+row's canonical key). The same row always gets the same key, so the partitioner (librdkafka's
+`murmur2_random`: the Java client's default for a keyed message) keeps one row's changes in
+one partition, in order.
 
 Headers of a change event: `table` (schema.table), `op`, `lsn` (commit LSN, Postgres text
 form), `seq`, `tier`; of a transaction record: `lsn` and `end_lsn`. All UTF-8.
@@ -55,7 +52,6 @@ __all__ = [
     "ProducerError",
     "all_topics",
     "ensure_topics",
-    "message_key",
     "schemas_topic",
     "topic_names",
     "transactions_topic",
@@ -210,8 +206,10 @@ class EventProducer:
     transactions topic, with an idempotent `acks=all` producer.
 
     Use as `async with EventProducer(config, codec) as producer:`; `start()` and `stop()` are
-    idempotent. `stop()` flushes what was sent. With `config.schema_registry_url`, `start()`
-    registers the schemas under `<topic>-value` and messages use the Confluent wire format.
+    idempotent, and a producer is one-shot: once stopped it does not start again (a restart
+    makes a new one, as the capture does after a failed delivery). `stop()` flushes what was
+    sent. With `config.schema_registry_url`, `start()` registers the schemas under
+    `<topic>-value` and messages use the Confluent wire format.
     Call `ensure_topics` first: sending to a missing topic waits for it (or, on a broker with
     automatic topic creation, creates it with the broker's defaults).
     """
@@ -234,6 +232,7 @@ class EventProducer:
         self._schemas = schemas_topic(config.topic_prefix)
         self._schema_ids: dict[str, int] = {}
         self._failure: BaseException | None = None
+        self._stopped = False
 
     async def __aenter__(self) -> EventProducer:
         await self.start()
@@ -244,6 +243,8 @@ class EventProducer:
         await self.stop()
 
     async def start(self) -> None:
+        if self._stopped:
+            raise RuntimeError("a stopped EventProducer does not start again: make a new one")
         if self._producer is not None:
             return
         config = self._config
@@ -281,6 +282,7 @@ class EventProducer:
         """Flush pending messages (their futures resolve) and close; safe to call twice.
         What Kafka has not taken within `STOP_FLUSH_S` is dropped: its futures fail, so
         nothing after it counts as delivered."""
+        self._stopped = True
         producer, self._producer = self._producer, None
         try:
             if producer is not None:

@@ -1,6 +1,6 @@
 """How far the replication slot may be confirmed: the Kafka acknowledgement watermark.
 
-DESIGN, "Positions and guarantees": the slot's flush LSN advances only to a position below
+The guarantee: the slot's flush LSN advances only to a position below
 which every change is acknowledged by Kafka. Acknowledgements arrive out of order (different
 partitions, different topics), so this keeps, per transaction in commit order, how many of
 its messages are still unacknowledged:

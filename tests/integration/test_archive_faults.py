@@ -1,5 +1,5 @@
-"""Fault injection for the sinks (DESIGN, "Positions and guarantees", "Object layout",
-"Security"): `kill -9` of the sink service at random moments, an Azure outage, tampered
+"""Fault injection for the sinks (positions and guarantees, the object layout, encryption):
+`kill -9` of the sink service at random moments, an Azure outage, tampered
 objects and wrong keys, setup mistakes and an unreachable store, a flush that fails part-way.
 
 The workload keeps its own ground truth, as in `test_capture_faults`: every committed write

@@ -371,3 +371,19 @@ async def test_an_unreachable_broker_is_an_error_at_start(topic_prefix: str) -> 
         await producer.start()
     with pytest.raises(ProducerError, match="not started"):
         await producer.send_event(change(0, 0, row=1, tier=Tier.LOW))
+
+
+async def test_a_stopped_producer_does_not_start_again(kafka_bootstrap: str,
+                                                       topic_prefix: str) -> None:
+    # One-shot: a restart (after a failed delivery) makes a new producer, so a stale one can
+    # never resume sending with partition order no longer trusted.
+    producer = EventProducer(KafkaConfig(bootstrap_servers=kafka_bootstrap,
+                                         topic_prefix=topic_prefix), EventCodec(topic_prefix))
+    await producer.start()
+    await producer.start()  # idempotent while running
+    await producer.stop()
+    await producer.stop()  # and stop too
+    with pytest.raises(RuntimeError, match="does not start again"):
+        await producer.start()
+    with pytest.raises(ProducerError, match="not started"):
+        await producer.send_event(change(0, 0, row=1, tier=Tier.LOW))
