@@ -44,17 +44,18 @@ def fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
 
 @contextlib.contextmanager
 def failing_as(what: str, foreign: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
-    """Inside: a failure of ours (not an operator's error) or one of the *foreign* exceptions
-    becomes a `CommandFailed` saying `<what>: <message>`."""
+    """Inside: one of the *foreign* exceptions (named by the command: the services it talks
+    to, even where one of ours would be an operator's error elsewhere) or a failure of ours
+    (not an operator's error) becomes a `CommandFailed` saying `<what>: <message>`."""
     try:
         yield
+    except foreign as exc:
+        log.debug("%s", what, exc_info=True)
+        raise CommandFailed(f"{what}: {one_line(exc)}") from exc
     except OperatorError:
         raise
     except ReplicatorError as exc:
         raise CommandFailed(f"{what}: {exc}") from exc
-    except foreign as exc:
-        log.debug("%s", what, exc_info=True)
-        raise CommandFailed(f"{what}: {one_line(exc)}") from exc
 
 
 def _ours(group: BaseExceptionGroup[Any]) -> list[ReplicatorError] | None:

@@ -67,3 +67,13 @@ def test_failing_as_names_what_failed_and_leaves_operator_errors_alone() -> None
     with pytest.raises(asyncio.CancelledError), failing_as("x", (OSError,)):
         raise asyncio.CancelledError
     assert exit_code(CommandFailed("x")) == 1
+
+
+def test_failing_as_takes_the_named_services_errors_as_failures_first() -> None:
+    # `replicator compact` names the store's errors: a store it cannot use is a failed run
+    # (the service counts it), even where the store's error is an operator's elsewhere.
+    from connectors.errors import Fatal
+
+    with pytest.raises(CommandFailed, match="^compaction stopped: no such directory"), \
+            failing_as("compaction stopped", (Fatal, OSError)):
+        raise Fatal("no such directory", url="file:///nothing")
