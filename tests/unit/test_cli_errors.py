@@ -74,6 +74,6 @@ def test_failing_as_takes_the_named_services_errors_as_failures_first() -> None:
     # (the service counts it), even where the store's error is an operator's elsewhere.
     from connectors.errors import Fatal
 
-    with pytest.raises(CommandFailed, match="^compaction stopped: no such directory"), \
+    with pytest.raises(CommandFailed, match=r"^compaction stopped: no such directory"), \
             failing_as("compaction stopped", (Fatal, OSError)):
         raise Fatal("no such directory", url="file:///nothing")
