@@ -610,8 +610,8 @@ def copy_floor(dsn: str, chunks: list[bytes]) -> float:
 def code_digest() -> str:
     """A digest of the replay code as it is now (it changes often: says what was measured)."""
     h = hashlib.sha256()
-    files = sorted((PROJECT_ROOT / "replicator" / "replay").glob("*.py")) + [
-        PROJECT_ROOT / "replicator" / "sink" / name for name in ("segment.py", "merge.py")]
+    files = (sorted((PROJECT_ROOT / "replicator" / "replay").glob("*.py"))
+             + sorted((PROJECT_ROOT / "replicator" / "archive").glob("*.py")))
     for path in files:
         h.update(path.read_bytes())
     return h.hexdigest()[:12]
