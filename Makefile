@@ -1,6 +1,6 @@
 # The two commands a new machine needs:  `make run`  (the main job)  and  `make test`.
 # Both install what is missing first: a virtualenv with the project, then the services'
-# binaries (PostgreSQL 15 with apt, Kafka jars with Maven, Azurite with npm).
+# binaries (PostgreSQL 15 with apt, Kafka jars with Maven, Azurite with npm, Toxiproxy with go).
 
 PYTHON ?= python3
 VENV   ?= .venv

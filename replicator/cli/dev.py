@@ -37,7 +37,8 @@ ONLY = click.option("--only", metavar="NAMES",
                    "default .replicator-dev].")
 @click.pass_context
 def dev(ctx: click.Context, state_dir: Path | None) -> None:
-    """Run the local stack: PostgreSQL 15 and 18, Kafka, S3, Azure Blob and GCS emulators."""
+    """Run the local stack: PostgreSQL 15 and 18, Kafka, S3, Azure Blob and GCS emulators,
+    and Toxiproxy (the fault injector of the fault tests)."""
     ctx.obj = Stack(StackSettings.from_env(os.environ, state_dir))
 
 
@@ -45,7 +46,7 @@ def dev(ctx: click.Context, state_dir: Path | None) -> None:
 @ONLY
 @click.pass_context
 def install(ctx: click.Context, only: str | None) -> None:
-    """Fetch what the services need (apt, Maven, npm) without starting them."""
+    """Fetch what the services need (apt, Maven, npm, go) without starting them."""
     _stack(ctx).install(_names(only))
     click.echo("installed")
 

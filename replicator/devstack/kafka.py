@@ -110,6 +110,11 @@ class KafkaService(Service):
         return Launch(argv=[*self._java(), "kafka.Kafka", str(self.home / "server.properties")],
                       cwd=self.home)
 
+    def advertised_listener(self) -> str:
+        """The `host:port` clients are told to connect to (the fault tests put a proxy's
+        address here, on a broker of their own)."""
+        return f"127.0.0.1:{self.port}"
+
     def _java(self) -> list[str]:
         return ["java", *HEAP, "-cp", f"{self.libs}/*",
                 f"-Dlog4j2.configurationFile={self.home / 'log4j2.yaml'}"]
@@ -122,7 +127,7 @@ class KafkaService(Service):
             "node.id=1",
             f"controller.quorum.voters=1@127.0.0.1:{controller}",
             f"listeners=PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{controller}",
-            f"advertised.listeners=PLAINTEXT://127.0.0.1:{self.port}",
+            f"advertised.listeners=PLAINTEXT://{self.advertised_listener()}",
             "controller.listener.names=CONTROLLER",
             "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
             "inter.broker.listener.name=PLAINTEXT",

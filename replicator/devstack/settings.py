@@ -5,11 +5,12 @@ All settings are read once, from an explicit environment mapping, by `StackSetti
 | variable | default | meaning |
 |---|---|---|
 | `REPLICATOR_DEV_DIR` | `.replicator-dev` | state directory (data, logs, PID files) |
-| `REPLICATOR_DEV_CACHE` | `~/.cache/wedsync-replicator` | downloaded Kafka jars and Azurite |
+| `REPLICATOR_DEV_CACHE` | `~/.cache/wedsync-replicator` | Kafka jars, Azurite, Toxiproxy |
 | `REPLICATOR_DEV_<SERVICE>_PORT` | see `DEFAULT_PORTS` | port of a native service |
 | `REPLICATOR_DEV_PG15_DSN` ... (see `EXTERNAL_VARS`) | unset | use that running service |
 
-`<SERVICE>` is one of `PG15`, `PG18`, `KAFKA`, `KAFKA_CONTROLLER`, `S3`, `AZURE`, `GCS`.
+`<SERVICE>` is one of `PG15`, `PG18`, `KAFKA`, `KAFKA_CONTROLLER`, `S3`, `AZURE`, `GCS`,
+`TOXIPROXY` (its API; `REPLICATOR_DEV_TOXIPROXY` names a running one by its API's URL).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ DEFAULT_PORTS: Mapping[str, int] = {
     "s3": 19000,
     "azure": 10000,
     "gcs": 4443,
+    "toxiproxy": 8474,
 }
 
 #: The variable that points a service at an already-running instance, and what it holds.
@@ -38,6 +40,7 @@ EXTERNAL_VARS: Mapping[str, str] = {
     "s3": "REPLICATOR_DEV_S3_ENDPOINT",
     "azure": "REPLICATOR_DEV_AZURE_ENDPOINT",
     "gcs": "REPLICATOR_DEV_GCS_ENDPOINT",
+    "toxiproxy": "REPLICATOR_DEV_TOXIPROXY",
 }
 
 # Public, well-known development credentials of the S3 emulator; not secrets. Azurite's

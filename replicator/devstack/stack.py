@@ -17,8 +17,9 @@ from replicator.devstack.kafka import KafkaService
 from replicator.devstack.objectstores import AzuriteService, FakeGcsService, MotoS3Service
 from replicator.devstack.postgres import PostgresService
 from replicator.devstack.settings import StackSettings
+from replicator.devstack.toxiproxy import ToxiproxyService
 
-SERVICE_NAMES = ("pg15", "pg18", "kafka", "s3", "azure", "gcs")
+SERVICE_NAMES = ("pg15", "pg18", "kafka", "s3", "azure", "gcs", "toxiproxy")
 
 
 class StackError(ServiceError):
@@ -41,6 +42,7 @@ class Stack:
             "s3": MotoS3Service(settings),
             "azure": AzuriteService(settings),
             "gcs": FakeGcsService(settings),
+            "toxiproxy": ToxiproxyService(settings),
         }
 
     def select(self, names: Iterable[str] | None = None) -> list[Service]:
@@ -55,7 +57,8 @@ class Stack:
         return chosen
 
     def install(self, names: Iterable[str] | None = None) -> None:
-        """Fetch every managed service's binaries (apt, Maven, npm) without starting anything."""
+        """Fetch every managed service's binaries (apt, Maven, npm, go) without starting
+        anything."""
         for service in self.select(names):
             if service.managed:
                 service.install()
@@ -76,7 +79,7 @@ class Stack:
 
     async def _up(self, names: Iterable[str] | None) -> dict[str, str]:
         services = self.select(names)
-        # Installs run one at a time: apt, Maven and npm each saturate the two cores.
+        # Installs run one at a time: apt, Maven, npm and go each saturate the two cores.
         for service in services:
             if service.managed and service.pid() is None:
                 await asyncio.to_thread(service.install)

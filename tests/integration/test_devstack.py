@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 from pathlib import Path
 
+import psycopg
 import pytest
 from click.testing import CliRunner
+from psycopg.conninfo import conninfo_to_dict
 
 from replicator.cli import main
 from replicator.devstack import process
@@ -15,6 +18,8 @@ from replicator.devstack.base import Launch, Service, ServiceError
 from replicator.devstack.objectstores import MotoS3Service
 from replicator.devstack.settings import EXTERNAL_VARS, StackSettings
 from replicator.devstack.stack import SERVICE_NAMES, Stack
+from replicator.devstack.toxiproxy import ToxiproxyService
+from tests.integration.faults import postgres_through, toxiproxy
 
 
 def free_port() -> int:
@@ -115,3 +120,42 @@ def test_env_prints_exports_that_point_at_the_stack(dev_stack: Stack) -> None:
     lines = {key: value for key, value in pairs}
     assert set(lines) == set(EXTERNAL_VARS.values())
     assert lines["REPLICATOR_DEV_KAFKA"] == dev_stack.services["kafka"].address()
+
+
+# --- Toxiproxy ------------------------------------------------------------------------------
+
+
+async def test_toxiproxy_forwards_to_postgres_and_an_outage_cuts_it(dev_stack: Stack) -> None:
+    """The stack's Toxiproxy is healthy; a proxy created through its API reaches the real
+    server, and disabling it breaks the open connection and refuses new ones until it is
+    enabled again."""
+    service = dev_stack.services["toxiproxy"]
+    assert (await service.health()).state == "healthy"
+    with toxiproxy(dev_stack) as proxies:
+        proxy, dsn = postgres_through(proxies, dev_stack.services["pg15"].address())
+        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+            cur = await conn.execute("SELECT inet_server_port()")
+            upstream = int(conninfo_to_dict(dev_stack.services["pg15"].address())["port"])
+            assert await cur.fetchone() == (upstream,)
+            await asyncio.to_thread(proxy.disable)
+            with pytest.raises(psycopg.OperationalError):
+                await conn.execute("SELECT 1")
+        with pytest.raises(psycopg.OperationalError):
+            await psycopg.AsyncConnection.connect(dsn, connect_timeout=3)
+        await asyncio.to_thread(proxy.enable)
+        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+            cur = await conn.execute("SELECT 1")
+            assert await cur.fetchone() == (1,)
+        name = proxy.name
+        assert name in proxies.call("GET", "/proxies")
+    assert name not in proxies.call("GET", "/proxies")  # deleted with the client
+
+
+def test_toxiproxy_install_without_go_says_what_is_missing(tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch
+                                                            ) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    service = ToxiproxyService(settings(tmp_path))
+    with pytest.raises(ServiceError, match="toxiproxy: the Go toolchain is needed"):
+        service.install()
+    assert not service.binary.exists()
