@@ -489,6 +489,7 @@ def build(p: Params, directory: Path, say: Any) -> dict[str, Any]:
             _, size = _write_transactions(root, datums)
             keys_bytes += size
         from replicator.archive.layout import checkpoint_key, schema_key
+        from replicator.archive.reader import checkpoint_document
 
         schema = {"table": TABLE, "lsn": SNAPSHOT_LSN,
                   "columns": [{"name": c, "type": t, "type_oid": oid, "not_null": nn}
@@ -496,8 +497,9 @@ def build(p: Params, directory: Path, say: Any) -> dict[str, Any]:
                   "primary_key": ["id"]}
         keys_bytes += asyncio.run(_put(root, schema_key(TABLE, Lsn(SNAPSHOT_LSN)),
                                        json.dumps(schema, sort_keys=True).encode()))
-        asyncio.run(_put(root, checkpoint_key(DESTINATION, Lsn(plan.txs[-1].end_lsn)), b"",
-                         encrypted=False))
+        last = Lsn(plan.txs[-1].end_lsn)
+        asyncio.run(_put(root, checkpoint_key(DESTINATION, last),
+                         checkpoint_document(DESTINATION, last)))
         rows, wedding_rows = write_floor(p, plan, directory / "floor.copy")
         for future in concurrent.futures.as_completed(futures):
             for _key, _rows, size in future.result():

@@ -10,7 +10,10 @@ tampered or truncated one, an unknown or wrong key, content that does not match 
 from __future__ import annotations
 
 import bisect
+import contextlib
+import json
 import os
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,12 +47,13 @@ from replicator.archive.segment import (
 )
 from replicator.archive.snapshot import SnapshotPart
 from replicator.crypto import CryptoError, Keyring, UnknownKey, decrypt, decrypt_stream
-from replicator.errors import ReplicatorError
+from replicator.errors import OperatorError, ReplicatorError
 from replicator.events import Tier, TransactionRecord
 from replicator.position import INVALID_LSN, Lsn
 
-__all__ = ["Archive", "ReplayFailed", "Timeline", "checkpoint", "current_rss_mb", "destinations",
-           "nearest_hint", "recorded_gaps", "schema_versions"]
+__all__ = ["CHECKPOINTS_KEPT", "Archive", "ReplayFailed", "Timeline", "UntrustedObject",
+           "checkpoint", "checkpoint_document", "checkpoint_names", "current_rss_mb",
+           "destinations", "nearest_hint", "recorded_gaps", "schema_versions"]
 
 
 class ReplayFailed(ReplicatorError):
@@ -314,14 +318,92 @@ class Archive:
 # --- listings: what a store holds, from names alone ------------------------------------------
 
 
-async def checkpoint(store: ObjectStore, destination: str, tier: Tier | None = None) -> Lsn:
+class UntrustedObject(OperatorError):
+    """A checkpoint or gap object that this archive's keys did not seal (forged, damaged, or a
+    checkpoint written before checkpoints were sealed); the message names it and what to do."""
+
+
+#: Sealed checkpoints a sink keeps per destination and tier; it deletes older ones.
+CHECKPOINTS_KEPT = 5
+
+
+def checkpoint_document(destination: str, lsn: Lsn, tier: Tier | None = None, *,
+                        written_at: float | None = None) -> bytes:
+    """The plaintext of checkpoint object `checkpoint_key(destination, lsn, tier)`: JSON with
+    the destination, tier, LSN and time. Stored encrypted under its name (`crypto.encrypt`),
+    so that a checkpoint is trusted only when this archive's keys sealed it at that name."""
+    return json.dumps({"destination": destination, "tier": tier.value if tier else "all",
+                       "lsn": int(lsn), "lsn_text": str(lsn),
+                       "written_at": time.time() if written_at is None else written_at},
+                      sort_keys=True).encode()
+
+
+def _untrusted(key: str, what: str) -> UntrustedObject:
+    where = key.rsplit("/", 1)[0]
+    if key.startswith(GAPS):
+        hint = ("if it is not yours, delete it: a gap the capture recorded is in its state "
+                "topic, and the sink writes it again")
+    else:
+        hint = ("checkpoints written before they were sealed are refused too: check the "
+                f"archive, then delete the unsealed objects under {where}/ and restart the "
+                "sink, which goes on from its committed offsets and writes a sealed "
+                "checkpoint at its next flush")
+    return UntrustedObject(f"object {key} {what}, so it is not trusted; {hint}")
+
+
+async def _sealed(store: ObjectStore, key: str, keyring: Keyring) -> dict[str, Any]:
+    """The JSON content of checkpoint or gap *key*, decrypted with its name bound;
+    `UntrustedObject` when it is empty, not sealed at this name, or not JSON."""
+    data = await store.get(key)
+    if not data:
+        raise _untrusted(key, "is empty (not sealed)")
+    try:
+        doc = json.loads(decrypt(data, key, keyring))
+    except UnknownKey:
+        raise
+    except (CryptoError, ValueError) as exc:
+        raise _untrusted(key, f"is not sealed by this archive's keys ({exc})") from None
+    if not isinstance(doc, dict):
+        raise _untrusted(key, "does not hold a JSON object")
+    return doc
+
+
+async def checkpoint(store: ObjectStore, destination: str, tier: Tier | None = None, *,
+                     keyring: Keyring) -> Lsn:
     """The destination's newest checkpoint (overall, or of one tier); `INVALID_LSN` when it
-    has none."""
-    latest = INVALID_LSN
+    has none. The newest object is decrypted and must record the LSN its name says
+    (`UntrustedObject` otherwise: a forged name must not move a restore's latest point)."""
+    newest: tuple[Lsn, str] | None = None
+    async for info in store.list(checkpoints_prefix(destination, tier)):
+        if not is_checkpoint_key(info.key, destination, tier):
+            continue
+        try:
+            lsn = parse_checkpoint_key(info.key)
+        except ValueError as exc:
+            raise _untrusted(info.key, f"has no checkpoint name ({exc})") from None
+        if newest is None or lsn > newest[0]:
+            newest = (lsn, info.key)
+    if newest is None:
+        return INVALID_LSN
+    lsn, key = newest
+    doc = await _sealed(store, key, keyring)
+    expected = (destination, tier.value if tier else "all", int(lsn))
+    if (doc.get("destination"), doc.get("tier"), doc.get("lsn")) != expected:
+        raise _untrusted(key, f"records LSN {doc.get('lsn')} of {doc.get('destination')!r}/"
+                         f"{doc.get('tier')}, not what its name says")
+    return lsn
+
+
+async def checkpoint_names(store: ObjectStore, destination: str,
+                           tier: Tier | None = None) -> list[tuple[Lsn, str]]:
+    """The destination's checkpoint objects (of one tier, or overall), oldest first, from
+    their names alone (for pruning; names that do not parse are left out)."""
+    found = []
     async for info in store.list(checkpoints_prefix(destination, tier)):
         if is_checkpoint_key(info.key, destination, tier):
-            latest = max(latest, parse_checkpoint_key(info.key))
-    return latest
+            with contextlib.suppress(ValueError):
+                found.append((parse_checkpoint_key(info.key), info.key))
+    return sorted(found)
 
 
 async def destinations(store: ObjectStore) -> set[str]:
@@ -329,9 +411,18 @@ async def destinations(store: ObjectStore) -> set[str]:
     return {destination_of(info.key) async for info in store.list(checkpoints_prefix())}
 
 
-async def recorded_gaps(store: ObjectStore) -> list[tuple[Lsn, Lsn]]:
-    """The gaps the destination has archived, sorted."""
-    return sorted([parse_gap_key(info.key) async for info in store.list(GAPS)])
+async def recorded_gaps(store: ObjectStore, keyring: Keyring) -> list[tuple[Lsn, Lsn]]:
+    """The gaps the destination has archived, sorted. Each is decrypted and must record the
+    range its name says (`UntrustedObject` otherwise)."""
+    gaps = []
+    async for info in store.list(GAPS):
+        start, end = parse_gap_key(info.key)
+        doc = await _sealed(store, info.key, keyring)
+        if (doc.get("from_lsn"), doc.get("to_lsn")) != (int(start), int(end)):
+            raise _untrusted(info.key, "records another range than its name says")
+        gaps.append((start, end))
+    return sorted(gaps)
+
 
 
 async def schema_versions(store: ObjectStore, table: str) -> list[tuple[Lsn, str]]:

@@ -13,6 +13,15 @@
    when the restore differs or verify fails (2 when capture stops on something only an
    operator can fix).
 
+It runs only on the local stack (`check_local_stack`): it creates tables and writes a
+workload into the database it is pointed at, so a source DSN whose host is not a loopback
+address, or whose port is not one of the stack's PostgreSQL ports (`REPLICATOR_DEV_PG15_PORT`,
+`REPLICATOR_DEV_PG18_PORT`), or Kafka bootstrap servers that are not on a loopback address,
+are refused (exit 2) before anything is connected to or written, unless they are the stack's
+own external services (`REPLICATOR_DEV_PG15_DSN`, `REPLICATOR_DEV_PG18_DSN`,
+`REPLICATOR_DEV_KAFKA`). A Unix socket, a `service=` entry or a host name other than
+`localhost` is refused too: where they lead cannot be told from the text.
+
 Safe to run again: the database, slot and topics are reused, the initial snapshot is not
 repeated, and capture resumes from the slot's confirmed position. The demo's own archive
 folder is tied to the slot that filled it (`<state dir>/archive.source`); when the two no
@@ -26,13 +35,14 @@ import asyncio
 import base64
 import contextlib
 import inspect
+import ipaddress
 import os
 import random
 import secrets
 import shlex
 import shutil
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -46,12 +56,14 @@ from rich.console import Console
 from rich.table import Table
 
 from replicator.config import Config, DestinationConfig, EncryptionConfig, FlushConfig
+from replicator.errors import OperatorError
 from replicator.position import Lsn
 
 if TYPE_CHECKING:
     from connectors.base import ObjectStore
     from replicator.capture import Capture
     from replicator.crypto import Keyring
+    from replicator.devstack.settings import StackSettings
     from replicator.replay.run import ReplaySummary
     from replicator.replay.verify import VerifyReport
     from replicator.sink.service import Sinks
@@ -103,6 +115,64 @@ def default_config() -> Path:
 
 
 # --- 1. the services ---------------------------------------------------------------------------
+
+
+class DemoRefused(OperatorError):
+    """`replicator demo` was pointed at something other than the local stack."""
+
+
+def check_local_stack(config: Config, settings: StackSettings,
+                      environ: Mapping[str, str]) -> None:
+    """Refuse (`DemoRefused`) a source or Kafka that is not the local stack's (module
+    docstring). Names hosts and ports only: the DSN may hold a password."""
+    ports = sorted({settings.ports["pg15"], settings.ports["pg18"]})
+    own = {address for name in ("pg15", "pg18") if (dsn := settings.external.get(name))
+           for address in _pg_addresses(dsn, {})}
+    for host, port in _pg_addresses(config.source.dsn, environ):
+        if (host, port) not in own and not (_loopback(host) and port in ports):
+            raise DemoRefused(
+                f"demo refuses source.dsn (host {host or 'a Unix socket'}, port {port}): it "
+                "creates tables and writes into the database it is given, so it runs only on "
+                f"the local stack's PostgreSQL (127.0.0.1, port {' or '.join(map(str, ports))})"
+                "; use `replicator run` for any other database")
+    kafka_own = {s.strip() for s in settings.external.get("kafka", "").split(",") if s.strip()}
+    for server in (s.strip() for s in config.kafka.bootstrap_servers.split(",")):
+        if server and server not in kafka_own and not _loopback(
+                server.rpartition(":")[0].strip("[]")):
+            raise DemoRefused(
+                f"demo refuses kafka.bootstrap_servers {server}: it creates topics and writes "
+                f"into them, so it runs only on the local stack's Kafka (127.0.0.1, port "
+                f"{settings.ports['kafka']})")
+
+
+def _pg_addresses(dsn: str, environ: Mapping[str, str]) -> Iterator[tuple[str, int]]:
+    """The (host, port) pairs libpq would connect to for *dsn* (hostaddr over host; the
+    PG* variables where the DSN is silent); `DemoRefused` when that cannot be told."""
+    params = conninfo_to_dict(dsn)
+    if params.get("service") or environ.get("PGSERVICE"):
+        raise DemoRefused("demo refuses a source.dsn that names a service (service=, "
+                          "PGSERVICE): where it leads cannot be checked; give host and port")
+    hosts = str(params.get("hostaddr") or params.get("host") or environ.get("PGHOSTADDR")
+                or environ.get("PGHOST") or "").split(",")
+    ports = str(params.get("port") or environ.get("PGPORT") or "5432").split(",")
+    if len(ports) == 1:
+        ports = ports * len(hosts)
+    for host, port in zip(hosts, ports, strict=False):
+        try:
+            number = int(port or "5432")
+        except ValueError:
+            raise DemoRefused(f"demo refuses source.dsn: port {port!r} is not a number"
+                              ) from None
+        yield host.strip(), number
+
+
+def _loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a name, a Unix socket directory, or nothing
+        return False
 
 
 def _where(dsn: str) -> str:
@@ -498,7 +568,9 @@ def demo(config_path: Path | None, seconds: float) -> None:
 
     started = time.monotonic()
     config = load_config(config_path or default_config())
-    state_dir = StackSettings.from_env(os.environ).state_dir
+    settings = StackSettings.from_env(os.environ)
+    check_local_stack(config, settings, os.environ)
+    state_dir = settings.state_dir
     own_folder = not config.destinations
     config, environ = with_demo_archive(config, state_dir, dict(os.environ))
     src = config.source
@@ -557,7 +629,8 @@ def demo(config_path: Path | None, seconds: float) -> None:
                 f"   {after} of them changed wedding {wedding} after the moment")
 
             async def past_moment() -> bool:
-                return await checkpoint(store, destination.name) >= moment.lsn
+                return await checkpoint(store, destination.name,
+                                        keyring=keyring) >= moment.lsn
             await pipeline.until(past_moment, "the archive's checkpoint to pass the moment")
             if identity is not None:
                 (state_dir / "archive.source").write_text(identity + "\n")

@@ -176,11 +176,11 @@ async def prepare(store: ObjectStore, keyring: Keyring, *, at: At,
                   destination: str | None = None) -> Prepared:
     started = time.perf_counter()
     dest = await find_destination(store, destination)
-    checkpoint = await archive_checkpoint(store, dest)
+    checkpoint = await archive_checkpoint(store, dest, keyring=keyring)
     listing: list[ObjectInfo] = [info async for info in store.list(SEGMENTS)]
     listing += [info async for info in store.list(SNAPSHOTS)]
     try:
-        gaps = await recorded_gaps(store)
+        gaps = await recorded_gaps(store, keyring)
     except ValueError as exc:
         raise ReplayRefused(f"cannot plan: {exc}") from None
     archive = Archive(store, keyring)

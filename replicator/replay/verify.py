@@ -266,7 +266,7 @@ async def verify(store: ObjectStore, keyring: Keyring, *, at: At = LATEST,
                                 "now: give --at latest")
         async with _live_snapshot(against_dsn) as (consistent, conn):
             point = Lsn(consistent - 1)
-            await _wait_checkpoint(store, destination, consistent, wait_s)
+            await _wait_checkpoint(store, keyring, destination, consistent, wait_s)
             prepared = await prepare(store, keyring, at=point, tables=tables,
                                      destination=destination)
             report = _report(prepared)
@@ -295,13 +295,14 @@ def _report(prepared: Prepared) -> VerifyReport:
                         {j.table: TableCheck(j.table) for j in prepared.jobs})
 
 
-async def _wait_checkpoint(store: ObjectStore, destination: str | None, consistent: Lsn,
+async def _wait_checkpoint(store: ObjectStore, keyring: Keyring, destination: str | None,
+                           consistent: Lsn,
                            wait_s: float) -> None:
     """Until the destination's checkpoint covers every commit below *consistent*."""
     dest = await find_destination(store, destination)
     deadline = time.monotonic() + wait_s
     while True:
-        checkpoint = await archive_checkpoint(store, dest)
+        checkpoint = await archive_checkpoint(store, dest, keyring=keyring)
         if checkpoint >= consistent:
             return
         if time.monotonic() > deadline:

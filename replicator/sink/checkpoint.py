@@ -15,9 +15,9 @@ and a transaction committed below the overall checkpoint is ignored. The checkpo
 end LSN, and the next transaction's commit record can start exactly there: a commit LSN
 equal to the checkpoint belongs to a transaction not yet covered.
 
-Checkpoint objects (empty, create-only; names sort by LSN, so the newest is the last listed):
-`checkpoints/<destination>/<16 hex digits>` overall and
-`checkpoints/<destination>/<tier>/<16 hex digits>` per tier.
+Checkpoint objects (sealed JSON, create-only; names sort by LSN, so the newest is the last
+listed; `archive.reader.checkpoint` reads them): `checkpoints/<destination>/<16 hex digits>`
+overall and `checkpoints/<destination>/<tier>/<16 hex digits>` per tier.
 """
 
 from __future__ import annotations

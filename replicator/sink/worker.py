@@ -26,6 +26,9 @@ de-duplicates by position).
 The digest in a segment's name keeps names unique when two flushes cover the same position
 range with different changes (changes of one table arrive from several partitions, in no
 particular order across them). Names still sort by position.
+
+Checkpoint objects are sealed (`archive.reader.checkpoint_document`, encrypted under their
+name) and pruned to the newest `CHECKPOINTS_KEPT` per tier after each write.
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ from replicator.archive.layout import (
     transactions_key,
 )
 from replicator.archive.part import encode_part, partable
+from replicator.archive.reader import CHECKPOINTS_KEPT, checkpoint_document, checkpoint_names
 from replicator.archive.segment import encode_record_segment, encode_transaction_segment
 from replicator.config import DestinationConfig, KafkaConfig
 from replicator.crypto import Keyring, encrypt
@@ -131,6 +135,8 @@ class SinkWorker:
         # The capture's recorded gaps, archived before a checkpoint passes them.
         self._state = StateFollower(kafka.bootstrap_servers, state_topic(kafka.topic_prefix))
         self._gaps_due: dict[str, dict[str, Any]] = {}  # key -> content, not yet written
+        # Checkpoint names written, oldest first, per tier (None: overall), for pruning.
+        self._checkpoint_names: dict[Tier | None, list[str]] = {}
 
     def stop(self) -> None:
         self._stopping.set()
@@ -181,6 +187,9 @@ class SinkWorker:
             try:
                 overall = await self._latest_checkpoint(None)
                 tiers = {t: await self._latest_checkpoint(t) for t in TIER_ORDER}
+                for tier in (None, *TIER_ORDER):
+                    self._checkpoint_names[tier] = [key for _, key in await checkpoint_names(
+                        self.store, self.destination.name, tier)]
             except (StoreError, OSError) as exc:
                 self._failed("cannot read its checkpoint", exc)
                 continue
@@ -330,23 +339,44 @@ class SinkWorker:
             self._durable(written_positions, records)
         # 2. checkpoint, after the gaps recorded so far
         checkpoint = self.tracker.advance()
-        name = self.destination.name
         tiers_moved = {tier: lsn for tier, lsn in self.tracker.tier_checkpoints.items()
                        if lsn > self.stats.tier_checkpoints.get(tier, INVALID_LSN)}
         if tiers_moved or checkpoint > self.stats.checkpoint:
             await self._archive_gaps()
         for tier, lsn in tiers_moved.items():
-            with contextlib.suppress(AlreadyExists):
-                await self.store.put(checkpoint_key(name, lsn, tier), b"")
+            await self._write_checkpoint(lsn, tier)
             self.stats.tier_checkpoints[tier] = lsn
         if checkpoint > self.stats.checkpoint:
-            with contextlib.suppress(AlreadyExists):
-                await self.store.put(checkpoint_key(name, checkpoint), b"")
+            await self._write_checkpoint(checkpoint, None)
             self.stats.checkpoint = checkpoint
         # 3. offsets of what is at or below the checkpoint
         await self._commit(consumer, checkpoint)
+        await self._prune_checkpoints()
         self.stats.flushes += 1
         self.stats.last_flush_at = time.time()
+
+    async def _write_checkpoint(self, lsn: Lsn, tier: Tier | None) -> None:
+        """The checkpoint object, sealed: its JSON names the LSN, encrypted under its name."""
+        key = checkpoint_key(self.destination.name, lsn, tier)
+        await self._put(key, checkpoint_document(self.destination.name, lsn, tier))
+        names = self._checkpoint_names.setdefault(tier, [])
+        if key not in names:
+            names.append(key)
+
+    async def _prune_checkpoints(self) -> None:
+        """Delete all but the newest `CHECKPOINTS_KEPT` checkpoints of each tier; a failure
+        is only logged (the next flush tries again)."""
+        for names in self._checkpoint_names.values():
+            if len(names) <= CHECKPOINTS_KEPT:
+                continue
+            old = names[:-CHECKPOINTS_KEPT]
+            try:
+                await self.store.delete(old)
+            except (StoreError, OSError) as exc:
+                log.warning("destination %s: cannot delete old checkpoints (%s)",
+                            self.destination.name, exc)
+                return
+            del names[:len(old)]
 
     async def _archive_gaps(self) -> None:
         """Write the gaps the capture recorded (`gap/<from>-<to>` in its state topic) as
@@ -419,4 +449,5 @@ class SinkWorker:
                                    for tp, offset in offsets.items()})
 
     async def _latest_checkpoint(self, tier: Tier | None) -> Lsn:
-        return await reader.checkpoint(self.store, self.destination.name, tier)
+        return await reader.checkpoint(self.store, self.destination.name, tier,
+                                       keyring=self.keyring)

@@ -70,6 +70,6 @@ async def archived_schemas(url: str, table: str) -> list[dict[str, Any]]:
 async def destination_checkpoint(url: str, name: str) -> int:
     store = open_store(url, sink_environ())
     try:
-        return int(await archive.checkpoint(store, name))
+        return int(await archive.checkpoint(store, name, keyring=keyring()))
     finally:
         await store.close()

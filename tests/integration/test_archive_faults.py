@@ -192,7 +192,7 @@ def assert_all_archived(name: str, contents: ArchiveContents, truth: set[Fact]) 
 
 
 async def checkpoint_of(store: ObjectStore, name: str) -> int:
-    return int(await archive.checkpoint(store, name))
+    return int(await archive.checkpoint(store, name, keyring=keyring()))
 
 
 def local_files(root: Path) -> dict[str, tuple[bytes, int, int]]:
@@ -780,5 +780,5 @@ async def test_flush_failing_part_way_loses_no_progress(
     await finish(tasks)
     assert len(store.failed) == 2, store.failed
     assert worker.stats.failures == 2
-    assert int(await archive.checkpoint(store, "local")) > end
+    assert int(await archive.checkpoint(store, "local", keyring=keyring())) > end
     assert_all_archived("local", await read_whole_archive(store, keyring()), load.truth)

@@ -61,7 +61,7 @@ async def test_a_recorded_gap_is_archived_and_planned_around(
     for dest in dests:
         store = open_store(dest.url, sink_environ())
         try:
-            assert await recorded_gaps(store) == [(start, end)], dest.name
+            assert await recorded_gaps(store, keyring()) == [(start, end)], dest.name
             planned = (await prepare(store, keyring(), at=after.lsn)).plan
             assert planned.gaps == ((start, end),)
             assert {t.base_kind for t in planned.tables} == {"resnapshot"}
