@@ -41,7 +41,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 from connectors.azure import AzureStore
 from connectors.base import ObjectStore, join_prefix
-from connectors.errors import Fatal, safe_url
+from connectors.errors import Fatal, redact, safe_url
 from connectors.gcs import GcsStore
 from connectors.local import LocalStore
 from connectors.memory import MemoryStore
@@ -89,7 +89,9 @@ def parse_store_url(url: str) -> StoreUrl:
         shown = safe_url(url)
         parts = urlsplit(url)
     except ValueError as exc:
-        raise ValueError(f"store URL is malformed ({exc}); accepted: {_accepted()}") from None
+        shown = redact(re.sub(r"//[^/?#@]*@", "//", url))  # without credentials
+        raise ValueError(f"store URL {shown!r} is malformed ({exc}); accepted: {_accepted()}"
+                         ) from None
     scheme = parts.scheme.lower()
     if scheme not in SCHEMES:
         raise ValueError(f"unsupported store URL {shown!r}: the scheme must be one of "
@@ -257,10 +259,18 @@ def _split(scheme: str, netloc: str, path: str, shown: str) -> tuple[str, str]:
 
 def _check_options(options: Mapping[str, str], shown: str) -> None:
     if endpoint := options.get("endpoint"):
-        parts = urlsplit(endpoint)
+        try:
+            parts = urlsplit(endpoint)
+        except ValueError as exc:
+            raise ValueError(f"store URL {shown!r}: the endpoint is malformed ({exc})") from None
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"store URL {shown!r}: endpoint must be an http:// or https:// "
                              "URL with a host")
+        try:
+            parts.port  # noqa: B018 (parsing it is the check)
+        except ValueError:
+            raise ValueError(f"store URL {shown!r}: the endpoint's port must be a number in "
+                             "0..65535") from None
     for name in ("multipart_threshold", "page_size"):
         if name in options and not (options[name].isdigit() and int(options[name]) > 0):
             raise ValueError(f"store URL {shown!r}: {name} must be a positive whole number, "

@@ -234,9 +234,7 @@ class S3Store(ObjectStore):
             return self._error_code(str(error.get("Code", "")), _status(exc),
                                     str(error.get("Message", "")), key, creating)
         if isinstance(exc, (boto.NoCredentialsError, boto.PartialCredentialsError)):
-            return Fatal("no usable AWS credentials: set AWS_ACCESS_KEY_ID and "
-                         "AWS_SECRET_ACCESS_KEY, or configure a profile or role",
-                         url=self.url, key=key)
+            return Fatal(self._no_credentials(), url=self.url, key=key)
         if isinstance(exc, boto.SSLError):
             return Fatal(f"TLS failure: {describe(exc)}", url=self.url, key=key)
         if isinstance(exc, (boto.ConnectionError, boto.HTTPClientError, boto.ChecksumError,
@@ -245,6 +243,15 @@ class S3Store(ObjectStore):
             return Retriable(f"S3 unreachable or interrupted: {describe(exc)}",
                              url=self.url, key=key)
         return Fatal(describe(exc), url=self.url, key=key)
+
+    def _no_credentials(self) -> str:
+        """What is missing, by name, when botocore found no credentials."""
+        if self._profile:
+            return (f"no usable AWS credentials: the profile {self._profile!r} (AWS_PROFILE) "
+                    "gave none; fix it, or set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
+        return ("no AWS credentials: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY are not set, "
+                "nor AWS_PROFILE, and no shared credentials file or instance role gave any; "
+                "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or a profile or role)")
 
     def _error_code(self, code: str, status: int, message: str, key: str | None,
                     creating: bool) -> StoreError:

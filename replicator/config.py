@@ -16,6 +16,7 @@ import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import (
     BaseModel,
@@ -67,6 +68,20 @@ class SourceConfig(_Model):
     status_interval_s: float = Field(default=1.0, gt=0)
     reconnect_max_backoff_s: float = Field(default=30.0, gt=0)
 
+    @field_validator("dsn")
+    @classmethod
+    def _dsn(cls, value: str) -> str:
+        from psycopg import Error
+        from psycopg.conninfo import conninfo_to_dict
+
+        try:
+            conninfo_to_dict(value)
+        except Error:  # its message quotes the text, which may hold a password: not shown
+            raise ValueError("not a libpq connection string: use key=value pairs "
+                             "('host=db port=5432 dbname=wedsync') or a postgresql:// URI"
+                             ) from None
+        return value
+
     @field_validator("slot", "publication")
     @classmethod
     def _identifier(cls, value: str) -> str:
@@ -108,6 +123,16 @@ class PriorityConfig(_Model):
     normal_days: int = Field(default=90, ge=0)
     default_tier: Tier = Tier.LOW
     timezone: str = "UTC"
+
+    @field_validator("timezone")
+    @classmethod
+    def _timezone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {value!r}: use an IANA name such as 'UTC' or "
+                             "'Europe/London'") from None
+        return value
 
     @field_validator("weddings_table")
     @classmethod
@@ -213,7 +238,30 @@ class EncryptionConfig(_Model):
 
 
 class MetricsConfig(_Model):
+    """`listen` is `host:port`, an IPv6 address in brackets (`[::1]:9187`); port 0 picks a
+    free one."""
+
     listen: str = "127.0.0.1:9187"
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        listen_address(value)
+        return value
+
+
+def listen_address(text: str) -> tuple[str, int]:
+    """`(host, port)` of `host:port` or `[IPv6 address]:port` (an empty host is 127.0.0.1);
+    `ValueError` saying what to write."""
+    host, sep, port = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]") and len(host) > 2:
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(f"{text!r}: write an IPv6 address in brackets, e.g. '[::1]:9187'")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"{text!r} is not host:port; give the port too, e.g. "
+                         "'127.0.0.1:9187' or '[::1]:9187'")
+    return host or "127.0.0.1", int(port)
 
 
 class Config(_Model):
@@ -240,9 +288,17 @@ def load_config(path: Path, environ: Mapping[str, str] | None = None) -> Config:
     """Read and validate *path*; secrets come from *environ* (default: the process's)."""
     env = os.environ if environ is None else environ
     try:
-        raw = tomllib.loads(path.read_text())
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such configuration file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, not a configuration file") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); a configuration file "
+                          "is TOML in UTF-8") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read it ({exc.strerror or type(exc).__name__})"
+                          ) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     source = raw.get("source")

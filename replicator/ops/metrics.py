@@ -117,28 +117,51 @@ class PipelineCollector(Collector):
         yield from (runs, failed, last)
 
 
+#: What one client may take of the endpoint: the request line and headers together, the
+#: connections served at once (one more is answered 503 and closed), and the time a request
+#: may take to arrive and its answer to leave, so that a slow client is cut off rather than
+#: holding the endpoint that a liveness probe needs.
+MAX_REQUEST_BYTES = 8 * 1024
+MAX_CONNECTIONS = 32
+REQUEST_TIMEOUT_S = 5.0
+
+
+class _TooLarge(Exception):
+    """The request line and headers outgrow `MAX_REQUEST_BYTES`."""
+
+
 class MetricsServer:
-    """`GET /metrics`, `/healthz` (the process runs), `/readyz` (every stage is running)."""
+    """`GET /metrics`, `/healthz` (the process runs), `/readyz` (every stage is running).
+
+    *listen* is `host:port` or `[IPv6 address]:port`. Each client gets `request_timeout_s`
+    for its request and the answer, `MAX_REQUEST_BYTES` of request line and headers (431
+    beyond), and at most `max_connections` are served at once (503 beyond)."""
 
     def __init__(self, listen: str, collector: Collector,
-                 ready: Callable[[], bool] = lambda: True) -> None:
-        host, _, port = listen.rpartition(":")
-        self.host, self.port = host or "127.0.0.1", int(port)
+                 ready: Callable[[], bool | str] = lambda: True, *,
+                 request_timeout_s: float = REQUEST_TIMEOUT_S,
+                 max_connections: int = MAX_CONNECTIONS) -> None:
+        self.host, self.port = _listen_address(listen)
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(collector)
         self.ready = ready
+        self.request_timeout_s = request_timeout_s
+        self.max_connections = max_connections
+        self._active = 0
         self._server: asyncio.Server | None = None
 
     async def start(self) -> None:
+        shown = f"[{self.host}]" if ":" in self.host else self.host
         try:
-            self._server = await asyncio.start_server(self._handle, self.host, self.port)
+            self._server = await asyncio.start_server(self._handle, self.host, self.port,
+                                                      limit=MAX_REQUEST_BYTES)
         except OSError as exc:
-            raise MetricsError(f"metrics.listen {self.host}:{self.port}: cannot listen there "
+            raise MetricsError(f"metrics.listen {shown}:{self.port}: cannot listen there "
                                f"({exc.strerror}); choose another address or port") from exc
         sockets = self._server.sockets or ()
         if sockets:
             self.port = sockets[0].getsockname()[1]
-        log.info("metrics on http://%s:%d/metrics", self.host, self.port)
+        log.info("metrics on http://%s:%d/metrics", shown, self.port)
 
     async def stop(self) -> None:
         if self._server is not None:
@@ -147,27 +170,87 @@ class MetricsServer:
             self._server = None
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._active >= self.max_connections:
+            _respond(writer, "503 Service Unavailable", b"busy\n")
+            writer.close()
+            return
+        self._active += 1
         try:
-            request = await asyncio.wait_for(reader.readline(), 5)
-            while (await asyncio.wait_for(reader.readline(), 5)).strip():
-                pass  # headers: nothing in them matters here
-            parts = request.decode("latin-1").split()
-            path = parts[1] if len(parts) > 1 else ""
-            if path == "/metrics":
-                status, body = "200 OK", generate_latest(self.registry)
-                kind = "text/plain; version=0.0.4; charset=utf-8"
-            elif path == "/healthz":
-                status, body, kind = "200 OK", b"ok\n", "text/plain"
-            elif path == "/readyz":
-                ok = self.ready()
-                status = "200 OK" if ok else "503 Service Unavailable"
-                body, kind = (b"ready\n" if ok else b"not ready\n"), "text/plain"
-            else:
-                status, body, kind = "404 Not Found", b"not found\n", "text/plain"
-            writer.write(f"HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: "
-                         f"{len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
-            await writer.drain()
+            async with asyncio.timeout(self.request_timeout_s):
+                try:
+                    path = await _read_request(reader)
+                except _TooLarge:
+                    _respond(writer, "431 Request Header Fields Too Large",
+                             b"request too large\n")
+                    await writer.drain()
+                    writer.write_eof()
+                    # Read what the client still sends (within the deadline), so closing
+                    # does not reset the connection before it reads the answer.
+                    while await reader.read(MAX_REQUEST_BYTES):
+                        pass
+                    return
+                if path is not None:
+                    _respond(writer, *self._answer(path))
+                    await writer.drain()
         except (TimeoutError, ConnectionError):
             pass
         finally:
+            self._active -= 1
             writer.close()
+
+    def _answer(self, path: str) -> tuple[str, bytes, str]:
+        if path == "/metrics":
+            return ("200 OK", generate_latest(self.registry),
+                    "text/plain; version=0.0.4; charset=utf-8")
+        if path == "/healthz":
+            return "200 OK", b"ok\n", "text/plain"
+        if path == "/readyz":
+            ok = self.ready()  # True, or False or the reason why not (one line)
+            if ok is True:
+                return "200 OK", b"ready\n", "text/plain"
+            reason = f": {ok}".splitlines()[0] if isinstance(ok, str) and ok else ""
+            return "503 Service Unavailable", f"not ready{reason}\n".encode(), \
+                "text/plain; charset=utf-8"
+        return "404 Not Found", b"not found\n", "text/plain"
+
+
+async def _read_request(reader: asyncio.StreamReader) -> str | None:
+    """The path of the request once its line and headers are in (nothing in the headers
+    matters here); None when the client left before sending a request line."""
+    request: bytes | None = None
+    size = 0
+    while True:
+        try:
+            line = await reader.readline()
+        except ValueError:  # a line longer than the reader's limit
+            raise _TooLarge from None
+        size += len(line)
+        if size > MAX_REQUEST_BYTES:
+            raise _TooLarge
+        if not line:
+            if request is None:
+                return None
+            break
+        if request is None:
+            request = line
+        elif not line.strip():
+            break
+    parts = request.decode("latin-1").split()
+    return parts[1] if len(parts) > 1 else ""
+
+
+def _respond(writer: asyncio.StreamWriter, status: str, body: bytes,
+             kind: str = "text/plain") -> None:
+    writer.write(f"HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: "
+                 f"{len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
+
+
+def _listen_address(listen: str) -> tuple[str, int]:
+    """`(host, port)` of `host:port` or `[IPv6 address]:port` (as `config.listen_address`)."""
+    host, sep, port = listen.rpartition(":")
+    if host.startswith("[") and host.endswith("]") and len(host) > 2:
+        host = host[1:-1]
+    elif ":" in host or not sep or not port.isdigit() or int(port) > 65535:
+        raise MetricsError(f"metrics.listen {listen!r} is not host:port (an IPv6 address in "
+                           "brackets: '[::1]:9187')")
+    return host or "127.0.0.1", int(port)

@@ -12,7 +12,12 @@ Each run is a child process (`python -m replicator compact --from <url> --destin
 --min-changes N --min-changes-ratio R --json`) at a lower CPU priority: it decodes and merges
 as much as a restore does, and must neither hold the sinks' event loop nor take the core the
 sinks need to keep the critical tier's recovery point short. Its stores' credentials and keys
-come from the service's environment (and the configured keyring file), as for the sinks.
+come from the service's environment (and the configured keyring file), as for the sinks, but
+the child gets only what it needs of that environment (`child_environment`): the credentials
+of its own store's kind, the `REPLICATOR_KEK_*` keys, and the process basics (PATH, HOME,
+locale, temporary directory, proxies and CA bundles, Python's own variables); never the
+source's password (`REPLICATOR_SOURCE_PASSWORD`, `..._FILE`, `PG*`) or any other secret the
+service was started with.
 Stopping the service stops a run under way; a snapshot without its manifest is never read,
 and the next run compacts at a later point.
 """
@@ -36,6 +41,18 @@ EXIT_NEEDS_OPERATOR = 2  # `replicator compact` refused: nothing it can do at th
 log = logging.getLogger(__name__)
 
 NICENESS = 10
+
+#: What `replicator compact` may see of the service's environment (module docstring).
+_CHILD_NAMES = frozenset({
+    "PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LANGUAGE", "TZ", "TMPDIR", "TEMP",
+    "TMP", "VIRTUAL_ENV", "SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE",
+    "CURL_CA_BUNDLE", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy",
+    "no_proxy", "XDG_RUNTIME_DIR", "SYSTEMROOT"})
+_CHILD_PREFIXES = ("LC_", "PYTHON", "REPLICATOR_KEK_")
+#: A store's credentials and settings, by URL scheme (`connectors.registry`).
+_STORE_PREFIXES = {"s3": ("AWS_",), "az": ("AZURE_STORAGE_",),
+                   "gs": ("GOOGLE_APPLICATION_CREDENTIALS", "GOOGLE_CLOUD_PROJECT",
+                          "STORAGE_EMULATOR_HOST")}
 POLL_S = 1.0  # how often the rows written are looked at, between checks
 
 
@@ -56,7 +73,7 @@ class Compactor:
                  written: Callable[[], int] | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.destination = destination
-        self.environ = dict(environ)
+        self.environ = child_environment(environ, destination.url)
         self.keyring_file = keyring_file
         self.stats = CompactionStats()
         self._written = written  # rows the destination's sink has written so far
@@ -153,6 +170,14 @@ class Compactor:
             log.info("compacted %s of destination %s at %s in %.1f s", ", ".join(done), name,
                      summary.get("target"), seconds)
         return True
+
+
+def child_environment(environ: Mapping[str, str], url: str) -> dict[str, str]:
+    """What the compaction child of the destination at *url* may see of *environ*."""
+    scheme = url.partition("://")[0].lower()
+    prefixes = _CHILD_PREFIXES + _STORE_PREFIXES.get(scheme, ())
+    return {name: value for name, value in environ.items()
+            if name in _CHILD_NAMES or name.startswith(prefixes)}
 
 
 async def _end(child: asyncio.subprocess.Process,

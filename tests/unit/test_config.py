@@ -41,7 +41,7 @@ def test_the_example_config_is_valid() -> None:
 
 @pytest.mark.parametrize(("text", "needle"), [
     (GOOD.replace("topic_prefix", "topic_prefx"), "kafka.topic_prefx: unknown key"),
-    (GOOD.replace('tables = ["weddings"', 'tables = ["bad name"'), "source.tables"),
+    (GOOD.replace('tables = ["weddings"', 'tables = ["a.b.c"'), "source.tables"),
     ("[kafka]\n", "source: Field required"),
     (GOOD + "\n[priority]\ncritical_days = 40\n", "priority: Value error, need critical_days"),
     ("[source\n", "not valid TOML"),
@@ -96,3 +96,46 @@ def test_destination_mistakes_are_named(tmp_path: Path, second: str, url: str,
     with pytest.raises(ConfigError) as info:
         load_config(write(tmp_path, GOOD + DEST.format(second=second, url=url)), environ={})
     assert needle in str(info.value)
+
+
+@pytest.mark.parametrize(("text", "needle"), [
+    (GOOD + '\n[metrics]\nlisten = "localhost"\n', "metrics.listen: Value error, 'localhost' is "
+     "not host:port"),
+    (GOOD + '\n[metrics]\nlisten = "::1:9187"\n', "metrics.listen: Value error, '::1:9187': "
+     "write an IPv6 address in brackets"),
+    (GOOD + '\n[metrics]\nlisten = "127.0.0.1:70000"\n', "metrics.listen"),
+    (GOOD + '\n[priority]\ntimezone = "Mars/Olympus_Mons"\n',
+     "priority.timezone: Value error, unknown time zone 'Mars/Olympus_Mons'"),
+    (GOOD + '\n[priority]\ntimezone = "../../etc/passwd"\n', "priority.timezone"),
+    (GOOD.replace("postgresql://replicator@db.internal:5432/wedsync", "not a dsn"),
+     "source.dsn: Value error, not a libpq connection string"),
+])
+def test_bad_values_name_the_key(tmp_path: Path, text: str, needle: str) -> None:
+    with pytest.raises(ConfigError, match=r"replicator\.toml") as info:
+        load_config(write(tmp_path, text), environ={})
+    assert needle in str(info.value)
+
+
+def test_metrics_may_listen_on_ipv6() -> None:
+    from replicator.config import listen_address
+
+    assert listen_address("[::1]:9187") == ("::1", 9187)
+    assert listen_address(":0") == ("127.0.0.1", 0)
+    assert listen_address("0.0.0.0:9187") == ("0.0.0.0", 9187)
+
+
+def test_a_dsn_error_does_not_quote_the_dsn(tmp_path: Path) -> None:
+    text = GOOD.replace("postgresql://replicator@db.internal:5432/wedsync",
+                        "host=db password=s3cret oops")
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text), environ={})
+    assert "s3cret" not in str(info.value) and "oops" not in str(info.value)
+
+
+def test_the_file_must_be_utf8_text(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="is a directory"):
+        load_config(tmp_path, environ={})
+    path = tmp_path / "latin1.toml"
+    path.write_bytes(GOOD.replace("wedsync", "wedsync\xe9").encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1\.toml: not UTF-8 text"):
+        load_config(path, environ={})
