@@ -29,6 +29,10 @@ particular order across them). Names still sort by position.
 
 Checkpoint objects are sealed (`archive.reader.checkpoint_document`, encrypted under their
 name) and pruned to the newest `CHECKPOINTS_KEPT` per tier after each write.
+
+Memory is bounded while a destination fails: once its buffers reach `flush.max_rows` or
+`flush.max_bytes`, or while its breaker is open, every partition is paused (the consumer
+still polls, so it stays in its group) and is resumed once a flush succeeds.
 """
 
 from __future__ import annotations
@@ -92,6 +96,7 @@ class SinkStats:
     breaker: str = "closed"
     lag: dict[str, int] = field(default_factory=dict)  # "topic/partition" -> records behind
     last_flush_at: float = 0.0
+    paused: bool = False  # intake paused: buffers at their bound, or the breaker open
 
 
 @dataclass(slots=True)
@@ -216,7 +221,8 @@ class SinkWorker:
                     self._add_change(tp, tier, record)
 
     async def _prioritise(self, consumer: AIOKafkaConsumer) -> None:
-        """Pause lower tiers while critical partitions are behind (read critical first)."""
+        """Pause every partition while this destination can take no more (`_full`), else the
+        lower tiers while critical partitions are behind (read critical first)."""
         critical_topic = self.tiers[Tier.CRITICAL]
         behind = False
         lag: dict[str, int] = {}
@@ -236,12 +242,28 @@ class SinkWorker:
             if tp.topic == critical_topic and pending > CRITICAL_BACKLOG:
                 behind = True
         self.stats.lag = lag
-        lower = [tp for tp in consumer.assignment()
-                 if tp.topic not in (critical_topic, self.tx_topic, self.schema_topic)]
-        if behind:
-            consumer.pause(*lower)
+        full = self._full()
+        if full != self.stats.paused:
+            log.warning("destination %s: intake %s", self.destination.name,
+                        "paused (buffers at their bound or the store failing)" if full
+                        else "resumed")
+            self.stats.paused = full
+        assigned = consumer.assignment()
+        if full:
+            waiting = set(assigned)
+        elif behind:
+            waiting = {tp for tp in assigned
+                       if tp.topic not in (critical_topic, self.tx_topic, self.schema_topic)}
         else:
-            consumer.resume(*lower)
+            waiting = set()
+        consumer.resume(*(assigned - waiting))
+        consumer.pause(*waiting)
+
+    def _full(self) -> bool:
+        """Whether intake must pause: the buffers at their bound, or the breaker open."""
+        flush = self.destination.flush
+        return (self._rows >= flush.max_rows or self._bytes >= flush.max_bytes
+                or self.breaker.state is not BreakerState.CLOSED)
 
     def _add_change(self, tp: TopicPartition, tier: Tier, record: ConsumerRecord[Any, Any]
                     ) -> None:
@@ -263,10 +285,11 @@ class SinkWorker:
         self._oldest.setdefault(Tier.CRITICAL, self.clock())
 
     def _due_tiers(self) -> list[Tier]:
-        flush = self.destination.flush
-        if self._rows >= flush.max_rows or self._bytes >= flush.max_bytes:
+        if self._full():
+            # (also with empty buffers while the breaker is open: intake is paused, and only
+            # a trial flush closes it)
             return list(TIER_ORDER)
-        now = self.clock()
+        flush, now = self.destination.flush, self.clock()
         return [t for t, since in self._oldest.items() if now - since >= flush.interval(t)]
 
     # --- flushing ---------------------------------------------------------------------------
