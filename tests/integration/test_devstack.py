@@ -159,3 +159,19 @@ def test_toxiproxy_install_without_go_says_what_is_missing(tmp_path: Path,
     with pytest.raises(ServiceError, match="toxiproxy: the Go toolchain is needed"):
         service.install()
     assert not service.binary.exists()
+
+
+async def test_toxiproxy_runs_as_a_managed_service(dev_stack: Stack, tmp_path: Path) -> None:
+    """A second Toxiproxy from the stack's cached binary, on a port of its own: started,
+    adopted, healthy, then stopped with nothing left running."""
+    base = settings(tmp_path, toxiproxy=free_port())
+    svc = ToxiproxyService(StackSettings(base.state_dir, dev_stack.settings.cache_dir,
+                                         base.ports, {}))
+    assert await svc.start() == "started"
+    pid = svc.pid()
+    assert pid is not None
+    assert await svc.start() == "already running"
+    assert (await svc.health()).state == "healthy"
+    assert svc.stop() is True
+    assert not process.pid_alive(pid)
+    assert (await svc.health()).state == "stopped"
