@@ -21,6 +21,7 @@ from typing import Any
 from connectors.base import ObjectStore
 from connectors.errors import NotFound, StoreError
 from replicator.archive.layout import (
+    DEAD_LETTERS,
     GAPS,
     TRANSACTIONS,
     checkpoints_prefix,
@@ -53,7 +54,7 @@ from replicator.position import INVALID_LSN, Lsn
 
 __all__ = ["CHECKPOINTS_KEPT", "Archive", "ReplayFailed", "Timeline", "UntrustedObject",
            "checkpoint", "checkpoint_document", "checkpoint_names", "current_rss_mb",
-           "destinations", "nearest_hint", "recorded_gaps", "schema_versions"]
+           "dead_letters", "destinations", "nearest_hint", "recorded_gaps", "schema_versions"]
 
 
 class ReplayFailed(ReplicatorError):
@@ -423,6 +424,10 @@ async def recorded_gaps(store: ObjectStore, keyring: Keyring) -> list[tuple[Lsn,
         gaps.append((start, end))
     return sorted(gaps)
 
+
+async def dead_letters(store: ObjectStore) -> list[str]:
+    """The names of the records a sink parked as undecodable (`deadletters/`), in order."""
+    return [info.key async for info in store.list(DEAD_LETTERS)]
 
 
 async def schema_versions(store: ObjectStore, table: str) -> list[tuple[Lsn, str]]:

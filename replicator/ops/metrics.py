@@ -19,6 +19,7 @@ otherwise (`metrics.listen`), and exposes no configuration and no secrets.
 | `wedsync_sink_segments_written_total` | destination | objects written |
 | `wedsync_sink_failures_total` | destination | failed flushes |
 | `wedsync_sink_breaker_open` | destination | 1 while the destination's breaker is not closed |
+| `wedsync_sink_dead_letters_total` | destination | undecodable records parked as dead letters |
 | `wedsync_sink_paused` | destination | 1 while intake is paused (buffers full or breaker open) |
 | `wedsync_compaction_runs_total` | destination | compaction runs (`replicator compact`) |
 | `wedsync_compaction_failures_total` | destination | compaction runs that failed |
@@ -93,6 +94,9 @@ class PipelineCollector(Collector):
         breaker = GaugeMetricFamily("wedsync_sink_breaker_open",
                                     "1 while the destination's breaker is not closed",
                                     labels=["destination"])
+        dead = CounterMetricFamily("wedsync_sink_dead_letters",
+                                   "Undecodable records parked as dead letters",
+                                   labels=["destination"])
         paused = GaugeMetricFamily("wedsync_sink_paused",
                                    "1 while intake is paused (buffers full or breaker open)",
                                    labels=["destination"])
@@ -106,8 +110,9 @@ class PipelineCollector(Collector):
             segments.add_metric([name], stats.segments_written)
             failures.add_metric([name], stats.failures)
             breaker.add_metric([name], 0 if stats.breaker == "closed" else 1)
+            dead.add_metric([name], stats.dead_letters)
             paused.add_metric([name], 1 if stats.paused else 0)
-        yield from (checkpoint, lag, written, segments, failures, breaker, paused)
+        yield from (checkpoint, lag, written, segments, failures, breaker, dead, paused)
         runs = CounterMetricFamily("wedsync_compaction_runs", "Compaction runs",
                                    labels=["destination"])
         failed = CounterMetricFamily("wedsync_compaction_failures", "Failed compaction runs",

@@ -15,6 +15,9 @@ and a transaction committed below the overall checkpoint is ignored. The checkpo
 end LSN, and the next transaction's commit record can start exactly there: a commit LSN
 equal to the checkpoint belongs to a transaction not yet covered.
 
+A record the sink parks as undecodable while its transaction is unknown (a transaction
+record, a schema) holds every checkpoint where it is (`hold`), for as long as the process runs.
+
 Checkpoint objects (sealed JSON, create-only; names sort by LSN, so the newest is the last
 listed; `archive.reader.checkpoint` reads them): `checkpoints/<destination>/<16 hex digits>`
 overall and `checkpoints/<destination>/<tier>/<16 hex digits>` per tier.
@@ -62,6 +65,11 @@ class CompletenessTracker:
         self._txs: dict[Lsn, _Tx] = {}
         self._order: list[Lsn] = []  # commit LSNs with a durable record, ascending
         self._cursor: dict[Tier, int] = dict.fromkeys(TIER_ORDER, 0)
+        self._held = False
+
+    def hold(self) -> None:
+        """Never move a checkpoint again: a record of an unknown transaction was parked."""
+        self._held = True
 
     def _tx(self, commit_lsn: Lsn, end_lsn: Lsn) -> _Tx:
         tx = self._txs.get(commit_lsn)
@@ -121,6 +129,8 @@ class CompletenessTracker:
 
     def advance(self) -> Lsn:
         """Move the checkpoints over the complete prefix; returns the overall checkpoint."""
+        if self._held:
+            return self.checkpoint
         order, txs = self._order, self._txs
         for tier in TIER_ORDER:
             cursor = self._cursor[tier]

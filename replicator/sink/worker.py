@@ -33,11 +33,22 @@ name) and pruned to the newest `CHECKPOINTS_KEPT` per tier after each write.
 Memory is bounded while a destination fails: once its buffers reach `flush.max_rows` or
 `flush.max_bytes`, or while its breaker is open, every partition is paused (the consumer
 still polls, so it stays in its group) and is resumed once a flush succeeds.
+
+A record that cannot be decoded is parked, not retried: at the next flush it is written as a
+dead letter, `deadletters/<topic>/<partition>-<offset>.json` (encrypted JSON: the raw key,
+value and headers in base64, the error, where it was read), counted in
+`wedsync_sink_dead_letters_total`, and the sink goes on. The checkpoint never claims its
+transaction: a change's transaction record counts it, so that transaction never completes
+and the checkpoint stays below it (its offset is committed once the dead letter is written);
+a parked transaction record or schema belongs to no known transaction, so it holds every
+checkpoint where it is, and its offset is never committed (it is parked again after a
+restart). Replay past the checkpoint is refused with the dead letters named.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hashlib
 import json
@@ -55,6 +66,7 @@ from connectors.errors import AlreadyExists, StoreError
 from replicator.archive import reader
 from replicator.archive.layout import (
     checkpoint_key,
+    dead_letter_key,
     gap_key,
     part_key,
     schema_key,
@@ -96,6 +108,7 @@ class SinkStats:
     breaker: str = "closed"
     lag: dict[str, int] = field(default_factory=dict)  # "topic/partition" -> records behind
     last_flush_at: float = 0.0
+    dead_letters: int = 0  # undecodable records parked
     paused: bool = False  # intake paused: buffers at their bound, or the breaker open
 
 
@@ -140,6 +153,8 @@ class SinkWorker:
         # The capture's recorded gaps, archived before a checkpoint passes them.
         self._state = StateFollower(kafka.bootstrap_servers, state_topic(kafka.topic_prefix))
         self._gaps_due: dict[str, dict[str, Any]] = {}  # key -> content, not yet written
+        # Dead letters not yet written: (name, content, ledger entry to mark written or None)
+        self._dead_buffer: list[tuple[str, bytes, Pending | None]] = []
         # Checkpoint names written, oldest first, per tier (None: overall), for pruning.
         self._checkpoint_names: dict[Tier | None, list[str]] = {}
 
@@ -208,17 +223,62 @@ class SinkWorker:
         for tp, records in batch.items():
             if tp.topic == self.tx_topic:
                 for record in records:
-                    self._add_transaction(tp, record)
+                    try:
+                        self._add_transaction(tp, record)
+                    except Exception as exc:  # any record that cannot be read is parked
+                        self._park(tp, record, exc, hold=True)
             elif tp.topic == self.schema_topic:
                 for record in records:
-                    # Not part of any transaction: committable once written.
-                    entry = self.offsets.track(tp, record.offset)
-                    self._schema_buffer.append((json.loads(record.value), entry))
-                    self._oldest.setdefault(Tier.CRITICAL, self.clock())
+                    try:
+                        self._add_schema(tp, record)
+                    except Exception as exc:
+                        self._park(tp, record, exc, hold=True)
             else:
                 tier = self.tier_of_topic[tp.topic]
                 for record in records:
-                    self._add_change(tp, tier, record)
+                    try:
+                        self._add_change(tp, tier, record)
+                    except TransientError:
+                        raise
+                    except Exception as exc:
+                        self._park(tp, record, exc, hold=False)
+
+    def _add_schema(self, tp: TopicPartition, record: ConsumerRecord[Any, Any]) -> None:
+        schema = json.loads(record.value)
+        # Not part of any transaction: committable once written.
+        entry = self.offsets.track(tp, record.offset)
+        self._schema_buffer.append((schema, entry))
+        self._oldest.setdefault(Tier.CRITICAL, self.clock())
+
+    def _park(self, tp: TopicPartition, record: ConsumerRecord[Any, Any], exc: Exception, *,
+              hold: bool) -> None:
+        """*record* cannot be decoded: its dead letter is written at the next flush (module
+        docstring). With *hold* (a transaction record or a schema) every checkpoint stays
+        where it is and its offset is never committed."""
+        key = dead_letter_key(tp.topic, tp.partition, record.offset)
+
+        def b64(data: bytes | None) -> str | None:
+            return None if data is None else base64.b64encode(data).decode()
+
+        content = json.dumps({
+            "topic": tp.topic, "partition": tp.partition, "offset": record.offset,
+            "timestamp_ms": record.timestamp, "key": b64(record.key),
+            "value": b64(record.value),
+            "headers": [[name, b64(value)] for name, value in record.headers or ()],
+            "error": f"{type(exc).__name__}: {exc}", "destination": self.destination.name,
+            "parked_at": time.time(),
+        }, sort_keys=True).encode()
+        entry = self.offsets.track(tp, record.offset)
+        if hold:
+            self.tracker.hold()
+        self._dead_buffer.append((key, content, None if hold else entry))
+        self._oldest.setdefault(Tier.CRITICAL, self.clock())
+        self.stats.dead_letters += 1
+        log.error("destination %s: record %s/%d at offset %d cannot be decoded (%s: %s); "
+                  "parked as %s%s", self.destination.name, tp.topic, tp.partition,
+                  record.offset, type(exc).__name__, exc, key,
+                  "; every checkpoint holds until an operator deals with it" if hold else
+                  "; its transaction stays above the checkpoint")
 
     async def _prioritise(self, consumer: AIOKafkaConsumer) -> None:
         """Pause every partition while this destination can take no more (`_full`), else the
@@ -327,11 +387,18 @@ class SinkWorker:
         written_positions: list[tuple[Tier, Lsn, int]] = []
         records: list[dict[str, Any]] = []
         tx_since = self._oldest.get(Tier.CRITICAL)
+        dead, schemas, txs = self._dead_buffer, self._schema_buffer, self._tx_buffer
         try:
-            while self._schema_buffer:  # schemas first: they describe the changes after them
-                schema, entry = self._schema_buffer[0]
+            while dead:
+                key, content, dead_entry = dead[0]
+                await self._put(key, content)
+                dead.pop(0)
+                if dead_entry is not None:
+                    dead_entry.written = True
+            while schemas:  # schemas first: they describe the changes after them
+                schema, entry = schemas[0]
                 await self._write_schema(schema)
-                self._schema_buffer.pop(0)
+                schemas.pop(0)
                 entry.written = True
             for tier in tiers:
                 tables = self._buffers[tier]
@@ -345,18 +412,19 @@ class SinkWorker:
                     self._bytes -= sum(i.size for i in items)
                     del tables[table]
                 self._oldest.pop(tier, None)
-            if self._tx_buffer:
-                await self._write_transactions([value for value, _ in self._tx_buffer])
-                for value, entry in self._tx_buffer:
+            if txs:
+                await self._write_transactions([value for value, _ in txs])
+                for value, entry in txs:
                     entry.written = True
                     records.append(value)
-                self._tx_buffer = []
+                if self._tx_buffer is txs:
+                    self._tx_buffer = []
         finally:
             # A write that failed part-way leaves the earlier ones written and out of the
             # buffers: count them as durable now, or their transactions never complete (the
             # checkpoint would stay behind until a restart). Unwritten transaction records
             # stay due.
-            if self._tx_buffer or self._schema_buffer:
+            if self._tx_buffer or self._schema_buffer or self._dead_buffer:
                 self._oldest.setdefault(Tier.CRITICAL,
                                         self.clock() if tx_since is None else tx_since)
             self._durable(written_positions, records)

@@ -55,7 +55,8 @@ def test_the_archive_reader_loads_no_kafka_client() -> None:
     assert done.returncode == 0, done.stderr
 
 
-_NAME_LITERAL = re.compile(r"""["'](segments|checkpoints|snapshots|transactions|schemas|gaps)/""")
+_NAME_LITERAL = re.compile(
+    r"""["'](segments|checkpoints|snapshots|transactions|schemas|gaps|deadletters)/""")
 
 
 def test_object_names_are_spelled_only_in_the_layout() -> None:
