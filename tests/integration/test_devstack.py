@@ -135,7 +135,7 @@ async def test_toxiproxy_forwards_to_postgres_and_an_outage_cuts_it(dev_stack: S
         proxy, dsn = postgres_through(proxies, dev_stack.services["pg15"].address())
         async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
             cur = await conn.execute("SELECT inet_server_port()")
-            upstream = int(conninfo_to_dict(dev_stack.services["pg15"].address())["port"])
+            upstream = int(str(conninfo_to_dict(dev_stack.services["pg15"].address())["port"]))
             assert await cur.fetchone() == (upstream,)
             await asyncio.to_thread(proxy.disable)
             with pytest.raises(psycopg.OperationalError):
