@@ -23,7 +23,15 @@ Streaming, for every committed transaction, in commit order:
    which the archive de-duplicates by position.
 
 A lost connection (Postgres or Kafka) restarts streaming from step 5 at the slot's confirmed
-position after a capped, jittered backoff. Bad input (a table without a key, a type with no
+position after a capped, jittered backoff, which grows until Kafka acknowledges a transaction
+again (a reconnect alone is not a recovery). Every step of a reconnect (the slot's status, a
+fresh producer, topics deleted meanwhile created again) is inside that loop, and meanwhile
+`not_ready` holds the reason `/readyz` shows. At start, a server or broker that does not
+answer is waited for the same way (logged once); a database, role or password the server
+refuses is the configuration's fault (`SourceConfigError`, exit 2). The lag metric is read
+from the server (`pg_current_wal_lsn()` minus the slot's `confirmed_flush_lsn`), so it grows
+while capture is stuck. A change larger than `kafka.claim_check_bytes` goes to the claims
+store (`transport.kafka.ClaimCheck`). Bad input (a table without a key, a type with no
 converter, an invalidated slot) raises `CaptureFatal`: capture stops without confirming
 anything past it, and the CLI exits with code 2 so a supervisor does not restart it in a loop.
 """
@@ -34,13 +42,14 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
 import secrets
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import psycopg
 from aiokafka.errors import KafkaError
@@ -48,7 +57,7 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from replicator.config import Config
-from replicator.errors import OperatorError
+from replicator.errors import OperatorError, TransientError
 from replicator.events import Tier, TransactionRecord
 from replicator.position import INVALID_LSN, Lsn
 from replicator.priority import WeddingCalendar
@@ -74,8 +83,9 @@ from replicator.source.values import TypeRegistry, UnknownTypeError, ValueConver
 from replicator.transport.avro import EventCodec, digest_text
 from replicator.transport.control import CaptureState, last_transaction_lsn
 from replicator.transport.kafka import (
+    ClaimCheck,
     EventProducer,
-    ProducerError,
+    claims_opener,
     ensure_topics,
     transactions_topic,
 )
@@ -93,6 +103,16 @@ class CaptureFatal(OperatorError):
 #: Bad input or configuration: retrying cannot help, so they become `CaptureFatal`.
 OPERATOR_ERRORS = (CaptureError, UnknownTypeError, ValueConversionError,
                    slots.SourceConfigError, SlotError)
+#: What a reconnect waits out (a non-retriable `SlotError` excepted): a server, the network or
+#: Kafka not answering now.
+RETRIED = (SourceError, TransientError, OSError, psycopg.OperationalError, KafkaError)
+#: How often the lag is read from the server at most.
+LAG_POLL_S = 5.0
+T = TypeVar("T")
+
+
+def _line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 @dataclass
@@ -109,6 +129,7 @@ class CaptureStats:
     last_heartbeat_rtt_s: float | None = None
     heartbeat_transactions: int = 0
     reconnects: int = 0
+    slot_lag_bytes: int | None = None  # from the server; None until read
     events_by_tier: dict[str, int] = field(default_factory=dict)
 
 
@@ -145,8 +166,10 @@ class SnapshotResult:
 
 class Capture:
     def __init__(self, config: Config, *, accept_gap: bool = False,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 environ: Mapping[str, str] | None = None) -> None:
         self.config = config
+        self.environ = os.environ if environ is None else environ
         self.accept_gap = accept_gap
         self.clock = clock
         src = config.source
@@ -159,7 +182,11 @@ class Capture:
         self.state = CaptureState(config.kafka.bootstrap_servers, config.kafka.topic_prefix,
                                   config.kafka.replication_factor)
         self.codec = EventCodec()
-        self.producer = EventProducer(config.kafka, self.codec)
+        self.claims = None if config.claims_url is None else ClaimCheck(claims_opener(
+            config.claims_url, config.encryption.keyring_file, self.environ))
+        self.producer = self._new_producer()
+        #: Why `/readyz` should say "not ready" now (None: nothing known against it).
+        self.not_ready: str | None = None
         self.watermark = AckWatermark()
         self.tables: dict[str, TableInfo] = {}
         self.server_version = 0
@@ -180,10 +207,21 @@ class Capture:
         self._stopping.set()
 
     async def run(self) -> None:
+        lag: asyncio.Task[None] | None = None
+        if not self.config.priority.calendar:
+            log.warning("no wedding calendar is configured ([priority] absent or "
+                        "weddings_table empty): every change gets the default tier, %s",
+                        self.config.priority.default_tier.value)
         try:
-            await self._prepare()
-            await self.producer.start()
-            start_lsn = await self._slot_and_snapshots()
+            await self._until_answered(self._prepare, "PostgreSQL or Kafka")
+            if self._stopping.is_set():
+                return
+            lag = asyncio.create_task(self._watch_lag(), name="capture-lag")
+            # A snapshot cut short starts again (through a temporary slot, as on a restart).
+            start_lsn = await self._until_answered(self._slot_and_snapshots,
+                                                   "PostgreSQL or Kafka")
+            if start_lsn is None:
+                return
             # Everything allocated so far lives as long as the process: keep it out of the
             # collector's sight (measured: about 20% less CPU per change while streaming).
             gc.freeze()
@@ -191,8 +229,62 @@ class Capture:
         except OPERATOR_ERRORS as exc:
             raise CaptureFatal(str(exc)) from exc
         finally:
+            if lag is not None:
+                lag.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await lag
             await self.producer.stop()
             await self.state.close()
+            if self.claims is not None:
+                await self.claims.close()
+
+    def _new_producer(self) -> EventProducer:
+        return EventProducer(self.config.kafka, self.codec, claims=self.claims)
+
+    async def _until_answered(self, step: Callable[[], Awaitable[T]], what: str) -> T | None:
+        """Run *step* until it gets through: a service that does not answer is waited for
+        under capped, jittered backoff, logged once and shown by `/readyz`; what only an
+        operator can fix raises at once. None when stopped first."""
+        backoff = Backoff(max_s=self.config.source.reconnect_max_backoff_s)
+        since: float | None = None
+        while not self._stopping.is_set():
+            try:
+                result = await step()
+            except RETRIED as exc:
+                if isinstance(exc, SlotError) and not exc.retriable:
+                    raise
+                if since is None:
+                    since = self.clock()
+                    log.warning("%s does not answer (%s); retrying with backoff until it "
+                                "does", what, _line(exc))
+                self.not_ready = f"{what} does not answer: {_line(exc)}"
+                await self._pause(backoff)
+                continue
+            if since is not None:
+                log.warning("%s answered after %.1fs", what, self.clock() - since)
+            self.not_ready = None
+            return result
+        return None
+
+    async def _pause(self, backoff: Backoff) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), backoff.next_delay())
+
+    async def _watch_lag(self) -> None:
+        """`stats.slot_lag_bytes` from the server, every few seconds, for as long as capture
+        runs (a failure keeps the last value and connects again)."""
+        interval = min(LAG_POLL_S, self.config.source.heartbeat_interval_s)
+        while True:
+            try:
+                async with await psycopg.AsyncConnection.connect(
+                        self.dsn, autocommit=True) as conn:
+                    while True:
+                        lag = await slots.slot_lag(conn, self.config.source.slot)
+                        if lag is not None:
+                            self.stats.slot_lag_bytes = lag
+                        await asyncio.sleep(interval)
+            except psycopg.Error:
+                await asyncio.sleep(interval)
 
     # --- steps 1-4 ------------------------------------------------------------------------
 
@@ -207,12 +299,14 @@ class Capture:
                 self.tables[qualified] = await table_info(conn, qualified)
             await self.calendar.warm(conn)
         await ensure_topics(kafka.bootstrap_servers, kafka.topic_prefix, kafka.partitions,
-                            kafka.replication_factor)
+                            kafka.replication_factor, max_message_bytes=kafka.max_message_bytes)
         await self.state.load()
+        await self.producer.start()
         log.info("capturing %d tables of publication %s", len(self.tables), src.publication)
 
     async def _slot_and_snapshots(self) -> Lsn:
         src = self.config.source
+        self._deferred = []  # a retry: rows without their boundary record are never a base
         status = await slots.slot_status(self.dsn, src.slot)
         recorded = self.state.slot
         if status is None and recorded is not None and not self.accept_gap:
@@ -471,6 +565,8 @@ class Capture:
         finally:
             await self.producer.stop()
             await self.state.close()
+            if self.claims is not None:
+                await self.claims.close()
 
     async def _prepare_on_demand(self) -> list[str]:
         """Check the server can create the temporary slot, read the publication's tables
@@ -488,7 +584,7 @@ class Capture:
                 f"start `replicator run` first")
         published = await slots.ensure_publication(self.dsn, src.publication, src.tables)
         await ensure_topics(kafka.bootstrap_servers, kafka.topic_prefix, kafka.partitions,
-                            kafka.replication_factor)
+                            kafka.replication_factor, max_message_bytes=kafka.max_message_bytes)
         return list(published)
 
     def _ondemand_recorder(self, where: Mapping[str, sql.Composable] | None,
@@ -506,34 +602,49 @@ class Capture:
     # --- steps 5-7 ------------------------------------------------------------------------
 
     async def _stream_forever(self, start_lsn: Lsn) -> None:
-        backoff = self._backoff
-        position = start_lsn
+        """Stream until stopped; every failure, in the stream or in the reconnect's own steps,
+        is retried after the backoff (see the module docstring)."""
+        position, resume = start_lsn, False
         while not self._stopping.is_set():
             try:
+                if resume:
+                    position = await self._resume_position(position)
                 await self._stream_once(position)
                 return
-            except (SourceError, ProducerError, OSError, psycopg.OperationalError,
-                    KafkaError) as exc:
+            except RETRIED as exc:
                 if isinstance(exc, SlotError) and not exc.retriable:
                     raise
                 self.stats.reconnects += 1
+                self.not_ready = f"capture is reconnecting: {_line(exc)}"
                 if self._failing_since is None:
                     self._failing_since = self.clock()
-                    log.warning("capture stream failed, reconnecting: %s", exc)
-                status = await slots.slot_status(self.dsn, self.config.source.slot)
-                if status is None:
-                    raise CaptureFatal(f"replication slot {self.config.source.slot!r} "
-                                       "disappeared while capturing") from exc
-                slots.check_slot_usable(status, self.config.source.slot, self.db)
-                position = status.confirmed_flush_lsn or position
-                # A failed delivery poisons the producer (partition order is no longer
-                # trusted): start a fresh one and resend from the slot's position.
-                await self.producer.stop()
-                self.producer = EventProducer(self.config.kafka, self.codec)
-                self.watermark = AckWatermark()
-                delay = backoff.next_delay()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopping.wait(), delay)
+                    log.warning("capture stream failed, reconnecting: %s", _line(exc))
+                resume = True
+                await self._pause(self._backoff)
+
+    async def _resume_position(self, position: Lsn) -> Lsn:
+        """The slot's confirmed position (the slot checked usable), a fresh producer and
+        watermark (a failed delivery poisons the producer: partition order is no longer
+        trusted), and the topics again (one deleted meanwhile is created anew)."""
+        src, kafka = self.config.source, self.config.kafka
+        status = await slots.slot_status(self.dsn, src.slot)
+        if status is None:
+            raise CaptureFatal(f"replication slot {src.slot!r} disappeared while capturing")
+        slots.check_slot_usable(status, src.slot, self.db)
+        await self.producer.stop()
+        self.producer = self._new_producer()
+        self.watermark = AckWatermark()
+        await ensure_topics(kafka.bootstrap_servers, kafka.topic_prefix, kafka.partitions,
+                            kafka.replication_factor, max_message_bytes=kafka.max_message_bytes)
+        return status.confirmed_flush_lsn or position
+
+    def _recovered(self) -> None:
+        """Kafka acknowledged a transaction after a failure: only now the backoff resets."""
+        assert self._failing_since is not None
+        log.warning("capture recovered after %.1fs", self.clock() - self._failing_since)
+        self._failing_since = None
+        self._backoff.reset()
+        self.not_ready = None
 
     async def _stream_once(self, start_lsn: Lsn) -> None:
         src = self.config.source
@@ -550,11 +661,6 @@ class Capture:
             status_interval_s=src.status_interval_s,
         ) as stream:
             log.info("streaming slot %s from %s (pgoutput v%d)", src.slot, start_lsn, proto)
-            if self._failing_since is not None:
-                log.warning("capture stream recovered after %.1fs",
-                            self.clock() - self._failing_since)
-                self._failing_since = None
-                self._backoff.reset()
             heartbeat = asyncio.create_task(self._heartbeat())
             try:
                 while not self._stopping.is_set():
@@ -575,6 +681,8 @@ class Capture:
                             await self._publish(committed, assembler)
                     self._confirm(stream, assembler)
                     self._raise_if_failed()
+                    if self._failing_since is not None and self.watermark.confirmable():
+                        self._recovered()
                     if heartbeat.done():
                         # Its connection dropped: surface the error; streaming restarts
                         # (and the heartbeat with it) after the usual backoff.

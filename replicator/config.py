@@ -114,6 +114,9 @@ class WeddingLink(_Model):
 
 
 class PriorityConfig(_Model):
+    """The wedding calendar that sets each change's tier. Without one (no `[priority]`
+    section in the file, or `weddings_table = ""`), every change gets `default_tier`."""
+
     weddings_table: str = "public.weddings"
     wedding_id_column: str = "id"
     wedding_date_column: str = "wedding_date"
@@ -137,7 +140,12 @@ class PriorityConfig(_Model):
     @field_validator("weddings_table")
     @classmethod
     def _weddings(cls, value: str) -> str:
-        return _qualified(value)
+        return _qualified(value) if value else ""
+
+    @property
+    def calendar(self) -> bool:
+        """Whether a wedding calendar is configured (see the class docstring)."""
+        return bool(self.weddings_table)
 
     @field_validator("tables")
     @classmethod
@@ -160,6 +168,26 @@ class KafkaConfig(_Model):
     linger_ms: int = Field(default=5, ge=0)
     max_batch_bytes: int = Field(default=1_048_576, ge=1024)
     schema_registry_url: str | None = None
+    # The claim check: the producer's `message.max.bytes`, and the `max.message.bytes` of the
+    # topics it creates; a change whose message would be larger than `claim_check_bytes`
+    # goes to the claims store (`claims_url`, default the first destination's store), and
+    # the topic gets a reference to it (docs/EVENTS.md).
+    max_message_bytes: int = Field(default=1_048_576, ge=65_536)
+    claim_check_bytes: int = Field(default=786_432, ge=1024)
+    claims_url: str | None = None
+
+    @field_validator("claims_url")
+    @classmethod
+    def _claims_url(cls, value: str | None) -> str | None:
+        return None if value is None else _store_url(value)
+
+    @model_validator(mode="after")
+    def _claims_fit(self) -> KafkaConfig:
+        room = self.max_message_bytes - CLAIM_HEADROOM
+        if self.claim_check_bytes > room:
+            raise ValueError(f"claim_check_bytes must be at most max_message_bytes - "
+                             f"{CLAIM_HEADROOM} ({room}): the key, headers and framing need room")
+        return self
 
     @field_validator("topic_prefix")
     @classmethod
@@ -170,6 +198,16 @@ class KafkaConfig(_Model):
 
 
 STORE_SCHEMES = ("s3", "az", "gs", "file", "mem")
+#: What a message may need beyond `claim_check_bytes`: its key, headers and batch framing.
+CLAIM_HEADROOM = 16_384
+
+
+def _store_url(value: str) -> str:
+    scheme, sep, rest = value.partition("://")
+    if not sep or scheme not in STORE_SCHEMES or not rest:
+        raise ValueError(f"{value!r} is not a store URL; use one of "
+                         + ", ".join(f"{s}://..." for s in STORE_SCHEMES))
+    return value
 
 
 class FlushConfig(_Model):
@@ -272,6 +310,22 @@ class Config(_Model):
     destinations: tuple[DestinationConfig, ...] = ()
     encryption: EncryptionConfig = Field(default_factory=EncryptionConfig)
     shutdown_deadline_s: Annotated[float, Field(gt=0)] = 30.0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_priority_no_calendar(cls, data: object) -> object:
+        # No [priority] section: no wedding calendar (PriorityConfig's docstring).
+        if isinstance(data, dict) and "priority" not in data:
+            return {**data, "priority": {"weddings_table": ""}}
+        return data
+
+    @property
+    def claims_url(self) -> str | None:
+        """The store of claimed (too large) changes: `kafka.claims_url`, else the first
+        destination's store; None when neither is configured."""
+        if self.kafka.claims_url is not None:
+            return self.kafka.claims_url
+        return self.destinations[0].url if self.destinations else None
 
     @field_validator("destinations")
     @classmethod

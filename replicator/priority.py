@@ -16,6 +16,11 @@ need `REPLICA IDENTITY FULL` (or the link column in the primary key).
 A wedding id that does not resolve (a row pointing at a wedding the calendar has never seen)
 is not an error that stops capture: the change gets `default_tier`, the id is kept on the
 event, and `unresolved` counts it so the operator sees it in the metrics.
+
+Without a calendar in the configuration (no `[priority]` section, or `weddings_table = ""`)
+every change gets `default_tier` and nothing is queried; the capture says so once at start.
+A configured weddings table (or parent table, or column) that the database lacks is
+`CalendarMissing`, an operator's error: capture stops with exit 2 rather than guess tiers.
 """
 
 from __future__ import annotations
@@ -30,9 +35,14 @@ import psycopg
 from psycopg import sql
 
 from replicator.config import PriorityConfig, WeddingLink
+from replicator.errors import OperatorError
 from replicator.events import ChangeEvent, Op, Tier
 
 log = logging.getLogger(__name__)
+
+
+class CalendarMissing(OperatorError):
+    """The configured wedding calendar is not in the database."""
 
 
 def _today(zone: str) -> Callable[[], date]:
@@ -65,7 +75,21 @@ class WeddingCalendar:
     # --- warm-up --------------------------------------------------------------------------
 
     async def warm(self, conn: psycopg.AsyncConnection[Any]) -> None:
-        """One query for the weddings table, one per parent table."""
+        """One query for the weddings table, one per parent table (none without a calendar).
+        `CalendarMissing` when a configured table or column is not there."""
+        if not self.config.calendar:
+            return
+        try:
+            await self._warm(conn)
+        except (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedColumn,
+                psycopg.errors.InvalidSchemaName) as exc:
+            raise CalendarMissing(
+                f"the wedding calendar cannot be read ({exc.diag.message_primary}): create it, "
+                f"correct [priority] (weddings_table {self.config.weddings_table}, its columns "
+                f"and priority.tables), or capture without tiers: remove [priority] or set "
+                f'weddings_table = ""') from None
+
+    async def _warm(self, conn: psycopg.AsyncConnection[Any]) -> None:
         c = self.config
         schema, table = c.weddings_table.split(".")
         query = sql.SQL("SELECT {}::text, {} FROM {}.{}").format(
@@ -109,6 +133,9 @@ class WeddingCalendar:
 
     def classify(self, event: ChangeEvent) -> None:
         """Set `event.tier` and `event.wedding_id`, learning from the event first."""
+        if not self.config.calendar:
+            event.tier = self.config.default_tier
+            return
         self.observe(event)
         qualified = event.qualified_table
         row = event.after if event.after is not None else event.before

@@ -14,6 +14,10 @@ A destination's objects live under its store's root and namespace:
     checkpoints/<destination>/<tier>/<lsn>                 ... of that wedding tier
     deadletters/<topic>/<partition>-<offset>.json          a record a sink could not decode
 
+and in the claims store (`kafka.claims_url`, by default the first destination's store):
+
+    claims/<commit lsn>-<seq>-<digest>.avro                one change too large for Kafka
+
 Rules every name keeps:
 - LSNs are written as `Lsn.hex_key()` (16 upper-case hex digits) and sequence numbers as ten
   decimal digits, so names sort by position and one LIST is enough to plan a restore.
@@ -52,6 +56,7 @@ __all__ = [
     "SnapshotName",
     "checkpoint_key",
     "checkpoints_prefix",
+    "claim_key",
     "dead_letter_key",
     "destination_of",
     "gap_key",
@@ -86,6 +91,7 @@ SCHEMAS: Final = "schemas/"
 GAPS: Final = "gaps/"
 CHECKPOINTS: Final = "checkpoints/"
 DEAD_LETTERS: Final = "deadletters/"
+CLAIMS: Final = "claims/"
 
 _HEX16: Final = "[0-9A-F]{16}"
 _DIGEST: Final = re.compile(r"[0-9a-f]{1,64}")
@@ -332,6 +338,14 @@ def parse_gap_key(key: str) -> tuple[Lsn, Lsn]:
         raise ValueError(f"object {key} is not a gap record name "
                          "(gaps/<16 hex digits>-<16 hex digits>.json)")
     return Lsn.from_key(match["start"]), Lsn.from_key(match["end"])
+
+
+def claim_key(commit_lsn: Lsn, seq: int, digest: str) -> str:
+    """`claims/<commit lsn>-<seq>-<digest>.avro`: the message value of one change too large
+    for a Kafka message (the claim check; the topic holds a reference to this name)."""
+    if not _DIGEST.fullmatch(digest):
+        raise ValueError(f"invalid claim digest {digest!r}: lower-case hex expected")
+    return f"{CLAIMS}{Lsn(commit_lsn).hex_key()}-{seq:010d}-{digest}.avro"
 
 
 # --- checkpoints -----------------------------------------------------------------------------

@@ -6,8 +6,11 @@ import asyncio
 import gc
 import logging
 import os
+import re
 import signal
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -30,9 +33,52 @@ def tune_gc() -> None:
     gc.set_threshold(50_000, 20, 50)
 
 
+#: aiokafka's ERROR lines for broker states that pass on their own (a broker warming up, a
+#: leader or coordinator moving); it retries them itself.
+_TRANSIENT_BROKER = re.compile(
+    r"GroupCoordinatorNotAvailable|NotCoordinatorForGroup|CoordinatorLoadInProgress|"
+    r"NotLeaderForPartition|LeaderNotAvailable|UnknownTopicOrPartition|"
+    r"RequestTimedOut|KafkaConnectionError|Unable connect|Unable to update metadata")
+#: How long such a state may last before it is logged (once per spell).
+TRANSIENT_GRACE_S = 60.0
+
+
+class QuietTransientBroker(logging.Filter):
+    """Drops aiokafka's ERROR lines about transient broker states while they are brief; one
+    that persists past `TRANSIENT_GRACE_S` passes once, as a warning, per spell."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self.clock = clock
+        self._since: float | None = None  # start of the current spell
+        self._last = 0.0
+        self._told = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith("aiokafka") or record.levelno < logging.ERROR:
+            return True
+        if _TRANSIENT_BROKER.search(record.getMessage()) is None:
+            return True
+        now = self.clock()
+        if self._since is None or now - self._last > TRANSIENT_GRACE_S:
+            self._since, self._told = now, False  # a new spell
+        self._last = now
+        if self._told or now - self._since < TRANSIENT_GRACE_S:
+            return False
+        self._told = True
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        record.msg = f"Kafka has been in a transient state for {now - self._since:.0f}s: " \
+                     f"{record.getMessage()}"
+        record.args = ()
+        return True
+
+
 def setup_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    quiet = QuietTransientBroker()
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(quiet)
     logging.getLogger("aiokafka").setLevel(logging.WARNING)
     # "Topic ... not found in cluster metadata" at ERROR while a just-created topic's metadata
     # propagates; real failures surface as exceptions on the calls that need the topic.
@@ -88,11 +134,22 @@ def run(config_path: Path, only: str | None, accept_gap: bool, log_level: str) -
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, on_signal)
         tasks: list[asyncio.Task[None]] = []
+
+        def readiness() -> bool | str:
+            """True, or why not: a stage that stopped, or the capture's reason (waiting for
+            PostgreSQL or Kafka, reconnecting)."""
+            if not tasks:
+                return "starting"
+            stopped = [t.get_name() for t in tasks if t.done()]
+            if stopped:
+                return f"{', '.join(stopped)} stopped"
+            return capture.not_ready or True if capture is not None else True
+
         metrics = MetricsServer(
             config.metrics.listen,
             PipelineCollector(lambda: capture, lambda: sinks.stats if sinks else {},
                               lambda: sinks.compaction_stats if sinks else {}),
-            ready=lambda: bool(tasks) and not any(t.done() for t in tasks))
+            ready=readiness)
         await metrics.start()  # first: if its port is taken, nothing else was opened
         try:
             if sinks is not None:

@@ -7,7 +7,7 @@ otherwise (`metrics.listen`), and exposes no configuration and no secrets.
 | metric | labels | meaning |
 |---|---|---|
 | `wedsync_capture_confirmed_lsn` | | slot position confirmed (durable in Kafka) |
-| `wedsync_capture_lag_bytes` | | server WAL end minus confirmed position |
+| `wedsync_capture_lag_bytes` | | WAL the slot holds (read from the server) |
 | `wedsync_capture_heartbeat_rtt_seconds` | | last heartbeat round trip: source lag in seconds |
 | `wedsync_capture_events_total` | tier | changes published |
 | `wedsync_capture_transactions_total` | | transactions published |
@@ -61,9 +61,12 @@ class PipelineCollector(Collector):
             yield GaugeMetricFamily("wedsync_capture_confirmed_lsn",
                                     "Slot position confirmed (durable in Kafka)",
                                     value=int(stats.confirmed_lsn))
-            yield GaugeMetricFamily("wedsync_capture_lag_bytes",
-                                    "Server WAL end minus the confirmed position",
-                                    value=max(0, int(stats.server_lsn) - int(stats.confirmed_lsn)))
+            held = getattr(stats, "slot_lag_bytes", None)  # from the server, when read
+            yield GaugeMetricFamily(
+                "wedsync_capture_lag_bytes",
+                "WAL the slot holds: the server's WAL position minus its confirmed_flush_lsn",
+                value=held if held is not None else
+                max(0, int(stats.server_lsn) - int(stats.confirmed_lsn)))
             if stats.last_heartbeat_rtt_s is not None:
                 yield GaugeMetricFamily("wedsync_capture_heartbeat_rtt_seconds",
                                         "Last heartbeat round trip through the slot",

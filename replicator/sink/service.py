@@ -72,7 +72,8 @@ class Sinks:
             store: ObjectStore = RetryingStore(bare)
             self._stores.append(store)
             await self._preflight(destination.name, bare)
-            worker = SinkWorker(destination, self.config.kafka, store, keyring)
+            worker = SinkWorker(destination, self.config.kafka, store, keyring,
+                                claims_url=self.config.claims_url)
             self.workers[destination.name] = worker
             if destination.compaction.enabled:
                 self.compactors[destination.name] = Compactor(

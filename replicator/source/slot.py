@@ -15,6 +15,7 @@ error names what is wrong and the command that fixes it:
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ __all__ = [
     "check_slot_usable",
     "create_slot",
     "ensure_publication",
+    "slot_lag",
     "slot_status",
 ]
 
@@ -59,13 +61,32 @@ class SlotExistsError(SlotError, OperatorError):
     """`create_slot` found a slot of that name already there."""
 
 
+#: Refusals at connection time that only the configuration can change (libpq reports no
+#: SQLSTATE for them; the server's message says which). Anything else (refused, timed out,
+#: starting up, shutting down, not accepting connections, too many clients) is retried.
+_REFUSED = re.compile(r'FATAL: +(database "[^"]*" does not exist|role "[^"]*" does not exist|'
+                      r'password authentication failed[^\n]*|no pg_hba\.conf entry[^\n]*)')
+
+
 async def _connect(dsn: str, **kwargs: Any) -> psycopg.AsyncConnection[Any]:
+    """A connection; `SourceConfigError` when the server refuses it for a reason of the
+    configuration (unknown database or role, bad password), `SourceUnavailable` when it does
+    not answer (retried by the caller)."""
     try:
         return await psycopg.AsyncConnection.connect(dsn, autocommit=True, **kwargs)
     except psycopg.OperationalError as exc:
         if exc.sqlstate is None:
-            raise SourceUnavailable(f"cannot reach PostgreSQL: {exc}") from exc
+            refused = _REFUSED.search(str(exc))
+            if refused is not None:
+                raise SourceConfigError(f"PostgreSQL refused the connection of source.dsn: "
+                                        f"{refused.group(1)}; correct source.dsn (or the "
+                                        f"password's variable)") from None
+            raise SourceUnavailable(f"cannot reach PostgreSQL: {_first_line(exc)}") from exc
         raise
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 # --- the server -------------------------------------------------------------------------
@@ -340,6 +361,21 @@ async def slot_status(dsn: str, slot: str) -> SlotStatus | None:
     for i in (7, 8):
         values[i] = Lsn.parse(values[i]) if values[i] is not None else None
     return SlotStatus(*values)
+
+
+_LAG = """
+SELECT (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn()
+        END - confirmed_flush_lsn)::bigint
+FROM pg_replication_slots WHERE slot_name = %s
+"""
+
+
+async def slot_lag(conn: psycopg.AsyncConnection[Any], slot: str) -> int | None:
+    """The WAL the slot holds back, in bytes: the server's WAL position minus the slot's
+    `confirmed_flush_lsn` (None without the slot, or before it confirmed anything)."""
+    cur = await conn.execute(_LAG, (slot,))
+    row = await cur.fetchone()
+    return None if row is None or row[0] is None else max(0, int(row[0]))
 
 
 def check_slot_usable(status: SlotStatus, slot: str, database: str,

@@ -49,8 +49,8 @@ class CaptureState:
     async def load(self) -> None:
         """Create the topic if missing, then read it to the end."""
         admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap)
-        await admin.start()
         try:
+            await admin.start()  # inside: a client whose start failed is closed too
             await admin.create_topics([NewTopic(
                 self.topic, num_partitions=1, replication_factor=self.replication_factor,
                 topic_configs={"cleanup.policy": "compact"})])
@@ -71,9 +71,14 @@ class CaptureState:
     async def put(self, key: str, value: dict[str, Any]) -> None:
         """Write one entry and wait until Kafka has it (acks=all)."""
         if self._producer is None:
-            self._producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all",
-                                              enable_idempotence=True)
-            await self._producer.start()
+            producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all",
+                                        enable_idempotence=True)
+            try:
+                await producer.start()
+            except BaseException:
+                await producer.stop()
+                raise
+            self._producer = producer
         await self._producer.send_and_wait(self.topic, json.dumps(value, sort_keys=True).encode(),
                                            key=key.encode())
         self.entries[key] = value
@@ -136,10 +141,14 @@ class StateFollower:
 
     async def _read_new(self) -> list[tuple[str, dict[str, Any] | None]]:
         if self._consumer is None:
-            self._consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap,
-                                              enable_auto_commit=False,
-                                              auto_offset_reset="earliest")
-            await self._consumer.start()
+            consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap,
+                                        enable_auto_commit=False, auto_offset_reset="earliest")
+            try:
+                await consumer.start()
+            except BaseException:
+                await consumer.stop()  # a failed start leaves nothing open
+                raise
+            self._consumer = consumer
         consumer, tp = self._consumer, self._tp
         if not self._assigned:
             if not self._exists and self.topic not in await consumer.topics():
@@ -168,8 +177,8 @@ async def last_transaction_lsn(bootstrap: str, topic: str) -> Lsn | None:
     """The commit LSN of the newest transaction record in *topic* (its `lsn` header)."""
     tp = TopicPartition(topic, 0)
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
-    await consumer.start()
     try:
+        await consumer.start()  # inside: a consumer whose start failed is closed too
         consumer.assign([tp])
         end = (await consumer.end_offsets([tp]))[tp]
         if end == 0:

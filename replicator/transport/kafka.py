@@ -20,16 +20,27 @@ trip), and `publish_event` hands the report to a callback instead; either way th
 feeds an `AckWatermark`. The first failed delivery makes every later
 call raise `ProducerError`: after a lost message the partition order is no longer trusted, and
 the remedy is a restart from the slot.
+
+Large changes (the claim check): the producer's `message.max.bytes` and the created topics'
+`max.message.bytes` are both `kafka.max_message_bytes`, so what the producer takes the broker
+takes. A change whose key, value and headers would exceed `kafka.claim_check_bytes` is written
+to the claims store (`ClaimCheck`: `claims/<commit lsn>-<seq>-<digest>.avro`, encrypted like
+every object) before its reference is sent in its place: the same headers plus `claim` (the
+object's name), and a JSON value `{"claim", "size", "sha256", "store"}` (docs/EVENTS.md). The
+sinks read the change back (`sink/claims.py`), so the archive holds it whole. Without a claims
+store such a change stops capture with `ChangeTooLarge` (exit 2), never a retry loop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Final
 
@@ -38,8 +49,12 @@ from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 from confluent_kafka import KafkaError as CKafkaError
 from confluent_kafka import KafkaException, Message, Producer
 
+from connectors.base import ObjectStore
+from connectors.errors import AlreadyExists
+from replicator.archive.layout import claim_key
 from replicator.config import KafkaConfig
-from replicator.errors import TransientError
+from replicator.crypto import Keyring, encrypt
+from replicator.errors import OperatorError, TransientError
 from replicator.events import TIER_ORDER, ChangeEvent, Op, Tier, TransactionRecord
 from replicator.keys import message_key
 from replicator.position import Lsn
@@ -47,6 +62,9 @@ from replicator.transport.avro import EventCodec, body_digest
 from replicator.transport.registry import RegistryClient, subject_for
 
 __all__ = [
+    "CLAIM_HEADER",
+    "ChangeTooLarge",
+    "ClaimCheck",
     "DeliveryFailed",
     "EventProducer",
     "ProducerError",
@@ -131,11 +149,14 @@ def all_topics(prefix: str) -> list[str]:
 
 
 async def ensure_topics(
-    bootstrap: str, prefix: str, partitions: int, replication_factor: int
+    bootstrap: str, prefix: str, partitions: int, replication_factor: int, *,
+    max_message_bytes: int | None = None,
 ) -> dict[str, int]:
     """Create the missing topics; return every topic's partition count.
 
-    The tier topics get *partitions*, the transactions topic 1. An existing topic is never
+    The tier topics get *partitions*, the transactions topic 1; with *max_message_bytes*, the
+    tier and transactions topics are created with that `max.message.bytes` (the producer's
+    `message.max.bytes`). An existing topic is never
     deleted or recreated (that would drop data); if it has fewer partitions than asked, a
     warning says so and it is used as it is.
     """
@@ -143,15 +164,16 @@ async def ensure_topics(
     wanted[transactions_topic(prefix)] = 1
     wanted[schemas_topic(prefix)] = 1
     compacted = {schemas_topic(prefix)}
+    sized = {} if max_message_bytes is None else {"max.message.bytes": str(max_message_bytes)}
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
     try:
+        await admin.start()  # inside: a failed start is closed too
         existing = await _partition_counts(admin, list(wanted))
         missing = [name for name in wanted if name not in existing]
         if missing:
             response = await admin.create_topics(
                 [NewTopic(name, wanted[name], replication_factor,
-                          topic_configs=COMPACT if name in compacted else None)
+                          topic_configs=COMPACT if name in compacted else sized or None)
                  for name in missing]
             )
             for name, code, *rest in response.topic_errors:
@@ -215,8 +237,10 @@ class EventProducer:
     """
 
     def __init__(self, config: KafkaConfig, codec: EventCodec, *,
-                 registry: RegistryClient | None = None) -> None:
+                 registry: RegistryClient | None = None, claims: ClaimCheck | None = None
+                 ) -> None:
         self._config = config
+        self._claims = claims
         self._codec = codec
         self._registry = registry
         self._owns_registry = False
@@ -257,8 +281,9 @@ class EventProducer:
             "acks": "all",
             "compression.type": config.compression,
             "linger.ms": config.linger_ms,
-            "batch.size": config.max_batch_bytes,
-            "message.max.bytes": max(config.max_batch_bytes, 1_048_576),
+            "batch.size": min(config.max_batch_bytes, config.max_message_bytes),
+            # As the topics' max.message.bytes (ensure_topics): what is taken here fits there.
+            "message.max.bytes": config.max_message_bytes,
             # The Java client's partition for a key (`murmur2` here), so consumers in any
             # language agree on where a row's changes are.
             "partitioner": "murmur2_random",
@@ -388,8 +413,22 @@ class EventProducer:
             self._lsn_header = (commit_lsn, ("lsn", str(commit_lsn).encode()))
         headers: _Headers = [fixed[0], fixed[1], self._lsn_header[1],
                              ("seq", str(seq).encode()), fixed[2]]
-        return await self._send(producer, topic, value, message_key(event), None, headers,
-                                on_delivered)
+        key = message_key(event)
+        if len(value) + len(key) + MESSAGE_OVERHEAD > self._config.claim_check_bytes:
+            claim, value = await self._claim(event, value)
+            headers.append((CLAIM_HEADER, claim.encode()))
+            producer = self._ready()
+        return await self._send(producer, topic, value, key, None, headers, on_delivered)
+
+    async def _claim(self, event: ChangeEvent, value: bytes) -> tuple[str, bytes]:
+        if self._claims is None:
+            commit_lsn, seq = event.position
+            raise ChangeTooLarge(
+                f"the change {event.qualified_table} at {commit_lsn}/{seq} is {len(value)} "
+                f"bytes, more than kafka.claim_check_bytes ({self._config.claim_check_bytes}), "
+                f"and no claims store is configured: set kafka.claims_url (or add a "
+                f"destination) so large changes go there, then start again")
+        return await self._claims.reference(*event.position, value)
 
     async def send_transaction(self, record: TransactionRecord) -> asyncio.Future[Any]:
         """Queue *record* on the transactions topic, partition 0; returns the delivery future."""
@@ -457,3 +496,70 @@ class EventProducer:
         """Wait until every queued message is delivered or failed; raises if one failed."""
         await self._drain(self._ready())
         self._ready()
+
+
+# --- the claim check ---------------------------------------------------------------------------
+
+#: The header that marks a reference to a claimed change (its value: the object's name).
+CLAIM_HEADER: Final = "claim"
+#: What a change event's headers and the record's framing add to its key and value, at most
+#: (five short headers; a record batch's header is 61 bytes).
+MESSAGE_OVERHEAD: Final = 512
+
+
+class ChangeTooLarge(OperatorError):
+    """A change is larger than `kafka.claim_check_bytes` and no claims store is configured."""
+
+
+def claims_opener(url: str, keyring_file: Path | None, environ: Mapping[str, str]
+                  ) -> Callable[[], tuple[ObjectStore, Keyring]]:
+    """What `ClaimCheck` calls at the first claim: the store at *url* (with retries) and the
+    keyring (from *keyring_file*, else the environment); `ChangeTooLarge` if either fails."""
+    def opener() -> tuple[ObjectStore, Keyring]:
+        from connectors.errors import StoreError, safe_url
+        from connectors.registry import open_store
+        from connectors.retry import RetryingStore
+        from replicator.crypto import CryptoError
+
+        try:
+            keyring = Keyring.from_file(keyring_file) if keyring_file else \
+                Keyring.from_env(environ)
+            return RetryingStore(open_store(url, environ)), keyring
+        except (CryptoError, StoreError, OSError, ValueError) as exc:
+            raise ChangeTooLarge(f"a change is larger than kafka.claim_check_bytes, and the "
+                                 f"claims store {safe_url(url)} cannot be used: {exc}") from None
+    return opener
+
+
+class ClaimCheck:
+    """The claim-check pattern for changes too large for Kafka: the message value as it would
+    have been sent goes to the claims store as `claims/<commit lsn>-<seq>-<digest>.avro`
+    (create-only, encrypted with the keyring like every object), and the topic gets a small
+    reference instead (`reference`, documented in docs/EVENTS.md). The store and keyring come
+    from *opener*, called at the first claim (so a capture that never meets a large change
+    needs neither)."""
+
+    def __init__(self, opener: Callable[[], tuple[ObjectStore, Keyring]]) -> None:
+        self._opener = opener
+        self._opened: tuple[ObjectStore, Keyring] | None = None
+        self.claimed = 0
+
+    async def reference(self, commit_lsn: Lsn, seq: int, value: bytes) -> tuple[str, bytes]:
+        """Store *value*; return its object name and the reference to send in its place (the
+        store has it before this returns, so a reference never points at nothing)."""
+        if self._opened is None:
+            self._opened = self._opener()
+        store, keyring = self._opened
+        digest = hashlib.sha256(value).hexdigest()
+        key = claim_key(commit_lsn, seq, digest[:16])
+        sealed = await asyncio.to_thread(encrypt, value, key, keyring)
+        with contextlib.suppress(AlreadyExists):  # sent before: the same bytes
+            await store.put(key, sealed)
+        self.claimed += 1
+        return key, json.dumps({"claim": key, "store": store.url, "size": len(value),
+                                "sha256": digest}, sort_keys=True).encode()
+
+    async def close(self) -> None:
+        opened, self._opened = self._opened, None
+        if opened is not None:
+            await opened[0].close()
