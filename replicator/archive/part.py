@@ -14,7 +14,8 @@ The header: `format`, `table`, `lsn`, `first_seq`, `last_seq`, `rows`, `columns`
 the order of the row text), `key` (the key columns), `key_kinds` (how each key value was
 archived: `long`, `string`, `uuid`, `numeric`), `min_commit_ts_us`, `max_commit_ts_us`,
 `tier`, `wedding_ids` (sorted) or `wedding_bloom` (`archive.bloom` text, above
-`segment.MAX_WEDDING_IDS`), `codec` (`zstd`).
+`segment.MAX_WEDDING_IDS`), `codec` (`zstd`), `body_bytes` (the body's size decompressed; absent
+from parts written before it existed).
 
 The body holds one line per row, in seq order, no seq twice:
 
@@ -25,7 +26,10 @@ matches changed keys against without parsing the row. A part is written only whe
 value is of a kind listed above (whose canonical key form the text gives back exactly);
 otherwise the sink writes a change segment, as for any other records.
 
-Reading checks the header against the body: seq order and range, row count, weddings.
+Reading checks the header against the body: seq order and range, row count, weddings, and
+the body's size: it is decompressed in bounded chunks and may produce exactly `body_bytes`
+(without it, at most `rows` times `bounded.MAX_ROW_TEXT_BYTES`), so a corrupt or hostile body
+cannot expand without bound (`archive.bounded`).
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from typing import Any, Final
 from uuid import UUID
 
 from replicator.archive.bloom import Bloom, may_hold
+from replicator.archive.bounded import MAX_ROW_TEXT_BYTES, legacy_limit, zstd_chunks
 from replicator.archive.render import copy_escape, copy_line, text
 from replicator.errors import ReplicatorError
 from replicator.position import Lsn
@@ -60,7 +65,6 @@ MAGIC: Final = b"WSP1"
 FORMAT: Final = 1
 KEY_SEPARATOR: Final = "\x1f"
 MAX_WEDDING_IDS: Final = 1000
-_CHUNK: Final = 1 << 20
 _UNESCAPE: Final = re.compile(r"\\(.)")
 _UNESCAPED: Final = {"t": "\t", "n": "\n", "r": "\r", "\\": "\\", "b": "\b", "f": "\f",
                      "v": "\v"}
@@ -85,18 +89,21 @@ class PartHeader:
     tier: str
     wedding_ids: tuple[str, ...] | None
     wedding_bloom: str | None
+    body_bytes: int | None = None  # the body decompressed; None in older parts
 
     def may_hold_wedding(self, wedding_id: str) -> bool:
         return may_hold(wedding_id, self.wedding_ids, self.wedding_bloom)
 
     def to_json(self) -> bytes:
-        doc = {"format": FORMAT, "table": self.table, "lsn": int(self.lsn),
+        doc: dict[str, Any] = {"format": FORMAT, "table": self.table, "lsn": int(self.lsn),
                "first_seq": self.first_seq, "last_seq": self.last_seq, "rows": self.rows,
                "columns": list(self.columns), "key": list(self.key),
                "key_kinds": list(self.key_kinds), "min_commit_ts_us": self.min_commit_ts_us,
                "max_commit_ts_us": self.max_commit_ts_us, "tier": self.tier,
                "wedding_ids": None if self.wedding_ids is None else list(self.wedding_ids),
                "wedding_bloom": self.wedding_bloom, "codec": "zstd"}
+        if self.body_bytes is not None:
+            doc["body_bytes"] = self.body_bytes
         return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
 
     @classmethod
@@ -112,9 +119,17 @@ class PartHeader:
                        tuple(doc["key"]), tuple(doc["key_kinds"]),
                        int(doc["min_commit_ts_us"]), int(doc["max_commit_ts_us"]),
                        str(doc["tier"]), None if ids is None else tuple(ids),
-                       doc["wedding_bloom"])
+                       doc["wedding_bloom"], _size(doc.get("body_bytes")))
         except (ValueError, KeyError, TypeError) as exc:
             raise PartCorrupt(f"the part's header is not valid: {type(exc).__name__}") from None
+
+
+def _size(value: Any) -> int | None:
+    if value is None:
+        return None
+    if type(value) is not int or value < 0:
+        raise ValueError("a size must be a whole number of bytes")
+    return value
 
 
 # --- keys ------------------------------------------------------------------------------------
@@ -213,11 +228,12 @@ def encode_part(records: Sequence[Mapping[str, Any]], *, table: str, tier: str,
     bloom = None
     if ids is not None and len(ids) > MAX_WEDDING_IDS:
         bloom, ids = Bloom.of(ids).to_text(), None
+    text_ = "".join(lines).encode()
     header = PartHeader(table, Lsn(first["source"]["lsn"]), ordered[0]["source"]["seq"],
                         ordered[-1]["source"]["seq"], len(ordered), columns, key, kinds, low,
-                        high, tier, ids, bloom)
+                        high, tier, ids, bloom, len(text_))
     raw = header.to_json()
-    body = zstd.compress("".join(lines).encode(), level)
+    body = zstd.compress(text_, level)
     return MAGIC + struct.pack(">I", len(raw)) + raw + body, header
 
 
@@ -241,26 +257,29 @@ def decode_part(data: bytes) -> tuple[PartHeader, Iterator[list[str]]]:
     """The header, and the body's lines in batches (each line without its newline). The
     batches are checked as they stream: seq order and range, rows, weddings; a mismatch
     raises `PartCorrupt` (act on a part once its iterator is exhausted)."""
-    from backports import zstd
-
     header, start = read_part_header(data)
 
     def batches() -> Iterator[list[str]]:
-        decompressor = zstd.ZstdDecompressor()
-        view = memoryview(data)[start:]
-        rest = ""
+        exact = header.body_bytes is not None
+        limit = header.body_bytes if header.body_bytes is not None else legacy_limit(header.rows)
+        chunks = zstd_chunks(memoryview(data)[start:], limit, "the part's body", PartCorrupt,
+                             exact=exact)
+        pending: list[bytes] = []  # the start of a line that continues in the next chunk
+        held = 0
         rows, last, first = 0, -1, -1
         weddings: set[str] = set()
         try:
-            pos = 0
-            while True:
-                chunk = decompressor.decompress(view[pos:pos + _CHUNK])
-                pos += _CHUNK
-                if not chunk and pos >= len(view):
-                    break
-                text_ = rest + chunk.decode()
-                lines = text_.split("\n")
-                rest = lines.pop()
+            for chunk in chunks:
+                end = chunk.rfind(b"\n")
+                if end < 0:
+                    pending.append(chunk)
+                    held += len(chunk)
+                    if held > MAX_ROW_TEXT_BYTES:
+                        raise PartCorrupt("the part's body holds a line longer than any row")
+                    continue
+                # Complete lines only are decoded: a chunk may end inside a character.
+                lines = b"".join((*pending, chunk[:end])).decode().split("\n")
+                pending, held = [chunk[end + 1:]], len(chunk) - end - 1
                 for line in lines:
                     seq_text, wedding, _ = line.split("\t", 2)
                     seq = int(seq_text)
@@ -272,15 +291,12 @@ def decode_part(data: bytes) -> tuple[PartHeader, Iterator[list[str]]]:
                     if wedding != "\\N":
                         weddings.add(wedding)
                 rows += len(lines)
-                if lines:
-                    yield lines
-                if pos >= len(view) and decompressor.eof:
-                    break
-        except (zstd.ZstdError, UnicodeDecodeError, ValueError) as exc:
+                yield lines
+        except (UnicodeDecodeError, ValueError) as exc:
             if isinstance(exc, PartCorrupt):
                 raise
             raise PartCorrupt(f"the part's body is not readable: {type(exc).__name__}") from None
-        if rest or not decompressor.eof:
+        if held:
             raise PartCorrupt("the part's body is cut short")
         if rows != header.rows or (header.first_seq, header.last_seq) != (first, last):
             raise PartCorrupt(f"the part holds {rows} rows up to seq {last}, its header says "

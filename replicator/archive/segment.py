@@ -56,12 +56,22 @@ exhausted, as `verify_segment` does).
 holds one OCF block (`BLOCK_SIZE` bytes of records before compression) at a time, also from a
 stream of decrypted chunks (`chunk_stream`).
 
+**Bounded blocks.** `wedsync.max_block_bytes` (absent from older segments) is the largest OCF
+block's size before compression, stamped into the header once the blocks are written (the
+header is written first, with a fixed-width placeholder). A block is decompressed in bounded
+chunks and may produce no more than that (older segments: `bounded.MAX_BLOCK_BYTES`; never
+more than `bounded.HARD_BLOCK_BYTES`), so a corrupt or hostile block (a zstd or deflate bomb)
+fails as `SegmentCorrupt` instead of exhausting memory. The bounded block readers replace
+fastavro's own for `zstandard` and `deflate` (`fastavro.read.BLOCK_READERS`, its registry of
+codecs), for every OCF this process reads.
+
 **Compression**, the caller's choice: `zstandard` (fastavro needs `backports.zstd` for it on
 Python < 3.14) or `deflate`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.util
 import io
@@ -74,10 +84,18 @@ from functools import cache, lru_cache, partial
 from typing import IO, TYPE_CHECKING, Any, Final, TypeVar, cast
 
 import fastavro
+import fastavro.read
+import fastavro.write
 from fastavro import parse_schema, schemaless_reader
 from fastavro.schema import fingerprint, to_parsing_canonical_form
 
 from replicator.archive.bloom import Bloom, may_hold
+from replicator.archive.bounded import (
+    HARD_BLOCK_BYTES,
+    MAX_BLOCK_BYTES,
+    deflate_block,
+    zstd_block,
+)
 from replicator.archive.layout import (
     SegmentKind,
     segment_key,
@@ -164,9 +182,10 @@ class SegmentHeader:
     wedding_bloom: str | None = None  # Bloom filter of the wedding ids, when the list is "many"
     unknown_deletes: int | None = None  # deletes whose wedding is not known (key-only image)
     delete_key_bloom: str | None = None  # Bloom filter of those deletes' keys
+    max_block_bytes: int | None = None  # the largest block before compression (docstring)
 
     #: The optional fields: compared with the content only when the header has them.
-    OPTIONAL = ("wedding_bloom", "unknown_deletes", "delete_key_bloom")
+    OPTIONAL = ("wedding_bloom", "unknown_deletes", "delete_key_bloom", "max_block_bytes")
 
     @property
     def key(self) -> str:
@@ -208,7 +227,9 @@ class SegmentHeader:
             "wedsync.wedding_ids": ids,
             "wedsync.schema_fingerprint": self.schema_fingerprint,
         } | {f"wedsync.{name}": str(value) for name in self.OPTIONAL
-             if (value := getattr(self, name)) is not None}
+             if (value := getattr(self, name)) is not None} | (
+            {} if self.max_block_bytes is None
+            else {_STAMP: f"{self.max_block_bytes:0{_STAMP_WIDTH}d}"})
 
     @classmethod
     def from_metadata(cls, meta: Mapping[str, str], codec: str) -> SegmentHeader:
@@ -237,7 +258,8 @@ class SegmentHeader:
             format_version=version,
             wedding_bloom=_optional(meta, "wedding_bloom", _bloom_text),
             unknown_deletes=_optional(meta, "unknown_deletes", int),
-            delete_key_bloom=_optional(meta, "delete_key_bloom", _bloom_text))
+            delete_key_bloom=_optional(meta, "delete_key_bloom", _bloom_text),
+            max_block_bytes=_optional(meta, "max_block_bytes", int))
 
 
 def _optional(meta: Mapping[str, str], key: str, parse: Callable[[str], _T]) -> _T | None:
@@ -411,23 +433,44 @@ def _transaction_identity(record: Mapping[str, Any]) -> object:
     return record["commit_lsn"], record["xid"], tuple(sorted(record["counts"]))
 
 
+_STAMP: Final = "wedsync.max_block_bytes"
+_STAMP_WIDTH: Final = 12
+
+
 def _write(parsed: Any, records: Iterable[Mapping[str, Any]], header: SegmentHeader,
-           level: int | None) -> bytes:
+           level: int | None) -> tuple[bytes, SegmentHeader]:
+    """The segment's bytes, and *header* with its `max_block_bytes` (module docstring)."""
     buffer = io.BytesIO()
+    largest = 0
     try:
         # A sync marker derived from the header, not random: the same records give the same
         # bytes, so a sink repeating a flush after a crash finds its segment already there.
         marker = hashlib.sha256(json.dumps(header.metadata(), sort_keys=True).encode()).digest()
-        fastavro.writer(buffer, parsed, records, codec=header.codec, sync_interval=BLOCK_SIZE,
-                        metadata=header.metadata(), codec_compression_level=level,
-                        sync_marker=marker[:16])
+        # Blocks end where fastavro.writer(sync_interval=BLOCK_SIZE) ends them, but here, so
+        # that their size before compression is seen.
+        writer = fastavro.write.Writer(
+            buffer, parsed, codec=header.codec, sync_interval=1 << 62,
+            metadata=header.metadata() | {_STAMP: "0" * _STAMP_WIDTH},
+            compression_level=level, sync_marker=marker[:16])
+        block = cast(Any, writer).io  # the block being filled, before compression
+        for record in records:
+            writer.write(cast(Any, record))
+            if (size := block.tell()) >= BLOCK_SIZE:
+                largest = max(largest, size)
+                writer.flush()
+        largest = max(largest, block.tell())
+        writer.flush()
     except CodecError:
         raise
     except (ValueError, TypeError, OverflowError, KeyError) as exc:
         # fastavro's messages can quote the record; say only which segment failed.
         raise SegmentError(f"cannot write the segment of {header.table or 'transactions'} at "
                            f"{header.first}: {type(exc).__name__}") from exc
-    return buffer.getvalue()
+    data = bytearray(buffer.getbuffer())
+    placeholder = _STAMP.encode() + bytes([2 * _STAMP_WIDTH]) + b"0" * _STAMP_WIDTH
+    at = data.index(placeholder) + len(placeholder) - _STAMP_WIDTH
+    data[at:at + _STAMP_WIDTH] = b"%0*d" % (_STAMP_WIDTH, largest)
+    return bytes(data), dataclasses.replace(header, max_block_bytes=largest)
 
 
 def encode_segment(
@@ -452,7 +495,7 @@ def encode_segment(
     header = summary.header(avro.event_fingerprint.hex(), name)
     hints = column_types.get(table) if column_types else None
     datums = (avro.event_datum(event, hints) for event in ordered)
-    return _write(avro.parsed_event_schema, datums, header, level), header
+    return _write(avro.parsed_event_schema, datums, header, level)
 
 
 def encode_record_segment(
@@ -470,7 +513,7 @@ def encode_record_segment(
     for record in ordered:
         summary.add(*_event_facts(record))
     header = summary.header(avro.event_fingerprint.hex(), name)
-    return _write(avro.parsed_event_schema, ordered, header, level), header
+    return _write(avro.parsed_event_schema, ordered, header, level)
 
 
 def encode_transaction_segment(
@@ -489,7 +532,7 @@ def encode_transaction_segment(
     for record in ordered:
         summary.add(*_transaction_facts(record))
     header = summary.header(avro.transaction_fingerprint.hex(), name)
-    return _write(avro.parsed_transaction_schema, ordered, header, level), header
+    return _write(avro.parsed_transaction_schema, ordered, header, level)
 
 
 # --- decoding --------------------------------------------------------------------------------
@@ -558,7 +601,7 @@ def _open(data: Source, kind: SegmentKind | None, after: int | None = None
     try:
         if isinstance(data, bytes | bytearray | memoryview):
             meta = _read_meta(io.BytesIO(data), None)
-            stream = io.BytesIO(data)
+            stream = _Bounded(data)
         else:
             recorder = _Recorder(data)
             meta = _read_meta(recorder, None)
@@ -578,9 +621,14 @@ def _open(data: Source, kind: SegmentKind | None, after: int | None = None
         ours, schema, facts = (avro.transaction_fingerprint, avro.parsed_transaction_schema,
                                _transaction_facts)
     reader_schema = None if header.schema_fingerprint == ours.hex() else schema
+    limit = min(HARD_BLOCK_BYTES, header.max_block_bytes if header.max_block_bytes is not None
+                else MAX_BLOCK_BYTES)
+    if isinstance(stream, _Bounded | _BoundedReader):
+        stream.block_limit = limit
     try:
         if after is not None and header.first.commit_lsn <= after:
-            seekable = io.BytesIO(stream.read())  # block_reader asks for positions
+            seekable = _Bounded(stream.read())  # block_reader asks for positions
+            seekable.block_limit = limit
             records = _blocks_after(fastavro.block_reader(
                 seekable, reader_schema=reader_schema, return_record_name=True), after)
             return header, _verified(header, records, facts, complete=False)
@@ -621,8 +669,9 @@ def _verified(header: SegmentHeader, records: Iterator[dict[str, Any]],
         except StopIteration:
             break
         except Exception as exc:  # fastavro, zlib and zstd each raise their own types
+            detail = str(exc) if isinstance(exc, SegmentCorrupt) else type(exc).__name__
             raise SegmentCorrupt(f"{where} is corrupt after {summary.rows} records: "
-                                 f"{type(exc).__name__}") from exc
+                                 f"{detail}") from exc
         summary.add(*facts(record))
         yield record
     if not complete:
@@ -637,7 +686,7 @@ def _verified(header: SegmentHeader, records: Iterator[dict[str, Any]],
         raise SegmentCorrupt(f"{where} holds no records") from None
     differ = [f.name for f in fields(SegmentHeader)
               if getattr(actual, f.name) != getattr(header, f.name)
-              and f.name != "format_version"
+              and f.name not in ("format_version", "max_block_bytes")
               and not (f.name in SegmentHeader.OPTIONAL and getattr(header, f.name) is None)]
     if differ:
         raise SegmentCorrupt(f"{where}: the header does not match the content "
@@ -699,4 +748,23 @@ class _ChunkIO(io.RawIOBase):
 def chunk_stream(chunks: Iterable[bytes], buffer_size: int = 64 * 1024) -> IO[bytes]:
     """A readable binary file over an iterator of byte chunks, e.g. `crypto.decrypt_stream`,
     so that a segment decodes while it is being decrypted."""
-    return io.BufferedReader(_ChunkIO(chunks), buffer_size)
+    return _BoundedReader(_ChunkIO(chunks), buffer_size)
+
+
+# --- bounded blocks (module docstring) ---------------------------------------------------
+
+
+class _Bounded(io.BytesIO):
+    """A segment's bytes; `block_limit` caps what one of its blocks may decompress to."""
+
+    block_limit: int = MAX_BLOCK_BYTES
+
+
+class _BoundedReader(io.BufferedReader):
+    """`chunk_stream`'s file, with `block_limit` as `_Bounded`'s."""
+
+    block_limit: int = MAX_BLOCK_BYTES
+
+
+fastavro.read.BLOCK_READERS["zstandard"] = partial(zstd_block, error=SegmentCorrupt)
+fastavro.read.BLOCK_READERS["deflate"] = partial(deflate_block, error=SegmentCorrupt)

@@ -25,7 +25,11 @@ by set operations on it, not by reading rows. The **weddings** frame holds each 
 id (COPY-escaped, `\\N` for none). The header: `format`, `table`, `lsn`, `part`, `parts`,
 `rows`, `columns`, `key`, `key_kinds` (`long`, `string`, `uuid`, `numeric`: the canonical key
 form the text gives back exactly), `rows_frame` and `keys_frame` (byte lengths),
-`wedding_ids` (sorted) or `wedding_bloom` (above `MAX_WEDDING_IDS`), `codec`.
+`wedding_ids` (sorted) or `wedding_bloom` (above `MAX_WEDDING_IDS`), `codec`, `frame_bytes`
+(the three frames' sizes decompressed; absent from parts written before it existed). Each frame
+is decompressed in bounded chunks and must produce exactly its `frame_bytes` (without them, at
+most `rows` times `bounded.MAX_ROW_TEXT_BYTES`): a corrupt or hostile frame cannot expand
+without bound (`archive.bounded`).
 
 The manifest (JSON): `format`, `table`, `lsn`, `parts`, `rows` (per part and in total),
 `columns`, `created_at`, `from` (the objects folded in: count and bytes).
@@ -43,6 +47,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from replicator.archive.bloom import Bloom, may_hold
+from replicator.archive.bounded import legacy_limit, zstd_chunks
 from replicator.archive.part import MAX_WEDDING_IDS, PartCorrupt, framed_header, unescape
 from replicator.position import Lsn
 
@@ -50,7 +55,6 @@ __all__ = ["SnapshotHeader", "SnapshotPart", "SnapshotWriter", "bucket_of"]
 
 MAGIC: Final = b"WSS1"
 FORMAT: Final = 1
-_CHUNK: Final = 1 << 20
 _FLUSH: Final = 256 << 10  # characters of a bucket's lines gathered before compressing
 KEY_KINDS: Final = ("long", "string", "uuid", "numeric")
 
@@ -77,17 +81,22 @@ class SnapshotHeader:
     keys_frame: int
     wedding_ids: tuple[str, ...] | None
     wedding_bloom: str | None
+    # rows, keys, weddings frames decompressed; None in older parts
+    frame_bytes: tuple[int, int, int] | None = None
 
     def may_hold_wedding(self, wedding_id: str) -> bool:
         return may_hold(wedding_id, self.wedding_ids, self.wedding_bloom)
 
     def to_json(self) -> bytes:
-        doc = {"format": FORMAT, "table": self.table, "lsn": int(self.lsn), "part": self.part,
+        doc: dict[str, Any] = {
+               "format": FORMAT, "table": self.table, "lsn": int(self.lsn), "part": self.part,
                "parts": self.parts, "rows": self.rows, "columns": list(self.columns),
                "key": list(self.key), "key_kinds": list(self.key_kinds),
                "rows_frame": self.rows_frame, "keys_frame": self.keys_frame,
                "wedding_ids": None if self.wedding_ids is None else list(self.wedding_ids),
                "wedding_bloom": self.wedding_bloom, "codec": "zstd"}
+        if self.frame_bytes is not None:
+            doc["frame_bytes"] = list(self.frame_bytes)
         return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
 
     @classmethod
@@ -98,10 +107,15 @@ class SnapshotHeader:
                 raise PartCorrupt(f"snapshot format {doc['format']} is newer than this "
                                   f"replicator reads ({FORMAT}): upgrade it")
             ids = doc["wedding_ids"]
+            sizes = doc.get("frame_bytes")
+            if sizes is not None and (len(sizes) != _FRAMES or any(
+                    type(n) is not int or n < 0 for n in sizes)):
+                raise ValueError("frame_bytes must be three sizes")
             return cls(str(doc["table"]), Lsn(doc["lsn"]), int(doc["part"]), int(doc["parts"]),
                        int(doc["rows"]), tuple(doc["columns"]), tuple(doc["key"]),
                        tuple(doc["key_kinds"]), int(doc["rows_frame"]), int(doc["keys_frame"]),
-                       None if ids is None else tuple(ids), doc["wedding_bloom"])
+                       None if ids is None else tuple(ids), doc["wedding_bloom"],
+                       None if sizes is None else (sizes[0], sizes[1], sizes[2]))
         except (ValueError, KeyError, TypeError) as exc:
             if isinstance(exc, PartCorrupt):
                 raise
@@ -112,24 +126,6 @@ class SnapshotHeader:
 def read_snapshot_header(data: bytes) -> tuple[SnapshotHeader, int]:
     raw, start = framed_header(data, MAGIC, "compaction snapshot part")
     return SnapshotHeader.from_json(raw), start
-
-
-def _frame_chunks(view: memoryview, what: str) -> Iterator[bytes]:
-    from backports import zstd
-
-    decompressor = zstd.ZstdDecompressor()
-    try:
-        pos = 0
-        while pos < len(view):
-            chunk = decompressor.decompress(view[pos:pos + _CHUNK])
-            pos += _CHUNK
-            if chunk:
-                yield chunk
-        if not decompressor.eof or decompressor.unused_data:
-            raise PartCorrupt(f"the snapshot part's {what} frame is cut short or has "
-                              "trailing bytes")
-    except zstd.ZstdError:
-        raise PartCorrupt(f"the snapshot part's {what} frame is not readable") from None
 
 
 class SnapshotPart:
@@ -147,12 +143,21 @@ class SnapshotPart:
         self._keys = view[rows_end:keys_end]
         self._weddings = view[keys_end:]
 
+    def _frame_chunks(self, frame: memoryview, what: str) -> Iterator[bytes]:
+        """The frame's decompressed chunks, no more than the header allows (module
+        docstring)."""
+        sizes = self.header.frame_bytes
+        limit = (legacy_limit(self.header.rows) if sizes is None
+                 else sizes[("rows", "keys", "weddings").index(what)])
+        return zstd_chunks(frame, limit, f"the snapshot part's {what} frame", PartCorrupt,
+                           exact=sizes is not None)
+
     def row_chunks(self) -> Iterator[bytes]:
         """The rows frame as decompressed chunks of COPY text (not cut at line ends); the row
         count is checked once the last chunk is out."""
         lines = 0
         last = b"\n"
-        for chunk in _frame_chunks(self._rows, "rows"):
+        for chunk in self._frame_chunks(self._rows, "rows"):
             lines += chunk.count(b"\n")
             last = chunk[-1:]
             yield chunk
@@ -162,7 +167,7 @@ class SnapshotPart:
 
     def _lines(self, frame: memoryview, what: str) -> list[str]:
         try:
-            text = b"".join(_frame_chunks(frame, what)).decode()
+            text = b"".join(self._frame_chunks(frame, what)).decode()
         except UnicodeDecodeError:
             raise PartCorrupt(f"the snapshot part's {what} frame is not UTF-8") from None
         lines = text.split("\n")
@@ -176,7 +181,7 @@ class SnapshotPart:
 
     def row_bytes(self) -> list[bytes]:
         """The rows frame's lines as bytes, unparsed and not decoded."""
-        lines = b"".join(_frame_chunks(self._rows, "rows")).split(b"\n")
+        lines = b"".join(self._frame_chunks(self._rows, "rows")).split(b"\n")
         if lines.pop() != b"" or len(lines) != self.header.rows:
             raise PartCorrupt(f"the snapshot part's rows frame holds {len(lines)} lines, "
                               f"its header says {self.header.rows} rows")
@@ -216,6 +221,7 @@ class _Bucket:
     lines: list[list[str]] = field(default_factory=lambda: [[] for _ in range(_FRAMES)])
     pending: int = 0
     count: int = 0
+    sizes: list[int] = field(default_factory=lambda: [0] * _FRAMES)  # decompressed
     weddings: set[str] = field(default_factory=set)
 
 
@@ -270,7 +276,9 @@ class SnapshotWriter:
             return
         bucket.count += len(bucket.lines[0])
         for n in range(_FRAMES):
-            data = bucket.compressors[n].compress(("\n".join(bucket.lines[n]) + "\n").encode())
+            text = ("\n".join(bucket.lines[n]) + "\n").encode()
+            bucket.sizes[n] += len(text)
+            data = bucket.compressors[n].compress(text)
             if data:
                 bucket.out[n].append((self._spool.tell(), len(data)))
                 self._spool.write(data)
@@ -297,7 +305,8 @@ class SnapshotWriter:
                 bloom, ids = Bloom.of(ids).to_text(), None
             header = SnapshotHeader(self.table, self.lsn, n, self.count, bucket.count,
                                     self.columns, self.key, self.key_kinds, len(frames[0]),
-                                    len(frames[1]), ids, bloom)
+                                    len(frames[1]), ids, bloom,
+                                    (bucket.sizes[0], bucket.sizes[1], bucket.sizes[2]))
             raw = header.to_json()
             self._buckets[n] = _Bucket([])
             yield n, MAGIC + struct.pack(">I", len(raw)) + raw + b"".join(frames), header

@@ -22,7 +22,8 @@ from replicator.cli import main
 from replicator.config import DestinationConfig, load_config
 from replicator.devstack.settings import StackSettings
 from replicator.devstack.stack import Stack
-from replicator.ops.metrics import MAX_CONNECTIONS, MetricsServer, PipelineCollector
+from replicator.ops import metrics as ops_metrics
+from replicator.ops.metrics import MetricsServer, PipelineCollector
 from replicator.sink.compaction import Compactor
 from tests.conftest import StoreTarget
 from tests.integration.archive_helpers import KEK
@@ -273,7 +274,7 @@ def test_the_metrics_endpoint_caps_request_size(metrics: tuple[object, MetricsSe
 
 def test_the_metrics_endpoint_caps_connections(metrics: tuple[object, MetricsServer]) -> None:
     _, server = metrics
-    idle = [connect(server) for _ in range(MAX_CONNECTIONS)]
+    idle = [connect(server) for _ in range(ops_metrics.MAX_CONNECTIONS)]
     try:
         # One more is answered at once, and closed: it does not wait for a slot.
         with connect(server) as extra:
