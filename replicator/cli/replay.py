@@ -45,6 +45,40 @@ def open_archive(url: str, keyring_file: Path | None, environ: Mapping[str, str]
     return store, keyring
 
 
+def load_calendar(path: Path | None) -> tuple[Any, float]:
+    """`--config`: its `[priority]` section (the wedding calendar) and the capture's heartbeat
+    interval (`[source] heartbeat_interval_s`); the configuration's defaults without it. Only
+    these are read, so a file with secrets' placeholders or another service's sections is fine."""
+    import tomllib
+
+    from pydantic import ValidationError
+
+    from replicator.config import PriorityConfig, SourceConfig
+
+    default_heartbeat = float(SourceConfig.model_fields["heartbeat_interval_s"].default)
+    if path is None:
+        return PriorityConfig(), default_heartbeat
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise BadOption(f"--config {path}: no such file") from None
+    except OSError as exc:
+        raise BadOption(f"--config {path}: cannot read it ({exc.strerror})") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise BadOption(f"--config {path}: not valid TOML: {exc}") from None
+    try:
+        calendar = PriorityConfig.model_validate(raw.get("priority", {}))
+    except ValidationError as exc:
+        problems = "; ".join(f"priority.{'.'.join(str(p) for p in e['loc'])}: "
+                             + ("unknown key" if e["type"] == "extra_forbidden" else e["msg"])
+                             for e in exc.errors())
+        raise BadOption(f"--config {path}: {problems}") from None
+    heartbeat = (raw.get("source") or {}).get("heartbeat_interval_s", default_heartbeat)
+    if isinstance(heartbeat, bool) or not isinstance(heartbeat, int | float) or heartbeat <= 0:
+        raise BadOption(f"--config {path}: source.heartbeat_interval_s must be a number above 0")
+    return calendar, float(heartbeat)
+
+
 def parse_at_option(text: str) -> Any:
     from replicator.replay.plan import parse_at
 
@@ -85,11 +119,20 @@ def _tables(text: str | None) -> list[str] | None:
 @click.option("--dry-run", is_flag=True, help="Print the plan; read and write no data.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan or summary as JSON.")
 @click.option("--replace-existing", is_flag=True,
-              help="Drop and replace tables (or files) that already exist at the target.")
+              help="Replace the rows of tables (with --wedding: the wedding's rows) or the "
+                   "files that already exist at the target, in one transaction at the end.")
 @click.option("--destination", metavar="NAME",
               help="Whose checkpoint to trust, when the store holds several.")
 @click.option("--override-reason", metavar="TEXT",
-              help="Replace tables of a live database on a wedding day anyway (logged).")
+              help="Change existing tables on a wedding day anyway (recorded in the target's "
+                   "replicator_audit table and the archive's audit/).")
+@click.option("--config", "config_file", type=click.Path(path_type=Path), metavar="FILE",
+              help="The service's configuration: its [priority] section is the wedding "
+                   "calendar (weddings table, date column, links); default: its defaults.")
+@click.option("--allow-stale", is_flag=True,
+              help="Restore at a time past the newest archived commit anyway (that commit).")
+@click.option("--create-database", is_flag=True,
+              help="Create the target database when it does not exist.")
 @click.option("--jobs", type=click.IntRange(1, 64), default=4, show_default=True,
               help="Tables restored at once.")
 @click.option("--memory-budget", "memory_budget", type=click.FloatRange(min=32), default=2048,
@@ -102,40 +145,50 @@ def _tables(text: str | None) -> list[str] | None:
 def replay(store_url: str, at_text: str, to: str | None, tables: str | None,
            wedding: str | None, format_: str, dry_run: bool, as_json: bool,
            replace_existing: bool, destination: str | None, override_reason: str | None,
+           config_file: Path | None, allow_stale: bool, create_database: bool,
            jobs: int, memory_budget: float,
            keyring_file: Path | None, log_level: str) -> None:
     """Rebuild the database, some tables, or one wedding as of a moment.
 
     The cut is transaction-consistent: every transaction committed at or before --at, none
-    after. A point past the destination's checkpoint, or before its oldest snapshot, is
-    refused with the nearest restorable point. Into Postgres, tables are created from the
-    archived schema and loaded with COPY, and all commit together at the end.
+    after. A point past the destination's checkpoint, or before its oldest snapshot, or a
+    time past the newest archived commit (unless --allow-stale), is refused with the nearest
+    restorable point. Into Postgres, tables are loaded with COPY into staging tables, then
+    all take effect in one transaction at the end (nothing, if the replay fails).
     """
     setup_logging(log_level)
     if not dry_run and to is None:
         raise click.UsageError("give --to (a Postgres DSN or a directory), or --dry-run")
     at = parse_at_option(at_text)
+    calendar, heartbeat_s = load_calendar(config_file)
     store, keyring = open_archive(store_url, keyring_file, os.environ)
 
-
+    from replicator.cli.errors import CommandFailed
     from replicator.replay.run import apply, plan_document, prepare
-    from replicator.replay.targets import FileTarget, PostgresTarget, is_dsn
+    from replicator.replay.targets import CommitUnknown, FileTarget, PostgresTarget, is_dsn
 
     async def main() -> Any:
         async with store:
             prepared = await prepare(store, keyring, at=at, tables=_tables(tables),
-                                     wedding=wedding, destination=destination)
+                                     wedding=wedding, destination=destination,
+                                     allow_stale=allow_stale, heartbeat_s=heartbeat_s)
             if dry_run:
                 return prepared
             assert to is not None
             target = (PostgresTarget(to, replace_existing=replace_existing,
-                                     override_reason=override_reason) if is_dsn(to)
+                                     override_reason=override_reason, calendar=calendar,
+                                     create_database=create_database) if is_dsn(to)
                       else FileTarget(to, format_, replace_existing=replace_existing))
             show = None if as_json or not sys.stderr.isatty() else _stderr
             return await apply(prepared, target, jobs=jobs, progress=show,
                                memory_budget_mb=memory_budget)
 
-    result = run_archive_command(main(), failed="replay stopped, nothing was committed")
+    try:
+        result = run_archive_command(main(), failed="replay stopped, nothing was committed")
+    except CommandFailed as exc:
+        if isinstance(exc.__cause__, CommitUnknown):  # "nothing was committed" is not known
+            raise exc.__cause__ from None
+        raise
     if dry_run:
         doc = plan_document(result)
         if as_json:

@@ -95,7 +95,8 @@ from replicator.position import Lsn
 
 __all__ = [
     "LATEST", "PLAN_FORMAT", "At", "ReplayPlan", "ReplayRefused", "SnapshotName",
-    "TablePlan", "manifest_key", "parse_at", "parse_manifest_key", "parse_snapshot_key",
+    "TablePlan", "check_fresh", "manifest_key", "parse_at", "parse_manifest_key",
+    "parse_snapshot_key",
     "plan", "resolve_time", "select_tables", "snapshot_key", "tables_of",
     "transaction_segments_for",
 ]
@@ -165,6 +166,24 @@ def resolve_time(transactions: Iterable[TransactionRecord], moment: datetime) ->
         raise ReplayRefused(f"no archived transaction committed at or before "
                             f"{moment.isoformat()}{after}")
     return Lsn(best)
+
+
+def check_fresh(transactions: Iterable[TransactionRecord], moment: datetime, checkpoint: Lsn,
+                heartbeat_s: float) -> None:
+    """Refuse *moment* when it is later than the newest archived commit below *checkpoint* by
+    more than *heartbeat_s*: a quiet database still commits a heartbeat that often, so the
+    archive is behind, and a restore there would silently be older than asked."""
+    limit = _epoch_us(moment)
+    newest = max(((r.commit_ts_us, r.commit_lsn) for r in transactions
+                  if r.commit_lsn < checkpoint), default=None)
+    if newest is None or limit <= newest[0] + heartbeat_s * 1e6:
+        return
+    raise ReplayRefused(
+        f"{moment.isoformat()} is later than the newest archived commit "
+        f"({_format_us(newest[0])}, LSN {Lsn(newest[1])}) by more than the heartbeat interval "
+        f"({heartbeat_s:g} s): the archive is behind, and the restore would be older than "
+        f"asked; restore at LSN {Lsn(newest[1])}, or give --allow-stale",
+        nearest=Lsn(newest[1]))
 
 
 def transaction_segments_for(listing: Listing, moment: datetime,

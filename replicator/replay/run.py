@@ -10,8 +10,14 @@ Choices (Debezium/pgBackRest users would expect them; docs/ARCHITECTURE.md, "Rep
   archived before a column was added get NULL there (the archived schema does not hold column
   defaults).
 - The cut is by commit LSN (`plan`); `--at <time>` resolves to the last commit at or before it.
-- Tables restore concurrently (`jobs` at once), each in its own transaction; all commit
-  together at the end.
+- Tables restore concurrently (`jobs` at once), each in its own transaction; the target
+  makes them take effect together at the end (Postgres: staging tables moved or merged into
+  place in one transaction, `targets`), or not at all.
+- A time later than the newest archived commit by more than the capture's heartbeat interval
+  is refused unless `allow_stale`; a wedding with no rows at the point is refused, nothing
+  written.
+- An override of the wedding-day guard is written to the archive (`audit/`, encrypted)
+  before any table is restored.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from connectors.base import ObjectInfo, ObjectStore, run_bounded
 from replicator.archive.layout import (
     SEGMENTS,
     SNAPSHOTS,
+    audit_key,
     checkpoints_prefix,
     is_part_key,
     is_snapshot_key,
@@ -40,7 +47,6 @@ from replicator.archive.reader import (
     ReplayFailed,
     Timeline,
     current_rss_mb,
-    dead_letters,
     destinations,
     recorded_gaps,
     schema_versions,
@@ -49,10 +55,19 @@ from replicator.archive.reader import checkpoint as archive_checkpoint
 from replicator.archive.render import utc_text
 from replicator.archive.segment import SegmentError, read_header
 from replicator.archive.snapshot import read_snapshot_header
-from replicator.crypto import Keyring, decrypt_stream
+from replicator.crypto import Keyring, decrypt_stream, encrypt
 from replicator.position import Lsn
 from replicator.replay.engine import restore_table
-from replicator.replay.plan import At, Header, ReplayPlan, ReplayRefused, plan, resolve_time
+from replicator.replay.plan import (
+    At,
+    Header,
+    ReplayPlan,
+    ReplayRefused,
+    check_fresh,
+    plan,
+    resolve_time,
+)
+from replicator.replay.swap import Override
 from replicator.replay.table import TableJob, TableSchema, TableStats
 from replicator.replay.targets import Target
 from replicator.replay.wedding import restore_wedding
@@ -172,38 +187,17 @@ async def _header(archive: Archive, key: str) -> Header:
         raise ReplayFailed(f"object {key} has an unreadable header: {exc}", object=key) from None
 
 
-def _naming_dead_letters(refused: ReplayRefused, parked: list[str], at: At, checkpoint: Lsn,
-                         resolver: Callable[[datetime], Lsn] | None) -> ReplayRefused:
-    """*refused*, naming the records parked as dead letters when the point asked is past the
-    checkpoint: a parked record holds the checkpoint below its transaction (`sink.worker`)."""
-    if not parked or isinstance(at, str):
-        return refused  # the latest point is below the checkpoint
-    if isinstance(at, datetime):
-        if resolver is None:
-            return refused
-        try:
-            target = Lsn(resolver(at))
-        except (ReplayRefused, ValueError):
-            return refused
-    else:
-        target = Lsn(at)
-    if target < checkpoint:
-        return refused
-    shown = ", ".join(parked[:5]) + (f" and {len(parked) - 5} more" if len(parked) > 5 else "")
-    return ReplayRefused(f"{refused}; the checkpoint is held back by records the sink could "
-                         f"not decode, parked as dead letters: {shown}",
-                         nearest=refused.nearest, tables=refused.tables)
-
-
 async def prepare(store: ObjectStore, keyring: Keyring, *, at: At,
                   tables: Sequence[str] | None = None, wedding: str | None = None,
-                  destination: str | None = None) -> Prepared:
+                  destination: str | None = None, allow_stale: bool = False,
+                  heartbeat_s: float = 10.0) -> Prepared:
+    """Read what the plan needs and plan. A time later than the newest archived commit by
+    more than *heartbeat_s* is refused unless *allow_stale* (`plan.check_fresh`)."""
     started = time.perf_counter()
     dest = await find_destination(store, destination)
     checkpoint = await archive_checkpoint(store, dest, keyring=keyring)
     listing: list[ObjectInfo] = [info async for info in store.list(SEGMENTS)]
     listing += [info async for info in store.list(SNAPSHOTS)]
-    parked = await dead_letters(store)
     try:
         gaps = await recorded_gaps(store, keyring)
     except ValueError as exc:
@@ -212,21 +206,20 @@ async def prepare(store: ObjectStore, keyring: Keyring, *, at: At,
     records = await archive.transactions()
     timeline = archive.timeline = Timeline.of(records)
     resolver = partial(resolve_time, records) if isinstance(at, datetime) else None
+    if isinstance(at, datetime) and not allow_stale:
+        check_fresh(records, at, checkpoint, heartbeat_s)
 
     headers: dict[str, Header] = {}
-    try:
-        if wedding is not None:
-            # Plan once without headers to learn which segments are in range, then read theirs.
-            rough = plan(listing, at=at, checkpoint=checkpoint, tables=tables,
-                         resolver=resolver, snapshots=timeline.snapshots, gaps=gaps)
-            keys = [k for t in rough.tables for k in t.objects]
-            fetched = await run_bounded([partial(_header, archive, k) for k in keys], 16)
-            headers = dict(zip(keys, fetched, strict=True))
-        the_plan = plan(listing, at=at, checkpoint=checkpoint, tables=tables, wedding=wedding,
-                        headers=headers, resolver=resolver, snapshots=timeline.snapshots,
-                        gaps=gaps)
-    except ReplayRefused as exc:
-        raise _naming_dead_letters(exc, parked, at, checkpoint, resolver) from None
+    if wedding is not None:
+        # Plan once without headers to learn which segments are in range, then read theirs.
+        rough = plan(listing, at=at, checkpoint=checkpoint, tables=tables, resolver=resolver,
+                     snapshots=timeline.snapshots, gaps=gaps)
+        keys = [k for t in rough.tables for k in t.objects]
+        fetched = await run_bounded([partial(_header, archive, k) for k in keys], 16)
+        headers = dict(zip(keys, fetched, strict=True))
+    the_plan = plan(listing, at=at, checkpoint=checkpoint, tables=tables, wedding=wedding,
+                    headers=headers, resolver=resolver, snapshots=timeline.snapshots,
+                    gaps=gaps)
     target = the_plan.target
 
     bases: dict[str, Lsn] = {}
@@ -303,7 +296,8 @@ async def apply(prepared: Prepared, target: Target, *, jobs: int = 4,
     summary = ReplaySummary(the_plan.target, None, prepared.destination, the_plan.wedding)
     ts = archive.timeline.times.get(int(the_plan.target))
     summary.target_time = utc_text(ts) if ts is not None else None
-    await target.prepare([prepared.schemas[j.table] for j in prepared.jobs])
+    await target.prepare([prepared.schemas[j.table] for j in prepared.jobs],
+                         wedding=the_plan.wedding, point=str(the_plan.target))
     bar = Progress(archive, the_plan.count, progress)
     limit = asyncio.Semaphore(max(1, jobs))
 
@@ -316,7 +310,13 @@ async def apply(prepared: Prepared, target: Target, *, jobs: int = 4,
                                        remover=getattr(writer, "remover", None))
 
     try:
+        override = getattr(target, "override", None)
+        if override is not None:  # recorded before anything changes
+            await _record_override(archive, override)
         results = await asyncio.gather(*(one(job) for job in prepared.jobs))
+        if the_plan.wedding is not None and not any(s.rows for s in results):
+            raise ReplayRefused(f"wedding {the_plan.wedding} has no rows in the archive as of "
+                                f"LSN {the_plan.target}: check the id (nothing was restored)")
     except BaseException:
         await target.abort()
         raise
@@ -333,13 +333,21 @@ async def apply(prepared: Prepared, target: Target, *, jobs: int = 4,
     return summary
 
 
+async def _record_override(archive: Archive, override: Override) -> None:
+    """An override of the wedding-day guard as an `audit/` object of the archive."""
+    key = audit_key(int(override.at.timestamp() * 1_000_000), override.id)
+    await archive.store.put(key, encrypt(override.json(), key, archive.keyring))
+
+
 async def replay(store: ObjectStore, keyring: Keyring, target: Target, *, at: At,
                  tables: Sequence[str] | None = None, wedding: str | None = None,
                  destination: str | None = None, jobs: int = 4,
                  progress: Callable[[str], None] | None = None,
-                 memory_budget_mb: float | None = None) -> ReplaySummary:
+                 memory_budget_mb: float | None = None, allow_stale: bool = False,
+                 heartbeat_s: float = 10.0) -> ReplaySummary:
     prepared = await prepare(store, keyring, at=at, tables=tables, wedding=wedding,
-                             destination=destination)
+                             destination=destination, allow_stale=allow_stale,
+                             heartbeat_s=heartbeat_s)
     return await apply(prepared, target, jobs=jobs, progress=progress,
                        memory_budget_mb=memory_budget_mb)
 

@@ -4,14 +4,21 @@ Every target works in two steps, so that a failed replay leaves nothing half-don
 `open_table` / `write` / `close_table` for each table (tables in parallel), then `commit()`
 once every table succeeded, or `abort()`.
 
-- Postgres: each table gets its own connection and transaction: `CREATE TABLE` from the
-  archived schema (types, NOT NULL), `COPY ... FROM STDIN` in text format, then the primary
-  key (built once over the loaded rows, which is faster than maintaining it, and which refuses
-  duplicate keys). The transactions commit together at the end. A table that already exists
-  is refused up front, unless `replace_existing`, which drops it inside the same transaction:
-  a failed replay leaves the old table in place.
-- Files: `<directory>/<schema.table>.<jsonl|csv|parquet>`, written as `.<name>.partial` and
-  renamed at the end; existing files are refused unless `replace_existing`.
+- Postgres: each table gets its own connection and transaction, into a staging schema
+  `replicator_restore_<run>_<n>` (one per namespace): `CREATE TABLE` from the archived schema
+  (types, NOT NULL), `COPY ... FROM STDIN` in text format, then the primary key (built once
+  over the loaded rows, which is faster than maintaining it, and which refuses duplicate
+  keys), committed there. `commit()` then puts every table in place in one transaction
+  (`swap.Swap`) and drops the staging schemas; `abort()` drops them. So a failed replay
+  changes nothing in the target's tables, whatever table failed when. A table that already
+  exists is refused up front, unless `replace_existing`, which replaces its rows in place
+  (`swap`), after the wedding-day guard. A database that does not exist is refused
+  (`TargetMissing`), unless `create_database`.
+- Files: `<directory>/<table>.<jsonl|csv|parquet>`, the qualified name percent-encoded as in
+  the archive's object names (a leading `.` too) and checked to resolve inside the
+  directory; written 0600 as `.<name>.partial`, fsynced, renamed at the end, and the
+  directory fsynced; a directory the replay creates is 0700. Existing files are refused
+  unless `replace_existing`.
   JSONL: one object per row (`render.json_value`: numeric as exact text, json columns as
   documents). CSV: a header line, Postgres's text forms, NULL as an empty unquoted field and
   the empty string as `""` (what `COPY ... CSV` reads back). Parquet: typed columns where the
@@ -26,10 +33,14 @@ import contextlib
 import json
 import logging
 import os
+import uuid
 from collections.abc import Sequence
 from datetime import date, datetime
 from pathlib import Path
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, TextIO
+from urllib.parse import quote
+
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from replicator.archive.reader import ReplayFailed
 from replicator.archive.render import (
@@ -41,18 +52,56 @@ from replicator.archive.render import (
     text,
     typed,
 )
+from replicator.config import PriorityConfig
+from replicator.errors import ReplicatorError
 from replicator.replay.plan import ReplayRefused
+from replicator.replay.swap import (
+    Override,
+    Swap,
+    fk_order,
+    guard,
+    missing_columns,
+    relations,
+    write_audit_row,
+)
 from replicator.replay.table import TableSchema
 
-__all__ = ["FORMATS", "FileTarget", "HashTarget", "PostgresTarget", "Target", "is_dsn"]
+__all__ = ["FORMATS", "CommitUnknown", "FileTarget", "HashTarget", "PostgresTarget", "Target",
+           "TargetMissing", "is_dsn"]
 
 FORMATS: Final = ("jsonl", "csv", "parquet")
 log = logging.getLogger("replicator.replay")
 
 
+def split_qualified(text: str) -> tuple[str, str]:
+    """The schema and table of a qualified table name (`schema.table`)."""
+    schema, _, name = text.partition(".")
+    return schema, name
+
+
 def is_dsn(to: str) -> bool:
-    """A Postgres connection string (URI or `key=value` form), as opposed to a directory."""
-    return to.startswith(("postgresql://", "postgres://")) or "=" in to
+    """A Postgres connection string (a `postgres[ql]://` URI, or `key=value` pairs libpq
+    accepts), as opposed to a directory (which may hold a `=`: `out/a=b`)."""
+    if to.startswith(("postgresql://", "postgres://")):
+        return True
+    if "=" not in to:
+        return False
+    import psycopg
+
+    try:
+        conninfo_to_dict(to)
+    except psycopg.ProgrammingError:
+        return False
+    return True
+
+
+class TargetMissing(ReplayRefused):
+    """The target database does not exist (exit 2)."""
+
+
+class CommitUnknown(ReplicatorError):
+    """The final commit was sent and not confirmed: whether the restore took effect is
+    unknown."""
 
 
 class TableWriter(Protocol):
@@ -62,7 +111,8 @@ class TableWriter(Protocol):
 class Target(Protocol):
     bytes_written: int
 
-    async def prepare(self, schemas: Sequence[TableSchema]) -> None: ...
+    async def prepare(self, schemas: Sequence[TableSchema], *, wedding: str | None = None,
+                      point: str | None = None) -> None: ...
     def table(self, schema: TableSchema) -> contextlib.AbstractAsyncContextManager[TableWriter]: ...
     async def commit(self) -> None: ...
     async def abort(self) -> None: ...
@@ -72,96 +122,158 @@ class Target(Protocol):
 
 
 class PostgresTarget:
-    """*override_reason*: replace tables of a live database on a wedding day anyway (below);
-    the reason is logged."""
+    """Rows into a Postgres database (module docstring). *calendar*: where the target's
+    weddings and their dates are, and how each table's rows lead to their wedding (the
+    configuration's `[priority]` section); *override_reason*: change existing tables on a
+    wedding day anyway (recorded, `guard`); *create_database*: create a missing database."""
 
     def __init__(self, dsn: str, *, replace_existing: bool = False,
-                 override_reason: str | None = None) -> None:
+                 override_reason: str | None = None, calendar: PriorityConfig | None = None,
+                 create_database: bool = False) -> None:
         self.dsn = dsn
         self.replace_existing = replace_existing
         self.override_reason = override_reason
+        self.calendar = calendar or PriorityConfig()
+        self.create_database = create_database
+        self.override: Override | None = None  # set by prepare when the guard was overridden
         self.bytes_written = 0
         self._open: list[Any] = []  # connections holding a table's open transaction
+        self._run = uuid.uuid4().hex[:10]
+        self._staging: dict[str, str] = {}  # namespace -> its staging schema
+        self._plan: Swap | None = None
 
-    async def _connect(self) -> Any:
+    @property
+    def database(self) -> str:
+        return str(conninfo_to_dict(self.dsn).get("dbname") or "(default)")
+
+    async def _connect(self, *, autocommit: bool = False) -> Any:
         import psycopg
 
         try:
-            return await psycopg.AsyncConnection.connect(self.dsn)
+            return await psycopg.AsyncConnection.connect(self.dsn, autocommit=autocommit)
         except psycopg.OperationalError as exc:
-            raise ReplayFailed(f"cannot connect to the target database: {_first_line(exc)}"
-                               ) from None
+            message = _first_line(exc)
+            if f'database "{self.database}" does not exist' in message:
+                if self.create_database:
+                    await self._create_database()
+                    return await self._connect(autocommit=autocommit)
+                raise TargetMissing(f"the target database {self.database} does not exist: "
+                                    "create it, or give --create-database") from None
+            raise ReplayFailed(f"cannot connect to the target database: {message}") from None
 
-    async def prepare(self, schemas: Sequence[TableSchema]) -> None:
-        conn = await self._connect()
+    async def _create_database(self) -> None:
+        import psycopg
+        from psycopg import sql
+
+        self.create_database = False
+        server = make_conninfo(self.dsn, dbname="postgres")
         try:
-            existing = []
-            for schema in schemas:
-                cur = await conn.execute("SELECT to_regclass(%s)", (_quoted(schema.table),))
-                row = await cur.fetchone()
-                if row is not None and row[0] is not None:
-                    existing.append(schema.table)
-            if existing and not self.replace_existing:
+            async with await psycopg.AsyncConnection.connect(server, autocommit=True) as conn:
+                await conn.execute(sql.SQL("CREATE DATABASE {}").format(
+                    sql.Identifier(self.database)))
+        except psycopg.Error as exc:
+            raise ReplayFailed(f"cannot create the target database {self.database}: "
+                               f"{_first_line(exc)}") from None
+        log.warning("created the target database %s", self.database)
+
+    async def prepare(self, schemas: Sequence[TableSchema], *, wedding: str | None = None,
+                      point: str | None = None) -> None:
+        """Check the target (tables that exist, their columns and keys, foreign keys, the
+        wedding-day guard); record an override; then create the staging schemas."""
+        from psycopg import sql
+
+        conn = await self._connect(autocommit=True)
+        try:
+            swap, oids = await self._inspect(conn, schemas, wedding)
+            if oids and not self.replace_existing:
                 raise ReplayRefused(
-                    f"the target database already has {', '.join(existing)}: restore into an "
-                    "empty database, or give --replace-existing to drop and replace them "
-                    "(inside the restore's transaction: a failed replay keeps them)")
-            if existing:
-                await self._wedding_day_guard(conn, existing)
+                    f"the target database already has {', '.join(sorted(oids.values()))}: "
+                    "restore into an empty database, or give --replace-existing to replace "
+                    + ("the wedding's rows in them" if wedding is not None else "their rows")
+                    + " (in one transaction at the end: a failed replay changes nothing)")
+            for oid, table in oids.items():
+                swap.missing[table] = await missing_columns(conn, oid, swap.schemas[table])
+            swap.changed = fk_order(sorted(oids.values()), await relations(conn, oids))
+            if swap.changed:
+                why = await guard(conn, self.calendar, swap.changed, self.override_reason)
+                if why is not None:
+                    assert self.override_reason is not None
+                    self.override = Override(self.override_reason, why, tuple(swap.changed),
+                                             wedding, point, self.database)
+                    await write_audit_row(conn, self.override)
+            namespaces = sorted({split_qualified(s.table)[0] for s in schemas})
+            for n, namespace in enumerate(namespaces):
+                staging = f"replicator_restore_{self._run}_{n}"
+                await conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(staging)))
+                self._staging[namespace] = staging
+            self._plan = swap
         finally:
             await conn.close()
 
-    async def _wedding_day_guard(self, conn: Any, existing: Sequence[str]) -> None:
-        """Replacing tables of a *live* database (one a logical replication slot reads) is
-        refused on a Saturday and when a wedding in `public.weddings` is today or tomorrow
-        (the server's date), unless overridden with a reason, which is logged."""
-        cur = await conn.execute(
-            "SELECT count(*) FROM pg_replication_slots WHERE database = current_database() "
-            "AND slot_type = 'logical'")
-        row = await cur.fetchone()
-        if not row or not row[0]:
-            return
-        cur = await conn.execute("SELECT extract(isodow FROM current_date) = 6, "
-                                 "to_regclass('public.weddings') IS NOT NULL")
-        saturday, has_weddings = await cur.fetchone()
-        soon = 0
-        if has_weddings:
-            cur = await conn.execute(
-                "SELECT count(*) FROM public.weddings "
-                "WHERE wedding_date BETWEEN current_date AND current_date + 1")
-            soon = int((await cur.fetchone())[0])
-        if not saturday and not soon:
-            return
-        why = " and ".join(([] if not saturday else ["it is Saturday"])
-                           + ([] if not soon else
-                              [f"{soon} wedding(s) in public.weddings are today or tomorrow"]))
-        if not self.override_reason:
-            raise ReplayRefused(
-                f"replacing {', '.join(existing)} in a live database (it has a logical "
-                f"replication slot) is refused: {why}. Restore into another database, or give "
-                "--override-reason '<why>' (it is logged)")
-        log.warning("wedding-day protection overridden (%s): replacing %s in a live database; "
-                    "reason: %s", why, ", ".join(existing), self.override_reason)
+    async def _inspect(self, conn: Any, schemas: Sequence[TableSchema], wedding: str | None
+                       ) -> tuple[Swap, dict[int, str]]:
+        """What the final transaction will do, and the existing tables it changes (oid ->
+        name)."""
+        swap = Swap(wedding, {s.table: s for s in schemas})
+        oids: dict[int, str] = {}
+        for schema in schemas:
+            cur = await conn.execute("SELECT to_regclass(%s)::oid", (_quoted(schema.table),))
+            row = await cur.fetchone()
+            if row is None or row[0] is None:
+                continue
+            swap.existing.add(schema.table)
+            if wedding is not None:
+                where = self._wedding_rows(schema.table)
+                if where is None:
+                    swap.unlinked.add(schema.table)
+                    continue
+                swap.filters[schema.table] = where
+            oids[int(row[0])] = schema.table
+        return swap, oids
+
+    def _wedding_rows(self, table: str) -> Any:
+        """The condition on `t` that picks the wedding's rows of *table* in the target (the
+        wedding id is the one parameter), or None when the calendar names no link."""
+        from psycopg import sql
+
+        c = self.calendar
+        if table == c.weddings_table:
+            return sql.SQL("t.{}::text = %s").format(sql.Identifier(c.wedding_id_column))
+        link = c.tables.get(table)
+        if link is None:
+            return None
+        if link.parent is None:
+            return sql.SQL("t.{}::text = %s").format(sql.Identifier(link.column))
+        return sql.SQL("t.{} IN (SELECT p.{} FROM {} p WHERE p.{}::text = %s)").format(
+            sql.Identifier(link.column), sql.Identifier(link.parent_key),
+            _identifier(link.parent), sql.Identifier(link.parent_wedding_column))
+
+    def _staged(self, table: str) -> Any:
+        from psycopg import sql
+
+        namespace, name = split_qualified(table)
+        return sql.Identifier(self._staging[namespace], name)
 
     @contextlib.asynccontextmanager
     async def table(self, schema: TableSchema):  # type: ignore[no-untyped-def]
+        """The table's rows into its staging table, committed there when done."""
         from psycopg import sql
 
         conn = await self._connect()
         self._open.append(conn)
-        name = _identifier(schema.table)
+        name = self._staged(schema.table)
         try:
-            if self.replace_existing:
-                await conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(name))
-            namespace = schema.table.split(".", 1)[0]
-            await conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(
-                sql.Identifier(namespace)))
             columns = sql.SQL(", ").join(
                 sql.SQL("{} {}{}").format(sql.Identifier(c.name), sql.SQL(c.type),
                                           sql.SQL(" NOT NULL" if c.not_null else ""))
                 for c in schema.columns)
-            await conn.execute(sql.SQL("CREATE TABLE {} ({})").format(name, columns))
-            writer = _CopyWriter(self, conn, schema)
+            # The staging table of an existing table is UNLOGGED: its rows reach the table by
+            # the final transaction, and logical decoding (a live database's capture) never
+            # sees them twice.
+            unlogged = self._plan is not None and schema.table in self._plan.existing
+            await conn.execute(sql.SQL("CREATE {}TABLE {} ({})").format(
+                sql.SQL("UNLOGGED " if unlogged else ""), name, columns))
+            writer = _CopyWriter(self, conn, schema, name)
             try:
                 yield writer
             except BaseException as exc:
@@ -172,6 +284,7 @@ class PostgresTarget:
             if schema.primary_key:
                 await conn.execute(sql.SQL("ALTER TABLE {} ADD PRIMARY KEY ({})").format(
                     name, sql.SQL(", ").join(sql.Identifier(c) for c in schema.primary_key)))
+            await conn.commit()  # into the staging schema: the target's tables are untouched
         except Exception as exc:
             import psycopg
 
@@ -181,15 +294,59 @@ class PostgresTarget:
             raise
 
     async def commit(self) -> None:
-        for conn in self._open:
-            await conn.commit()
+        """Move every staged table into place in one transaction (module docstring)."""
+        import psycopg
+
+        assert self._plan is not None, "prepare() first"
         await self._close()
+        conn = await self._connect()
+        try:
+            try:
+                await self._plan.run(conn, self._staged, list(self._staging.values()))
+            except psycopg.Error as exc:
+                raise ReplayFailed(f"moving the restored rows into place failed: "
+                                   f"{_first_line(exc)}") from None
+            try:
+                await conn.commit()
+            except psycopg.OperationalError as exc:
+                raise CommitUnknown(
+                    f"the target database did not confirm the final commit "
+                    f"({_first_line(exc)}): whether the restore took effect is unknown; check "
+                    f"the target, and drop the schemas replicator_restore_{self._run}_* if "
+                    "they are left") from None
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await conn.rollback()
+            await conn.close()
+            await self._drop_staging()
+            raise
+        await conn.close()
+        self._staging = {}
 
     async def abort(self) -> None:
         for conn in self._open:
             with contextlib.suppress(Exception):
                 await conn.rollback()
         await self._close()
+        await self._drop_staging()
+
+    async def _drop_staging(self) -> None:
+        from psycopg import sql
+
+        if not self._staging:
+            return
+        try:
+            conn = await self._connect(autocommit=True)
+            try:
+                for staging in self._staging.values():
+                    await conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(
+                        sql.Identifier(staging)))
+            finally:
+                await conn.close()
+        except Exception as exc:  # the restore's own error matters more
+            log.warning("could not drop the staging schemas %s: %s",
+                        ", ".join(self._staging.values()), _first_line(exc))
+        self._staging = {}
 
     async def _close(self) -> None:
         for conn in self._open:
@@ -202,11 +359,12 @@ class _CopyWriter:
     """One table's rows into its new table, by `COPY ... FROM STDIN` (opened at the first
     write); `remove_keys` ends the COPY and removes rows, and the next write opens another."""
 
-    def __init__(self, target: PostgresTarget, conn: Any, schema: TableSchema) -> None:
+    def __init__(self, target: PostgresTarget, conn: Any, schema: TableSchema,
+                 name: Any) -> None:
         from psycopg import sql
 
         self._target, self._conn, self._schema = target, conn, schema
-        self._name = _identifier(schema.table)
+        self._name = name  # the table's staging table
         self._copy_sql = sql.SQL("COPY {} ({}) FROM STDIN").format(
             self._name, sql.SQL(", ").join(sql.Identifier(c.name) for c in schema.columns))
         self._cursor: Any = None
@@ -289,15 +447,14 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _quoted(table: str) -> str:
-    schema, _, name = table.partition(".")
+    schema, name = split_qualified(table)
     return '"' + schema.replace('"', '""') + '"."' + name.replace('"', '""') + '"'
 
 
 def _identifier(table: str) -> Any:
     from psycopg import sql
 
-    schema, _, name = table.partition(".")
-    return sql.Identifier(schema, name)
+    return sql.Identifier(*split_qualified(table))
 
 
 # --- files -----------------------------------------------------------------------------------
@@ -315,42 +472,71 @@ class FileTarget:
         self._partial: list[tuple[Path, Path]] = []
 
     def path(self, table: str) -> Path:
-        return self.directory / f"{table}.{self.format}"
+        """`<directory>/<table, percent-encoded>.<format>`, checked to stay in the directory."""
+        name = quote(table, safe="")
+        if name.startswith("."):
+            name = "%2E" + name[1:]
+        path = self.directory / f"{name}.{self.format}"
+        if os.path.dirname(os.path.realpath(path)) != os.path.realpath(self.directory):
+            raise ReplayRefused(f"the file name of table {table!r} would leave --to "
+                                f"{self.directory}")
+        return path
 
-    async def prepare(self, schemas: Sequence[TableSchema]) -> None:
+    async def prepare(self, schemas: Sequence[TableSchema], *, wedding: str | None = None,
+                      point: str | None = None) -> None:
         if self.directory.exists() and not self.directory.is_dir():
-            raise ReplayFailed(f"--to {self.directory} exists and is not a directory")
+            raise ReplayRefused(f"--to {self.directory} exists and is not a directory")
         existing = [str(self.path(s.table)) for s in schemas if self.path(s.table).exists()]
         if existing and not self.replace_existing:
             raise ReplayRefused(f"{', '.join(existing)} already exist(s): choose an empty "
                                 "directory, or give --replace-existing")
-        self.directory.mkdir(parents=True, exist_ok=True)
+        if not self.directory.exists():
+            try:
+                self.directory.mkdir(parents=True, mode=0o700)
+                self.directory.chmod(0o700)
+            except OSError as exc:
+                raise ReplayRefused(f"--to {self.directory}: cannot create it "
+                                    f"({exc.strerror})") from None
 
     @contextlib.asynccontextmanager
     async def table(self, schema: TableSchema):  # type: ignore[no-untyped-def]
         final = self.path(schema.table)
         partial = final.with_name(f".{final.name}.partial")
         self._partial.append((partial, final))
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        os.fchmod(fd, 0o600)
         writer: _FileWriter
         if self.format == "parquet":
+            os.close(fd)
             writer = _ParquetWriter(partial, schema)
         else:
-            writer = _TextWriter(partial, schema, self.format)
+            writer = _TextWriter(os.fdopen(fd, "w", encoding="utf-8", newline=""), schema,
+                                 self.format)
         try:
             yield writer
         finally:
             writer.close()
+        _fsync(partial)
         self.bytes_written += partial.stat().st_size
 
     async def commit(self) -> None:
         for partial, final in self._partial:
             partial.replace(final)
+        _fsync(self.directory)
         self._partial = []
 
     async def abort(self) -> None:
         for partial, _ in self._partial:
             partial.unlink(missing_ok=True)
         self._partial = []
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class _FileWriter(Protocol):
@@ -368,8 +554,8 @@ def _csv_field(value: Any) -> str:
 
 
 class _TextWriter:
-    def __init__(self, path: Path, schema: TableSchema, format: str) -> None:
-        self._file = path.open("w", encoding="utf-8", newline="")
+    def __init__(self, file: TextIO, schema: TableSchema, format: str) -> None:
+        self._file = file
         self._names = schema.names
         self._types = [c.type for c in schema.columns]
         self._format = format
@@ -469,7 +655,8 @@ class HashTarget:
         self.bytes_written = 0
         self.hashes: dict[str, TableHash] = {}
 
-    async def prepare(self, schemas: Sequence[TableSchema]) -> None:
+    async def prepare(self, schemas: Sequence[TableSchema], *, wedding: str | None = None,
+                      point: str | None = None) -> None:
         return None
 
     @contextlib.asynccontextmanager

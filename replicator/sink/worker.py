@@ -43,6 +43,12 @@ and the checkpoint stays below it (its offset is committed once the dead letter 
 a parked transaction record or schema belongs to no known transaction, so it holds every
 checkpoint where it is, and its offset is never committed (it is parked again after a
 restart). Replay past the checkpoint is refused with the dead letters named.
+
+When the group rebalances (this process was paused past the session timeout, or another
+member came or went), every partition is revoked (aiokafka's rebalance is eager): what was
+read and not yet written is dropped with its offsets, and a commit refused because of the
+rebalance is logged, not raised. The partitions assigned again are read from their committed
+offsets, so nothing is lost and the service keeps running.
 """
 
 from __future__ import annotations
@@ -58,7 +64,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
+from aiokafka.errors import CommitFailedError, IllegalStateError
 from aiokafka.structs import OffsetAndMetadata
 
 from connectors.base import ObjectStore
@@ -83,7 +90,6 @@ from replicator.events import TIER_ORDER, Tier
 from replicator.position import INVALID_LSN, Lsn
 from replicator.sink.breaker import BreakerState, CircuitBreaker, CircuitOpen, TokenBucket
 from replicator.sink.checkpoint import CompletenessTracker
-from replicator.sink.claims import ClaimResolver
 from replicator.sink.offsets import OffsetLedger, Pending
 from replicator.transport.avro import EventCodec, transaction_from_dict
 from replicator.transport.control import StateFollower, state_topic
@@ -111,6 +117,7 @@ class SinkStats:
     last_flush_at: float = 0.0
     dead_letters: int = 0  # undecodable records parked
     paused: bool = False  # intake paused: buffers at their bound, or the breaker open
+    rebalances: int = 0  # partitions revoked by a rebalance
 
 
 @dataclass(slots=True)
@@ -123,8 +130,7 @@ class _Buffered:
 
 class SinkWorker:
     def __init__(self, destination: DestinationConfig, kafka: KafkaConfig, store: ObjectStore,
-                 keyring: Keyring, *, clock: Any = time.monotonic,
-                 claims_url: str | None = None) -> None:
+                 keyring: Keyring, *, clock: Any = time.monotonic) -> None:
         self.destination = destination
         self.kafka = kafka
         self.store = store
@@ -155,12 +161,9 @@ class SinkWorker:
         # The capture's recorded gaps, archived before a checkpoint passes them.
         self._state = StateFollower(kafka.bootstrap_servers, state_topic(kafka.topic_prefix))
         self._gaps_due: dict[str, dict[str, Any]] = {}  # key -> content, not yet written
-        # Changes too large for Kafka arrive as references to the claims store (sink/claims.py).
-        claims_url = claims_url or kafka.claims_url or destination.url
-        self._claims = ClaimResolver(claims_url, keyring,
-                                     store=store if claims_url == destination.url else None)
         # Dead letters not yet written: (name, content, ledger entry to mark written or None)
         self._dead_buffer: list[tuple[str, bytes, Pending | None]] = []
+        self._epoch = 0  # bumped when a rebalance drops the buffers
         # Checkpoint names written, oldest first, per tier (None: overall), for pruning.
         self._checkpoint_names: dict[Tier | None, list[str]] = {}
 
@@ -178,13 +181,14 @@ class SinkWorker:
         self.stats.checkpoint = self.tracker.checkpoint
         self.stats.tier_checkpoints = dict(self.tracker.tier_checkpoints)
         consumer = AIOKafkaConsumer(
-            *self.tiers.values(), self.tx_topic, self.schema_topic,
             bootstrap_servers=self.kafka.bootstrap_servers,
             group_id=self.group, enable_auto_commit=False, auto_offset_reset="earliest",
             max_partition_fetch_bytes=4 * 1024 * 1024)
+        consumer.subscribe([*self.tiers.values(), self.tx_topic, self.schema_topic],
+                           listener=_Revocations(self))
         self._consumer = consumer
+        await consumer.start()
         try:
-            await consumer.start()  # inside: a consumer whose start failed is closed too
             while not self._stopping.is_set():
                 await self._poll(consumer)
                 due = self._due_tiers()
@@ -194,7 +198,6 @@ class SinkWorker:
         finally:
             await consumer.stop()
             await self._state.close()
-            await self._claims.close()
 
     async def _restore_checkpoints(self) -> tuple[Lsn, dict[Tier, Lsn]] | None:
         """The newest checkpoints in the store, read again until the store answers.
@@ -244,7 +247,6 @@ class SinkWorker:
                 tier = self.tier_of_topic[tp.topic]
                 for record in records:
                     try:
-                        await self._claims.resolve(record)  # a reference: the change itself
                         self._add_change(tp, tier, record)
                     except TransientError:
                         raise
@@ -305,7 +307,10 @@ class SinkWorker:
                 high = ends.get(tp)
             if high is None:
                 continue
-            pending = max(0, high - await consumer.position(tp))
+            try:
+                pending = max(0, high - await consumer.position(tp))
+            except IllegalStateError:
+                continue  # revoked meanwhile by a rebalance
             lag[f"{tp.topic}/{tp.partition}"] = pending
             if tp.topic == critical_topic and pending > CRITICAL_BACKLOG:
                 behind = True
@@ -324,8 +329,9 @@ class SinkWorker:
                        if tp.topic not in (critical_topic, self.tx_topic, self.schema_topic)}
         else:
             waiting = set()
-        consumer.resume(*(assigned - waiting))
-        consumer.pause(*waiting)
+        with contextlib.suppress(IllegalStateError):  # a rebalance took some meanwhile
+            consumer.resume(*(assigned - waiting))
+            consumer.pause(*waiting)
 
     def _full(self) -> bool:
         """Whether intake must pause: the buffers at their bound, or the breaker open."""
@@ -395,6 +401,7 @@ class SinkWorker:
         written_positions: list[tuple[Tier, Lsn, int]] = []
         records: list[dict[str, Any]] = []
         tx_since = self._oldest.get(Tier.CRITICAL)
+        epoch = self._epoch  # a rebalance meanwhile replaces the buffers (`_drop_unwritten`)
         dead, schemas, txs = self._dead_buffer, self._schema_buffer, self._tx_buffer
         try:
             while dead:
@@ -416,8 +423,9 @@ class SinkWorker:
                     for item in items:
                         item.entry.written = True
                     written_positions.extend((tier, *i.position) for i in items)
-                    self._rows -= len(items)
-                    self._bytes -= sum(i.size for i in items)
+                    if epoch == self._epoch:
+                        self._rows -= len(items)
+                        self._bytes -= sum(i.size for i in items)
                     del tables[table]
                 self._oldest.pop(tier, None)
             if txs:
@@ -543,10 +551,51 @@ class SinkWorker:
 
     async def _commit(self, consumer: AIOKafkaConsumer, checkpoint: Lsn) -> None:
         offsets = self.offsets.committable(checkpoint)
-        if offsets:
+        if not offsets:
+            return
+        try:
             await consumer.commit({tp: OffsetAndMetadata(offset, "")
                                    for tp, offset in offsets.items()})
+        except (CommitFailedError, IllegalStateError) as exc:
+            # The group rebalanced (e.g. this process was paused past its session timeout):
+            # the partitions' next owner, maybe this sink again, reads from the offsets
+            # committed before. Nothing written is lost; some is read twice.
+            log.warning("destination %s: offsets not committed, the group rebalanced (%s); "
+                        "the records are read again from the last committed offsets",
+                        self.destination.name, exc)
+
+    def _drop_unwritten(self, revoked: set[TopicPartition]) -> None:
+        """The group took *revoked* away: drop what was read and not yet written.
+
+        aiokafka's rebalance is eager (every partition is revoked, and the new assignment
+        starts from the committed offsets), so every buffer goes; what a flush running now
+        writes still counts (the tracker keeps it) and the flush's own bookkeeping is kept
+        apart by `_epoch`."""
+        self._epoch += 1
+        self.stats.rebalances += 1
+        self.offsets = OffsetLedger()  # every partition's entries: their buffers are gone
+        self._buffers = {t: defaultdict(list) for t in TIER_ORDER}
+        self._tx_buffer, self._schema_buffer, self._dead_buffer = [], [], []
+        self._oldest = {}
+        self._rows = self._bytes = 0
+        log.warning("destination %s: %d partitions revoked, the group rebalanced; what was "
+                    "read and not yet written is read again from the committed offsets",
+                    self.destination.name, len(revoked))
 
     async def _latest_checkpoint(self, tier: Tier | None) -> Lsn:
         return await reader.checkpoint(self.store, self.destination.name, tier,
                                        keyring=self.keyring)
+
+
+class _Revocations(ConsumerRebalanceListener):  # type: ignore[misc]
+    """Tells the worker when a rebalance takes its partitions away."""
+
+    def __init__(self, worker: SinkWorker) -> None:
+        self.worker = worker
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        if revoked:
+            self.worker._drop_unwritten(set(revoked))
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        return None

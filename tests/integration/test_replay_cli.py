@@ -87,7 +87,7 @@ async def test_replay_and_verify_commands(pg_dsn: str, kafka_bootstrap: str, top
     assert "nothing was committed" in done.stderr
 
 
-async def test_replacing_tables_of_a_live_database_on_a_wedding_day_needs_a_reason(
+async def test_replacing_tables_on_a_wedding_day_needs_a_reason_slot_or_not(
         pg_dsn: str, caplog: pytest.LogCaptureFixture) -> None:
     import psycopg
 
@@ -97,17 +97,26 @@ async def test_replacing_tables_of_a_live_database_on_a_wedding_day_needs_a_reas
 
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
         conn.execute("CREATE TABLE weddings (id bigint PRIMARY KEY, wedding_date date)")
-        conn.execute("INSERT INTO weddings VALUES (1, current_date + 1)")
+        conn.execute("INSERT INTO weddings VALUES (1, (now() AT TIME ZONE 'UTC')::date + 1)")
         conn.execute("CREATE TABLE guests (id bigint PRIMARY KEY)")
     guests = TableSchema("public.guests", (Column("id", "bigint", True),), ("id",), Lsn(1))
-    # Not live (no replication slot reads it): replacing is the operator's call.
-    await PostgresTarget(pg_dsn, replace_existing=True).prepare([guests])
-    with psycopg.connect(pg_dsn, autocommit=True) as conn:
-        conn.execute("SELECT pg_create_logical_replication_slot('live_guard', 'pgoutput')")
-    with pytest.raises(ReplayRefused, match=r"1 wedding\(s\) in public.weddings are today or "
-                                            r"tomorrow.*--override-reason"):
-        await PostgresTarget(pg_dsn, replace_existing=True).prepare([guests])
+    # No replication slot reads it (the slot lost, the usual reason to restore): refused all
+    # the same; and with one.
+    for slot in (False, True):
+        if slot:
+            with psycopg.connect(pg_dsn, autocommit=True) as conn:
+                conn.execute("SELECT pg_create_logical_replication_slot('live_guard', "
+                             "'pgoutput')")
+        with pytest.raises(ReplayRefused, match=r"1 wedding\(s\) in public.weddings are today "
+                                                r"or tomorrow.*--override-reason"):
+            await PostgresTarget(pg_dsn, replace_existing=True).prepare([guests])
     caplog.set_level("WARNING", logger="replicator.replay")
-    await PostgresTarget(pg_dsn, replace_existing=True,
-                         override_reason="restoring guests lost by a bad import").prepare([guests])
+    target = PostgresTarget(pg_dsn, replace_existing=True,
+                            override_reason="restoring guests lost by a bad import")
+    await target.prepare([guests], point="0/1")
+    await target.abort()
     assert "reason: restoring guests lost by a bad import" in caplog.text
+    with psycopg.connect(pg_dsn) as conn:
+        assert conn.execute("SELECT reason, tables, restore_point FROM replicator_audit"
+                            ).fetchall() == [("restoring guests lost by a bad import",
+                                              ["public.guests"], "0/1")]

@@ -717,3 +717,37 @@ def test_gap_record_names_round_trip_and_bad_ones_are_named() -> None:
                 "gaps/00000016B374D848-00000016B3750000.txt", "other/x"):
         with pytest.raises(ValueError, match=re.escape(bad)):
             parse_gap_key(bad)
+
+
+# --- a point past the newest archived commit; foreign-key order ----------------------------
+
+
+def test_a_time_past_the_newest_commit_by_more_than_the_heartbeat_is_refused() -> None:
+    from replicator.replay.plan import check_fresh
+
+    base = datetime(2026, 6, 13, 12, 0, tzinfo=UTC)
+    us = int(base.timestamp() * 1_000_000)
+    records = [tx(100, us), tx(200, us + 5_000_000), tx(300, us + 9_000_000)]
+    # The record at 300 is not below the checkpoint: the newest archived commit is 200's.
+    check_fresh(records, base + timedelta(seconds=15), Lsn(250), 10.0)
+    with pytest.raises(ReplayRefused, match=r"newest archived commit .* LSN 0/C8\).*"
+                                            r"--allow-stale") as info:
+        check_fresh(records, base + timedelta(seconds=15, microseconds=1), Lsn(250), 10.0)
+    assert info.value.nearest == Lsn(200)
+    check_fresh([], base, Lsn(250), 10.0)  # nothing archived: the plan refuses it
+
+
+def test_foreign_key_order_parents_first_and_refusals() -> None:
+    from replicator.replay.swap import Relation, fk_order
+
+    rels = [Relation("g_w", "public.guests", "public.weddings", "a"),
+            Relation("s_g", "public.seats", "public.guests", "c"),
+            Relation("self", "public.guests", "public.guests", "a")]
+    assert fk_order(["public.seats", "public.guests", "public.weddings"], rels) == [
+        "public.weddings", "public.guests", "public.seats"]
+    with pytest.raises(ReplayRefused, match=r"s_g of public.seats references public.guests "
+                                            r"ON DELETE CASCADE"):
+        fk_order(["public.guests", "public.weddings"], rels)
+    with pytest.raises(ReplayRefused, match="cycle"):
+        fk_order(["a.x", "a.y"], [Relation("1", "a.x", "a.y", "a"),
+                                  Relation("2", "a.y", "a.x", "a")])
