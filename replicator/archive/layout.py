@@ -13,6 +13,11 @@ A destination's objects live under its store's root and namespace:
     checkpoints/<destination>/<lsn>                        everything <= lsn is durable here
     checkpoints/<destination>/<tier>/<lsn>                 ... of that wedding tier
     audit/<time>-<id>.json                                 an operator's override of a guard
+    deadletters/<topic>/<partition>-<offset>.json          a record a sink could not decode
+
+and in the claims store (`kafka.claims_url`, by default the first destination's store):
+
+    claims/<commit lsn>-<seq>-<digest>.avro                one change too large for Kafka
 
 Rules every name keeps:
 - LSNs are written as `Lsn.hex_key()` (16 upper-case hex digits) and sequence numbers as ten
@@ -41,6 +46,7 @@ from replicator.position import Lsn
 __all__ = [
     "AUDIT",
     "CHECKPOINTS",
+    "DEAD_LETTERS",
     "GAPS",
     "SCHEMAS",
     "SEGMENTS",
@@ -53,6 +59,8 @@ __all__ = [
     "audit_key",
     "checkpoint_key",
     "checkpoints_prefix",
+    "claim_key",
+    "dead_letter_key",
     "destination_of",
     "gap_key",
     "is_checkpoint_key",
@@ -62,6 +70,7 @@ __all__ = [
     "manifest_key",
     "parse_audit_key",
     "parse_checkpoint_key",
+    "parse_dead_letter_key",
     "parse_gap_key",
     "parse_manifest_key",
     "parse_part_key",
@@ -86,6 +95,8 @@ SCHEMAS: Final = "schemas/"
 GAPS: Final = "gaps/"
 CHECKPOINTS: Final = "checkpoints/"
 AUDIT: Final = "audit/"
+DEAD_LETTERS: Final = "deadletters/"
+CLAIMS: Final = "claims/"
 
 _HEX16: Final = "[0-9A-F]{16}"
 _DIGEST: Final = re.compile(r"[0-9a-f]{1,64}")
@@ -100,6 +111,8 @@ _SNAPSHOT: Final = re.compile(
 _MANIFEST: Final = re.compile(
     rf"snapshots/(?P<table>[^/]+)/(?P<lsn>{_HEX16})/manifest-(?P<n>[1-9][0-9]{{0,8}})\.json")
 _GAP: Final = re.compile(rf"gaps/(?P<start>{_HEX16})-(?P<end>{_HEX16})\.json")
+_DEAD_LETTER: Final = re.compile(
+    r"deadletters/(?P<topic>[^/]+)/(?P<partition>[0-9]{10})-(?P<offset>[0-9]{20})\.json")
 _TIERS: Final = frozenset(t.value for t in TIER_ORDER)
 
 
@@ -332,6 +345,14 @@ def parse_gap_key(key: str) -> tuple[Lsn, Lsn]:
     return Lsn.from_key(match["start"]), Lsn.from_key(match["end"])
 
 
+def claim_key(commit_lsn: Lsn, seq: int, digest: str) -> str:
+    """`claims/<commit lsn>-<seq>-<digest>.avro`: the message value of one change too large
+    for a Kafka message (the claim check; the topic holds a reference to this name)."""
+    if not _DIGEST.fullmatch(digest):
+        raise ValueError(f"invalid claim digest {digest!r}: lower-case hex expected")
+    return f"{CLAIMS}{Lsn(commit_lsn).hex_key()}-{seq:010d}-{digest}.avro"
+
+
 _AUDIT: Final = re.compile(rf"audit/(?P<at>{_HEX16})-(?P<id>[0-9a-f]{{1,32}})\.json")
 
 
@@ -392,3 +413,27 @@ def parse_checkpoint_key(key: str) -> Lsn:
 def destination_of(key: str) -> str:
     """The destination a checkpoint object belongs to."""
     return _unquoted(key[len(CHECKPOINTS):].split("/", 1)[0])
+
+
+# --- dead letters ----------------------------------------------------------------------------
+
+
+def dead_letter_key(topic: str, partition: int, offset: int) -> str:
+    """`deadletters/<topic>/<partition>-<offset>.json`: a record a sink could not decode
+    (encrypted JSON: the raw bytes and the error). Partition and offset in ten and twenty
+    decimal digits, so names sort by position in the topic."""
+    if not topic or topic in (".", "..") or partition < 0 or offset < 0:
+        raise ValueError(f"invalid dead letter position {topic!r}/{partition}@{offset}")
+    return f"{DEAD_LETTERS}{quote(topic, safe='')}/{partition:010d}-{offset:020d}.json"
+
+
+def parse_dead_letter_key(key: str) -> tuple[str, int, int]:
+    """Inverse of `dead_letter_key`: (topic, partition, offset); `ValueError` naming *key*."""
+    match = _DEAD_LETTER.fullmatch(key)
+    if match is None:
+        raise ValueError(f"object {key} is not a dead letter name "
+                         "(deadletters/<topic>/<10 digits>-<20 digits>.json)")
+    found = (_unquoted(match["topic"]), int(match["partition"]), int(match["offset"]))
+    if dead_letter_key(*found) != key:
+        raise ValueError(f"{key!r} is not the canonical dead letter name")
+    return found

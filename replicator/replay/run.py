@@ -47,6 +47,7 @@ from replicator.archive.reader import (
     ReplayFailed,
     Timeline,
     current_rss_mb,
+    dead_letters,
     destinations,
     recorded_gaps,
     schema_versions,
@@ -187,6 +188,29 @@ async def _header(archive: Archive, key: str) -> Header:
         raise ReplayFailed(f"object {key} has an unreadable header: {exc}", object=key) from None
 
 
+def _naming_dead_letters(refused: ReplayRefused, parked: list[str], at: At, checkpoint: Lsn,
+                         resolver: Callable[[datetime], Lsn] | None) -> ReplayRefused:
+    """*refused*, naming the records parked as dead letters when the point asked is past the
+    checkpoint: a parked record holds the checkpoint below its transaction (`sink.worker`)."""
+    if not parked or isinstance(at, str):
+        return refused  # the latest point is below the checkpoint
+    if isinstance(at, datetime):
+        if resolver is None:
+            return refused
+        try:
+            target = Lsn(resolver(at))
+        except (ReplayRefused, ValueError):
+            return refused
+    else:
+        target = Lsn(at)
+    if target < checkpoint:
+        return refused
+    shown = ", ".join(parked[:5]) + (f" and {len(parked) - 5} more" if len(parked) > 5 else "")
+    return ReplayRefused(f"{refused}; the checkpoint is held back by records the sink could "
+                         f"not decode, parked as dead letters: {shown}",
+                         nearest=refused.nearest, tables=refused.tables)
+
+
 async def prepare(store: ObjectStore, keyring: Keyring, *, at: At,
                   tables: Sequence[str] | None = None, wedding: str | None = None,
                   destination: str | None = None, allow_stale: bool = False,
@@ -198,6 +222,7 @@ async def prepare(store: ObjectStore, keyring: Keyring, *, at: At,
     checkpoint = await archive_checkpoint(store, dest, keyring=keyring)
     listing: list[ObjectInfo] = [info async for info in store.list(SEGMENTS)]
     listing += [info async for info in store.list(SNAPSHOTS)]
+    parked = await dead_letters(store)
     try:
         gaps = await recorded_gaps(store, keyring)
     except ValueError as exc:
@@ -210,16 +235,19 @@ async def prepare(store: ObjectStore, keyring: Keyring, *, at: At,
         check_fresh(records, at, checkpoint, heartbeat_s)
 
     headers: dict[str, Header] = {}
-    if wedding is not None:
-        # Plan once without headers to learn which segments are in range, then read theirs.
-        rough = plan(listing, at=at, checkpoint=checkpoint, tables=tables, resolver=resolver,
-                     snapshots=timeline.snapshots, gaps=gaps)
-        keys = [k for t in rough.tables for k in t.objects]
-        fetched = await run_bounded([partial(_header, archive, k) for k in keys], 16)
-        headers = dict(zip(keys, fetched, strict=True))
-    the_plan = plan(listing, at=at, checkpoint=checkpoint, tables=tables, wedding=wedding,
-                    headers=headers, resolver=resolver, snapshots=timeline.snapshots,
-                    gaps=gaps)
+    try:
+        if wedding is not None:
+            # Plan once without headers to learn which segments are in range, then read theirs.
+            rough = plan(listing, at=at, checkpoint=checkpoint, tables=tables,
+                         resolver=resolver, snapshots=timeline.snapshots, gaps=gaps)
+            keys = [k for t in rough.tables for k in t.objects]
+            fetched = await run_bounded([partial(_header, archive, k) for k in keys], 16)
+            headers = dict(zip(keys, fetched, strict=True))
+        the_plan = plan(listing, at=at, checkpoint=checkpoint, tables=tables, wedding=wedding,
+                        headers=headers, resolver=resolver, snapshots=timeline.snapshots,
+                        gaps=gaps)
+    except ReplayRefused as exc:
+        raise _naming_dead_letters(exc, parked, at, checkpoint, resolver) from None
     target = the_plan.target
 
     bases: dict[str, Lsn] = {}
