@@ -295,7 +295,7 @@ async def ddl(dsn: str, n: int) -> str:
 async def verify_against(url: str, dsn: str, environ: dict[str, str]) -> dict[str, Any]:
     child = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "replicator", "verify", "--from", url, "--against", dsn,
-        "--json", "--wait", "300", env=environ, cwd=rpo.PROJECT_ROOT,
+        "--json", "--wait", "180", env=environ, cwd=rpo.PROJECT_ROOT,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     out, err = await child.communicate()
     try:
@@ -386,9 +386,8 @@ async def run(minutes: float, rate: float, quick: bool, ddl_every: float, say: A
             say(f"  {(time.monotonic() - started) / 60:5.1f} min: {len(commits)} commits, "
                 f"fault {fault!r}, RSS " + ", ".join(f"{s.role} {s.rss_mb():.0f} MB"
                                                    for s in services))
-            for service in services:
-                if not service.alive():
-                    raise RuntimeError(f"{service.role} exited: {service.tail()}")
+            if not all(service.alive() for service in services):
+                break  # reported below, with what it left undone
         rss_end = {s.role: round(s.rss_mb(), 1) for s in services}
         # Drain: every commit durable in every destination, or the drain's time is up.
         deadline = time.monotonic() + max(flush.values()) + 180
@@ -399,7 +398,7 @@ async def run(minutes: float, rate: float, quick: bool, ddl_every: float, say: A
                        for dest, _ in dests for tier, lsn in top.items() if lsn)
 
         while time.monotonic() < deadline:
-            if drained():
+            if drained() or not all(service.alive() for service in services):
                 break
             await asyncio.sleep(2)  # the poller fills `checkpoints` meanwhile
         rpo_s: dict[str, list[float]] = {tier: [] for tier in TIERS}
@@ -412,7 +411,9 @@ async def run(minutes: float, rate: float, quick: bool, ddl_every: float, say: A
             rpo_s[TIERS[k]].append(max(t for t in times if t is not None) - ts)
         stop.set()
         await poller
-        reports = {dest: await verify_against(url, dsn, environ) for dest, url in dests}
+        exited = {s.role: s.tail() for s in services if not s.alive()}
+        reports = dict(zip([d for d, _ in dests], await asyncio.gather(
+            *(verify_against(url, dsn, environ) for _, url in dests)), strict=True))
         differing = sum(rows_differing(r) for r in reports.values())
         result.update({
             "lost": never + differing,
@@ -429,6 +430,7 @@ async def run(minutes: float, rate: float, quick: bool, ddl_every: float, say: A
             "faults": faults,
             "ddl": statements,
             "tracebacks": {s.role: s.tracebacks() for s in services},
+            "exited": exited,
             "checkpoint_polls": checkpoints.polls,
         })
         return result
