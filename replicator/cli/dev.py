@@ -59,7 +59,7 @@ def up(ctx: click.Context, only: str | None) -> None:
     started = time.monotonic()
     results = asyncio.run(_stack(ctx).up(_names(only)))
     for name, what in results.items():
-        click.echo(f"{name:6} {what}")
+        click.echo(f"{name:9} {what}")
     click.echo(f"stack ready in {time.monotonic() - started:.1f}s")
 
 
@@ -70,7 +70,7 @@ def down(ctx: click.Context, only: str | None) -> None:
     """Stop the services this stack started."""
     stopped = _stack(ctx).down(_names(only))
     for name, was_running in stopped.items():
-        click.echo(f"{name:6} {'stopped' if was_running else 'was not running'}")
+        click.echo(f"{name:9} {'stopped' if was_running else 'was not running'}")
 
 
 @dev.command()
