@@ -473,8 +473,9 @@ class Restore:
 async def restore_wedding(store: ObjectStore, keyring: Keyring, destination: str,
                           server_dsn: str, database: str, moment: Moment, wedding: int
                           ) -> Restore:
-    """Restore *wedding* as of *moment* into *database* (made if missing, its tables
-    replaced), read it back, and compare it with the rows the source had at the moment."""
+    """Restore *wedding* as of *moment* into *database* (made afresh: into existing tables a
+    wedding restore would merge the wedding in), read it back, and compare it with the rows
+    the source had at the moment."""
     from replicator.archive.reader import ReplayFailed
     from replicator.replay.plan import ReplayRefused
     from replicator.replay.run import replay
@@ -482,13 +483,12 @@ async def restore_wedding(store: ObjectStore, keyring: Keyring, destination: str
 
     result = Restore(database)
     async with await psycopg.AsyncConnection.connect(server_dsn, autocommit=True) as admin:
-        cur = await admin.execute("SELECT 1 FROM pg_database WHERE datname = %s", (database,))
-        if await cur.fetchone() is None:
-            await admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(database)))
+        await admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+            sql.Identifier(database)))
+        await admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(database)))
     target_dsn = make_conninfo(server_dsn, dbname=database)
     try:
-        result.summary = await replay(store, keyring,
-                                      PostgresTarget(target_dsn, replace_existing=True),
+        result.summary = await replay(store, keyring, PostgresTarget(target_dsn),
                                       at=moment.at, wedding=str(wedding),
                                       destination=destination)
     except (ReplayRefused, ReplayFailed) as exc:
