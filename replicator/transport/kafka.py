@@ -281,6 +281,10 @@ class EventProducer:
             "acks": "all",
             "compression.type": config.compression,
             "linger.ms": config.linger_ms,
+            # A topic deleted under the capture must fail the delivery (the capture creates it
+            # again, with its configuration, at the reconnect), not be auto-created by the
+            # broker with the broker's defaults.
+            "allow.auto.create.topics": False,
             "batch.size": min(config.max_batch_bytes, config.max_message_bytes),
             # As the topics' max.message.bytes (ensure_topics): what is taken here fits there.
             "message.max.bytes": config.max_message_bytes,

@@ -396,3 +396,38 @@ async def test_an_unreachable_server_at_start_is_waited_for(
     text = log.read_text()
     assert code == 0, text[-3000:]
     assert text.count(WAITING) == 1 and "Traceback" not in text, text[-3000:]
+
+
+async def test_a_topic_deleted_while_capturing_is_created_again(
+        pg_dsn: str, kafka_bootstrap: str, topic_prefix: str) -> None:
+    setup_schema(pg_dsn)
+    config = make_config(pg_dsn, kafka_bootstrap, topic_prefix)
+    low = topic_names(topic_prefix)[Tier.LOW]
+    async with running(config, sinks=False) as capture:
+        await wait_for(lambda: holds(capture.stats.transactions >= 1), what="streaming")
+        admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+        await admin.start()
+        try:
+            await admin.delete_topics([low])
+
+            async def gone() -> bool:
+                return low not in await admin.list_topics()
+            await wait_for(gone, what="the deletion")
+        finally:
+            await admin.close()
+        with psycopg.connect(pg_dsn, autocommit=True) as conn:
+            conn.execute("INSERT INTO vendors VALUES (9, 'after the deletion', 1)")
+
+        async def delivered() -> bool:
+            records = await read_all(kafka_bootstrap, topic_prefix)
+            return any(r.topic == low and r.value.get("after", {}).get("name") ==
+                       "after the deletion" for r in records if "op" in r.value)
+        await wait_for(delivered, within=120, what="the change in the recreated topic")
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    await admin.start()
+    try:
+        described = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, low)])
+    finally:
+        await admin.close()
+    configs = {entry[0]: entry[1] for entry in described[0].resources[0][4]}
+    assert configs["max.message.bytes"] == str(config.kafka.max_message_bytes)
