@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import hashlib
+import logging
 import os
 import signal
 import socket
@@ -22,11 +24,13 @@ import psycopg
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from aiokafka.errors import KafkaError
 from prometheus_client import CollectorRegistry, generate_latest
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from replicator.capture import Capture
+from replicator.cli.run import TRANSIENT_GRACE_S, QuietTransientBroker
 from replicator.config import Config
 from replicator.events import Tier
 from replicator.ops.metrics import PipelineCollector
@@ -35,6 +39,7 @@ from replicator.replay.plan import LATEST
 from replicator.replay.targets import PostgresTarget
 from replicator.sink.service import Sinks
 from replicator.source.stream import ReplicationStream, SlotInUseError
+from replicator.transport.control import StateFollower, StateUnavailable, last_transaction_lsn
 from replicator.transport.kafka import topic_names
 from tests.integration.archive_helpers import destinations, sink_environ, with_destinations
 from tests.integration.capture_helpers import (
@@ -431,3 +436,45 @@ async def test_a_topic_deleted_while_capturing_is_created_again(
         await admin.close()
     configs = {entry[0]: entry[1] for entry in described[0].resources[0][4]}
     assert configs["max.message.bytes"] == str(config.kafka.max_message_bytes)
+
+
+# --- noise: transient broker states, clients whose start failed --------------------------------
+
+
+async def test_kafka_clients_whose_start_failed_are_closed(
+        caplog: pytest.LogCaptureFixture) -> None:
+    nowhere = f"127.0.0.1:{free_port()}"  # no broker listens there
+    with pytest.raises(KafkaError):
+        await last_transaction_lsn(nowhere, "t.transactions")
+    follower = StateFollower(nowhere, "t.capture-state")
+    with pytest.raises(StateUnavailable):
+        await follower.read_new()
+    await follower.close()
+    gc.collect()
+    await asyncio.sleep(0)
+    assert not [r for r in caplog.records if "Unclosed" in r.getMessage()]
+
+
+def test_transient_broker_errors_are_quiet_unless_they_persist() -> None:
+    now = [0.0]
+    quiet = QuietTransientBroker(clock=lambda: now[0])
+
+    def record(message: str, name: str = "aiokafka.consumer.group_coordinator",
+               level: int = logging.ERROR) -> logging.LogRecord:
+        return logging.LogRecord(name, level, __file__, 1, message, (), None)
+
+    # A broker warming up: dropped while it lasts less than the grace period.
+    for t in range(0, 50, 5):
+        now[0] = float(t)
+        assert not quiet.filter(record("Group Coordinator Request failed: "
+                                       "[Error 15] GroupCoordinatorNotAvailableError"))
+    # It persists: one line, as a warning, then quiet again for the rest of the spell.
+    now[0] = TRANSIENT_GRACE_S + 1
+    persisting = record("NotLeaderForPartitionError for t.low-0")
+    assert quiet.filter(persisting) and persisting.levelno == logging.WARNING
+    assert "transient state for 61s" in persisting.getMessage()
+    now[0] += 5
+    assert not quiet.filter(record("NotLeaderForPartitionError for t.low-0"))
+    # Other errors, and other loggers, pass as they are.
+    assert quiet.filter(record("Unexpected error in sender"))
+    assert quiet.filter(record("GroupCoordinatorNotAvailableError", name="replicator.sink"))
