@@ -58,7 +58,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from replicator.config import Config
 from replicator.errors import OperatorError, TransientError
-from replicator.events import Tier, TransactionRecord
+from replicator.events import Tier, TransactionRecord, join_qualified
 from replicator.position import INVALID_LSN, Lsn
 from replicator.priority import WeddingCalendar
 from replicator.source import pgoutput as pg
@@ -699,7 +699,7 @@ class Capture:
             await self._emit_deferred()
         for relation in tx.relations:
             signature = tuple((c.name, c.type_oid, c.type_modifier) for c in relation.columns)
-            table = f"{relation.namespace}.{relation.name}"
+            table = join_qualified(relation.namespace, relation.name)
             if self._schemas.get(table) != signature:
                 await self._publish_schema(table, record.commit_lsn)
                 self._schemas[table] = signature

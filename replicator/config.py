@@ -29,9 +29,7 @@ from pydantic import (
 )
 
 from replicator.errors import OperatorError
-from replicator.events import Tier
-
-_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_$]*")
+from replicator.events import Tier, join_qualified, split_qualified
 
 
 class ConfigError(OperatorError, ValueError):
@@ -43,13 +41,9 @@ class _Model(BaseModel):
 
 
 def _qualified(name: str) -> str:
-    """`guests` -> `public.guests`; validates `schema.table`."""
-    parts = name.split(".")
-    if len(parts) == 1:
-        parts = ["public", parts[0]]
-    if len(parts) != 2 or not all(_IDENT.fullmatch(p) for p in parts):
-        raise ValueError(f"{name!r} is not a table name like 'public.guests'")
-    return ".".join(parts)
+    """`guests` -> `public.guests`, `public."v1.2"` -> `"public"."v1.2"`: the one text form
+    of a table's name (`events.join_qualified`); exact names, any characters."""
+    return join_qualified(*split_qualified(name, "public"))
 
 
 class SourceConfig(_Model):

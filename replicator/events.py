@@ -5,11 +5,19 @@ Values keep their Postgres meaning (see `replicator.source.values`): `Decimal` f
 aware `datetime` for timestamptz, `Interval`, `uuid.UUID`, `bytes`, lists for arrays, and the
 exact text of json/jsonb. A TOASTed value that the server did not resend is *absent* from
 `after` and named in `unchanged`; it is never a placeholder value.
+
+A table is named by its (schema, table) pair; where one text is needed (configuration,
+Kafka keys and headers, transaction records, archive object names) it is `join_qualified`'s
+form: `schema.table`, or both parts as SQL quoted identifiers (`"my.schema"."v1.2"`) when
+either holds a dot or a double quote, so every text splits back into one pair
+(`split_qualified`). Names are exact, never case-folded: `public.Guest List` is the table
+`"Guest List"`.
 """
 
 from __future__ import annotations
 
 import enum
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,6 +49,41 @@ TIER_ORDER: tuple[Tier, ...] = (Tier.CRITICAL, Tier.HIGH, Tier.NORMAL, Tier.LOW)
 
 Row = Mapping[str, Any]
 
+_PART = r'"(?:[^"]|"")+"|[^".]+'
+_QUALIFIED = re.compile(rf"({_PART})(?:\.({_PART}))?")
+
+
+def _quote(part: str) -> str:
+    return '"' + part.replace('"', '""') + '"'
+
+
+def _unquote(part: str) -> str:
+    return part[1:-1].replace('""', '"') if part.startswith('"') else part
+
+
+def join_qualified(schema: str, table: str) -> str:
+    """The text form of a table's name: `schema.table`, or both parts quoted as SQL
+    identifiers (`"my.schema"."v1.2"`, `"public"."we""ird"`) when either holds a dot or a
+    double quote."""
+    if "." in schema or '"' in schema or "." in table or '"' in table:
+        return f"{_quote(schema)}.{_quote(table)}"
+    return f"{schema}.{table}"
+
+
+def split_qualified(text: str, default_schema: str | None = None) -> tuple[str, str]:
+    """The (schema, table) pair of a text `join_qualified` writes. Also takes a part quoted
+    where it need not be (`public."guests"`) and, given *default_schema*, a table name alone.
+    Raises ValueError naming the text for anything else."""
+    match = _QUALIFIED.fullmatch(text)
+    if match is None or (match[2] is None and default_schema is None):
+        raise ValueError(
+            f"{text!r} is not a table name like 'public.guests' (a part holding a dot or a "
+            f"double quote is quoted as in SQL: '\"my.schema\".\"v1.2\"')")
+    if match[2] is None:
+        assert default_schema is not None
+        return default_schema, _unquote(match[1])
+    return _unquote(match[1]), _unquote(match[2])
+
 
 @dataclass(slots=True)
 class ChangeEvent:
@@ -64,6 +107,9 @@ class ChangeEvent:
     db: str = ""
     tier: Tier = Tier.LOW
     wedding_id: str | None = None
+    #: `join_qualified(schema, table)`, filled in by whoever makes many events of one table
+    #: (the capture's assembler and snapshot); empty: worked out on demand.
+    qualified: str = field(default="", compare=False, repr=False)
 
     @property
     def commit_lsn(self) -> Lsn:
@@ -71,7 +117,7 @@ class ChangeEvent:
 
     @property
     def qualified_table(self) -> str:
-        return f"{self.schema}.{self.table}"
+        return self.qualified or join_qualified(self.schema, self.table)
 
 
 @dataclass(slots=True)

@@ -36,7 +36,7 @@ from psycopg import sql
 
 from replicator.config import PriorityConfig, WeddingLink
 from replicator.errors import OperatorError
-from replicator.events import ChangeEvent, Op, Tier
+from replicator.events import ChangeEvent, Op, Tier, split_qualified
 
 log = logging.getLogger(__name__)
 
@@ -91,17 +91,15 @@ class WeddingCalendar:
 
     async def _warm(self, conn: psycopg.AsyncConnection[Any]) -> None:
         c = self.config
-        schema, table = c.weddings_table.split(".")
-        query = sql.SQL("SELECT {}::text, {} FROM {}.{}").format(
+        query = sql.SQL("SELECT {}::text, {} FROM {}").format(
             sql.Identifier(c.wedding_id_column), sql.Identifier(c.wedding_date_column),
-            sql.Identifier(schema), sql.Identifier(table))
+            sql.Identifier(*split_qualified(c.weddings_table)))
         cur = await conn.execute(query)
         self.dates = {str(wid): _as_date(day) for wid, day in await cur.fetchall()}
         for parent, link in self._parent_links.items():
-            schema, table = parent.split(".")
-            query = sql.SQL("SELECT {}::text, {}::text FROM {}.{} WHERE {} IS NOT NULL").format(
+            query = sql.SQL("SELECT {}::text, {}::text FROM {} WHERE {} IS NOT NULL").format(
                 sql.Identifier(link.parent_key), sql.Identifier(link.parent_wedding_column),
-                sql.Identifier(schema), sql.Identifier(table),
+                sql.Identifier(*split_qualified(parent)),
                 sql.Identifier(link.parent_wedding_column))
             cur = await conn.execute(query)
             self.parents[parent] = {str(k): str(w) for k, w in await cur.fetchall()}

@@ -102,7 +102,7 @@ from replicator.archive.layout import (
     transactions_key,
 )
 from replicator.errors import ReplicatorError
-from replicator.events import ChangeEvent, TransactionRecord
+from replicator.events import ChangeEvent, TransactionRecord, join_qualified
 from replicator.keys import canonical_key
 from replicator.position import ChangePosition, Lsn
 from replicator.transport.avro import (
@@ -368,7 +368,7 @@ def _event_facts(record: Mapping[str, Any]) -> _Facts:
     # the first and last): this runs once per record read, so it is kept lean.
     source = record["source"]
     op, wedding = record["op"], record["wedding_id"]
-    return (f"{source['schema']}.{source['table']}", (source["lsn"], source["seq"]),
+    return (join_qualified(source["schema"], source["table"]), (source["lsn"], source["seq"]),
             source["ts_us"], op, wedding,
             partial(_record_canonical_key, record) if op == "d" and wedding is None else None)
 

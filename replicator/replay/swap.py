@@ -39,6 +39,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from replicator.config import PriorityConfig
+from replicator.events import split_qualified
 from replicator.replay.plan import ReplayRefused
 from replicator.replay.table import Column, TableSchema
 
@@ -48,12 +49,6 @@ __all__ = ["Override", "Relation", "Swap", "fk_order", "guard", "missing_columns
 log = logging.getLogger("replicator.replay")
 
 AUDIT_TABLE = ("public", "replicator_audit")
-
-
-def split_qualified(text: str) -> tuple[str, str]:
-    """The schema and table of a qualified table name (`schema.table`)."""
-    schema, _, name = text.partition(".")
-    return schema, name
 
 
 @dataclass(frozen=True, slots=True)

@@ -36,7 +36,7 @@ from replicator.archive.segment import (
 from replicator.archive.snapshot import (
     SnapshotHeader,
 )
-from replicator.events import ChangeEvent, Op, Tier
+from replicator.events import ChangeEvent, Op, Tier, split_qualified
 from replicator.position import ChangePosition, Lsn
 from replicator.transport.avro import event_from_dict
 
@@ -201,7 +201,7 @@ def base_row_event(job: TableJob, texts: Sequence[str | None]) -> tuple[ChangeEv
     after = {n: (None if v is None else PgText(v)) for n, v in zip(names, texts, strict=True)}
     key_texts = [str(after[k]) for k in job.schema.primary_key]
     key = {k: after[k] for k in job.schema.primary_key}
-    schema, _, table = job.table.partition(".")
+    schema, table = split_qualified(job.table)
     event = ChangeEvent(op=Op.READ, schema=schema, table=table,
                         position=ChangePosition(job.base, 0), commit_ts_us=0, xid=0, key=key,
                         after=after, tier=Tier.LOW)
@@ -305,7 +305,7 @@ def line_event(job: TableJob, header: PartHeader | SnapshotHeader, seq: int, wed
     names = header.columns
     fields = row_fields(row)
     after = {n: (None if v is None else PgText(v)) for n, v in zip(names, fields, strict=True)}
-    schema, _, table = job.table.partition(".")
+    schema, table = split_qualified(job.table)
     key = key_values(unescape(key_field).split(KEY_SEPARATOR), header.key_kinds, header.key)
     # A compaction snapshot's row keeps no commit time or tier: neither decides a merge of
     # one origin's versions (positions do).

@@ -54,6 +54,7 @@ from replicator.archive.render import (
 )
 from replicator.config import PriorityConfig
 from replicator.errors import ReplicatorError
+from replicator.events import split_qualified
 from replicator.replay.plan import ReplayRefused
 from replicator.replay.swap import (
     Override,
@@ -71,12 +72,6 @@ __all__ = ["FORMATS", "CommitUnknown", "FileTarget", "HashTarget", "PostgresTarg
 
 FORMATS: Final = ("jsonl", "csv", "parquet")
 log = logging.getLogger("replicator.replay")
-
-
-def split_qualified(text: str) -> tuple[str, str]:
-    """The schema and table of a qualified table name (`schema.table`)."""
-    schema, _, name = text.partition(".")
-    return schema, name
 
 
 def is_dsn(to: str) -> bool:

@@ -86,7 +86,7 @@ from replicator.archive.segment import encode_record_segment, encode_transaction
 from replicator.config import DestinationConfig, KafkaConfig
 from replicator.crypto import Keyring, encrypt
 from replicator.errors import TransientError
-from replicator.events import TIER_ORDER, Tier
+from replicator.events import TIER_ORDER, Tier, join_qualified
 from replicator.position import INVALID_LSN, Lsn
 from replicator.sink.breaker import BreakerState, CircuitBreaker, CircuitOpen, TokenBucket
 from replicator.sink.checkpoint import CompletenessTracker
@@ -344,7 +344,7 @@ class SinkWorker:
         value = self.codec.decode_event(record.value)
         source = value["source"]
         position = (Lsn(source["lsn"]), int(source["seq"]))
-        table = f"{source['schema']}.{source['table']}"
+        table = join_qualified(source["schema"], source["table"])
         size = len(record.value)
         entry = self.offsets.track(tp, record.offset, position[0])
         self._buffers[tier][table].append(_Buffered(value, position, size, entry))

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from replicator.errors import ReplicatorError
-from replicator.events import ChangeEvent, Op, TransactionRecord
+from replicator.events import ChangeEvent, Op, TransactionRecord, join_qualified
 from replicator.position import ChangePosition, Lsn
 from replicator.source import pgoutput as pg
 from replicator.source.values import RowDecoder, TypeRegistry
@@ -58,6 +58,7 @@ class _Table:
     name: str
     key_index: tuple[int, ...]
     names: tuple[str, ...]
+    qualified: str
 
 
 @dataclass(slots=True)
@@ -195,7 +196,7 @@ class Assembler:
         return None
 
     def _relation(self, rel: pg.Relation) -> None:
-        qualified = f"{rel.namespace}.{rel.name}"
+        qualified = join_qualified(rel.namespace, rel.name)
         names = tuple(c.name for c in rel.columns)
         key = tuple(i for i, c in enumerate(rel.columns) if c.flags_key)
         primary = self.primary_keys.get(qualified)
@@ -210,7 +211,8 @@ class Assembler:
         decoder = RowDecoder.from_relation(rel, self.registry)
         self._relations.append(rel)
         self.column_kinds[qualified] = column_types(rel.columns, self.registry)
-        self.tables[rel.oid] = _Table(rel, decoder, rel.namespace, rel.name, key, names)
+        self.tables[rel.oid] = _Table(rel, decoder, rel.namespace, rel.name, key, names,
+                                      qualified)
 
     def _table(self, oid: int) -> _Table:
         table = self.tables.get(oid)
@@ -231,7 +233,7 @@ class Assembler:
         table = self._table(message.relation_oid)
         tx = self._open_for(message.xid)
         if tx is None:
-            raise CaptureError(f"row change on {table.schema}.{table.name} outside a transaction")
+            raise CaptureError(f"row change on {table.qualified} outside a transaction")
         names = table.names
         before: dict[str, Any] | None = None
         after: dict[str, Any] | None = None
@@ -267,7 +269,7 @@ class Assembler:
             source = before
         key = {names[i]: source.get(names[i]) for i in table.key_index}
         event = ChangeEvent(op, table.schema, table.name, _NO_POSITION, 0, tx.xid, key,
-                            before, after, unchanged, None, self.db)
+                            before, after, unchanged, None, self.db, qualified=table.qualified)
         tx.changes.append((message.xid or tx.xid, event))
 
     def _truncate(self, message: pg.Truncate) -> None:
@@ -277,7 +279,7 @@ class Assembler:
         for oid in message.relation_oids:
             table = self._table(oid)
             event = ChangeEvent(Op.TRUNCATE, table.schema, table.name, _NO_POSITION, 0, tx.xid,
-                                {}, None, None, (), None, self.db)
+                                {}, None, None, (), None, self.db, qualified=table.qualified)
             tx.changes.append((message.xid or tx.xid, event))
 
     def _finish(self, tx: _Open, commit_lsn: Lsn, end_lsn: Lsn, commit_ts: int) -> Committed:
@@ -288,7 +290,7 @@ class Assembler:
             event.position = ChangePosition(commit_lsn, seq)
             event.commit_ts_us = commit_us
             event.origin = tx.origin
-            qualified = f"{event.schema}.{event.table}"
+            qualified = event.qualified
             counts[qualified] = counts.get(qualified, 0) + 1
             events.append(event)
         record = TransactionRecord(commit_lsn, end_lsn, commit_us, tx.xid, counts, tx.origin)

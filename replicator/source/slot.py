@@ -25,6 +25,7 @@ import psycopg
 from psycopg import sql
 
 from replicator.errors import OperatorError
+from replicator.events import join_qualified, split_qualified
 from replicator.position import Lsn
 from replicator.source.stream import (
     SlotError,
@@ -169,23 +170,20 @@ _IDENTITY = {"d": "default", "f": "full", "i": "index", "n": "nothing"}
 _PUBLICATION = "SELECT pubinsert, pubupdate, pubdelete, pubtruncate FROM pg_publication " \
                "WHERE pubname = %s"
 _PUBLISHED = """
-SELECT t.schemaname || '.' || t.tablename, c.relreplident,
+SELECT t.schemaname, t.tablename, c.relreplident,
        EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary)
 FROM pg_publication_tables t
 JOIN pg_namespace n ON n.nspname = t.schemaname
 JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = t.tablename
 WHERE t.pubname = %s
-ORDER BY 1
 """
 
 
 def _qualified(name: str) -> tuple[str, str]:
-    parts = name.split(".")
-    if len(parts) == 1:
-        return "public", parts[0]
-    if len(parts) == 2 and all(parts):
-        return parts[0], parts[1]
-    raise SourceConfigError(f"{name!r} is not a table name like 'public.guests'")
+    try:
+        return split_qualified(name, "public")
+    except ValueError as exc:
+        raise SourceConfigError(str(exc)) from None
 
 
 def _table_list(names: Iterable[str]) -> sql.Composable:
@@ -196,7 +194,7 @@ async def ensure_publication(dsn: str, name: str, tables: tuple[str, ...]) -> Pu
     """Create the publication if missing (FOR TABLE `tables`, or FOR ALL TABLES when empty);
     return its tables, after checking the requested ones are in it and that each published
     table has a key the stream can carry."""
-    wanted = [".".join(_qualified(t)) for t in tables]
+    wanted = [join_qualified(*_qualified(t)) for t in tables]
     async with await _connect(dsn) as conn:
         cur = await conn.execute(_PUBLICATION, (name,))
         flags = await cur.fetchone()
@@ -222,7 +220,8 @@ async def ensure_publication(dsn: str, name: str, tables: tuple[str, ...]) -> Pu
                 f"would miss some; run ALTER PUBLICATION {sql.Identifier(name).as_string()} "
                 f"SET (publish = 'insert, update, delete, truncate')")
         cur = await conn.execute(_PUBLISHED, (name,))
-        rows = await cur.fetchall()
+        rows = sorted((join_qualified(schema, table), ident, has_pk)
+                      for schema, table, ident, has_pk in await cur.fetchall())
     published = [r[0] for r in rows]
     missing = [t for t in wanted if t not in published]
     if missing:

@@ -22,6 +22,10 @@ that wedding (`column IN (SELECT parent_key FROM parent WHERE parent_wedding_col
 Tables without a link have no rows of a wedding. COPY takes no bind parameters, so the id is
 quoted into the statement as an untyped literal (`sql.Literal`), which Postgres reads as the
 column's type, and identifiers are quoted (`sql.Identifier`).
+
+Table names are (schema, table) pairs throughout (`TableInfo.schema`/`.name`; configured
+names through `events.split_qualified`), never split on a dot or quoted by hand, so any name
+Postgres allows works.
 """
 
 from __future__ import annotations
@@ -36,12 +40,11 @@ from psycopg import sql
 
 from replicator.config import PriorityConfig
 from replicator.errors import OperatorError
-from replicator.events import ChangeEvent, Op
+from replicator.events import ChangeEvent, Op, join_qualified, split_qualified
 from replicator.position import ChangePosition, Lsn
 from replicator.source.catalog import TableInfo
 from replicator.source.values import Converter, TypeRegistry
 
-_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_$]*")
 _ESCAPE = re.compile(rb"\\(?:[0-7]{1,3}|x[0-9A-Fa-f]{1,2}|.)")
 _SIMPLE = {b"b": b"\b", b"f": b"\f", b"n": b"\n", b"r": b"\r", b"t": b"\t", b"v": b"\v"}
 
@@ -87,10 +90,8 @@ async def copy_rows(
 
 
 def select_query(info: TableInfo, where: sql.Composable | None = None) -> sql.Composable:
-    schema, name = info.qualified.split(".")
     cols = sql.SQL(", ").join(sql.Identifier(c) for c, _ in info.columns)
-    query = sql.SQL("SELECT {} FROM {}.{}").format(cols, sql.Identifier(schema),
-                                                     sql.Identifier(name))
+    query = sql.SQL("SELECT {} FROM {}").format(cols, sql.Identifier(info.schema, info.name))
     if where is not None:
         query = sql.SQL("{} WHERE {}").format(query, where)
     return query
@@ -113,7 +114,7 @@ async def snapshot_table(
 
     `conn` must already be inside the transaction that imported the snapshot.
     """
-    schema, table = info.qualified.split(".")
+    schema, table, qualified = info.schema, info.name, info.qualified
     names = tuple(c for c, _ in info.columns)
     converters: Sequence[Converter] = tuple(
         registry.converter(oid, table=info.qualified, column=c) for c, oid in info.columns)
@@ -126,7 +127,7 @@ async def snapshot_table(
                for n, f, v in zip(names, converters, raw, strict=True)}
         key = {k: row[k] for k in key_names}
         batch.append(ChangeEvent(Op.READ, schema, table, ChangePosition(lsn, seq), now_us, 0,
-                                 key, None, row, (), None, db))
+                                 key, None, row, (), None, db, qualified=qualified))
         seq += 1
         if len(batch) >= batch_size:
             yield batch
@@ -144,14 +145,13 @@ class SnapshotRequestError(OperatorError, ValueError):
 
 
 def qualified_name(name: str) -> str:
-    """`guests` -> `public.guests`; raise SnapshotRequestError for anything else but
-    `schema.table` (plain identifiers, as in the configuration)."""
-    parts = name.strip().split(".")
-    if len(parts) == 1:
-        parts = ["public", parts[0]]
-    if len(parts) != 2 or not all(_IDENT.fullmatch(p) for p in parts):
-        raise SnapshotRequestError(f"{name!r} is not a table name like 'public.guests'")
-    return ".".join(parts)
+    """`guests` -> `public.guests`, `public."v1.2"` -> `"public"."v1.2"`: the text form
+    (`events.join_qualified`) of a table named as in the configuration; raise
+    SnapshotRequestError for a text that names no (schema, table) pair."""
+    try:
+        return join_qualified(*split_qualified(name.strip(), "public"))
+    except ValueError as exc:
+        raise SnapshotRequestError(str(exc)) from None
 
 
 def wedding_filter(priority: PriorityConfig, table: str, wedding_id: str) -> sql.Composable | None:
@@ -165,10 +165,10 @@ def wedding_filter(priority: PriorityConfig, table: str, wedding_id: str) -> sql
         return None
     if link.parent is None:
         return sql.SQL("{} = {}").format(sql.Identifier(link.column), wid)
-    schema, name = link.parent.split(".")
-    return sql.SQL("{} IN (SELECT {} FROM {}.{} WHERE {} = {})").format(
-        sql.Identifier(link.column), sql.Identifier(link.parent_key), sql.Identifier(schema),
-        sql.Identifier(name), sql.Identifier(link.parent_wedding_column), wid)
+    return sql.SQL("{} IN (SELECT {} FROM {} WHERE {} = {})").format(
+        sql.Identifier(link.column), sql.Identifier(link.parent_key),
+        sql.Identifier(*split_qualified(link.parent)), sql.Identifier(link.parent_wedding_column),
+        wid)
 
 
 def wedding_filters(priority: PriorityConfig, tables: Iterable[str],

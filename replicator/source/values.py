@@ -38,6 +38,7 @@ from typing import Final
 from uuid import UUID
 
 from replicator.errors import ReplicatorError
+from replicator.events import join_qualified
 from replicator.keys import Infinity, Interval
 from replicator.source.pgoutput import UNCHANGED, Column, Relation, TupleData, Type
 
@@ -404,7 +405,8 @@ class RowDecoder:
 
     @classmethod
     def from_relation(cls, relation: Relation, registry: TypeRegistry) -> RowDecoder:
-        table = f"{relation.namespace}.{relation.name}" if relation.namespace else relation.name
+        table = (join_qualified(relation.namespace, relation.name) if relation.namespace
+                 else relation.name)
         return cls(relation.columns, registry, table=table)
 
     def decode(self, raw: TupleData) -> tuple[object, ...]:
