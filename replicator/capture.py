@@ -654,7 +654,8 @@ class Capture:
         decoder = pg.Decoder(proto)
         assembler = Assembler(db=self.db, registry=self.registry,
                               primary_keys={t: i.primary_key for t, i in self.tables.items()},
-                              on_message=self._on_message)
+                              on_message=self._on_message,
+                              spill_bytes=src.spill_threshold_mb << 20, spill_dir=src.spill_dir)
         async with ReplicationStream(
             self.dsn, slot=src.slot, publication=src.publication, start_lsn=start_lsn,
             protocol_version=proto, streaming=streaming, two_phase=src.two_phase,
@@ -679,6 +680,7 @@ class Capture:
                         committed = assembler.feed(decoded)
                         if committed is not None:
                             await self._publish(committed, assembler)
+                    assembler.bound_memory()  # a large open transaction spills to disk
                     self._confirm(stream, assembler)
                     self._raise_if_failed()
                     if self._failing_since is not None and self.watermark.confirmable():

@@ -61,6 +61,11 @@ class SourceConfig(_Model):
     heartbeat_interval_s: float = Field(default=10.0, gt=0)
     status_interval_s: float = Field(default=1.0, gt=0)
     reconnect_max_backoff_s: float = Field(default=30.0, gt=0)
+    spill_threshold_mb: int = Field(
+        default=64, ge=1, description="a transaction whose decoded changes outgrow this many "
+        "MiB sends the rest to a temporary file until its commit")
+    spill_dir: str | None = Field(
+        default=None, description="where those files go (default: TMPDIR or /tmp)")
 
     @field_validator("dsn")
     @classmethod

@@ -14,14 +14,30 @@ for two-phase transactions, until Commit Prepared), then gives each change its p
 - An unchanged TOAST value is left out of `after` and named in `unchanged`; when the FULL old
   row carries it, it is filled from there, since it is by definition the same value.
 - Logical decoding messages are not changes: they go to `on_message` (heartbeats).
+- A large transaction is not held whole in memory. `bound_memory()` (the capture calls it
+  once per batch of messages, so nothing is added per message) measures each open
+  transaction's decoded changes; past `spill_bytes` (`source.spill_threshold_mb`, 64 MB by
+  default) the transaction's further changes go, undecoded, to a temporary file: each one
+  length-prefixed with its subtransaction and table version, then its pgoutput bytes
+  (`pgoutput.encode`); no pickle. The file is made 0600 in a fresh 0700 directory under
+  `spill_dir` (`source.spill_dir`, else `TMPDIR`) and unlinked at once, so it never outlives
+  the process, even one killed; its descriptor is closed at commit, abort or reconnect. At
+  commit, `Committed.events` is a `SpilledEvents`: the changes held in memory, then the
+  file's read back in order and decoded one at a time while they are published (a Stream
+  Abort of a subtransaction skips that subtransaction's records). Whether the server spills
+  on its own disk (`streaming` off) or streams the transaction as it goes (`streaming` on),
+  the capture's memory stays near the threshold plus one batch.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+import os
+import struct
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import IO, Any
 
 from replicator.errors import ReplicatorError
 from replicator.events import ChangeEvent, Op, TransactionRecord, join_qualified
@@ -32,6 +48,8 @@ from replicator.source.values import RowDecoder, TypeRegistry
 log = logging.getLogger(__name__)
 
 _UNCHANGED = pg.UNCHANGED
+#: Default spill threshold: a transaction's decoded changes past this go to disk.
+SPILL_BYTES = 64 << 20
 _EPOCH_SHIFT_US = 946_684_800_000_000  # 2000-01-01 - 1970-01-01 in microseconds
 
 
@@ -44,7 +62,7 @@ class Committed:
     """One committed transaction, ready to publish."""
 
     record: TransactionRecord
-    events: list[ChangeEvent]
+    events: list[ChangeEvent] | SpilledEvents
     #: Relation messages received since the previous commit (a table's schema as it is used
     #: from here on; the server also resends them after every reconnect).
     relations: tuple[pg.Relation, ...] = ()
@@ -69,6 +87,9 @@ class _Open:
     prepare_lsn: Lsn | None = None
     # (subxid, event-without-position); subxid is only meaningful for streamed transactions
     changes: list[tuple[int, ChangeEvent]] = field(default_factory=list)
+    measured: int = 0  # how many of `changes` `size` counts
+    size: int = 0  # approximate bytes of the decoded changes held
+    spill: _Spill | None = None  # where the changes after the first `size` bytes go
 
 
 class Assembler:
@@ -79,11 +100,15 @@ class Assembler:
         registry: TypeRegistry | None = None,
         primary_keys: dict[str, tuple[str, ...]] | None = None,
         on_message: Callable[[pg.LogicalMessage], None] | None = None,
+        spill_bytes: int = SPILL_BYTES,
+        spill_dir: str | None = None,
     ) -> None:
         self.db = db
         self.registry = registry or TypeRegistry()
         self.primary_keys = primary_keys or {}
         self.on_message = on_message
+        self.spill_bytes = spill_bytes
+        self.spill_dir = spill_dir
         self.tables: dict[int, _Table] = {}
         #: "schema.table" -> column -> base type name, which the encoder needs (json vs text...)
         self.column_kinds: dict[str, dict[str, str]] = {}
@@ -108,10 +133,54 @@ class Assembler:
 
     def reset(self) -> None:
         """Forget open transactions, as after a reconnect (the server resends them whole)."""
+        for tx in (self._current, *self._streams.values(), *self._prepared.values()):
+            if tx is not None and tx.spill is not None:
+                tx.spill.close()
         self._current = None
         self._stream_xid = None
         self._streams.clear()
         self._prepared.clear()
+        self._sync_row()
+
+    # --- large transactions ---------------------------------------------------------------
+
+    def bound_memory(self) -> None:
+        """Spill each open transaction whose decoded changes outgrew `spill_bytes`. Called
+        between batches of messages: the changes are measured here, once each, never on the
+        per-message path, so a transaction passes the threshold by at most one batch."""
+        if self._current is not None and self._current.spill is None:
+            self._measure(self._current)
+        for tx in self._streams.values():
+            if tx.spill is None:
+                self._measure(tx)
+
+    def _measure(self, tx: _Open) -> None:
+        changes, size = tx.changes, tx.size
+        for i in range(tx.measured, len(changes)):
+            size += _approx_size(changes[i][1])
+        tx.measured, tx.size = len(changes), size
+        if size > self.spill_bytes:
+            tx.spill = _Spill(self.spill_dir, tx.xid)
+            log.info("transaction %d holds %d changes (about %d MB) in memory: spilling its "
+                     "further changes to a temporary file", tx.xid, len(changes), size >> 20)
+            self._sync_row()
+
+    def _sync_row(self) -> None:
+        """Row messages go through `_row_spilling` exactly while an open transaction spills:
+        an instance attribute over the method, so the common path pays not even a test."""
+        spilling = (self._current is not None and self._current.spill is not None) or any(
+            tx.spill is not None for tx in self._streams.values())
+        if spilling:
+            self._row = self._row_spilling  # type: ignore[method-assign]
+        else:
+            vars(self).pop("_row", None)
+
+    def _row_spilling(self, message: pg.Insert | pg.Update | pg.Delete) -> None:
+        tx = self._open_for(message.xid)
+        if tx is None or tx.spill is None:
+            Assembler._row(self, message)
+            return
+        tx.spill.write(message.xid or tx.xid, self._table(message.relation_oid), message)
 
     # --- messages -------------------------------------------------------------------------
 
@@ -167,8 +236,14 @@ class Assembler:
             if aborted is not None:
                 if message.subxid == message.xid:
                     del self._streams[message.xid]
+                    if aborted.spill is not None:
+                        aborted.spill.close()
+                        self._sync_row()
                 else:
                     aborted.changes = [c for c in aborted.changes if c[0] != message.subxid]
+                    aborted.measured = aborted.size = 0
+                    if aborted.spill is not None:
+                        aborted.spill.abort(message.subxid)
         elif isinstance(message, pg.BeginPrepare):
             self._current = _Open(message.xid, message.prepare_ts)
         elif isinstance(message, pg.Prepare):
@@ -176,11 +251,13 @@ class Assembler:
             if prepared is not None:
                 prepared.prepare_lsn = message.prepare_lsn
                 self._prepared[message.gid] = prepared
+                self._sync_row()
         elif isinstance(message, pg.StreamPrepare):
             streamed_prepared = self._streams.pop(message.xid, None)
             if streamed_prepared is not None:
                 streamed_prepared.prepare_lsn = message.prepare_lsn
                 self._prepared[message.gid] = streamed_prepared
+                self._sync_row()
         elif isinstance(message, pg.CommitPrepared):
             done = self._prepared.pop(message.gid, None)
             if done is None:
@@ -192,7 +269,9 @@ class Assembler:
                 done = _Open(message.xid)
             return self._finish(done, message.commit_lsn, message.end_lsn, message.commit_ts)
         elif isinstance(message, pg.RollbackPrepared):
-            self._prepared.pop(message.gid, None)
+            rolled_back = self._prepared.pop(message.gid, None)
+            if rolled_back is not None and rolled_back.spill is not None:
+                rolled_back.spill.close()
         return None
 
     def _relation(self, rel: pg.Relation) -> None:
@@ -278,6 +357,10 @@ class Assembler:
             raise CaptureError("TRUNCATE outside a transaction")
         for oid in message.relation_oids:
             table = self._table(oid)
+            if tx.spill is not None:
+                tx.spill.write(message.xid or tx.xid, table,
+                               message._replace(relation_oids=(oid,), xid=None))
+                continue
             event = ChangeEvent(Op.TRUNCATE, table.schema, table.name, _NO_POSITION, 0, tx.xid,
                                 {}, None, None, (), None, self.db, qualified=table.qualified)
             tx.changes.append((message.xid or tx.xid, event))
@@ -295,10 +378,162 @@ class Assembler:
             events.append(event)
         record = TransactionRecord(commit_lsn, end_lsn, commit_us, tx.xid, counts, tx.origin)
         relations, self._relations = tuple(self._relations), []
-        return Committed(record, events, relations)
+        if tx.spill is None:
+            return Committed(record, events, relations)
+        spill, tx.spill = tx.spill, None
+        self._sync_row()
+        for per_table in spill.counts.values():
+            for qualified, n in per_table.items():
+                counts[qualified] = counts.get(qualified, 0) + n
+        replay = Assembler(db=self.db, registry=self.registry, primary_keys=self.primary_keys)
+        return Committed(record, SpilledEvents(events, spill, replay, record), relations)
 
 
 _NO_POSITION = ChangePosition(Lsn(0), -1)
+
+# Python's own overhead of one held change (the event, its row dicts, the key), roughly, and
+# of one column value in a row dict.
+_EVENT_OVERHEAD = 400
+_VALUE_OVERHEAD = 50
+# A spilled change: its pgoutput bytes' length, its subtransaction, its table version.
+_RECORD = struct.Struct(">QII")
+
+
+def _approx_size(event: ChangeEvent) -> int:
+    size = _EVENT_OVERHEAD
+    for row in (event.before, event.after):
+        if row is not None:
+            for value in row.values():
+                size += _VALUE_OVERHEAD + (len(value) if isinstance(value, str | bytes) else 0)
+    return size
+
+
+class _Spill:
+    """One transaction's spilled changes: an unlinked 0600 temporary file (see the module
+    docstring), written as its changes arrive and read back once, in order, at commit."""
+
+    def __init__(self, directory: str | None, xid: int) -> None:
+        self.xid = xid
+        self.tables: list[_Table] = []  # the table versions the records name, by index
+        self._index: dict[int, int] = {}  # id(table version) -> its index
+        self.counts: dict[int, dict[str, int]] = {}  # subxid -> table -> spilled changes
+        self.aborted: set[int] = set()
+        try:
+            private = tempfile.mkdtemp(prefix="wedsync-spill-", dir=directory)
+            try:
+                fd, path = tempfile.mkstemp(suffix=".changes", dir=private)
+                os.unlink(path)
+            finally:
+                os.rmdir(private)
+            self.file: IO[bytes] = os.fdopen(fd, "w+b", buffering=1 << 20)
+        except OSError as exc:
+            raise self._error(exc, directory) from None
+        self.directory = directory
+
+    def _error(self, exc: OSError, directory: str | None) -> CaptureError:
+        where = directory or tempfile.gettempdir()
+        return CaptureError(
+            f"cannot spill large transaction {self.xid} to a temporary file in {where}: "
+            f"{exc.strerror or exc}; make room there or set source.spill_dir")
+
+    def write(self, subxid: int, table: _Table, message: pg.Insert | pg.Update | pg.Delete
+              | pg.Truncate) -> None:
+        index = self._index.get(id(table))
+        if index is None:
+            index = self._index[id(table)] = len(self.tables)
+            self.tables.append(table)
+        body = pg.encode(message)
+        try:
+            self.file.write(_RECORD.pack(len(body), subxid, index))
+            self.file.write(body)
+        except OSError as exc:
+            raise self._error(exc, self.directory) from None
+        per_table = self.counts.get(subxid)
+        if per_table is None:
+            per_table = self.counts[subxid] = {}
+        per_table[table.qualified] = per_table.get(table.qualified, 0) + 1
+
+    def abort(self, subxid: int) -> None:
+        """A Stream Abort of one subtransaction: its records are skipped on reading."""
+        self.aborted.add(subxid)
+        self.counts.pop(subxid, None)
+
+    def read(self) -> Iterator[tuple[_Table, bytes]]:
+        """The records not aborted, in the order written."""
+        file = self.file
+        try:
+            file.flush()
+            file.seek(0)
+            while head := file.read(_RECORD.size):
+                if len(head) != _RECORD.size:
+                    raise CaptureError(f"the spill file of transaction {self.xid} is cut short")
+                length, subxid, index = _RECORD.unpack(head)
+                body = file.read(length)
+                if len(body) != length:
+                    raise CaptureError(f"the spill file of transaction {self.xid} is cut short")
+                if subxid not in self.aborted:
+                    yield self.tables[index], body
+        except OSError as exc:
+            raise self._error(exc, self.directory) from None
+
+    def close(self) -> None:
+        self.file.close()
+
+    def __del__(self) -> None:
+        # A transaction dropped without commit or abort (a failed publish, a lost
+        # connection): its descriptor goes with it.
+        file = getattr(self, "file", None)
+        if file is not None:
+            file.close()
+
+
+class SpilledEvents:
+    """The events of a transaction that spilled: those held in memory, then the spilled ones
+    read back and decoded one at a time as they are iterated, positioned after them. Iterate
+    once; the file is closed at the end (or when this is dropped)."""
+
+    def __init__(self, head: list[ChangeEvent], spill: _Spill, replay: Assembler,
+                 record: TransactionRecord) -> None:
+        self._head = head
+        self._spill: _Spill | None = spill
+        self._replay = replay  # a private assembler: the spilled rows go through its `_row`
+        self._record = record
+        self._first = len(head)  # the position of the first spilled change
+        self._count = len(head) + sum(n for per in spill.counts.values() for n in per.values())
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __bool__(self) -> bool:
+        return self._count > 0
+
+    def __iter__(self) -> Iterator[ChangeEvent]:
+        spill, self._spill = self._spill, None
+        if spill is None:
+            raise RuntimeError("the events of a spilled transaction are read only once")
+        try:
+            yield from self._head
+            self._head = []
+            record, replay = self._record, self._replay
+            commit_lsn, commit_us, origin = record.commit_lsn, record.commit_ts_us, record.origin
+            tx = replay._current = _Open(record.xid)
+            decoder = pg.Decoder(binary=True)
+            seq = self._first
+            for table, body in spill.read():
+                message = decoder.decode(body)
+                replay.tables[table.relation.oid] = table
+                if type(message) is pg.Truncate:
+                    replay._truncate(message)
+                else:
+                    replay._row(message)  # type: ignore[arg-type]
+                _, event = tx.changes.pop()
+                event.position = ChangePosition(commit_lsn, seq)
+                event.commit_ts_us = commit_us
+                event.origin = origin
+                seq += 1
+                yield event
+        finally:
+            spill.close()
 
 
 def column_types(columns: Iterable[tuple[str, int]] | Iterable[pg.Column],

@@ -378,6 +378,48 @@ def _tuple_any(buf: bytes, pos: int) -> tuple[TupleData, int]:
     return tuple(values), pos
 
 
+def _put_tuple(out: bytearray, values: TupleData) -> None:
+    out += _U16.pack(len(values))
+    for value in values:
+        if value is None:
+            out.append(_NULL)
+        elif value is UNCHANGED:
+            out.append(_TOAST)
+        else:
+            out.append(_BINARY if isinstance(value, Binary) else _TEXT)
+            out += _I32.pack(len(value))
+            out += value
+
+
+def encode(message: Insert | Update | Delete | Truncate) -> bytes:
+    """The pgoutput bytes of a row or Truncate message as sent outside a stream block: what
+    `Decoder(binary=True).decode` reads back as the same message, with `xid` None. The
+    assembler spills a large transaction's changes to disk in this form."""
+    out = bytearray()
+    if type(message) is Insert:
+        out += b"I" + _U32.pack(message.relation_oid)
+    elif type(message) is Update:
+        out += b"U" + _U32.pack(message.relation_oid)
+        if message.old is not None:
+            out.append(_KEY if message.old_kind == "K" else _OLD)
+            _put_tuple(out, message.old)
+    elif type(message) is Delete:
+        out += b"D" + _U32.pack(message.relation_oid)
+        out.append(_KEY if message.old_kind == "K" else _OLD)
+        _put_tuple(out, message.old)
+        return bytes(out)
+    elif type(message) is Truncate:
+        options = (1 if message.cascade else 0) | (2 if message.restart_identity else 0)
+        out += b"T" + _U32_U8.pack(len(message.relation_oids), options)
+        out += struct.pack(f">{len(message.relation_oids)}I", *message.relation_oids)
+        return bytes(out)
+    else:
+        raise TypeError(f"cannot encode {type(message).__name__} messages")
+    out.append(_NEW)
+    _put_tuple(out, message.new)
+    return bytes(out)
+
+
 _TupleReader: TypeAlias = Callable[[bytes, int], tuple[TupleData, int]]
 # Decodes one message from the byte after its type; returns it and the position where it ended.
 _Handler: TypeAlias = Callable[[bytes, int], tuple[PgOutputMessage, int]]
