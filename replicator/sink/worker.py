@@ -90,6 +90,7 @@ from replicator.events import TIER_ORDER, Tier, join_qualified
 from replicator.position import INVALID_LSN, Lsn
 from replicator.sink.breaker import BreakerState, CircuitBreaker, CircuitOpen, TokenBucket
 from replicator.sink.checkpoint import CompletenessTracker
+from replicator.sink.claims import ClaimResolver
 from replicator.sink.offsets import OffsetLedger, Pending
 from replicator.transport.avro import EventCodec, transaction_from_dict
 from replicator.transport.control import StateFollower, state_topic
@@ -130,7 +131,8 @@ class _Buffered:
 
 class SinkWorker:
     def __init__(self, destination: DestinationConfig, kafka: KafkaConfig, store: ObjectStore,
-                 keyring: Keyring, *, clock: Any = time.monotonic) -> None:
+                 keyring: Keyring, *, clock: Any = time.monotonic,
+                 claims_url: str | None = None) -> None:
         self.destination = destination
         self.kafka = kafka
         self.store = store
@@ -161,6 +163,10 @@ class SinkWorker:
         # The capture's recorded gaps, archived before a checkpoint passes them.
         self._state = StateFollower(kafka.bootstrap_servers, state_topic(kafka.topic_prefix))
         self._gaps_due: dict[str, dict[str, Any]] = {}  # key -> content, not yet written
+        # Changes too large for Kafka arrive as references to the claims store (sink/claims.py).
+        claims_url = claims_url or kafka.claims_url or destination.url
+        self._claims = ClaimResolver(claims_url, keyring,
+                                     store=store if claims_url == destination.url else None)
         # Dead letters not yet written: (name, content, ledger entry to mark written or None)
         self._dead_buffer: list[tuple[str, bytes, Pending | None]] = []
         self._epoch = 0  # bumped when a rebalance drops the buffers
@@ -187,8 +193,8 @@ class SinkWorker:
         consumer.subscribe([*self.tiers.values(), self.tx_topic, self.schema_topic],
                            listener=_Revocations(self))
         self._consumer = consumer
-        await consumer.start()
         try:
+            await consumer.start()  # inside: a consumer whose start failed is closed too
             while not self._stopping.is_set():
                 await self._poll(consumer)
                 due = self._due_tiers()
@@ -198,6 +204,7 @@ class SinkWorker:
         finally:
             await consumer.stop()
             await self._state.close()
+            await self._claims.close()
 
     async def _restore_checkpoints(self) -> tuple[Lsn, dict[Tier, Lsn]] | None:
         """The newest checkpoints in the store, read again until the store answers.
@@ -247,6 +254,7 @@ class SinkWorker:
                 tier = self.tier_of_topic[tp.topic]
                 for record in records:
                     try:
+                        await self._claims.resolve(record)  # a reference: the change itself
                         self._add_change(tp, tier, record)
                     except TransientError:
                         raise
