@@ -360,8 +360,10 @@ async def _sealed(store: ObjectStore, key: str, keyring: Keyring) -> dict[str, A
         raise _untrusted(key, "is empty (not sealed)")
     try:
         doc = json.loads(decrypt(data, key, keyring))
-    except UnknownKey:
-        raise
+    except UnknownKey as exc:
+        raise ReplayFailed(f"object {key} is encrypted with key {exc.key_name!r}, which is not "
+                           "in the keyring (set REPLICATOR_KEK_<NAME> or the keyring file)",
+                           object=key) from None
     except (CryptoError, ValueError) as exc:
         raise _untrusted(key, f"is not sealed by this archive's keys ({exc})") from None
     if not isinstance(doc, dict):

@@ -67,9 +67,13 @@ async def archived_schemas(url: str, table: str) -> list[dict[str, Any]]:
         await store.close()
 
 
-async def destination_checkpoint(url: str, name: str) -> int:
-    store = open_store(url, sink_environ())
+async def destination_checkpoint(url: str, name: str,
+                                 environ: dict[str, str] | None = None) -> int:
+    """The destination's newest checkpoint, read with the keys of *environ* (default: the
+    tests' sink environment)."""
+    environ = environ or sink_environ()
+    store = open_store(url, environ)
     try:
-        return int(await archive.checkpoint(store, name, keyring=keyring()))
+        return int(await archive.checkpoint(store, name, keyring=Keyring.from_env(environ)))
     finally:
         await store.close()

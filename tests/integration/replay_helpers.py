@@ -184,10 +184,11 @@ async def pipeline(config: Config, environ: dict[str, str] | None = None, *,
                 raise task.exception()  # type: ignore[misc]
 
 
-async def wait_durable(dests: Sequence[DestinationConfig], lsn: int) -> None:
+async def wait_durable(dests: Sequence[DestinationConfig], lsn: int,
+                       environ: dict[str, str] | None = None) -> None:
     async def durable() -> bool:
         for d in dests:
-            if await destination_checkpoint(d.url, d.name) <= lsn:
+            if await destination_checkpoint(d.url, d.name, environ) <= lsn:
                 return False
         return True
     await wait_for(durable, within=90, what="every destination's checkpoint")

@@ -49,11 +49,11 @@ def demo_config(dev_stack: Stack, tmp_path: Path, topic_prefix: str) -> Iterator
                 sql.Identifier(name)))
 
 
-def run_demo(config: Path, state_dir: Path) -> Result:
+def run_demo(config: Path, state_dir: Path, **env: str) -> Result:
     # A state directory of the test's own: the archive folder, its key and its marker must
     # not be the developer's `.replicator-dev/archive` (another database would write into it).
     return CliRunner().invoke(main, ["demo", "--config", str(config), "--seconds", "3"],
-                              env={"REPLICATOR_DEV_DIR": str(state_dir)})
+                              env={"REPLICATOR_DEV_DIR": str(state_dir), **env})
 
 
 # "0 rows", not the end of "270 rows": the first snapshot's size varies with the live workload.
@@ -100,7 +100,10 @@ def test_demo_says_when_the_stack_is_not_up(tmp_path: Path) -> None:
     path = tmp_path / "down.toml"
     path.write_text(config_text("postgresql://postgres@127.0.0.1:1/wedsync", "demo_down",
                                 "demo_down", "127.0.0.1:1"))
-    result = run_demo(path, tmp_path / "state")
+    # A local stack configured on port 1, where nothing listens: the demo's own services,
+    # so its guard lets it through to the check that they are up.
+    result = run_demo(path, tmp_path / "state", REPLICATOR_DEV_PG15_PORT="1",
+                      REPLICATOR_DEV_PG18_PORT="2", REPLICATOR_DEV_KAFKA_PORT="1")
     assert result.exit_code == 1, result.output
     assert "the local stack is not up" in result.output
     assert "PostgreSQL at 127.0.0.1:1" in result.output and "Kafka at 127.0.0.1:1" in result.output

@@ -153,7 +153,7 @@ async def test_replay_across_a_key_rotation(
         second = await asyncio.to_thread(random_workload, pg_dsn, rng=random.Random(2),
                                          transactions=10, points_at=(9,), add_column_at=99,
                                          first_id=5000)
-        await wait_durable(dests, second[-1].lsn)
+        await wait_durable(dests, second[-1].lsn, rotated)
     url = dests[0].url
     for point in (first[-1], second[-1]):
         with restore_db(pg_server_dsn) as target_dsn:

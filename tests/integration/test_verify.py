@@ -132,7 +132,8 @@ async def test_missing_corrupt_and_unreadable_objects_stop_the_replay(
                          FileTarget(tmp_path / "nokey", "jsonl"), at=LATEST)
     finally:
         await store.close()
-    assert info.value.object is not None and info.value.object.startswith("transactions/")
+    # The first object a replay reads is the sealed checkpoint.
+    assert info.value.object is not None and info.value.object.startswith("checkpoints/")
     # 4. A gap in the transaction records: changes without their transaction record.
     # Only an object whose records announce changes that no other object also records leaves
     # a gap: heartbeat transactions announce none, and a redelivery can record a commit twice.
