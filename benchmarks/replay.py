@@ -98,7 +98,7 @@ from replicator.config import CompactionConfig
 from replicator.position import Lsn
 
 CACHE_ROOT = Path("/tmp/wedsync-bench-replay")
-BUILD_FORMAT = 4  # bump when the generator changes: a new cache directory
+BUILD_FORMAT = 5  # bump when the generator changes: a new cache directory (5: sealed checkpoints)
 ADMIN_DSN = "postgresql://postgres@127.0.0.1:15432/postgres"
 TABLE = "public.guests"
 DESTINATION = "bench"
