@@ -67,12 +67,6 @@ class ClaimResolver:
         self._environ = environ
         self.resolved = 0
 
-    async def resolve(self, record: Any) -> None:
-        """Replace the value of *record* (a consumer record) by the change it refers to, when it
-        is a reference; leave any other record as it is."""
-        if claim_of(record.headers) is not None:
-            record.value = await self.value_of(record)
-
     async def value_of(self, record: Any) -> bytes:
         """The message value of *record*, read from the claims store if it is a reference."""
         claim = claim_of(record.headers)

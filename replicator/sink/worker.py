@@ -90,7 +90,7 @@ from replicator.events import TIER_ORDER, Tier, join_qualified
 from replicator.position import INVALID_LSN, Lsn
 from replicator.sink.breaker import BreakerState, CircuitBreaker, CircuitOpen, TokenBucket
 from replicator.sink.checkpoint import CompletenessTracker
-from replicator.sink.claims import ClaimResolver
+from replicator.sink.claims import ClaimResolver, claim_of
 from replicator.sink.offsets import OffsetLedger, Pending
 from replicator.transport.avro import EventCodec, transaction_from_dict
 from replicator.transport.control import StateFollower, state_topic
@@ -254,7 +254,8 @@ class SinkWorker:
                 tier = self.tier_of_topic[tp.topic]
                 for record in records:
                     try:
-                        await self._claims.resolve(record)  # a reference: the change itself
+                        if claim_of(record.headers) is not None:  # a reference: fetch it
+                            record.value = await self._claims.value_of(record)
                         self._add_change(tp, tier, record)
                     except TransientError:
                         raise

@@ -241,6 +241,8 @@ class EventProducer:
                  ) -> None:
         self._config = config
         self._claims = claims
+        # A message whose key and value pass this goes by claim check (read once per change).
+        self._claim_above = config.claim_check_bytes - MESSAGE_OVERHEAD
         self._codec = codec
         self._registry = registry
         self._owns_registry = False
@@ -418,7 +420,7 @@ class EventProducer:
         headers: _Headers = [fixed[0], fixed[1], self._lsn_header[1],
                              ("seq", str(seq).encode()), fixed[2]]
         key = message_key(event)
-        if len(value) + len(key) + MESSAGE_OVERHEAD > self._config.claim_check_bytes:
+        if len(value) + len(key) > self._claim_above:
             claim, value = await self._claim(event, value)
             headers.append((CLAIM_HEADER, claim.encode()))
             producer = self._ready()
