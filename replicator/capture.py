@@ -58,19 +58,19 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from replicator.config import Config
 from replicator.errors import OperatorError, TransientError
-from replicator.events import Tier, TransactionRecord, join_qualified
+from replicator.events import Tier, TransactionRecord
 from replicator.position import INVALID_LSN, Lsn
 from replicator.priority import WeddingCalendar
+from replicator.source import ddl
 from replicator.source import pgoutput as pg
 from replicator.source import slot as slots
 from replicator.source.assembler import Assembler, CaptureError, Committed, column_types
-from replicator.source.catalog import TableInfo, load_types, table_info, table_schema
+from replicator.source.catalog import TableInfo, load_types, table_info
+from replicator.source.ddl import SchemaHistory
 from replicator.source.snapshot import (
-    SnapshotRequestError,
-    check_filter,
-    qualified_name,
+    SnapshotResult,
+    snapshot_record,
     snapshot_table,
-    wedding_filters,
 )
 from replicator.source.stream import (
     Backoff,
@@ -138,32 +138,6 @@ SnapshotRecorder = Callable[[str, Lsn, int], Awaitable[None]]
 Boundary = Literal["now", "deferred", "none"]
 
 
-def snapshot_record(lsn: Lsn, table: str, tiers: Counter[Tier]) -> TransactionRecord:
-    """The boundary record of one table's snapshot rows at *lsn*: xid 0, and an end LSN just
-    below *lsn*, so a snapshot never lets a sink's checkpoint reach its own LSN while other
-    tables of it may still come; the first streamed transaction after it does."""
-    return TransactionRecord(lsn, Lsn(max(0, lsn - 1)), time.time_ns() // 1000, 0,
-                             {table: sum(tiers.values())},
-                             tier_counts={t.value: n for t, n in tiers.items()})
-
-
-@dataclass
-class SnapshotResult:
-    """What one snapshot published, all at `lsn`: rows per table (in the order taken) and
-    per tier; for an on-demand snapshot also what was asked and the tables left out."""
-
-    lsn: Lsn
-    rows: dict[str, int] = field(default_factory=dict)
-    tiers: Counter[Tier] = field(default_factory=Counter)
-    table: str | None = None
-    wedding: str | None = None
-    skipped: tuple[str, ...] = ()
-
-    @property
-    def total(self) -> int:
-        return sum(self.rows.values())
-
-
 class Capture:
     def __init__(self, config: Config, *, accept_gap: bool = False,
                  clock: Callable[[], float] = time.monotonic,
@@ -196,8 +170,10 @@ class Capture:
         self._failing_since: float | None = None
         # Snapshot boundary records waiting for the stream to pass their LSN (see _snapshot).
         self._deferred: list[tuple[TransactionRecord, Lsn, str, int, SnapshotRecorder]] = []
-        # Each table's schema as last recorded: (name, type OID, type modifier) per column.
-        self._schemas: dict[str, tuple[tuple[str, int, int], ...]] = {}
+        # Each table's schema as last archived, and the DDL history's view of the tables.
+        self.history = SchemaHistory(self.dsn, captured=self._captured)
+        self._all_tables = False  # the publication is FOR ALL TABLES
+        self._resnapshot_due: set[str] = set()  # tables a DDL rewrote, renamed or created
         self._backoff = Backoff(max_s=config.source.reconnect_max_backoff_s)
 
     # --- lifecycle ------------------------------------------------------------------------
@@ -297,7 +273,12 @@ class Capture:
             await load_types(conn, self.registry)
             for qualified in tables:
                 self.tables[qualified] = await table_info(conn, qualified)
+                self.history.know(self.tables[qualified].oid, qualified)
+            cur = await conn.execute("SELECT puballtables FROM pg_publication "
+                                     "WHERE pubname = %s", (src.publication,))
+            self._all_tables = bool((await cur.fetchone() or (False,))[0])
             await self.calendar.warm(conn)
+        self.history.triggers = await ddl.install(self.dsn)
         await ensure_topics(kafka.bootstrap_servers, kafka.topic_prefix, kafka.partitions,
                             kafka.replication_factor, max_message_bytes=kafka.max_message_bytes)
         await self.state.load()
@@ -451,7 +432,7 @@ class Capture:
             result.tiers.update(tiers)
             boundary_record = snapshot_record(lsn, table, tiers)
             if boundary != "none":
-                await self._publish_schema(table, lsn)
+                await self._publish_schema(conn, self.tables[table], lsn)
             if boundary == "deferred":
                 self._deferred.append((boundary_record, lsn, table, rows, record))
             else:
@@ -461,13 +442,65 @@ class Capture:
             log.info("snapshot of %s: %d rows at %s", table, rows, lsn)
         return result
 
-    async def _publish_schema(self, table: str, lsn: Lsn) -> None:
-        """Record *table*'s schema at *lsn* (before the changes that use it), so a replay can
-        create the table as it was; waits for Kafka's acknowledgement (schema changes are
-        rare)."""
-        async with await psycopg.AsyncConnection.connect(self.dsn, autocommit=True) as conn:
-            schema = await table_schema(conn, table, lsn)
-        await (await self.producer.send_schema(schema))
+    async def _publish_schema(self, conn: psycopg.AsyncConnection[Any], info: TableInfo,
+                              lsn: Lsn) -> None:
+        """Record a snapshotted table's schema at *lsn*, read through the snapshot's own
+        connection (the catalog exactly as of the snapshot); waits for Kafka's ack."""
+        desc = await ddl.describe(conn, info.oid)
+        if desc is not None:
+            desc = ddl.with_previous_names(desc, self.history.described.get(info.oid))
+            self.history.recorded(desc)
+            await (await self.producer.send_schema(ddl.document(desc, lsn, "snapshot")))
+
+    def _captured(self, table: str) -> bool:
+        return table in self.tables or table in self.history.signatures or (
+            self._all_tables and not table.startswith(("pg_temp", "pg_toast")))
+
+    async def _archive_ddl(self, tx: Committed, lsn: Lsn) -> None:
+        """The transaction's DDL (`source.ddl`), then its Relation messages, as schema
+        documents at its commit LSN, each acknowledged before its changes are sent. A table
+        a DDL rewrote, renamed or created is marked for a re-snapshot in the state topic
+        first, so a restart takes it even if this process does not get to."""
+        outcome = self.history.ddl(tx.ddl, lsn) if tx.ddl else ddl.DdlOutcome()
+        for table in outcome.resnapshot:
+            done = self.state.snapshot_done(table)
+            if done is not None and done > lsn:
+                continue  # a DDL sent again after a restart, snapshotted since
+            await self.state.mark_resnapshot_due(table, lsn)
+            self._resnapshot_due.add(table)
+        for table in outcome.dropped:
+            self.tables.pop(table, None)
+            self._resnapshot_due.discard(table)
+        for doc in outcome.documents:
+            log.info("schema of %s archived at %s (%s%s)", doc["table"], lsn,
+                     doc.get("command") or "DDL",
+                     ", re-snapshot follows" if doc.get("resnapshot") else "")
+            await (await self.producer.send_schema(doc))
+        for relation in tx.relations:
+            announced = await self.history.relation(relation, lsn)
+            if announced is not None:
+                await (await self.producer.send_schema(announced))
+
+    async def _resnapshots(self) -> None:
+        """Snapshot again, through a temporary slot, each table a DDL rewrote, renamed or
+        created, while the stream goes on; its boundary record is deferred until the stream
+        passes its LSN (`_snapshot`), so replay is exact for the table from there on."""
+        while True:
+            await asyncio.sleep(0.5)
+            if not self._resnapshot_due:
+                continue
+            due = sorted(self._resnapshot_due)
+            async with await psycopg.AsyncConnection.connect(self.dsn,
+                                                             autocommit=True) as conn:
+                for table in due:
+                    try:
+                        self.tables[table] = await table_info(conn, table)
+                    except LookupError:  # dropped or renamed again since: its DDL says so
+                        self._resnapshot_due.discard(table)
+            due = [t for t in due if t in self._resnapshot_due]
+            if due:
+                await self.snapshot_with_temporary_slot(due, boundary="deferred")
+                self._resnapshot_due.difference_update(due)
 
     async def _emit_deferred(self) -> None:
         """The stream has passed the deferred snapshots' LSN: send their boundary records
@@ -509,95 +542,14 @@ class Capture:
             await future
         return tiers
 
-    # --- on-demand snapshot (a separate process next to `run`) ----------------------------
+    # --- on-demand snapshot (a separate process next to `run`: `replicator.ondemand`) -----
 
     async def snapshot_on_demand(self, *, table: str | None = None,
                                  wedding: str | None = None) -> SnapshotResult:
-        """Snapshot one captured table, or every row of one wedding, at a fresh consistent
-        point, while `replicator run` goes on streaming: publish the rows as op `r` events
-        to their tier topics, wait for every acknowledgement, and record the snapshot under
-        `ondemand/...` in the state topic. The capture slot and the initial snapshot's records
-        are not touched. A wedding snapshot covers the tables linked to a wedding (the others
-        are in `skipped`); rows are classified by a calendar warmed inside the snapshot.
-
-        Raises SnapshotRequestError for a table that is not captured or a wedding id the id
-        column cannot hold, and CaptureFatal for what `run` would stop on.
-        """
-        if (table is None) == (wedding is None):
-            raise ValueError("give exactly one of table and wedding")
-        try:
-            captured = await self._prepare_on_demand()
-            if table is not None:
-                name = qualified_name(table)
-                if name not in captured:
-                    raise SnapshotRequestError(
-                        f"{name} is not captured: publication "
-                        f"{self.config.source.publication!r} has "
-                        f"{', '.join(captured) or 'no tables'}")
-                tables, where = [name], None
-            else:
-                assert wedding is not None
-                where = wedding_filters(self.config.priority, captured, wedding)
-                tables = self._snapshot_order(list(where))
-                if not tables:
-                    raise SnapshotRequestError(
-                        f"no captured table leads to a wedding: configure "
-                        f"{self.config.priority.weddings_table} or priority.tables")
-            async with await psycopg.AsyncConnection.connect(self.dsn, autocommit=True) as conn:
-                await load_types(conn, self.registry)
-                for name in tables:
-                    self.tables[name] = await table_info(conn, name)
-                    # Before anything is published: the id fits every column it is compared
-                    # with, and the configured link columns exist.
-                    await check_filter(conn, self.tables[name], (where or {}).get(name),
-                                       wedding=wedding)
-            await self.producer.start()
-            result = await self.snapshot_with_temporary_slot(
-                tables, where, record=self._ondemand_recorder(where, wedding),
-                calendar=WeddingCalendar(self.config.priority, today=self.calendar.today))
-            result.table = tables[0] if table is not None else None
-            result.wedding = wedding
-            if wedding is not None:
-                result.skipped = tuple(t for t in captured if t not in tables)
-            return result
-        except OPERATOR_ERRORS as exc:
-            raise CaptureFatal(str(exc)) from exc
-        finally:
-            await self.producer.stop()
-            await self.state.close()
-            if self.claims is not None:
-                await self.claims.close()
-
-    async def _prepare_on_demand(self) -> list[str]:
-        """Check the server can create the temporary slot, read the publication's tables
-        (never creating it: the tables are the ones `run` captures), create missing topics."""
-        src, kafka = self.config.source, self.config.kafka
-        info = await slots.check_server(self.dsn)
-        self.server_version = info.version_num
-        async with await psycopg.AsyncConnection.connect(self.dsn, autocommit=True) as conn:
-            cur = await conn.execute("SELECT 1 FROM pg_publication WHERE pubname = %s",
-                                     (src.publication,))
-            exists = await cur.fetchone() is not None
-        if not exists:
-            raise SnapshotRequestError(
-                f"publication {src.publication!r} does not exist, so no table is captured yet: "
-                f"start `replicator run` first")
-        published = await slots.ensure_publication(self.dsn, src.publication, src.tables)
-        await ensure_topics(kafka.bootstrap_servers, kafka.topic_prefix, kafka.partitions,
-                            kafka.replication_factor, max_message_bytes=kafka.max_message_bytes)
-        return list(published)
-
-    def _ondemand_recorder(self, where: Mapping[str, sql.Composable] | None,
-                           wedding: str | None) -> SnapshotRecorder:
-        async def record(table: str, lsn: Lsn, rows: int) -> None:
-            key = f"ondemand/{lsn.hex_key()}/{table}" + (
-                f"/wedding/{wedding}" if wedding is not None else "")
-            condition = (where or {}).get(table)
-            await self.state.put(key, {
-                "table": table, "lsn": int(lsn), "rows": rows, "wedding": wedding,
-                "where": condition.as_string() if condition is not None else None,
-                "taken_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-        return record
+        """One captured table, or every row of one wedding, at a fresh consistent point while
+        `replicator run` goes on streaming (`replicator.ondemand.snapshot_on_demand`)."""
+        from replicator.ondemand import snapshot_on_demand
+        return await snapshot_on_demand(self, table=table, wedding=wedding)
 
     # --- steps 5-7 ------------------------------------------------------------------------
 
@@ -663,6 +615,7 @@ class Capture:
         ) as stream:
             log.info("streaming slot %s from %s (pgoutput v%d)", src.slot, start_lsn, proto)
             heartbeat = asyncio.create_task(self._heartbeat())
+            resnapshots = asyncio.create_task(self._resnapshots())
             try:
                 while not self._stopping.is_set():
                     reading = asyncio.ensure_future(stream.read_batch())
@@ -685,26 +638,24 @@ class Capture:
                     self._raise_if_failed()
                     if self._failing_since is not None and self.watermark.confirmable():
                         self._recovered()
-                    if heartbeat.done():
-                        # Its connection dropped: surface the error; streaming restarts
-                        # (and the heartbeat with it) after the usual backoff.
-                        heartbeat.result()
+                    for task in (heartbeat, resnapshots):
+                        if task.done():
+                            # Its connection dropped: surface the error; streaming restarts
+                            # (and the task with it) after the usual backoff.
+                            task.result()
                 await self._drain(stream, assembler)
             finally:
-                heartbeat.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await heartbeat
+                for task in (heartbeat, resnapshots):
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
 
     async def _publish(self, tx: Committed, assembler: Assembler) -> None:
         record, events = tx.record, tx.events
         if self._deferred and record.commit_lsn > self._deferred[0][1]:
             await self._emit_deferred()
-        for relation in tx.relations:
-            signature = tuple((c.name, c.type_oid, c.type_modifier) for c in relation.columns)
-            table = join_qualified(relation.namespace, relation.name)
-            if self._schemas.get(table) != signature:
-                await self._publish_schema(table, record.commit_lsn)
-                self._schemas[table] = signature
+        if tx.ddl or tx.relations:
+            await self._archive_ddl(tx, record.commit_lsn)
         self.stats.transactions += 1
         self.stats.last_commit_ts_us = record.commit_ts_us
         watermark = self.watermark

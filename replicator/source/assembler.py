@@ -13,7 +13,9 @@ for two-phase transactions, until Commit Prepared), then gives each change its p
   key columns (and is sent only when the key changes); with FULL it is the whole old row.
 - An unchanged TOAST value is left out of `after` and named in `unchanged`; when the FULL old
   row carries it, it is filled from there, since it is by definition the same value.
-- Logical decoding messages are not changes: they go to `on_message` (heartbeats).
+- Logical decoding messages are not changes: they go to `on_message` (heartbeats), except
+  the DDL triggers' transactional descriptions (`source.ddl`), which stay with their
+  transaction (`Committed.ddl`; a streamed subtransaction's abort drops its own).
 - A large transaction is not held whole in memory. `bound_memory()` (the capture calls it
   once per batch of messages, so nothing is added per message) measures each open
   transaction's decoded changes; past `spill_bytes` (`source.spill_threshold_mb`, 64 MB by
@@ -43,6 +45,7 @@ from replicator.errors import ReplicatorError
 from replicator.events import ChangeEvent, Op, TransactionRecord, join_qualified
 from replicator.position import ChangePosition, Lsn
 from replicator.source import pgoutput as pg
+from replicator.source.ddl import DDL_PREFIX
 from replicator.source.values import RowDecoder, TypeRegistry
 
 log = logging.getLogger(__name__)
@@ -66,6 +69,9 @@ class Committed:
     #: Relation messages received since the previous commit (a table's schema as it is used
     #: from here on; the server also resends them after every reconnect).
     relations: tuple[pg.Relation, ...] = ()
+    #: The transaction's DDL descriptions (`source.ddl`: the event triggers' transactional
+    #: logical messages), in order.
+    ddl: tuple[bytes, ...] = ()
 
 
 @dataclass(slots=True)
@@ -90,6 +96,7 @@ class _Open:
     measured: int = 0  # how many of `changes` `size` counts
     size: int = 0  # approximate bytes of the decoded changes held
     spill: _Spill | None = None  # where the changes after the first `size` bytes go
+    ddl: list[tuple[int, bytes]] = field(default_factory=list)  # (subxid, DDL description)
 
 
 class Assembler:
@@ -216,7 +223,11 @@ class Assembler:
                 tx.origin = message.name
         elif kind is pg.LogicalMessage:
             assert isinstance(message, pg.LogicalMessage)
-            if self.on_message is not None:
+            if message.transactional and message.prefix == DDL_PREFIX:
+                tx = self._open_for(message.xid)
+                if tx is not None:
+                    tx.ddl.append((message.xid or tx.xid, message.content))
+            elif self.on_message is not None:
                 self.on_message(message)
         else:
             return self._control(message)
@@ -241,6 +252,7 @@ class Assembler:
                         self._sync_row()
                 else:
                     aborted.changes = [c for c in aborted.changes if c[0] != message.subxid]
+                    aborted.ddl = [d for d in aborted.ddl if d[0] != message.subxid]
                     aborted.measured = aborted.size = 0
                     if aborted.spill is not None:
                         aborted.spill.abort(message.subxid)
@@ -378,15 +390,16 @@ class Assembler:
             events.append(event)
         record = TransactionRecord(commit_lsn, end_lsn, commit_us, tx.xid, counts, tx.origin)
         relations, self._relations = tuple(self._relations), []
+        ddl = tuple(content for _, content in tx.ddl)
         if tx.spill is None:
-            return Committed(record, events, relations)
+            return Committed(record, events, relations, ddl)
         spill, tx.spill = tx.spill, None
         self._sync_row()
         for per_table in spill.counts.values():
             for qualified, n in per_table.items():
                 counts[qualified] = counts.get(qualified, 0) + n
         replay = Assembler(db=self.db, registry=self.registry, primary_keys=self.primary_keys)
-        return Committed(record, SpilledEvents(events, spill, replay, record), relations)
+        return Committed(record, SpilledEvents(events, spill, replay, record), relations, ddl)
 
 
 _NO_POSITION = ChangePosition(Lsn(0), -1)

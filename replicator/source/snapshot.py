@@ -32,7 +32,10 @@ from __future__ import annotations
 
 import re
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Iterable, Sequence
+from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from typing import Any
 
 import psycopg
@@ -40,7 +43,14 @@ from psycopg import sql
 
 from replicator.config import PriorityConfig
 from replicator.errors import OperatorError
-from replicator.events import ChangeEvent, Op, join_qualified, split_qualified
+from replicator.events import (
+    ChangeEvent,
+    Op,
+    Tier,
+    TransactionRecord,
+    join_qualified,
+    split_qualified,
+)
 from replicator.position import ChangePosition, Lsn
 from replicator.source.catalog import TableInfo
 from replicator.source.values import Converter, TypeRegistry
@@ -197,3 +207,29 @@ async def check_filter(conn: psycopg.AsyncConnection[Any], info: TableInfo,
         raise SnapshotRequestError(
             f"cannot select the rows of {info.qualified}: {exc.diag.message_primary}; check the "
             f"priority configuration of this table") from exc
+
+
+def snapshot_record(lsn: Lsn, table: str, tiers: Counter[Tier]) -> TransactionRecord:
+    """The boundary record of one table's snapshot rows at *lsn*: xid 0, and an end LSN just
+    below *lsn*, so a snapshot never lets a sink's checkpoint reach its own LSN while other
+    tables of it may still come; the first streamed transaction after it does."""
+    return TransactionRecord(lsn, Lsn(max(0, lsn - 1)), time.time_ns() // 1000, 0,
+                             {table: sum(tiers.values())},
+                             tier_counts={t.value: n for t, n in tiers.items()})
+
+
+@dataclass
+class SnapshotResult:
+    """What one snapshot published, all at `lsn`: rows per table (in the order taken) and
+    per tier; for an on-demand snapshot also what was asked and the tables left out."""
+
+    lsn: Lsn
+    rows: dict[str, int] = dataclass_field(default_factory=dict)
+    tiers: Counter[Tier] = dataclass_field(default_factory=Counter)
+    table: str | None = None
+    wedding: str | None = None
+    skipped: tuple[str, ...] = ()
+
+    @property
+    def total(self) -> int:
+        return sum(self.rows.values())

@@ -91,8 +91,15 @@ class CaptureState:
     # --- typed views ----------------------------------------------------------------------
 
     def snapshot_done(self, table: str) -> Lsn | None:
+        """The LSN of the table's last complete snapshot; None when it has none, or when a
+        DDL since (a rewrite, a rename, a creation) left it due for another."""
         entry = self.entries.get(f"snapshot/{table}")
-        return Lsn(entry["lsn"]) if entry else None
+        return Lsn(entry["lsn"]) if entry and "due_from" not in entry else None
+
+    async def mark_resnapshot_due(self, table: str, lsn: Lsn) -> None:
+        """A DDL at *lsn* rewrote, renamed or created *table*: the next start snapshots it
+        again unless a snapshot is recorded after this."""
+        await self.put(f"snapshot/{table}", {"table": table, "due_from": int(lsn)})
 
     async def mark_snapshot(self, table: str, lsn: Lsn, rows: int) -> None:
         await self.put(f"snapshot/{table}", {"table": table, "lsn": int(lsn), "rows": rows})
