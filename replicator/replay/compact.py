@@ -20,6 +20,10 @@ nothing reads):
 Nothing older is deleted: retention decides that (a point before the snapshot still needs
 the segments).
 
+A table dropped at or before the point, or rewritten by a DDL and not yet re-snapshotted
+(`plan`), is passed over with the reason; rows archived before a column was added are
+written with the column's missing value (`table.Output`), so the snapshot holds them filled.
+
 A table whose primary key has a column of a type a snapshot cannot key exactly (other than
 integers, text, uuid and numeric) is passed over, with the reason in the summary.
 """
@@ -138,6 +142,7 @@ async def compact(store: ObjectStore, keyring: Keyring, *, at: At = LATEST,
     target = prepared.plan.target
     summary = CompactSummary(target, prepared.destination)
     archive = prepared.archive
+    unrestorable.update(prepared.plan.left_out)  # dropped at or before the point
     for table, why in sorted(unrestorable.items()):
         summary.tables.append(TableCompaction(table, target, reason=why))
         logger.info("compaction of %s passed over: %s", table, why)

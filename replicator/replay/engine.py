@@ -274,7 +274,7 @@ def _pass1(archive: Archive, job: TableJob, objects: Sequence[JobObject],
             header, records = archive.open_segment(obj.key, fetch(obj.key),
                                                    low - 1 if obj.first < low else None)
             stats.segments += 1
-            if (not job.compacted and header.first.commit_lsn == header.last.commit_lsn
+            if (not job.holds_base and header.first.commit_lsn == header.last.commit_lsn
                     == int(job.base) and set(header.ops) == {Op.READ.value}):
                 found.deferred.append(obj.key)
                 continue

@@ -53,6 +53,17 @@ headers that do not are taken to have some when they hold any delete). A segment
 fetched header is kept. The applier then reads a segment kept only for its unknown deletes
 only if its filter of deleted keys may hold a key of the wedding.
 
+**Schema history.** With *history* (table -> `SchemaMark`s, what its archived schema
+documents say: `dropped`, `renamed_to`, `resnapshot`, `command`), a table whose newest document
+at or below the target says it was dropped (or renamed away) is left out of a whole-archive
+plan (`left_out`, with the reason) and refused when asked for by name. One dropped and created
+again starts empty at its drop (base kind "recreated": nothing at or below the drop is read).
+A table rewritten at `L` by a DDL the changes do not show (`resnapshot`) is exact again only
+from its next snapshot boundary `L2 >= L` (the re-snapshot's rows, op `r` at `L2`, upsert
+every row): a target in `[L, L2)` is refused, naming the table (`tables`), with `L - 1` (out
+of any gap or other such window) as the nearest point; the windows count like gaps for every
+nearest point suggested.
+
 **Time cuts.** `resolve_time` turns a moment into the commit LSN of the last transaction
 committed at or before it; `transaction_segments_for` says which transaction segments hold
 the records it needs (few, when their headers are known). `plan(at=<datetime>)` takes the
@@ -94,7 +105,7 @@ from replicator.events import Op, TransactionRecord
 from replicator.position import Lsn
 
 __all__ = [
-    "LATEST", "PLAN_FORMAT", "At", "ReplayPlan", "ReplayRefused", "SnapshotName",
+    "LATEST", "PLAN_FORMAT", "At", "ReplayPlan", "ReplayRefused", "SchemaMark", "SnapshotName",
     "TablePlan", "check_fresh", "manifest_key", "parse_at", "parse_manifest_key",
     "parse_snapshot_key",
     "plan", "resolve_time", "select_tables", "snapshot_key", "tables_of",
@@ -104,7 +115,7 @@ __all__ = [
 LATEST: Final = "latest"
 PLAN_FORMAT: Final = 1
 At = Lsn | datetime | Literal["latest"]
-BaseKind = Literal["archive-start", "snapshot", "resnapshot"]
+BaseKind = Literal["archive-start", "snapshot", "resnapshot", "recreated"]
 Listing = Iterable[str | ObjectInfo]
 Header = SegmentHeader | PartHeader | SnapshotHeader
 
@@ -123,6 +134,61 @@ class ReplayRefused(OperatorError):
         super().__init__(message)
         self.nearest = nearest
         self.tables = tables
+
+
+@dataclass(frozen=True, slots=True)
+class SchemaMark:
+    """What one archived schema document (`schemas/<table>/<lsn>.json`) says of the table's
+    history: from *lsn* on it is dropped (or renamed away), or its rows were rewritten by a
+    DDL the changes do not show (exact again only from its next snapshot boundary)."""
+
+    lsn: Lsn
+    dropped: bool = False
+    resnapshot: bool = False
+    renamed_to: str | None = None
+    command: str | None = None
+
+    def gone(self, table: str) -> str:
+        how = f"renamed to {self.renamed_to}" if self.renamed_to else "dropped"
+        return f"table {table} was {how} at {self.lsn}"
+
+
+_NEVER: Final = Lsn(2**64 - 1)
+
+
+@dataclass(slots=True)
+class _History:
+    """The schema history's verdicts at a target, for the selected tables."""
+
+    left_out: dict[str, str] = field(default_factory=dict)  # whole-archive plan: dropped
+    refused: dict[str, SchemaMark] = field(default_factory=dict)  # asked for, and dropped
+    drops: dict[str, Lsn] = field(default_factory=dict)  # dropped, then created again
+    # table -> (rewrite LSN, its re-snapshot boundary or None, command), for every rewrite
+    rewrites: dict[str, list[tuple[Lsn, Lsn | None, str | None]]] = field(default_factory=dict)
+
+
+def _read_history(history: Mapping[str, Sequence[SchemaMark]], selected: Sequence[str],
+                  target: Lsn, whole: bool, snapshots: Mapping[str, Sequence[int]] | None
+                  ) -> _History:
+    found = _History()
+    for table in selected:
+        marks = sorted(history.get(table, ()), key=lambda m: m.lsn)
+        below = [m for m in marks if m.lsn <= target]
+        if below and below[-1].dropped:
+            if whole:
+                found.left_out[table] = below[-1].gone(table)
+            else:
+                found.refused[table] = below[-1]
+            continue
+        drop = max((m.lsn for m in below if m.dropped), default=None)
+        if drop is not None:
+            found.drops[table] = drop
+        boundaries = sorted((snapshots or {}).get(table, ()))
+        for mark in marks:
+            if mark.resnapshot and (drop is None or mark.lsn > drop):
+                again = next((Lsn(b) for b in boundaries if b >= mark.lsn), None)
+                found.rewrites.setdefault(table, []).append((mark.lsn, again, mark.command))
+    return found
 
 
 # --- time cuts -------------------------------------------------------------------------------
@@ -240,7 +306,8 @@ class TablePlan:
 
     table: str
     base_kind: BaseKind  # archive-start: the table's first segment; snapshot: a compaction
-    #                      snapshot; resnapshot: the snapshot taken at a recorded gap's end
+    #                      snapshot; resnapshot: the snapshot taken at a recorded gap's end;
+    #                      recreated: empty at `base`, where the table was dropped
     base: Lsn | None  # the LSN of the full state it starts from (None for archive-start)
     parts: tuple[str, ...]  # snapshot parts, in part order
     segments: tuple[str, ...]  # change segments, in position order
@@ -251,7 +318,7 @@ class TablePlan:
         """Segment records at or below this are not applied (the base holds them)."""
         if self.base is None:
             return None
-        return self.base if self.base_kind == "snapshot" else Lsn(self.base - 1)
+        return self.base if self.base_kind in ("snapshot", "recreated") else Lsn(self.base - 1)
 
     @property
     def objects(self) -> tuple[str, ...]:
@@ -283,6 +350,9 @@ class ReplayPlan:
     tables: tuple[TablePlan, ...]  # sorted by table name
     bytes: int | None = None  # total size of the objects, when the listing had sizes
     gaps: tuple[tuple[Lsn, Lsn], ...] = ()  # the recorded gaps (from, to) it planned around
+    # Tables of a whole-archive plan left out because they were dropped (or renamed away) at
+    # or before the target: (table, why), sorted.
+    left_out: tuple[tuple[str, str], ...] = ()
 
     @property
     def count(self) -> int:
@@ -311,6 +381,8 @@ class ReplayPlan:
             "bytes": self.bytes,
             "gaps": [[str(start), str(end)] for start, end in self.gaps],
             "tables": {t.table: t.to_dict() for t in self.tables},
+            # only when some table was dropped: the document stays as it was otherwise
+            **({"left_out": dict(self.left_out)} if self.left_out else {}),
         }
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -482,12 +554,16 @@ def _parts(table: str, lsn: Lsn, parts: Mapping[int, str], count: int) -> tuple[
 
 
 def _table_plan(table: str, archive: _Archive, target: Lsn, gap_ends: Sequence[Lsn],
-                wedding: str | None, headers: Mapping[str, Header]) -> TablePlan:
+                wedding: str | None, headers: Mapping[str, Header],
+                drop: Lsn | None = None) -> TablePlan:
     snapshot = max((lsn for lsn in archive.manifests if lsn <= target), default=None)
     resnapshot = max((end for end in gap_ends if end <= target), default=None)
     kind: BaseKind
     parts: tuple[str, ...] = ()
-    if resnapshot is not None and (snapshot is None or resnapshot > snapshot):
+    if (drop is not None and (snapshot is None or drop >= snapshot)
+            and (resnapshot is None or drop >= resnapshot)):
+        kind, base, after = "recreated", drop, drop  # the old table's rows are gone
+    elif resnapshot is not None and (snapshot is None or resnapshot > snapshot):
         kind, base, after = "resnapshot", resnapshot, Lsn(resnapshot - 1)
     elif snapshot is not None:
         kind, base, after = "snapshot", snapshot, snapshot
@@ -521,7 +597,8 @@ def plan(listing: Listing, *, at: At, checkpoint: Lsn,
          gaps: Iterable[tuple[int, int]] = (),
          headers: Mapping[str, Header] | None = None,
          resolver: Callable[[datetime], Lsn] | None = None,
-         snapshots: Mapping[str, Sequence[int]] | None = None) -> ReplayPlan:
+         snapshots: Mapping[str, Sequence[int]] | None = None,
+         history: Mapping[str, Sequence[SchemaMark]] | None = None) -> ReplayPlan:
     """Plan a replay of the destination whose objects *listing* names (relative to its root,
     as `store.list("")` gives them: names, or `ObjectInfo`s, which add sizes).
 
@@ -530,7 +607,11 @@ def plan(listing: Listing, *, at: At, checkpoint: Lsn,
     is the destination's overall checkpoint; *gaps* the recorded gaps `(from, to)`;
     *tables* a subset (qualified, or unqualified when unambiguous); *wedding* a wedding id;
     *headers* the headers already fetched, by object name (first segments: where a table's
-    snapshot starts; any: which segments a wedding restore can skip).
+    snapshot starts; any: which segments a wedding restore can skip). *history*: table ->
+    what its archived schema documents say (`SchemaMark`): a table dropped at or before the
+    target is left out of a whole-archive plan and refused when asked for; one dropped and
+    created again starts empty at its drop; one rewritten at `L` is refused at points from
+    `L` up to its next snapshot boundary.
 
     Raises `ReplayRefused` for a point past the checkpoint, inside a gap or before the
     oldest restorable point, for an unknown table, and for an object the plan cannot use.
@@ -568,6 +649,27 @@ def plan(listing: Listing, *, at: At, checkpoint: Lsn,
     else:
         raise TypeError(f"at must be an Lsn, a datetime or 'latest', not {type(at).__name__}")
 
+    found = _read_history(history or {}, selected, target, tables is None, snapshots)
+    # A rewrite's window [L, re-snapshot) is, for the nearest points suggested, like a gap.
+    windows = [(Lsn(lsn - 1), again if again is not None else _NEVER)
+               for t, marks in found.rewrites.items() for lsn, again, _ in marks if lsn > 0]
+    if found.refused:
+        table, mark = sorted(found.refused.items())[0]
+        before = Lsn(mark.lsn - 1)
+        own = _oldest(archives[table], known_headers,
+                      None if snapshots is None else snapshots.get(table, ()))
+        nearest = before if own is not None and own <= before else None
+        for start, end in sorted(set(gap_list) | set(windows), reverse=True):
+            if nearest is not None and start < nearest < end:
+                nearest = start if own is not None and start >= own else None
+        hint = f"; restore at {nearest} or earlier" if nearest is not None else ""
+        raise ReplayRefused(f"{mark.gone(table)}: it does not exist at {what}{hint}",
+                            nearest=nearest, tables=(table,))
+    selected = [t for t in selected if t not in found.left_out]
+    if not selected:
+        raise ReplayRefused(f"every table of the archive was dropped at or before {what}: "
+                            + "; ".join(found.left_out.values()))
+
     oldest_by_table = {t: _oldest(archives[t], known_headers,
                                   None if snapshots is None else snapshots.get(t, ()))
                        for t in selected}
@@ -583,7 +685,7 @@ def plan(listing: Listing, *, at: At, checkpoint: Lsn,
         moved = True
         while moved:
             moved = False
-            for start, end in gap_list:
+            for start, end in [*gap_list, *windows]:
                 if start < point < end:
                     point, moved = (end if later else start), True
         return point
@@ -607,6 +709,22 @@ def plan(listing: Listing, *, at: At, checkpoint: Lsn,
         raise ReplayRefused(f"{what} is past the destination's durable checkpoint (it "
                             f"{limit}){suggest(nearest, 'latest recoverable point')}",
                             nearest=nearest)
+    # Rewrite windows before the oldest point: a table created or renamed at L is also older
+    # than its first snapshot there, and the window says why.
+    rewritten = [(t, lsn, again, command) for t, marks in sorted(found.rewrites.items())
+                 for lsn, again, command in marks if lsn <= target
+                 and (again is None or again > target)]
+    if rewritten:
+        nearest = at_or_before(Lsn(min(lsn for _, lsn, _, _ in rewritten) - 1))
+        reasons = [f"table {t} was rewritten by {command or 'a DDL'} at {lsn}; its rows are "
+                   + (f"restorable again from {again} (its re-snapshot)" if again is not None
+                      else "restorable again once its re-snapshot is archived")
+                   for t, lsn, again, command in rewritten]
+        raise ReplayRefused(f"{what} cannot be restored exactly: {'; '.join(reasons)}"
+                            + (suggest(nearest, "nearest restorable earlier point")
+                               if nearest is not None else ""),
+                            nearest=nearest, tables=tuple(sorted({r[0] for r in rewritten})))
+
     if target < oldest:
         late = sorted(t for t, lsn in oldest_by_table.items() if lsn == oldest)
         nearest = at_or_after(oldest)
@@ -625,10 +743,11 @@ def plan(listing: Listing, *, at: At, checkpoint: Lsn,
                                 f"there may be missing{hint}", nearest=nearest)
 
     gap_ends = [end for _, end in gap_list]
-    planned = tuple(_table_plan(t, archives[t], target, gap_ends, wedding, known_headers)
+    planned = tuple(_table_plan(t, archives[t], target, gap_ends, wedding, known_headers,
+                                found.drops.get(t))
                     for t in selected)
     planned_sizes = [sizes[name] for t in planned for name in t.objects]
     total = (None if any(s is None for s in planned_sizes)
              else sum(s for s in planned_sizes if s is not None))
     return ReplayPlan(requested, target, checkpoint, latest, oldest, wedding, planned, total,
-                      tuple(gap_list))
+                      tuple(gap_list), tuple(sorted(found.left_out.items())))

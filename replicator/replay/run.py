@@ -7,8 +7,12 @@ when every table succeeded. `replay()` is both, as the command runs them.
 
 Choices (Debezium/pgBackRest users would expect them; docs/ARCHITECTURE.md, "Replay"):
 - The schema of a restored table is its newest archived schema at or before the target; rows
-  archived before a column was added get NULL there (the archived schema does not hold column
-  defaults).
+  archived before a column was added get the column's missing value there (`attmissingval`,
+  which the capture's DDL documents carry), NULL when the document has none.
+- A table whose newest schema at the target says it was dropped (or renamed away) is left out
+  of a whole-archive restore (the summary says so) and refused when asked for; one dropped
+  and created again starts empty at its drop. A table rewritten by a DDL (`resnapshot`) is
+  refused from the DDL until its next snapshot boundary (`plan`).
 - The cut is by commit LSN (`plan`); `--at <time>` resolves to the last commit at or before it.
 - Tables restore concurrently (`jobs` at once), each in its own transaction; the target
   makes them take effect together at the end (Postgres: staging tables moved or merged into
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -64,9 +69,12 @@ from replicator.replay.plan import (
     Header,
     ReplayPlan,
     ReplayRefused,
+    SchemaMark,
     check_fresh,
     plan,
     resolve_time,
+    select_tables,
+    tables_of,
 )
 from replicator.replay.swap import Override
 from replicator.replay.table import TableJob, TableSchema, TableStats
@@ -76,6 +84,8 @@ from replicator.replay.wedding import restore_wedding
 __all__ = ["Prepared", "ReplaySummary", "apply", "prepare", "replay"]
 
 HEADER_FETCH_BYTES = 2 << 20  # enough for the first encrypted chunk (1 MiB) and its header
+log = logging.getLogger("replicator.replay")
+SchemaDocs = dict[str, list[tuple[Lsn, dict[str, Any]]]]
 
 
 @dataclass(slots=True)
@@ -102,6 +112,7 @@ class ReplaySummary:
     objects_read: int = 0
     objects_skipped: int = 0  # a wedding restore: objects whose header proved them irrelevant
     peak_rss_mb: float = 0.0  # sampled after every object and batch (engine.Archive)
+    left_out: dict[str, str] = field(default_factory=dict)  # dropped tables, and why
 
     @property
     def rows(self) -> int:
@@ -126,6 +137,7 @@ class ReplaySummary:
             "objects_read": self.objects_read,
             "objects_skipped": self.objects_skipped,
             "peak_rss_mb": round(self.peak_rss_mb, 1),
+            "left_out": dict(sorted(self.left_out.items())),
         }
 
     def line(self) -> str:
@@ -138,7 +150,8 @@ class ReplaySummary:
                 + (f" ({self.objects_skipped} skipped)" if self.objects_skipped else "")
                 + ", "
                 f"{self.bytes_written / 1e6:,.1f} MB written, {self.seconds:.2f} s, {rate}, "
-                f"peak RSS {self.peak_rss_mb:,.0f} MB")
+                f"peak RSS {self.peak_rss_mb:,.0f} MB"
+                + "".join(f"; left out {t}: {why}" for t, why in sorted(self.left_out.items())))
 
 
 async def find_destination(store: ObjectStore, asked: str | None) -> str:
@@ -158,16 +171,37 @@ async def find_destination(store: ObjectStore, asked: str | None) -> str:
     return names.pop()
 
 
-async def _schema(archive: Archive, table: str, target: Lsn) -> TableSchema:
-    docs = await schema_versions(archive.store, table)
-    if not docs:
+async def schema_documents(archive: Archive, tables: Sequence[str]) -> SchemaDocs:
+    """Every archived schema document of *tables*: table -> [(from LSN, document)], oldest
+    first."""
+    versions = await run_bounded([partial(schema_versions, archive.store, t) for t in tables],
+                                 16)
+    keys = [(table, lsn, key) for table, found in zip(tables, versions, strict=True)
+            for lsn, key in found]
+    texts = await run_bounded([partial(archive.fetch, key) for _, _, key in keys], 16)
+    docs: SchemaDocs = {t: [] for t in tables}
+    for (table, lsn, _), data in zip(keys, texts, strict=True):
+        docs[table].append((lsn, json.loads(data)))
+    return docs
+
+
+def schema_history(docs: SchemaDocs) -> dict[str, list[SchemaMark]]:
+    """What the documents say of each table's drops and rewrites (`plan.SchemaMark`)."""
+    return {table: [SchemaMark(lsn, bool(doc.get("dropped")), bool(doc.get("resnapshot")),
+                               doc.get("renamed_to"), doc.get("command"))
+                    for lsn, doc in found if doc.get("dropped") or doc.get("resnapshot")]
+            for table, found in docs.items()}
+
+
+def schema_at(docs: SchemaDocs, table: str, target: Lsn) -> TableSchema:
+    """The table's newest archived schema at or below *target* (its oldest when none is)."""
+    found = docs.get(table) or []
+    if not found:
         where = schemas_prefix(table)
         raise ReplayFailed(f"the archive holds no schema of {table} ({where}): it was written "
                            "by a sink that did not archive schemas", object=where)
-    chosen = [d for d in docs if d[0] <= target] or docs[:1]
-    key = chosen[-1][1]
-    doc = json.loads(await archive.fetch(key))
-    return TableSchema.from_json(doc)
+    chosen = [d for d in found if d[0] <= target] or found[:1]
+    return TableSchema.from_json(chosen[-1][1])
 
 
 async def _header(archive: Archive, key: str) -> Header:
@@ -218,6 +252,7 @@ async def prepare(store: ObjectStore, keyring: Keyring, *, at: At,
     """Read what the plan needs and plan. A time later than the newest archived commit by
     more than *heartbeat_s* is refused unless *allow_stale* (`plan.check_fresh`)."""
     started = time.perf_counter()
+    tables = None if tables is None else list(tables)  # read twice: for schemas, and by plan
     dest = await find_destination(store, destination)
     checkpoint = await archive_checkpoint(store, dest, keyring=keyring)
     listing: list[ObjectInfo] = [info async for info in store.list(SEGMENTS)]
@@ -234,26 +269,32 @@ async def prepare(store: ObjectStore, keyring: Keyring, *, at: At,
     if isinstance(at, datetime) and not allow_stale:
         check_fresh(records, at, checkpoint, heartbeat_s)
 
+    known = sorted(set(tables_of(listing)) | set(timeline.snapshots))
+    docs = await schema_documents(archive, select_tables(known, tables)) if known else {}
+    history = schema_history(docs)
     headers: dict[str, Header] = {}
     try:
         if wedding is not None:
             # Plan once without headers to learn which segments are in range, then read theirs.
             rough = plan(listing, at=at, checkpoint=checkpoint, tables=tables,
-                         resolver=resolver, snapshots=timeline.snapshots, gaps=gaps)
+                         resolver=resolver, snapshots=timeline.snapshots, gaps=gaps,
+                         history=history)
             keys = [k for t in rough.tables for k in t.objects]
             fetched = await run_bounded([partial(_header, archive, k) for k in keys], 16)
             headers = dict(zip(keys, fetched, strict=True))
         the_plan = plan(listing, at=at, checkpoint=checkpoint, tables=tables, wedding=wedding,
                         headers=headers, resolver=resolver, snapshots=timeline.snapshots,
-                        gaps=gaps)
+                        gaps=gaps, history=history)
     except ReplayRefused as exc:
         raise _naming_dead_letters(exc, parked, at, checkpoint, resolver) from None
     target = the_plan.target
+    for table, why in the_plan.left_out:
+        log.warning("%s is left out of the restore at %s: %s", table, target, why)
 
     bases: dict[str, Lsn] = {}
     for table_plan in the_plan.tables:
-        if table_plan.base_kind == "snapshot" and table_plan.base is not None:
-            bases[table_plan.table] = table_plan.base  # a compaction snapshot
+        if table_plan.base_kind in ("snapshot", "recreated") and table_plan.base is not None:
+            bases[table_plan.table] = table_plan.base  # a compaction snapshot, or a drop
             continue
         after = table_plan.apply_after
         base = timeline.base(table_plan.table, at_or_after=0 if after is None else after + 1,
@@ -270,12 +311,10 @@ async def prepare(store: ObjectStore, keyring: Keyring, *, at: At,
         bases[table_plan.table] = base
     timeline.oldest = max(bases.values(), default=Lsn(0))
 
-    schemas: dict[str, TableSchema] = {}
-    for table_plan in the_plan.tables:
-        schemas[table_plan.table] = await _schema(archive, table_plan.table, target)
+    schemas = {t.table: schema_at(docs, t.table, target) for t in the_plan.tables}
     jobs = [TableJob(t.table, schemas[t.table], t.objects, bases[t.table], target, wedding,
                      check_counts=wedding is None, headers=headers,
-                     compacted=t.base_kind == "snapshot")
+                     compacted=t.base_kind == "snapshot", cleared=t.base_kind == "recreated")
             for t in the_plan.tables]
     return Prepared(the_plan, archive, jobs, dest, schemas, time.perf_counter() - started,
                     {info.key: info.size for info in listing})
@@ -321,7 +360,8 @@ async def apply(prepared: Prepared, target: Target, *, jobs: int = 4,
     the_plan = prepared.plan
     archive = prepared.archive
     archive.memory_budget_mb = memory_budget_mb
-    summary = ReplaySummary(the_plan.target, None, prepared.destination, the_plan.wedding)
+    summary = ReplaySummary(the_plan.target, None, prepared.destination, the_plan.wedding,
+                            left_out=dict(the_plan.left_out))
     ts = archive.timeline.times.get(int(the_plan.target))
     summary.target_time = utc_text(ts) if ts is not None else None
     await target.prepare([prepared.schemas[j.table] for j in prepared.jobs],
@@ -392,5 +432,7 @@ def plan_document(prepared: Prepared) -> dict[str, Any]:
         entry["base_snapshot"] = str(job.base)
         entry["schema_lsn"] = str(job.schema.lsn)
         entry["columns"] = [c.name for c in job.schema.columns]
+        if job.schema.missing:
+            entry["missing"] = dict(job.schema.missing)
     return doc
 

@@ -3,6 +3,12 @@
 `Output` sends restored rows to the target as value batches, as COPY text (rows already in the
 schema's column order, unparsed), or, for compaction, as COPY text with each row's key text and
 wedding id. The helpers here turn archived records and snapshot lines into change events.
+
+A column an archived row image lacks (a change record's `after` map, or a part or snapshot
+written with fewer columns: the row was written before the column was added) is restored as
+the column's missing value from the schema document (`TableSchema.absent`, as `PgText`), NULL
+when it has none; a column present as NULL stays NULL. Every output goes through here, so
+databases, files, verify's hashes and compaction snapshots all get the filled value.
 """
 
 
@@ -10,7 +16,8 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, Protocol
 
 from replicator.archive.layout import (
@@ -61,27 +68,63 @@ class Column:
     name: str
     type: str
     not_null: bool
+    default: str | None = None  # the default expression (`pg_get_expr`), as of the schema
 
 
 @dataclass(frozen=True, slots=True)
 class TableSchema:
-    """A table as archived under `schemas/<table>/<lsn>.json`."""
+    """A table as archived under `schemas/<table>/<lsn>.json` (documents written before the
+    capture described DDL lack `default`, `missing`, `dropped`, `resnapshot` and the rest:
+    they read as no default known, no missing values, not dropped, not rewritten)."""
 
     table: str  # schema.table
     columns: tuple[Column, ...]
     primary_key: tuple[str, ...]
     lsn: Lsn
+    # column -> the Postgres text of the value rows written before the column existed read
+    # as (`attmissingval`); only the columns that have one (the others read as NULL)
+    missing: Mapping[str, str] = field(default_factory=dict)
+    # column -> its default expression, where one is set
+    defaults: Mapping[str, str] = field(default_factory=dict)
+    defaults_known: bool = False  # the document says each column's default (or its absence)
+    dropped: bool = False  # the table was dropped (or renamed away) at `lsn`
+    resnapshot: bool = False  # the DDL at `lsn` rewrote it: exact again from a re-snapshot
+    renamed_to: str | None = None
+    renamed_from: str | None = None
+    command: str | None = None  # the DDL's command tag
 
     @classmethod
     def from_json(cls, doc: Mapping[str, Any]) -> TableSchema:
-        return cls(doc["table"],
-                   tuple(Column(c["name"], c["type"], bool(c.get("not_null"))) for c in
-                         doc["columns"]),
-                   tuple(doc.get("primary_key") or ()), Lsn(doc["lsn"]))
+        columns = tuple(Column(c["name"], c["type"], bool(c.get("not_null")),
+                               c.get("default")) for c in doc.get("columns") or ())
+        raw = doc.get("columns") or ()
+        missing = {c["name"]: str(c["missing"]) for c in raw if c.get("missing") is not None}
+        defaults = {c.name: c.default for c in columns if c.default is not None}
+        return cls(doc["table"], columns, tuple(doc.get("primary_key") or ()), Lsn(doc["lsn"]),
+                   missing=MappingProxyType(missing), defaults=MappingProxyType(defaults),
+                   defaults_known=bool(raw) and all("default" in c for c in raw),
+                   dropped=bool(doc.get("dropped")), resnapshot=bool(doc.get("resnapshot")),
+                   renamed_to=doc.get("renamed_to"), renamed_from=doc.get("renamed_from"),
+                   command=doc.get("command"))
 
     @property
     def names(self) -> tuple[str, ...]:
         return tuple(c.name for c in self.columns)
+
+    @property
+    def absent(self) -> tuple[PgText | None, ...]:
+        """Per column, in order: the value of a row image that lacks the column (written
+        before it was added): its missing value, or NULL."""
+        missing = self.missing
+        return tuple(PgText(missing[c.name]) if c.name in missing else None
+                     for c in self.columns)
+
+    def fill(self, after: Mapping[str, Any]) -> list[Any]:
+        """An archived row image's values in column order, the columns it lacks filled with
+        their missing value (`absent`); a column present as NULL stays NULL."""
+        if not self.missing:
+            return [after.get(c) for c in self.names]
+        return [after.get(c, m) for c, m in zip(self.names, self.absent, strict=True)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,11 +142,19 @@ class TableJob:
     # fetched headers (wedding restores)
     headers: Mapping[str, SegmentHeader | PartHeader | SnapshotHeader] | None = None
     compacted: bool = False  # the base is a compaction snapshot, which holds changes at base
+    # The base is an empty table: the table was dropped at `base` and created again after it
+    # (nothing at or below `base` is applied: the old table's rows are gone).
+    cleared: bool = False
+
+    @property
+    def holds_base(self) -> bool:
+        """The base stands for every change at its LSN (a compaction snapshot, a drop)."""
+        return self.compacted or self.cleared
 
     @property
     def first_change(self) -> int:
         """The lowest commit LSN whose changes the base does not hold."""
-        return int(self.base) + 1 if self.compacted else int(self.base)
+        return int(self.base) + 1 if self.holds_base else int(self.base)
 
 
 @dataclass(slots=True)
@@ -146,7 +197,7 @@ def job_objects(job: TableJob) -> Iterator[JobObject]:
             yield JobObject(key, ObjectKind.SNAPSHOT, job.base, job.base)
         elif is_part_key(key):
             lsn = parse_part_key(key).lsn
-            if lsn == base and not job.compacted:
+            if lsn == base and not job.holds_base:
                 yield JobObject(key, ObjectKind.BASE_PART, lsn, lsn)
             elif low <= lsn <= target:
                 yield JobObject(key, ObjectKind.PART, lsn, lsn)
@@ -219,6 +270,9 @@ class Output:
         self.job, self.stats, self.emit = job, stats, emit
         self.emit_copy, self.emit_lines, self.progress = emit_copy, emit_lines, progress
         self.columns = job.schema.names
+        # What a column lacking from a row image (written before it was added) reads as.
+        self.absent = job.schema.absent
+        self.fill = job.schema.fill
         self.batch: Rows = []
         self.keys: list[str] = []
         self.weddings: list[str] = []
@@ -232,8 +286,7 @@ class Output:
 
     async def record(self, record: Mapping[str, Any]) -> None:
         """A base row from a change segment (op `r`)."""
-        after = record["after"]
-        self.batch.append([after.get(c) for c in self.columns])
+        self.batch.append(self.fill(record["after"]))
         if self.emit_lines is not None:
             self.keys.append(copy_escape(pg_key_text(record["key"])))
             self.weddings.append(wedding_field(record["wedding_id"]))
@@ -242,7 +295,7 @@ class Output:
 
     async def state(self, after: Mapping[str, Any], wedding: str | None, key: str) -> None:
         """A merged row (not a base row)."""
-        self.batch.append([after.get(c) for c in self.columns])
+        self.batch.append(self.fill(after))
         if self.emit_lines is not None:
             self.keys.append(copy_escape(key))
             self.weddings.append(wedding_field(wedding))
@@ -268,10 +321,11 @@ class Output:
             return
         if tuple(columns) != self.columns:
             where = [columns.index(c) if c in columns else -1 for c in self.columns]
+            absent = self.absent
             if self.emit_lines is not None:
-                rows = [copy_line(row_values(row, where))[:-1] for row in rows]
+                rows = [copy_line(row_values(row, where, absent))[:-1] for row in rows]
             else:
-                await self.emit([row_values(row, where) for row in rows])
+                await self.emit([row_values(row, where, absent) for row in rows])
                 self._count(len(rows), True)
                 return
         if self.emit_lines is not None:
@@ -294,10 +348,16 @@ def wedding_field(wedding: str | None) -> str:
     return "\\N" if wedding is None else copy_escape(wedding)
 
 
-def row_values(row: str, where: Sequence[int]) -> list[Any]:
-    """A part's COPY text row as values in the schema's column order (`PgText`, or None)."""
+def row_values(row: str, where: Sequence[int],
+               absent: Sequence[PgText | None] | None = None) -> list[Any]:
+    """A part's COPY text row as values in the schema's column order (`PgText`, or None);
+    a column the row lacks (index -1: the part was written before it was added) is its
+    value in *absent* (`TableSchema.absent`), NULL without."""
     fields = row_fields(row)
-    return [None if i < 0 or fields[i] is None else PgText(fields[i]) for i in where]
+    if absent is None:
+        return [None if i < 0 or fields[i] is None else PgText(fields[i]) for i in where]
+    return [absent[n] if i < 0 else None if fields[i] is None else PgText(fields[i])
+            for n, i in enumerate(where)]
 
 
 def line_event(job: TableJob, header: PartHeader | SnapshotHeader, seq: int, wedding: str,

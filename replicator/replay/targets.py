@@ -6,7 +6,10 @@ once every table succeeded, or `abort()`.
 
 - Postgres: each table gets its own connection and transaction, into a staging schema
   `replicator_restore_<run>_<n>` (one per namespace): `CREATE TABLE` from the archived schema
-  (types, NOT NULL), `COPY ... FROM STDIN` in text format, then the primary key (built once
+  (types, NOT NULL, and each column's DEFAULT as the schema document gives it, each in a
+  savepoint: a default the target cannot create, such as `nextval('x_seq'::regclass)` of a
+  sequence it lacks, is left out with a warning and recorded in `skipped_defaults`),
+  `COPY ... FROM STDIN` in text format, then the primary key (built once
   over the loaded rows, which is faster than maintaining it, and which refuses duplicate
   keys), committed there. `commit()` then puts every table in place in one transaction
   (`swap.Swap`) and drops the staging schemas; `abort()` drops them. So a failed replay
@@ -136,6 +139,8 @@ class PostgresTarget:
         self._run = uuid.uuid4().hex[:10]
         self._staging: dict[str, str] = {}  # namespace -> its staging schema
         self._plan: Swap | None = None
+        # table -> column -> the default expression the target could not create
+        self.skipped_defaults: dict[str, dict[str, str]] = {}
 
     @property
     def database(self) -> str:
@@ -268,6 +273,8 @@ class PostgresTarget:
             unlogged = self._plan is not None and schema.table in self._plan.existing
             await conn.execute(sql.SQL("CREATE {}TABLE {} ({})").format(
                 sql.SQL("UNLOGGED " if unlogged else ""), name, columns))
+            if not unlogged:  # an existing table keeps its own definitions
+                await self._set_defaults(conn, schema, name)
             writer = _CopyWriter(self, conn, schema, name)
             try:
                 yield writer
@@ -287,6 +294,28 @@ class PostgresTarget:
                 raise ReplayFailed(f"restoring {schema.table} into the target database failed: "
                                    f"{_first_line(exc)}") from None
             raise
+
+    async def _set_defaults(self, conn: Any, schema: TableSchema, name: Any) -> None:
+        """Each column's default from the schema document, each in a savepoint: one the
+        target cannot create is skipped with a warning (module docstring)."""
+        import psycopg
+        from psycopg import sql
+
+        for column in schema.columns:
+            if column.default is None:
+                continue
+            await conn.execute("SAVEPOINT replay_default")
+            try:
+                await conn.execute(sql.SQL("ALTER TABLE {} ALTER COLUMN {} SET DEFAULT {}").format(
+                    name, sql.Identifier(column.name), sql.SQL(column.default)))
+            except psycopg.Error as exc:
+                await conn.execute("ROLLBACK TO SAVEPOINT replay_default")
+                self.skipped_defaults.setdefault(schema.table, {})[column.name] = column.default
+                log.warning("%s: column %s is restored without its default %s, which the "
+                            "target cannot create (%s)", schema.table, column.name,
+                            column.default, _first_line(exc))
+            else:
+                await conn.execute("RELEASE SAVEPOINT replay_default")
 
     async def commit(self) -> None:
         """Move every staged table into place in one transaction (module docstring)."""

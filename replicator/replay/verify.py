@@ -19,6 +19,14 @@ Checks, table by table:
    `wait_s`) until the destination's checkpoint covers `C - 1`, and restores exactly that
    point. `at` must then be `latest` (the live database can only be read as of now).
 
+Both the live database and the scratch database are also checked for their **columns**
+(`compare_columns`): each table's columns (name, `format_type` type, NOT NULL, default) must
+be the archived schema's at the point; a column on one side only, or a different type, NOT
+NULL or default, is a problem naming the column and both sides. Defaults are compared only
+when the schema document records them (the capture's DDL documents do); a default the
+scratch restore could not create (`PostgresTarget.skipped_defaults`) is a note, not a
+problem.
+
 Live rows are read as the capture reads them (COPY text through the capture's converters) and
 encoded to archived values (`transport.avro.archived_values`), so both sides hash one form.
 A table passes when every check made agrees: counts, hashes, and no archive problem.
@@ -31,7 +39,7 @@ import contextlib
 import dataclasses
 import secrets
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,7 +59,8 @@ from replicator.replay.run import Prepared, find_destination, prepare
 from replicator.replay.table import TableSchema
 from replicator.replay.targets import HashTarget, PostgresTarget
 
-__all__ = ["TableCheck", "VerifyReport", "live_hashes", "verify"]
+__all__ = ["LiveColumn", "TableCheck", "VerifyReport", "compare_columns", "live_hashes",
+           "read_columns", "verify"]
 
 
 @dataclass(slots=True)
@@ -64,7 +73,9 @@ class TableCheck:
     live_rows: int | None = None
     live_hash: str | None = None
     digests_checked: int = 0  # transactions whose content digest matched the archive's
+    columns_checked: bool = False  # a database's columns were compared with the schema
     problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # worth knowing, not a failure
 
     @property
     def ok(self) -> bool:
@@ -74,7 +85,9 @@ class TableCheck:
         return {"ok": self.ok, "rows": self.rows, "hash": self.hash,
                 "scratch_rows": self.scratch_rows, "scratch_hash": self.scratch_hash,
                 "live_rows": self.live_rows, "live_hash": self.live_hash,
-                "digests_checked": self.digests_checked, "problems": list(self.problems)}
+                "digests_checked": self.digests_checked,
+                "columns_checked": self.columns_checked, "problems": list(self.problems),
+                "notes": list(self.notes)}
 
 
 @dataclass(slots=True)
@@ -116,6 +129,7 @@ class VerifyReport:
                        f"rows, hash {(check.hash or '-')[:16]}, {check.digests_checked} "
                        "transaction digest(s) matched")
             out.extend(f"    - {p}" for p in check.problems)
+            out.extend(f"    note: {n}" for n in check.notes)
         return out
 
 
@@ -153,6 +167,92 @@ async def live_hashes(conn: psycopg.AsyncConnection[Any],
 
 class _Mismatch(Exception):
     pass
+
+
+@dataclass(frozen=True, slots=True)
+class LiveColumn:
+    """A column as a database's catalog shows it."""
+
+    name: str
+    type: str  # format_type
+    not_null: bool
+    default: str | None  # pg_get_expr of its default
+
+
+_COLUMNS = """
+SELECT a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull,
+       pg_get_expr(d.adbin, d.adrelid)
+FROM pg_attribute a LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+WHERE a.attrelid = %s::regclass AND a.attnum > 0 AND NOT a.attisdropped
+  AND a.attgenerated = ''
+ORDER BY a.attnum
+"""
+
+
+async def read_columns(conn: psycopg.AsyncConnection[Any], table: str
+                       ) -> list[LiveColumn] | None:
+    """*table*'s columns (generated ones left out, as the capture leaves them out), or None
+    when the database has no such table."""
+    from replicator.events import split_qualified
+
+    namespace, name = split_qualified(table)
+    quoted = sql.Identifier(namespace, name).as_string(conn)
+    cur = await conn.execute("SELECT to_regclass(%s)", (quoted,))
+    row = await cur.fetchone()
+    if row is None or row[0] is None:
+        return None
+    cur = await conn.execute(_COLUMNS, (quoted,))
+    return [LiveColumn(n, t, bool(nn), d) for n, t, nn, d in await cur.fetchall()]
+
+
+def compare_columns(schema: TableSchema, found: Sequence[LiveColumn] | None, where: str,
+                    skipped_defaults: Mapping[str, str] | None = None
+                    ) -> tuple[list[str], list[str]]:
+    """The differences between *schema* (archived, at `schema.lsn`) and the columns *found*
+    in *where* ("the live database", "the scratch database"): (problems, notes). Defaults are
+    compared only when the schema document records them; one in *skipped_defaults* (column
+    -> expression: the restore could not create it) missing from *where* is a note."""
+    archived = f"the archive's schema (at {schema.lsn})"
+    if found is None:
+        return [f"{where} has no table {schema.table}"], []
+    problems: list[str] = []
+    notes: list[str] = []
+    ours = {c.name: c for c in schema.columns}
+    theirs = {c.name: c for c in found}
+    for extra in found:
+        if extra.name not in ours:
+            problems.append(f"column {extra.name} ({extra.type}) is in {where} and not in "
+                            f"{archived}")
+    skipped = skipped_defaults or {}
+    for column in schema.columns:
+        other = theirs.get(column.name)
+        if other is None:
+            problems.append(f"column {column.name} ({column.type}) is in {archived} and not "
+                            f"in {where}")
+            continue
+        if other.type != column.type:
+            problems.append(f"column {column.name}: type {other.type} in {where}, "
+                            f"{column.type} in {archived}")
+        if other.not_null != column.not_null:
+            problems.append(f"column {column.name}: {_null(other.not_null)} in {where}, "
+                            f"{_null(column.not_null)} in {archived}")
+        if not schema.defaults_known or other.default == column.default:
+            continue
+        if column.name in skipped and other.default is None:
+            notes.append(f"column {column.name}: its default {column.default} was not created "
+                         f"in {where} (the target could not create it)")
+        else:
+            problems.append(f"column {column.name}: default {_default(other.default)} in "
+                            f"{where}, {_default(column.default)} in {archived}")
+    return problems, notes
+
+
+def _null(not_null: bool) -> str:
+    return "NOT NULL" if not_null else "nullable"
+
+
+def _default(expression: str | None) -> str:
+    return "none" if expression is None else expression
 
 
 @contextlib.asynccontextmanager
@@ -227,9 +327,16 @@ async def _scratch(prepared: Prepared, scratch_dsn: str, report: VerifyReport) -
                 report.tables[job.table].problems.append(f"scratch restore failed: {exc}")
             return
         async with await psycopg.AsyncConnection.connect(dsn) as conn:
+            columns = {j.table: await read_columns(conn, j.table) for j in jobs}
             hashes = await live_hashes(conn, [j.schema for j in jobs])
     for job in jobs:
         check = report.tables[job.table]
+        problems, notes = compare_columns(job.schema, columns[job.table],
+                                          "the scratch database",
+                                          target.skipped_defaults.get(job.table))
+        check.columns_checked = True
+        check.problems.extend(problems)
+        check.notes.extend(notes)
         got = hashes[job.table]
         check.scratch_rows, check.scratch_hash = got.rows, got.hexdigest()
         if (check.scratch_rows, check.scratch_hash) != (check.rows, check.hash):
@@ -271,16 +378,26 @@ async def verify(store: ObjectStore, keyring: Keyring, *, at: At = LATEST,
                                      destination=destination)
             report = _report(prepared)
             report.against = True
+            differ: dict[str, list[str]] = {}
             try:
-                live: dict[str, TableHash] | None = await live_hashes(
-                    conn, [j.schema for j in prepared.jobs])
+                hashable = []  # the tables lacking none of the archived columns
+                for job in prepared.jobs:
+                    found = await read_columns(conn, job.table)
+                    differ[job.table] = compare_columns(job.schema, found,
+                                                        "the live database")[0]
+                    if found is not None and set(job.schema.names) <= {c.name for c in found}:
+                        hashable.append(job.schema)
+                live: dict[str, TableHash] | None = await live_hashes(conn, hashable)
                 problem = None
             except (_Mismatch, psycopg.Error) as exc:
                 live, problem = None, str(exc).strip().splitlines()[0]
         await _restore_hashes(prepared, report)
         for name, check in report.tables.items():
-            if check.ok:
+            if check.ok and (name in (live or {}) or problem is not None):
                 _compare_live(check, (live or {}).get(name), problem)
+            if name in differ:
+                check.columns_checked = True
+                check.problems.extend(f"live database: {p}" for p in differ[name])
     if scratch_dsn is not None:
         report.scratch = True
         await _scratch(prepared, scratch_dsn, report)
