@@ -162,3 +162,8 @@ class CompletenessTracker:
     def incomplete(self) -> int:
         """Transactions whose record is durable but not yet all of whose changes are."""
         return len(self._order)
+
+    @property
+    def tracked(self) -> int:
+        """Transactions followed now (a record or changes seen, the checkpoint below them)."""
+        return len(self._txs)

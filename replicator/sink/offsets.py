@@ -60,6 +60,18 @@ class OffsetLedger:
                 del entries[:done]
         return offsets
 
+    def lowest(self, checkpoint: Lsn) -> Lsn | None:
+        """The lowest commit LSN at or above *checkpoint* of the records held (the first such
+        of each partition: a partition is read in commit order); None if there is none."""
+        lowest: Lsn | None = None
+        for entries in self._pending.values():
+            for entry in entries:
+                if entry.commit_lsn and entry.commit_lsn >= checkpoint:
+                    if lowest is None or entry.commit_lsn < lowest:
+                        lowest = entry.commit_lsn
+                    break
+        return lowest
+
     def forget(self, partitions: Iterable[TopicPartition]) -> None:
         """Drop what was read from *partitions* (revoked: their next owner reads them again
         from the committed offsets)."""

@@ -34,6 +34,18 @@ Memory is bounded while a destination fails: once its buffers reach `flush.max_r
 `flush.max_bytes`, or while its breaker is open, every partition is paused (the consumer
 still polls, so it stays in its group) and is resumed once a flush succeeds.
 
+It is bounded under a backlog too. What was written stays in memory (its offset-ledger entry,
+its transaction in the completeness tracker) until the checkpoint passes it, and the
+checkpoint waits for the slowest partition: transaction records are small and quick to read,
+and lower tiers wait while critical partitions are behind, so without a bound the sink would
+hold one entry per transaction of the whole backlog. Once `READ_AHEAD_ROWS * flush.max_rows`
+records are read and not committed, the partitions already past the lowest commit LSN held
+above the checkpoint are paused, and those not yet past it are read (even a lower tier while
+critical partitions are behind); once every partition is past it or at its end, the buffers
+are flushed, the checkpoint passes it and the memory is released. (Partitions are read in
+commit order. If the checkpoint still cannot pass with everything read written, say a parked
+record's transaction, reading goes on rather than waiting forever.)
+
 A record that cannot be decoded is parked, not retried: at the next flush it is written as a
 dead letter, `deadletters/<topic>/<partition>-<offset>.json` (encrypted JSON: the raw key,
 value and headers in base64, the error, where it was read), counted in
@@ -100,6 +112,9 @@ log = logging.getLogger(__name__)
 
 #: Records behind in a critical partition above which lower tiers are paused.
 CRITICAL_BACKLOG = 500
+#: Records read and not yet committed (buffered, or written and above the checkpoint) above
+#: which the partitions ahead of the checkpoint are paused, in multiples of `flush.max_rows`.
+READ_AHEAD_ROWS = 2
 
 
 @dataclass
@@ -160,6 +175,10 @@ class SinkWorker:
         self._stopping = asyncio.Event()
         self._consumer: AIOKafkaConsumer | None = None
         self.poll_records = 5000  # records per poll at most
+        # Records read and not yet committed, at most (see `_prioritise`).
+        self.read_ahead = READ_AHEAD_ROWS * destination.flush.max_rows
+        self._read_lsn: dict[TopicPartition, Lsn] = {}  # commit LSN last read, per partition
+        self._align_flush = False  # read-ahead at its bound, all the checkpoint waits for read
         # The capture's recorded gaps, archived before a checkpoint passes them.
         self._state = StateFollower(kafka.bootstrap_servers, state_topic(kafka.topic_prefix))
         self._gaps_due: dict[str, dict[str, Any]] = {}  # key -> content, not yet written
@@ -331,6 +350,7 @@ class SinkWorker:
                         else "resumed")
             self.stats.paused = full
         assigned = consumer.assignment()
+        ahead, needed = self._align(assigned, lag)
         if full:
             waiting = set(assigned)
         elif behind:
@@ -338,9 +358,43 @@ class SinkWorker:
                        if tp.topic not in (critical_topic, self.tx_topic, self.schema_topic)}
         else:
             waiting = set()
+        if not full:
+            waiting = (waiting | ahead) - needed
         with contextlib.suppress(IllegalStateError):  # a rebalance took some meanwhile
             consumer.resume(*(assigned - waiting))
             consumer.pause(*waiting)
+
+    def _align(self, assigned: set[TopicPartition], lag: dict[str, int]
+               ) -> tuple[set[TopicPartition], set[TopicPartition]]:
+        """The read-ahead bound (module docstring): once `read_ahead` records are held, the
+        partitions to pause (already past the lowest commit LSN held above the checkpoint)
+        and those to read whatever the tiers' priority (not yet past it, and not at their
+        end). Sets `_align_flush` when none is left to read and something is unwritten."""
+        self._align_flush = False
+        if len(self.offsets) < self.read_ahead:
+            return set(), set()
+        horizon = self.offsets.lowest(self.tracker.checkpoint)
+        if horizon is None:
+            return set(), set()
+        ahead: set[TopicPartition] = set()
+        needed: set[TopicPartition] = set()
+        for tp in assigned:
+            last = self._read_lsn.get(tp)
+            if last is not None and last > horizon:
+                ahead.add(tp)
+            elif lag.get(f"{tp.topic}/{tp.partition}") != 0:  # behind, or not known yet
+                needed.add(tp)
+        if needed:
+            return ahead, needed
+        if self._unwritten():
+            self._align_flush = True  # all the checkpoint waits for is read: write it
+            return ahead, needed
+        # Everything read is written and the checkpoint still cannot pass the horizon:
+        # waiting would be forever; read on.
+        return set(), set()
+
+    def _unwritten(self) -> bool:
+        return bool(self._rows or self._tx_buffer or self._schema_buffer or self._dead_buffer)
 
     def _full(self) -> bool:
         """Whether intake must pause: the buffers at their bound, or the breaker open."""
@@ -356,6 +410,7 @@ class SinkWorker:
         table = join_qualified(source["schema"], source["table"])
         size = len(record.value)
         entry = self.offsets.track(tp, record.offset, position[0])
+        self._read_lsn[tp] = position[0]
         self._buffers[tier][table].append(_Buffered(value, position, size, entry))
         self._oldest.setdefault(tier, self.clock())
         self._rows += 1
@@ -364,6 +419,7 @@ class SinkWorker:
     def _add_transaction(self, tp: TopicPartition, record: ConsumerRecord[Any, Any]) -> None:
         value = self.codec.decode_transaction(record.value)
         entry = self.offsets.track(tp, record.offset, Lsn(value["commit_lsn"]))
+        self._read_lsn[tp] = entry.commit_lsn
         self._tx_buffer.append((value, entry))
         self._oldest.setdefault(Tier.CRITICAL, self.clock())
 
@@ -371,6 +427,9 @@ class SinkWorker:
         if self._full():
             # (also with empty buffers while the breaker is open: intake is paused, and only
             # a trial flush closes it)
+            return list(TIER_ORDER)
+        if self._align_flush:
+            self._align_flush = False
             return list(TIER_ORDER)
         flush, now = self.destination.flush, self.clock()
         return [t for t, since in self._oldest.items() if now - since >= flush.interval(t)]
@@ -583,6 +642,7 @@ class SinkWorker:
         self._epoch += 1
         self.stats.rebalances += 1
         self.offsets = OffsetLedger()  # every partition's entries: their buffers are gone
+        self._read_lsn = {}
         self._buffers = {t: defaultdict(list) for t in TIER_ORDER}
         self._tx_buffer, self._schema_buffer, self._dead_buffer = [], [], []
         self._oldest = {}
