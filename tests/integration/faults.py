@@ -20,13 +20,22 @@ so clients would go round a proxy in front of it. `kafka_through` therefore star
 throwaway broker (the stack's jars, its own state directory and ports) whose advertised
 listener is the proxy's address, so every connection to it crosses the proxy; faults of the
 shared broker itself are limited to restarting it (`test_capture_faults`).
+
+Restarting a server the other tests share would break them, so the restarts get servers of
+their own: `broker_through` yields a `Broker` (the throwaway broker above, with `stop()`,
+`start()` and `restart()`), and `postgres_of_its_own` a `PostgresServer`, a throwaway
+PostgreSQL 15 (the stack's binaries and settings, its own data directory and port, removed
+afterwards) whose `stop()` is a real fast shutdown (SIGINT to the postmaster) and `start()`
+a start on the same data directory, waiting until it answers again.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import json
+import shutil
 import socket
 import urllib.error
 import urllib.request
@@ -40,6 +49,7 @@ from urllib.parse import urlsplit, urlunsplit
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from replicator.devstack.kafka import KafkaService
+from replicator.devstack.postgres import PostgresService
 from replicator.devstack.settings import StackSettings
 from replicator.devstack.stack import Stack
 from tests.conftest import StoreTarget
@@ -195,12 +205,35 @@ class AdvertisedKafka(KafkaService):
         return self.advertised
 
 
+@dataclass
+class Broker:
+    """A throwaway broker behind `proxy`; clients bootstrap from `bootstrap`."""
+
+    proxy: Proxy
+    bootstrap: str
+    service: KafkaService
+
+    async def stop(self) -> None:
+        """SIGTERM: a controlled shutdown; returns once the process is gone."""
+        stopped = await asyncio.to_thread(self.service.stop)
+        assert stopped, "the throwaway broker was not running"
+
+    async def start(self) -> None:
+        """Start it again on the same state and ports; returns once it answers."""
+        await self.service.start()
+
+    async def restart(self, down_s: float = 1.0) -> None:
+        await self.stop()
+        await asyncio.sleep(down_s)
+        await self.start()
+
+
 @contextlib.asynccontextmanager
-async def kafka_through(proxies: Toxiproxy, stack: Stack, state_dir: Path
-                        ) -> AsyncIterator[tuple[Proxy, str]]:
-    """A throwaway one-node broker under *state_dir* behind a new proxy; yields the proxy and
-    the bootstrap address (the proxy's, which is also what the broker advertises). The
-    broker is stopped, with its process group, on the way out."""
+async def broker_through(proxies: Toxiproxy, stack: Stack, state_dir: Path
+                         ) -> AsyncIterator[Broker]:
+    """A throwaway one-node broker under *state_dir* behind a new proxy, which is also the
+    address the broker advertises. The broker is stopped, with its process group, on the
+    way out."""
     broker_port = free_port()
     proxy = proxies.proxy(f"127.0.0.1:{broker_port}", "kafka")
     base = stack.settings
@@ -210,6 +243,58 @@ async def kafka_through(proxies: Toxiproxy, stack: Stack, state_dir: Path
     broker = AdvertisedKafka(settings, proxy.listen)
     try:
         await broker.start()
-        yield proxy, proxy.listen
+        yield Broker(proxy, proxy.listen, broker)
     finally:
         broker.stop()
+
+
+@contextlib.asynccontextmanager
+async def kafka_through(proxies: Toxiproxy, stack: Stack, state_dir: Path
+                        ) -> AsyncIterator[tuple[Proxy, str]]:
+    """`broker_through`, yielding the proxy and the bootstrap address only."""
+    async with broker_through(proxies, stack, state_dir) as broker:
+        yield broker.proxy, broker.bootstrap
+
+
+@dataclass
+class PostgresServer:
+    """A throwaway PostgreSQL server; `dsn` names its database `postgres`."""
+
+    service: PostgresService
+
+    @property
+    def dsn(self) -> str:
+        return self.service.address()
+
+    async def stop(self) -> None:
+        """A fast shutdown (SIGINT: open sessions are ended, a checkpoint is written);
+        returns once the postmaster is gone."""
+        stopped = await asyncio.to_thread(self.service.stop)
+        assert stopped, "the throwaway PostgreSQL server was not running"
+
+    async def start(self) -> None:
+        """Start it again on the same data directory; returns once it answers."""
+        await self.service.start()
+
+    async def restart(self, down_s: float = 1.0) -> None:
+        await self.stop()
+        await asyncio.sleep(down_s)
+        await self.start()
+
+
+@contextlib.asynccontextmanager
+async def postgres_of_its_own(stack: Stack, state_dir: Path) -> AsyncIterator[PostgresServer]:
+    """A PostgreSQL 15 server of its own under *state_dir* (as root, its data directory is
+    under /var/tmp, see `replicator.devstack.postgres`), on a free port; stopped and its
+    data removed on the way out."""
+    base = stack.settings
+    settings = StackSettings(state_dir=state_dir, cache_dir=base.cache_dir,
+                             ports={**base.ports, "pg15": free_port()})
+    service = PostgresService(settings, "15")
+    try:
+        await service.start()
+        yield PostgresServer(service)
+    finally:
+        service.stop()
+        if service.server_dir != service.home:  # as root: the directory under /var/tmp
+            shutil.rmtree(service.server_dir.parent, ignore_errors=True)
