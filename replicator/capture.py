@@ -273,7 +273,6 @@ class Capture:
             await load_types(conn, self.registry)
             for qualified in tables:
                 self.tables[qualified] = await table_info(conn, qualified)
-                self.history.know(self.tables[qualified].oid, qualified)
             cur = await conn.execute("SELECT puballtables FROM pg_publication "
                                      "WHERE pubname = %s", (src.publication,))
             self._all_tables = bool((await cur.fetchone() or (False,))[0])
@@ -449,7 +448,7 @@ class Capture:
         desc = await ddl.describe(conn, info.oid)
         if desc is not None:
             desc = ddl.with_previous_names(desc, self.history.described.get(info.oid))
-            self.history.recorded(desc)
+            self.history.recorded(desc, streamed=False)
             await (await self.producer.send_schema(ddl.document(desc, lsn, "snapshot")))
 
     def _captured(self, table: str) -> bool:

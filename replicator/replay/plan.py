@@ -147,8 +147,11 @@ class SchemaMark:
     resnapshot: bool = False
     renamed_to: str | None = None
     command: str | None = None
+    born: bool = False  # the table's first document: created (or renamed to this name) here
 
     def gone(self, table: str) -> str:
+        if self.born:
+            return f"table {table} was created at {self.lsn}, after the point"
         how = f"renamed to {self.renamed_to}" if self.renamed_to else "dropped"
         return f"table {table} was {how} at {self.lsn}"
 
@@ -174,6 +177,12 @@ def _read_history(history: Mapping[str, Sequence[SchemaMark]], selected: Sequenc
     for table in selected:
         marks = sorted(history.get(table, ()), key=lambda m: m.lsn)
         below = [m for m in marks if m.lsn <= target]
+        if marks and marks[0].born and marks[0].lsn > target:  # not there yet
+            if whole:
+                found.left_out[table] = marks[0].gone(table)
+            else:
+                found.refused[table] = marks[0]
+            continue
         if below and below[-1].dropped:
             if whole:
                 found.left_out[table] = below[-1].gone(table)

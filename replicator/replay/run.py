@@ -187,10 +187,16 @@ async def schema_documents(archive: Archive, tables: Sequence[str]) -> SchemaDoc
 
 def schema_history(docs: SchemaDocs) -> dict[str, list[SchemaMark]]:
     """What the documents say of each table's drops and rewrites (`plan.SchemaMark`)."""
-    return {table: [SchemaMark(lsn, bool(doc.get("dropped")), bool(doc.get("resnapshot")),
-                               doc.get("renamed_to"), doc.get("command"))
-                    for lsn, doc in found if doc.get("dropped") or doc.get("resnapshot")]
-            for table, found in docs.items()}
+    out = {}
+    for table, found in docs.items():
+        ordered = sorted(found, key=lambda d: d[0])
+        marks = [SchemaMark(lsn, bool(doc.get("dropped")), bool(doc.get("resnapshot")),
+                            doc.get("renamed_to"), doc.get("command"))
+                 for lsn, doc in ordered if doc.get("dropped") or doc.get("resnapshot")]
+        if ordered and (ordered[0][1].get("created") or ordered[0][1].get("renamed_from")):
+            marks.insert(0, SchemaMark(ordered[0][0], born=True))  # did not exist before
+        out[table] = marks
+    return out
 
 
 def schema_at(docs: SchemaDocs, table: str, target: Lsn) -> TableSchema:

@@ -84,6 +84,9 @@ class TableSchema:
     # column -> the Postgres text of the value rows written before the column existed read
     # as (`attmissingval`); only the columns that have one (the others read as NULL)
     missing: Mapping[str, str] = field(default_factory=dict)
+    # column -> the names it had before (oldest first): rows archived before a rename carry
+    # the old name (`previous_names` in the document)
+    previous: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     # column -> its default expression, where one is set
     defaults: Mapping[str, str] = field(default_factory=dict)
     defaults_known: bool = False  # the document says each column's default (or its absence)
@@ -100,8 +103,11 @@ class TableSchema:
         raw = doc.get("columns") or ()
         missing = {c["name"]: str(c["missing"]) for c in raw if c.get("missing") is not None}
         defaults = {c.name: c.default for c in columns if c.default is not None}
+        previous = {c["name"]: tuple(c["previous_names"]) for c in raw
+                    if c.get("previous_names")}
         return cls(doc["table"], columns, tuple(doc.get("primary_key") or ()), Lsn(doc["lsn"]),
                    missing=MappingProxyType(missing), defaults=MappingProxyType(defaults),
+                   previous=MappingProxyType(previous),
                    defaults_known=bool(raw) and all("default" in c for c in raw),
                    dropped=bool(doc.get("dropped")), resnapshot=bool(doc.get("resnapshot")),
                    renamed_to=doc.get("renamed_to"), renamed_from=doc.get("renamed_from"),
@@ -122,9 +128,29 @@ class TableSchema:
     def fill(self, after: Mapping[str, Any]) -> list[Any]:
         """An archived row image's values in column order, the columns it lacks filled with
         their missing value (`absent`); a column present as NULL stays NULL."""
+        if self.previous:
+            out = []
+            for c, m in zip(self.names, self.absent, strict=True):
+                for name in (c, *reversed(self.previous.get(c, ()))):
+                    if name in after:
+                        out.append(after[name])
+                        break
+                else:
+                    out.append(m)
+            return out
         if not self.missing:
             return [after.get(c) for c in self.names]
         return [after.get(c, m) for c, m in zip(self.names, self.absent, strict=True)]
+
+    def index_in(self, columns: Sequence[str]) -> list[int]:
+        """Where each of the schema's columns is in *columns* (by its name or, after a
+        rename, an earlier one), -1 where it is not."""
+        out = []
+        for c in self.names:
+            found = [columns.index(n) for n in (c, *reversed(self.previous.get(c, ())))
+                     if n in columns]
+            out.append(found[0] if found else -1)
+        return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -320,7 +346,7 @@ class Output:
         if not rows:
             return
         if tuple(columns) != self.columns:
-            where = [columns.index(c) if c in columns else -1 for c in self.columns]
+            where = self.job.schema.index_in(columns)
             absent = self.absent
             if self.emit_lines is not None:
                 rows = [copy_line(row_values(row, where, absent))[:-1] for row in rows]

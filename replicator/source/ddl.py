@@ -259,13 +259,14 @@ class SchemaHistory:
     signatures: dict[str, tuple[tuple[str, int, int], ...]] = field(default_factory=dict)
     triggers: bool = False  # the event triggers are installed
 
-    def know(self, oid: int, qualified: str) -> None:
-        self.names.setdefault(oid, qualified)
-
-    def recorded(self, desc: Mapping[str, Any]) -> None:
-        """A description archived at the current position (a snapshot's or a DDL's)."""
+    def recorded(self, desc: Mapping[str, Any], *, streamed: bool = True) -> None:
+        """A description archived at the stream's position (a DDL's), or (not *streamed*)
+        at a snapshot's, which may be ahead of the stream: its name is not taken as the
+        table's name at the stream's position (a rename the stream has yet to reach would
+        read backwards)."""
         qualified = join_qualified(desc["schema"], desc["name"])
-        self.names[int(desc["oid"])] = qualified
+        if streamed:
+            self.names[int(desc["oid"])] = qualified
         self.described[int(desc["oid"])] = dict(desc)
         self.signatures[qualified] = signature(desc)
 
