@@ -107,8 +107,9 @@ async def test_every_committed_change_reaches_every_destination(
         first, last = history[0], history[-1]
         assert [c["name"] for c in first["columns"]] == ["id", "wedding_id", "name", "dietary",
                                                          "notes"]
+        # The document carries the column's default (none here) and type modifier beside it.
         assert last["columns"][-1] == {"name": "seat", "type": "integer", "type_oid": 23,
-                                       "not_null": False}
+                                       "type_modifier": -1, "not_null": False, "default": None}
         assert first["columns"][0]["type"] == "bigint" and first["columns"][0]["not_null"]
         assert first["columns"][3]["type"] == "jsonb"
         assert first["primary_key"] == ["id"] and first["lsn"] < last["lsn"]
