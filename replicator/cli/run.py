@@ -136,14 +136,18 @@ def run(config_path: Path, only: str | None, accept_gap: bool, log_level: str) -
         tasks: list[asyncio.Task[None]] = []
 
         def readiness() -> bool | str:
-            """True, or why not: a stage that stopped, or the capture's reason (waiting for
-            PostgreSQL or Kafka, reconnecting)."""
+            """True, or why not: a stage that stopped, the capture's reason (waiting for
+            PostgreSQL or Kafka, reconnecting), or a sink's (waiting for Kafka)."""
             if not tasks:
                 return "starting"
             stopped = [t.get_name() for t in tasks if t.done()]
             if stopped:
                 return f"{', '.join(stopped)} stopped"
-            return capture.not_ready or True if capture is not None else True
+            if capture is not None and capture.not_ready:
+                return capture.not_ready
+            waiting = [f"sink {name}: {stats.waiting}"
+                       for name, stats in (sinks.stats if sinks else {}).items() if stats.waiting]
+            return "; ".join(waiting) or True
 
         metrics = MetricsServer(
             config.metrics.listen,

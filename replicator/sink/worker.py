@@ -77,7 +77,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
-from aiokafka.errors import CommitFailedError, IllegalStateError
+from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 from aiokafka.structs import OffsetAndMetadata
 
 from connectors.base import ObjectStore
@@ -95,6 +95,7 @@ from replicator.archive.layout import (
 from replicator.archive.part import encode_part, partable
 from replicator.archive.reader import CHECKPOINTS_KEPT, checkpoint_document, checkpoint_names
 from replicator.archive.segment import encode_record_segment, encode_transaction_segment
+from replicator.backoff import Backoff
 from replicator.config import DestinationConfig, KafkaConfig
 from replicator.crypto import Keyring, encrypt
 from replicator.errors import TransientError
@@ -115,6 +116,10 @@ CRITICAL_BACKLOG = 500
 #: Records read and not yet committed (buffered, or written and above the checkpoint) above
 #: which the partitions ahead of the checkpoint are paused, in multiples of `flush.max_rows`.
 READ_AHEAD_ROWS = 2
+#: The group's session timeout: a sink whose heartbeats stop this long (paused, hung) loses
+#: its partitions to the group. Segments are encoded and encrypted off the event loop, so the
+#: heartbeat goes on through a large flush.
+SESSION_TIMEOUT_MS = 30_000
 
 
 @dataclass
@@ -134,6 +139,7 @@ class SinkStats:
     dead_letters: int = 0  # undecodable records parked
     paused: bool = False  # intake paused: buffers at their bound, or the breaker open
     rebalances: int = 0  # partitions revoked by a rebalance
+    waiting: str | None = None  # why the sink is not running yet (Kafka does not answer)
 
 
 @dataclass(slots=True)
@@ -205,15 +211,13 @@ class SinkWorker:
         self.tracker = CompletenessTracker(overall, tiers)
         self.stats.checkpoint = self.tracker.checkpoint
         self.stats.tier_checkpoints = dict(self.tracker.tier_checkpoints)
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.kafka.bootstrap_servers,
-            group_id=self.group, enable_auto_commit=False, auto_offset_reset="earliest",
-            max_partition_fetch_bytes=4 * 1024 * 1024)
-        consumer.subscribe([*self.tiers.values(), self.tx_topic, self.schema_topic],
-                           listener=_Revocations(self))
+        consumer = await self._start_consumer()
+        if consumer is None:
+            await self._state.close()
+            await self._claims.close()
+            return  # stopped before the broker answered
         self._consumer = consumer
         try:
-            await consumer.start()  # inside: a consumer whose start failed is closed too
             while not self._stopping.is_set():
                 await self._poll(consumer)
                 due = self._due_tiers()
@@ -224,6 +228,40 @@ class SinkWorker:
             await consumer.stop()
             await self._state.close()
             await self._claims.close()
+
+    async def _start_consumer(self) -> AIOKafkaConsumer | None:
+        """The group's consumer, started: a broker that does not answer is waited for under
+        capped, jittered backoff (logged once, shown in `stats.waiting` and by `/readyz`),
+        as the capture waits for it. None if the worker was stopped first."""
+        backoff = Backoff(max_s=30.0)
+        since: float | None = None
+        while not self._stopping.is_set():
+            consumer = AIOKafkaConsumer(
+                bootstrap_servers=self.kafka.bootstrap_servers,
+                group_id=self.group, enable_auto_commit=False, auto_offset_reset="earliest",
+                max_partition_fetch_bytes=4 * 1024 * 1024,
+                session_timeout_ms=SESSION_TIMEOUT_MS)
+            consumer.subscribe([*self.tiers.values(), self.tx_topic, self.schema_topic],
+                               listener=_Revocations(self))
+            try:
+                await consumer.start()  # inside: a consumer whose start failed is closed too
+            except KafkaError as exc:
+                await consumer.stop()
+                if since is None:
+                    since = time.monotonic()
+                    log.warning("destination %s: Kafka (%s) does not answer (%s); retrying "
+                                "with backoff until it does", self.destination.name,
+                                self.kafka.bootstrap_servers, exc)
+                self.stats.waiting = f"Kafka does not answer: {exc}"
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), backoff.next_delay())
+                continue
+            if since is not None:
+                log.warning("destination %s: Kafka answered after %.1fs",
+                            self.destination.name, time.monotonic() - since)
+            self.stats.waiting = None
+            return consumer
+        return None
 
     async def _restore_checkpoints(self) -> tuple[Lsn, dict[Tier, Lsn]] | None:
         """The newest checkpoints in the store, read again until the store answers.
@@ -585,7 +623,8 @@ class SinkWorker:
         if snapshot and partable(snapshot):
             # Snapshot rows of one LSN: a part, which a restore streams into COPY
             # (sink.part); whatever else was buffered goes to a segment as usual.
-            data, part = encode_part(snapshot, table=table, tier=tier.value)
+            data, part = await asyncio.to_thread(encode_part, snapshot, table=table,
+                                                 tier=tier.value)
             digest = hashlib.sha256(data).hexdigest()[:16]
             await self._put(part_key(table, part.lsn, part.first_seq, part.last_seq, digest),
                             data)
@@ -593,8 +632,8 @@ class SinkWorker:
             values = [v for v in values if v["op"] != "r"]
             if not values:
                 return
-        data, header = encode_record_segment(values, table=table,
-                                             codec=self.destination.compression)
+        data, header = await asyncio.to_thread(encode_record_segment, values, table=table,
+                                               codec=self.destination.compression)
         digest = hashlib.sha256(data).hexdigest()[:16]
         key = segment_key(table, header.first.commit_lsn, header.last.commit_lsn, digest)
         await self._put(key, data)
@@ -602,13 +641,14 @@ class SinkWorker:
 
     async def _write_transactions(self, records: list[dict[str, Any]]) -> None:
         # The encoder orders them and keeps one copy of each (redeliveries).
-        data, header = encode_transaction_segment(records, codec=self.destination.compression)
+        data, header = await asyncio.to_thread(encode_transaction_segment, records,
+                                               codec=self.destination.compression)
         digest = hashlib.sha256(data).hexdigest()[:16]
         await self._put(transactions_key(header.first.commit_lsn, header.last.commit_lsn,
                                          digest), data)
 
     async def _put(self, key: str, data: bytes) -> None:
-        sealed = encrypt(data, key, self.keyring)
+        sealed = await asyncio.to_thread(encrypt, data, key, self.keyring)
         await self.bucket.take(len(sealed))
         try:
             await self.store.put(key, sealed)

@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import struct
 import time
 from types import TracebackType
@@ -60,6 +59,7 @@ from typing import Any, Final, Literal, NamedTuple, Self
 import psycopg
 from psycopg import pq, sql
 
+from replicator.backoff import Backoff
 from replicator.errors import OperatorError, ReplicatorError, TransientError
 from replicator.position import INVALID_LSN, Lsn
 
@@ -270,36 +270,6 @@ def negotiate_protocol(server_version_num: int, requested: int | Literal["auto"]
 def now_pg_us() -> int:
     """The client clock as a wire timestamp (microseconds since 2000-01-01 UTC)."""
     return time.time_ns() // 1000 - _PG_EPOCH_US
-
-
-class Backoff:
-    """Capped exponential backoff with full jitter, for the caller's reconnect loop.
-
-    The n-th delay is uniform in [0, min(max_s, base_s * 2**n)]: full jitter spreads
-    reconnecting clients apart. `reset()` after a connection has worked again.
-    """
-
-    def __init__(self, base_s: float = 0.5, max_s: float = 30.0, *,
-                 rng: random.Random | None = None) -> None:
-        if not 0 < base_s <= max_s:
-            raise ValueError(f"backoff needs 0 < base_s <= max_s, got {base_s} and {max_s}")
-        self.base_s = base_s
-        self.max_s = max_s
-        self.attempts = 0
-        self._rng = rng or random.Random()
-
-    def next_delay(self) -> float:
-        ceiling = min(self.max_s, self.base_s * 2 ** min(self.attempts, 62))
-        self.attempts += 1
-        return self._rng.uniform(0, ceiling)
-
-    async def sleep(self) -> float:
-        delay = self.next_delay()
-        await asyncio.sleep(delay)
-        return delay
-
-    def reset(self) -> None:
-        self.attempts = 0
 
 
 async def identify_system(dsn: str) -> SystemInfo:

@@ -16,12 +16,8 @@ one seeded schedule injects, all at once:
   test's own (the shared one serves other tests), with the capture killed and restarted
   while it is down; and a 3 s cut of the capture's connection to it (its proxy disabled);
 - a restart of the Kafka broker (a throwaway broker of the test's own, behind a proxy), with
-  the capture killed and restarted while it is down. The sinks process rides the restart
-  out, but is not restarted meanwhile, and the broker is stopped only once it is past its
-  start-up (its `/metrics` count a segment written): one that bootstraps while no broker
-  answers exits with a traceback, a known bug pinned by
-  `test_the_sinks_start_while_the_broker_is_down` (strict xfail: remove the mark, and the
-  hold in `Faults.inject`, once it is fixed);
+  the capture and the sinks killed and restarted while it is down: both wait for it
+  (`test_the_sinks_start_while_the_broker_is_down` checks the sinks' wait on its own);
 - a 60 s outage of the store (its Toxiproxy proxy disabled), with the sinks killed and
   restarted inside it; 8 s of added latency (300 +- 200 ms) on it; 6 s of connection resets
   (TCP RST, half the connections, drawn again every second).
@@ -67,6 +63,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
@@ -319,6 +316,20 @@ class Service:
         return sum(float(line.rsplit(" ", 1)[1]) for line in lines
                    if line.startswith((name + " ", name + "{")))
 
+    def readyz(self) -> str:
+        """What this run's `/readyz` answers ("" before it serves)."""
+        text = self.log.read_text(errors="replace") if self.log and self.log.exists() else ""
+        found = re.search(r"metrics on (http://\S+)/metrics", text)
+        if found is None:
+            return ""
+        try:
+            with urllib.request.urlopen(found[1] + "/readyz", timeout=5) as response:
+                return str(response.read().decode())
+        except urllib.error.HTTPError as exc:
+            return str(exc.read().decode())
+        except OSError:
+            return ""
+
     def kill9(self) -> None:
         self.alive()
         assert self.proc is not None
@@ -538,26 +549,12 @@ class Faults:
             await self.kill_and_restart("capture", fault.lasts_s)
             await self.pg.start()
         elif fault.kind == "broker-restart":
-            # The capture killed while the broker is down: it must start and wait for it.
-            # The sinks are not restarted meanwhile, and the broker is stopped only once the
-            # running sinks process is past its start-up: one that bootstraps while the
-            # broker does not answer exits with a traceback (a known bug, see
-            # `test_the_sinks_start_while_the_broker_is_down`); the running one must ride
-            # the restart out.
-            async with self.locks["sinks"]:
-                sinks = self.services["sinks"]
-
-                async def consuming() -> bool:
-                    sinks.alive()
-                    written = await asyncio.to_thread(sinks.metric,
-                                                      "wedsync_sink_segments_written_total")
-                    return written > 0
-
-                # Past its start-up: it has read from the broker and written to the store.
-                await wait_for(consuming, within=120, what="the sinks to write a segment")
-                await self.broker.stop()
-                await self.kill_and_restart("capture", fault.lasts_s)
-                await self.broker.start()
+            # The capture and the sinks killed while the broker is down: both must start and
+            # wait for it (the sinks' consumer group is joined only once it answers).
+            await self.broker.stop()
+            await asyncio.gather(self.kill_and_restart("capture", fault.lasts_s),
+                                 self.kill_and_restart("sinks", fault.lasts_s / 2))
+            await self.broker.start()
         elif fault.kind == "store-outage":
             # The sinks killed while the store is down: they must start and wait for it.
             with self.store.down():
@@ -777,10 +774,6 @@ async def test_nothing_committed_is_lost_under_faults(
                                tmp_path)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: SinkWorker.run (replicator/sink/worker.py) lets the KafkaConnectionError of "
-    "consumer.start() escape when no broker answers at start-up; the process exits 1 with "
-    "a traceback instead of waiting, as the capture does"))
 async def test_the_sinks_start_while_the_broker_is_down(tmp_path: Path) -> None:
     """`replicator run --only sinks` started while no broker answers waits for one (the
     capture does: "PostgreSQL or Kafka does not answer ... retrying with backoff")."""
@@ -792,14 +785,20 @@ async def test_the_sinks_start_while_the_broker_is_down(tmp_path: Path) -> None:
     logs = Logs(tmp_path)
     sinks = Service("sinks", config, logs)
     sinks.start()
+    answers: set[str] = set()
     try:
         for _ in range(20):
             await asyncio.sleep(0.5)
             sinks.alive()
+            answers.add(await asyncio.to_thread(sinks.readyz))
         await sinks.stop()
     finally:
         sinks.abandon()
     assert not logs.tracebacks(), "\n".join(logs.tracebacks())
+    # Not ready, and why: the address of the broker it waits for.
+    assert any(a.startswith("not ready: sink faulty: Kafka does not answer") for a in answers), \
+        answers
+    assert "does not answer" in tail(sinks.log) and "retrying with backoff" in tail(sinks.log)
 
 
 # --- Kafka behind a proxy ---------------------------------------------------------------------

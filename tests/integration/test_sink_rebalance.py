@@ -23,6 +23,7 @@ from replicator.config import (
     Config,
     MetricsConfig,
 )
+from replicator.sink.worker import SESSION_TIMEOUT_MS
 from replicator.transport.kafka import all_topics, schemas_topic
 from tests.conftest import StoreTarget
 from tests.integration.archive_helpers import (
@@ -50,9 +51,9 @@ from tests.integration.test_archive_faults import (
 
 # --- the service paused past the session timeout ------------------------------------------------
 
-#: Longer than the consumer group's session timeout (aiokafka's default, 10 s).
-PAUSE_S = 20.0
-SESSION_TIMEOUT_S = 10.0
+#: The sinks' session timeout, and a pause longer than it.
+SESSION_TIMEOUT_S = SESSION_TIMEOUT_MS / 1000
+PAUSE_S = SESSION_TIMEOUT_S + 10
 
 
 async def intrude(bootstrap: str, group: str, topics: list[str], until: asyncio.Event) -> int:
