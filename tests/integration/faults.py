@@ -205,27 +205,36 @@ class AdvertisedKafka(KafkaService):
         return self.advertised
 
 
-@dataclass
-class Broker:
-    """A throwaway broker behind `proxy`; clients bootstrap from `bootstrap`."""
+class _Throwaway:
+    """Stop, start and restart of a throwaway server of the stack's own (its `service`):
+    `stop` ends it (a broker on SIGTERM, PostgreSQL with a fast shutdown) and returns once
+    the process is gone; `start` starts it again on the same state and ports and returns
+    once it answers."""
 
-    proxy: Proxy
-    bootstrap: str
-    service: KafkaService
+    service: KafkaService | PostgresService
+    what: str
 
     async def stop(self) -> None:
-        """SIGTERM: a controlled shutdown; returns once the process is gone."""
         stopped = await asyncio.to_thread(self.service.stop)
-        assert stopped, "the throwaway broker was not running"
+        assert stopped, f"the throwaway {self.what} was not running"
 
     async def start(self) -> None:
-        """Start it again on the same state and ports; returns once it answers."""
         await self.service.start()
 
     async def restart(self, down_s: float = 1.0) -> None:
         await self.stop()
         await asyncio.sleep(down_s)
         await self.start()
+
+
+@dataclass
+class Broker(_Throwaway):
+    """A throwaway broker behind `proxy`; clients bootstrap from `bootstrap`."""
+
+    proxy: Proxy
+    bootstrap: str
+    service: KafkaService
+    what: str = "broker"
 
 
 @contextlib.asynccontextmanager
@@ -257,29 +266,15 @@ async def kafka_through(proxies: Toxiproxy, stack: Stack, state_dir: Path
 
 
 @dataclass
-class PostgresServer:
+class PostgresServer(_Throwaway):
     """A throwaway PostgreSQL server; `dsn` names its database `postgres`."""
 
     service: PostgresService
+    what: str = "PostgreSQL server"
 
     @property
     def dsn(self) -> str:
         return self.service.address()
-
-    async def stop(self) -> None:
-        """A fast shutdown (SIGINT: open sessions are ended, a checkpoint is written);
-        returns once the postmaster is gone."""
-        stopped = await asyncio.to_thread(self.service.stop)
-        assert stopped, "the throwaway PostgreSQL server was not running"
-
-    async def start(self) -> None:
-        """Start it again on the same data directory; returns once it answers."""
-        await self.service.start()
-
-    async def restart(self, down_s: float = 1.0) -> None:
-        await self.stop()
-        await asyncio.sleep(down_s)
-        await self.start()
 
 
 @contextlib.asynccontextmanager
