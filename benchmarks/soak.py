@@ -425,7 +425,10 @@ async def run(minutes: float, rate: float, quick: bool, ddl_every: float, say: A
             "commits_never_durable": never,
             "rows_differing": differing,
             "verify": {dest: {"ok": r.get("ok"), "differing": r.get("differing"),
-                              "exit": r.get("exit"), "error": r.get("error")}
+                              "exit": r.get("exit"), "error": r.get("error"),
+                              "problems": {t: c.get("problems")
+                                           for t, c in r.get("tables", {}).items()
+                                           if not c.get("ok")}}
                        for dest, r in reports.items()},
             "faults": faults,
             "ddl": statements,

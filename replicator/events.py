@@ -131,7 +131,7 @@ class TransactionRecord:
     counts: dict[str, int] = field(default_factory=dict)  # "schema.table" -> changes
     origin: str | None = None
     tier_counts: dict[str, int] = field(default_factory=dict)  # tier -> changes
-    # "schema.table" -> content digest of its changes (`transport.avro.body_digest`, summed)
+    # "schema.table" -> content digest of its changes (`transport.avro.content_digest`, summed)
     digests: dict[str, str] = field(default_factory=dict)
 
     @property

@@ -118,10 +118,10 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BLOCK_SIZE", "FORMAT_VERSION", "HEADER_PREFIX_SIZE", "MAX_WEDDING_IDS",
-    "MAX_WEDDING_IDS_BYTES", "SegmentCorrupt", "SegmentError", "SegmentHeader",
-    "SegmentHeaderIncomplete", "chunk_stream",
-    "decode_record_segment", "decode_segment", "decode_transaction_segment",
-    "encode_record_segment", "encode_segment", "encode_transaction_segment", "read_header",
+    "MAX_WEDDING_IDS_BYTES", "EventFacts", "SegmentCorrupt", "SegmentError", "SegmentHeader",
+    "SegmentHeaderIncomplete", "chunk_stream", "decode_record_segment", "decode_segment",
+    "decode_transaction_segment", "encode_body_segment", "encode_record_segment",
+    "encode_segment", "encode_transaction_segment", "event_facts", "read_header",
     "verify_segment",
 ]
 
@@ -360,10 +360,10 @@ class _Summary:
 
 
 # table, position, commit time, op, wedding, the key's canonical text (computed on demand)
-_Facts = tuple[str, tuple[int, int], int, str | None, str | None, Callable[[], str] | None]
+EventFacts = tuple[str, tuple[int, int], int, str | None, str | None, Callable[[], str] | None]
 
 
-def _event_facts(record: Mapping[str, Any]) -> _Facts:
+def event_facts(record: Mapping[str, Any]) -> EventFacts:
     # The position as a plain tuple (it compares like a ChangePosition; the header converts
     # the first and last): this runs once per record read, so it is kept lean.
     source = record["source"]
@@ -377,7 +377,7 @@ def _record_canonical_key(record: Mapping[str, Any]) -> str:
     return canonical_key(to_python(record["key"]))
 
 
-def _transaction_facts(record: Mapping[str, Any]) -> _Facts:
+def _transaction_facts(record: Mapping[str, Any]) -> EventFacts:
     return ("", (record["commit_lsn"], 0), record["commit_ts_us"], None,
             None, None)
 
@@ -437,9 +437,22 @@ _STAMP: Final = "wedsync.max_block_bytes"
 _STAMP_WIDTH: Final = 12
 
 
-def _write(parsed: Any, records: Iterable[Mapping[str, Any]], header: SegmentHeader,
-           level: int | None) -> tuple[bytes, SegmentHeader]:
-    """The segment's bytes, and *header* with its `max_block_bytes` (module docstring)."""
+@dataclass(frozen=True, slots=True)
+class _RawBlock:
+    """A block of records already in Avro binary, as `fastavro`'s `Writer.write_block` takes
+    it (the shape of `fastavro.read.Block` it reads)."""
+
+    num_records: int
+    bytes_: io.BytesIO
+
+
+def _write(parsed: Any, records: Iterable[Mapping[str, Any]] | Iterable[bytes],
+           header: SegmentHeader, level: int | None, *, bodies: bool = False
+           ) -> tuple[bytes, SegmentHeader]:
+    """The segment's bytes, and *header* with its `max_block_bytes` (module docstring).
+
+    With *bodies*, *records* are already Avro binary (one record each, under *parsed*): they
+    go into the blocks as they are."""
     buffer = io.BytesIO()
     largest = 0
     try:
@@ -452,13 +465,16 @@ def _write(parsed: Any, records: Iterable[Mapping[str, Any]], header: SegmentHea
             buffer, parsed, codec=header.codec, sync_interval=1 << 62,
             metadata=header.metadata() | {_STAMP: "0" * _STAMP_WIDTH},
             compression_level=level, sync_marker=marker[:16])
-        block = cast(Any, writer).io  # the block being filled, before compression
-        for record in records:
-            writer.write(cast(Any, record))
-            if (size := block.tell()) >= BLOCK_SIZE:
-                largest = max(largest, size)
-                writer.flush()
-        largest = max(largest, block.tell())
+        if bodies:
+            largest = _write_bodies(writer, cast(Iterable[bytes], records))
+        else:
+            block = cast(Any, writer).io  # the block being filled, before compression
+            for record in records:
+                writer.write(cast(Any, record))
+                if (size := block.tell()) >= BLOCK_SIZE:
+                    largest = max(largest, size)
+                    writer.flush()
+            largest = max(largest, block.tell())
         writer.flush()
     except CodecError:
         raise
@@ -471,6 +487,23 @@ def _write(parsed: Any, records: Iterable[Mapping[str, Any]], header: SegmentHea
     at = data.index(placeholder) + len(placeholder) - _STAMP_WIDTH
     data[at:at + _STAMP_WIDTH] = b"%0*d" % (_STAMP_WIDTH, largest)
     return bytes(data), dataclasses.replace(header, max_block_bytes=largest)
+
+
+def _write_bodies(writer: fastavro.write.Writer, bodies: Iterable[bytes]) -> int:
+    """Blocks of *bodies*, cut where `_write` cuts records; the largest block's size."""
+    pending: list[bytes] = []
+    size = largest = 0
+    for body in bodies:
+        pending.append(body)
+        size += len(body)
+        if size >= BLOCK_SIZE:
+            writer.write_block(_RawBlock(len(pending), io.BytesIO(b"".join(pending))))
+            largest = max(largest, size)
+            pending, size = [], 0
+    if pending:
+        writer.write_block(_RawBlock(len(pending), io.BytesIO(b"".join(pending))))
+        largest = max(largest, size)
+    return largest
 
 
 def encode_segment(
@@ -508,12 +541,34 @@ def encode_record_segment(
     """
     avro = _default_codec()
     name = _codec_name(codec)
-    ordered = _ordered(records, lambda record: _event_facts(record)[1])
+    ordered = _ordered(records, lambda record: event_facts(record)[1])
     summary = _Summary(SegmentKind.CHANGES, table, writing=True)
     for record in ordered:
-        summary.add(*_event_facts(record))
+        summary.add(*event_facts(record))
     header = summary.header(avro.event_fingerprint.hex(), name)
     return _write(avro.parsed_event_schema, ordered, header, level)
+
+
+def encode_body_segment(
+    changes: Sequence[tuple[EventFacts, bytes]], *, table: str, codec: str,
+    level: int | None = None,
+) -> tuple[bytes, SegmentHeader]:
+    """A change segment of envelopes already in Avro binary: each change is its facts
+    (`event_facts` of the decoded record) and its body (`EventCodec.decode_event_body`).
+
+    The sink's path: the bodies go into the blocks as they came from Kafka, so the archive
+    holds each message's record byte for byte and nothing is encoded twice. The result reads
+    exactly as `encode_record_segment` of the decoded records would.
+    """
+    avro = _default_codec()
+    name = _codec_name(codec)
+    ordered = _ordered(changes, lambda change: change[0][1])
+    summary = _Summary(SegmentKind.CHANGES, table, writing=True)
+    for facts, _ in ordered:
+        summary.add(*facts)
+    header = summary.header(avro.event_fingerprint.hex(), name)
+    return _write(avro.parsed_event_schema, [body for _, body in ordered], header, level,
+                  bodies=True)
 
 
 def encode_transaction_segment(
@@ -616,7 +671,7 @@ def _open(data: Source, kind: SegmentKind | None, after: int | None = None
         _codec_name(header.codec)  # says which package is missing, rather than "corrupt"
     avro = _default_codec()
     if header.kind is SegmentKind.CHANGES:
-        ours, schema, facts = (avro.event_fingerprint, avro.parsed_event_schema, _event_facts)
+        ours, schema, facts = (avro.event_fingerprint, avro.parsed_event_schema, event_facts)
     else:
         ours, schema, facts = (avro.transaction_fingerprint, avro.parsed_transaction_schema,
                                _transaction_facts)
@@ -657,7 +712,7 @@ def _blocks_after(blocks: Iterable[Any], after: int) -> Iterator[dict[str, Any]]
 
 
 def _verified(header: SegmentHeader, records: Iterator[dict[str, Any]],
-              facts: Callable[[Mapping[str, Any]], _Facts], complete: bool = True,
+              facts: Callable[[Mapping[str, Any]], EventFacts], complete: bool = True,
               ) -> Iterator[dict[str, Any]]:
     """The records, checked as they pass (table, position order) and, when *complete* (no
     block was passed over), against every field of the header once they are all out."""

@@ -86,7 +86,7 @@ from replicator.replay.table import (
     mark_seen,
     record_event,
 )
-from replicator.transport.avro import EventCodec, digest_text
+from replicator.transport.avro import CONTENT_DIGEST, EventCodec, digest_text
 
 __all__ = ["restore_table"]
 
@@ -278,7 +278,8 @@ def _pass1(archive: Archive, job: TableJob, objects: Sequence[JobObject],
                     == int(job.base) and set(header.ops) == {Op.READ.value}):
                 found.deferred.append(obj.key)
                 continue
-            digest = _digester(header) if job.check_digests else None
+            digest = (_digester(header, archive.timeline.digests.get(job.table, {}))
+                      if job.check_digests else None)
             _take_changes(job, records, digest, found, stats)
             archive.check_memory(job.table, len(found.changed))
     return found
@@ -413,9 +414,12 @@ async def _snapshot_rows(archive: Archive, job: TableJob, snapshot: SnapshotPart
                         weddings[low:low + 50_000])
 
 
-def _digester(header: SegmentHeader) -> Callable[[Mapping[str, Any]], int] | None:
+def _digester(header: SegmentHeader, wanted: Mapping[int, str]
+              ) -> Callable[[Mapping[str, Any]], int] | None:
     """How to recompute the content digest of a record of a segment: re-encoded with the
-    envelope schema it was written with, when that is ours (None otherwise)."""
+    envelope schema it was written with, when that is ours (None otherwise), `ts_ms` as 0
+    when the transaction record's digest (in *wanted*, by commit LSN) is of that kind
+    (`avro.CONTENT_DIGEST`)."""
     codec = _codec()
     if header.schema_fingerprint != codec.event_fingerprint.hex():
         return None
@@ -423,6 +427,8 @@ def _digester(header: SegmentHeader) -> Callable[[Mapping[str, Any]], int] | Non
 
     def digest(record: Mapping[str, Any]) -> int:
         body = io.BytesIO()
+        if wanted.get(record["source"]["lsn"], CONTENT_DIGEST).startswith(CONTENT_DIGEST):
+            record = {**record, "ts_ms": 0}
         schemaless_writer(body, schema, record)
         return int.from_bytes(hashlib.blake2b(body.getbuffer(), digest_size=16).digest(), "big")
 
@@ -443,7 +449,7 @@ def _check_digests(timeline: Timeline, job: TableJob, found: _Changes) -> int:
     for lsn, want in sorted(timeline.digests.get(job.table, {}).items()):
         if lsn < low or lsn > target or lsn in found.unchecked:
             continue
-        got = digest_text(found.digests.get(lsn, 0))
+        got = digest_text(found.digests.get(lsn, 0), content=want.startswith(CONTENT_DIGEST))
         if got != want:
             nearest = timeline.before(lsn)
             raise ReplayFailed(

@@ -4,8 +4,9 @@ Checks, table by table:
 1. **Against the transaction records.** The restore reads every change of the table up to the
    point; the changes it finds at each commit must be exactly as many as that commit's
    transaction record announced (none missing, none without a record), and their content
-   digest (each change re-encoded, BLAKE2b of the Avro body, summed) must equal the one the
-   capture recorded for the table (`avro.body_digest`; records written before digests were
+   digest (each change re-encoded, BLAKE2b of the Avro body with its `ts_ms` as 0, summed)
+   must equal the one the capture recorded for the table (`avro.content_digest`; older
+   transaction records cover the whole body, `avro.body_digest`; records written before digests were
    recorded, and changes archived with another envelope schema, are counted only). The
    restore is done in memory and reduced to a row count and an order-independent content
    hash (`render.TableHash`).

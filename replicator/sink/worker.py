@@ -74,6 +74,7 @@ import logging
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
@@ -94,12 +95,17 @@ from replicator.archive.layout import (
 )
 from replicator.archive.part import encode_part, partable
 from replicator.archive.reader import CHECKPOINTS_KEPT, checkpoint_document, checkpoint_names
-from replicator.archive.segment import encode_record_segment, encode_transaction_segment
+from replicator.archive.segment import (
+    EventFacts,
+    encode_body_segment,
+    encode_transaction_segment,
+    event_facts,
+)
 from replicator.backoff import Backoff
 from replicator.config import DestinationConfig, KafkaConfig
 from replicator.crypto import Keyring, encrypt
 from replicator.errors import TransientError
-from replicator.events import TIER_ORDER, Tier, join_qualified
+from replicator.events import TIER_ORDER, Tier
 from replicator.position import INVALID_LSN, Lsn
 from replicator.sink.breaker import BreakerState, CircuitBreaker, CircuitOpen, TokenBucket
 from replicator.sink.checkpoint import CompletenessTracker
@@ -144,7 +150,9 @@ class SinkStats:
 
 @dataclass(slots=True)
 class _Buffered:
-    value: dict[str, Any]
+    facts: EventFacts  # what the segment's header needs (`archive.segment.event_facts`)
+    body: bytes  # the envelope in Avro binary, as it goes into the segment
+    value: dict[str, Any] | None  # the decoded envelope, kept only for snapshot rows (parts)
     position: tuple[Lsn, int]
     size: int
     entry: Pending  # its place in the offset ledger
@@ -442,14 +450,20 @@ class SinkWorker:
 
     def _add_change(self, tp: TopicPartition, tier: Tier, record: ConsumerRecord[Any, Any]
                     ) -> None:
-        value = self.codec.decode_event(record.value)
-        source = value["source"]
-        position = (Lsn(source["lsn"]), int(source["seq"]))
-        table = join_qualified(source["schema"], source["table"])
+        # Decoded once, to check it and to learn its facts; what is kept is the body, which
+        # goes into the segment as it is (far smaller than the decoded record, and nothing
+        # is encoded again at the flush).
+        value, body = self.codec.decode_event_body(record.value)
+        facts = event_facts(value)
+        if facts[5] is not None:  # a key-only delete: its key now, not the whole record
+            facts = (*facts[:5], partial(str, facts[5]()))
+        table = facts[0]
+        position = (Lsn(facts[1][0]), int(facts[1][1]))
         size = len(record.value)
         entry = self.offsets.track(tp, record.offset, position[0])
         self._read_lsn[tp] = position[0]
-        self._buffers[tier][table].append(_Buffered(value, position, size, entry))
+        self._buffers[tier][table].append(
+            _Buffered(facts, body, value if facts[3] == "r" else None, position, size, entry))
         self._oldest.setdefault(tier, self.clock())
         self._rows += 1
         self._bytes += size
@@ -618,8 +632,7 @@ class SinkWorker:
         await self._put(schema_key(table, lsn), json.dumps(schema, sort_keys=True).encode())
 
     async def _write_segment(self, table: str, items: list[_Buffered], tier: Tier) -> None:
-        values = [i.value for i in items]
-        snapshot = [v for v in values if v["op"] == "r"]
+        snapshot = [i.value for i in items if i.value is not None]
         if snapshot and partable(snapshot):
             # Snapshot rows of one LSN: a part, which a restore streams into COPY
             # (sink.part); whatever else was buffered goes to a segment as usual.
@@ -629,11 +642,12 @@ class SinkWorker:
             await self._put(part_key(table, part.lsn, part.first_seq, part.last_seq, digest),
                             data)
             self.stats.changes_written += part.rows
-            values = [v for v in values if v["op"] != "r"]
-            if not values:
+            items = [i for i in items if i.value is None]
+            if not items:
                 return
-        data, header = await asyncio.to_thread(encode_record_segment, values, table=table,
-                                               codec=self.destination.compression)
+        data, header = await asyncio.to_thread(
+            encode_body_segment, [(i.facts, i.body) for i in items], table=table,
+            codec=self.destination.compression)
         digest = hashlib.sha256(data).hexdigest()[:16]
         key = segment_key(table, header.first.commit_lsn, header.last.commit_lsn, digest)
         await self._put(key, data)

@@ -56,11 +56,13 @@ from replicator.transport.avrowrite import Unsupported, compile_writer, write_lo
 
 __all__ = [
     "CONNECTOR",
+    "CONTENT_DIGEST",
     "CodecError",
     "EncodeError",
     "EventCodec",
     "UnknownSchemaError",
     "body_digest",
+    "content_digest",
     "digest_text",
     "event_from_dict",
     "load_schema",
@@ -76,18 +78,39 @@ CONFLUENT_MAGIC: Final = 0
 DIGEST_MODULUS: Final = 1 << 128
 
 
+#: The kind of content digest a transaction record's text names by this prefix: the BLAKE2b
+#: of each change's Avro body with `ts_ms` written as 0. `ts_ms` is the processing time, so a
+#: change sent again (the capture resumes from the slot's confirmed position after a
+#: reconnect) has other bytes there, and an archive may keep one copy of the change and the
+#: other copy's transaction record; the content is the same. A digest text without the
+#: prefix (transaction records written before it) covers the whole body (`body_digest`).
+CONTENT_DIGEST: Final = "c2:"
+
+
 def body_digest(value: bytes | bytearray | memoryview) -> int:
-    """The content digest of one encoded change: the 128-bit BLAKE2b of its Avro body (the
-    message value less its framing: 10 bytes of single-object header, or 5 of the Confluent
-    wire format). Transaction records carry, per table, the sum of these modulo 2^128
-    (`digest_text`), which verify recomputes from the archive."""
+    """The 128-bit BLAKE2b of an encoded change's whole Avro body (the message value less its
+    framing: 10 bytes of single-object header, or 5 of the Confluent wire format): the
+    content digest of transaction records without the `CONTENT_DIGEST` prefix."""
     view = memoryview(value)
     start = 10 if bytes(view[:2]) == SINGLE_OBJECT_MARKER else 5
     return int.from_bytes(hashlib.blake2b(view[start:], digest_size=16).digest(), "big")
 
 
-def digest_text(total: int) -> str:
-    return f"{total % DIGEST_MODULUS:032x}"
+def content_digest(body: bytes | bytearray | memoryview, ts_ms: tuple[int, int]) -> int:
+    """The content digest of one change (`CONTENT_DIGEST`): the 128-bit BLAKE2b of its Avro
+    *body* with the bytes of `ts_ms`, at *ts_ms* = (start, end), replaced by a 0."""
+    view = memoryview(body)
+    start, end = ts_ms
+    digest = hashlib.blake2b(view[:start], digest_size=16)
+    digest.update(b"\x00")
+    digest.update(view[end:])
+    return int.from_bytes(digest.digest(), "big")
+
+
+def digest_text(total: int, *, content: bool = True) -> str:
+    """A transaction record's digest text of *total* (a sum of digests): with the
+    `CONTENT_DIGEST` prefix, or, for a sum of `body_digest`s, without it."""
+    return f"{CONTENT_DIGEST if content else ''}{total % DIGEST_MODULUS:032x}"
 
 EVENT_RECORD: Final = f"{NAMESPACE}.ChangeEvent"
 TRANSACTION_RECORD: Final = f"{NAMESPACE}.TransactionRecord"
@@ -480,7 +503,8 @@ class _EnvelopeWriter:
         out.append(0)
 
     def write(self, out: bytearray, event: ChangeEvent, hints: Mapping[str, str] | None,
-              ts_ms: int) -> None:
+              ts_ms: int) -> tuple[int, int]:
+        """Appends the body to *out*; where in *out* `ts_ms` is (start, end)."""
         if event.before is None:
             out.append(0)
         else:
@@ -502,7 +526,9 @@ class _EnvelopeWriter:
         out += text(str(event.op))
         if ts_ms != self._ts_ms:  # the same for every change of a millisecond
             self._ts_ms, self._ts_ms_bytes = ts_ms, _long_bytes(ts_ms)
+        at = len(out)
         out += self._ts_ms_bytes
+        where = (at, len(out))
         source_key = (event.db, event.schema, event.table)
         prefix = self._source.get(source_key)
         if prefix is None:
@@ -531,6 +557,7 @@ class _EnvelopeWriter:
         else:
             out.append(2)
             write_string(out, wedding)
+        return where
 
 
 class EventCodec:
@@ -664,6 +691,25 @@ class EventCodec:
         return self._write(self._event, self._header_event, self.event_datum(event, column_types),
                            schema_id)
 
+    def encode_event_digested(
+        self, event: ChangeEvent, column_types: Mapping[str, str] | None = None, *,
+        schema_id: int | None = None,
+    ) -> tuple[bytes, int]:
+        """`encode_event`, and the change's content digest (`content_digest`)."""
+        header = self._header_event if schema_id is None else \
+            bytes((CONFLUENT_MAGIC,)) + schema_id.to_bytes(4, "big")
+        out = bytearray(header)
+        try:
+            start, end = self._fast.write(out, event, column_types or None,
+                                          self._clock() // 1_000_000)
+        except (Unsupported, EncodeError):
+            datum = self.event_datum(event, column_types)
+            value = self._write(self._event, self._header_event, datum, schema_id)
+            body = self._write(self._event, b"", datum | {"ts_ms": 0}, None)
+            return value, int.from_bytes(hashlib.blake2b(body, digest_size=16).digest(), "big")
+        head = len(header)
+        return bytes(out), content_digest(memoryview(out)[head:], (start - head, end - head))
+
     def transaction_datum(self, record: TransactionRecord) -> dict[str, Any]:
         return {
             "commit_lsn": int(record.commit_lsn),
@@ -699,12 +745,39 @@ class EventCodec:
 
     def decode_event(self, data: bytes | bytearray | memoryview) -> dict[str, Any]:
         """The envelope as fastavro reads it (record-typed Values as `(name, fields)`)."""
-        return self._read(data, self._event)
+        return self._read(data, self._event)[0]
+
+    def decode_event_body(self, data: bytes | bytearray | memoryview
+                          ) -> tuple[dict[str, Any], bytes]:
+        """The envelope decoded, and its Avro binary body under this codec's own envelope
+        schema, ready for an object container file's block.
+
+        The body is the message's own bytes when it was written with this schema and holds
+        exactly that one record (the usual case: nothing is encoded again, so the archive
+        keeps the message byte for byte); otherwise (an older or foreign writer schema,
+        trailing bytes) it is the decoded record encoded again."""
+        decoded, writer, body, used = self._read(data, self._event)
+        if writer is self._event and used == len(body):
+            return decoded, bytes(body)
+        return decoded, self.event_body(decoded)
+
+    def event_body(self, decoded: Mapping[str, Any]) -> bytes:
+        """*decoded* (as `decode_event` returns it) as Avro binary under the envelope schema."""
+        buffer = io.BytesIO()
+        try:
+            schemaless_writer(buffer, self._event.parsed, dict(decoded))
+        except (ValueError, TypeError, OverflowError, KeyError) as exc:
+            raise EncodeError(f"cannot write a {self._event.record}: {type(exc).__name__}"
+                              ) from exc
+        return buffer.getvalue()
 
     def decode_transaction(self, data: bytes | bytearray | memoryview) -> dict[str, Any]:
-        return self._read(data, self._transaction)
+        return self._read(data, self._transaction)[0]
 
-    def _read(self, data: bytes | bytearray | memoryview, reader: _Schema) -> dict[str, Any]:
+    def _read(self, data: bytes | bytearray | memoryview, reader: _Schema
+              ) -> tuple[dict[str, Any], _Schema, memoryview, int]:
+        """The decoded record, its writer schema, its body and how many bytes of the body
+        the record took."""
         view = memoryview(data)
         if bytes(view[:2]) == SINGLE_OBJECT_MARKER and len(view) >= 10:
             fp = bytes(view[2:10])
@@ -734,9 +807,10 @@ class EventCodec:
             )
         if writer.record != reader.record:
             raise CodecError(f"message holds a {writer.record}, not a {reader.record}")
+        stream = io.BytesIO(body)
         try:
             decoded = schemaless_reader(
-                io.BytesIO(body),
+                stream,
                 writer.parsed,
                 None if writer is reader else reader.parsed,
                 return_record_name=True,
@@ -745,7 +819,7 @@ class EventCodec:
             raise CodecError(f"corrupt {writer.record} body: {type(exc).__name__}") from exc
         if not isinstance(decoded, dict):
             raise CodecError(f"a {writer.record} body did not decode to a record")
-        return decoded
+        return decoded, writer, body, stream.tell()
 
 
 _PRIMITIVES: Final = frozenset({"boolean", "long", "double", "string", "bytes"})

@@ -58,7 +58,7 @@ from replicator.errors import OperatorError, TransientError
 from replicator.events import TIER_ORDER, ChangeEvent, Op, Tier, TransactionRecord
 from replicator.keys import message_key
 from replicator.position import Lsn
-from replicator.transport.avro import EventCodec, body_digest
+from replicator.transport.avro import EventCodec
 from replicator.transport.registry import RegistryClient, subject_for
 
 __all__ = [
@@ -383,7 +383,7 @@ class EventProducer:
         digests: dict[str, int] | None = None,
     ) -> asyncio.Future[Any]:
         """Queue *event* on its tier's topic; returns the delivery future (librdkafka's
-        `Message`). With *digests*, the event's content digest (`avro.body_digest`) is added
+        `Message`). With *digests*, the event's content digest (`avro.content_digest`) is added
         to its table's entry."""
         delivery = await self._send_event(event, column_types, digests, None)
         assert delivery is not None
@@ -404,11 +404,14 @@ class EventProducer:
     ) -> asyncio.Future[Any] | None:
         producer = self._ready()
         topic = self._topics[event.tier]
-        value = self._codec.encode_event(event, column_types,
-                                         schema_id=self._schema_ids.get(topic))
         table = event.qualified_table
         if digests is not None:
-            digests[table] = digests.get(table, 0) + body_digest(value)
+            value, digest = self._codec.encode_event_digested(
+                event, column_types, schema_id=self._schema_ids.get(topic))
+            digests[table] = digests.get(table, 0) + digest
+        else:
+            value = self._codec.encode_event(event, column_types,
+                                             schema_id=self._schema_ids.get(topic))
         commit_lsn, seq = event.position
         fixed = self._headers.get((table, event.op, event.tier))
         if fixed is None:

@@ -193,6 +193,14 @@ async def test_verify_proves_the_archived_changes_are_the_ones_captured(
             break
     else:
         raise AssertionError("no segment holds an update of a guest's name")
+    # The same changes as sent again after a reconnect: only their processing time (ts_ms)
+    # differs from what the transaction records were computed over. That is the content.
+    resent = [{**r, "ts_ms": r["ts_ms"] + 60_000} for r in records]
+    data, _ = encode_record_segment(resent, table="public.guests", codec="zstandard")
+    victim.write_bytes(encrypt(data, name, ring))
+    report = await run_verify()
+    assert report.ok, report.lines()
+
     altered = updates[0]
     altered["after"] = {**altered["after"], "name": "not what was committed"}
     data, _ = encode_record_segment(records, table="public.guests", codec="zstandard")

@@ -32,9 +32,11 @@ from replicator.archive.segment import (
     decode_record_segment,
     decode_segment,
     decode_transaction_segment,
+    encode_body_segment,
     encode_record_segment,
     encode_segment,
     encode_transaction_segment,
+    event_facts,
     read_header,
     verify_segment,
 )
@@ -155,6 +157,30 @@ def test_kafka_records_are_written_as_they_came() -> None:
     assert header.rows == 3 and header.first == ChangePosition(Lsn(9), 0)
     _, decoded = decode_record_segment(data)
     assert list(decoded) == sorted(records, key=lambda r: r["source"]["seq"])
+
+
+@pytest.mark.parametrize("codec", CODECS)
+def test_kafka_bodies_go_into_the_segment_as_they_are(codec: str) -> None:
+    """The sink's path: message bodies are put into the blocks without encoding them again;
+    the segment (header and records) is the one `encode_record_segment` writes from the
+    decoded records, across several blocks and with key-only deletes."""
+    avro = EventCodec("wedsync", clock=lambda: NOW_NS)
+    events, hints = events_of_every_kind()
+    events += [change(0x300 + n, 0, after={"id": n, "note": "x" * 2000}) for n in range(300)]
+    events.append(change(0x500, 1, op=Op.DELETE, before={"id": 5}, after=None, wedding=None))
+    messages = [avro.encode_event(e, hints[TABLE]) for e in reversed(events)]
+    pairs = [avro.decode_event_body(m) for m in messages]
+    assert all(body == m[10:] for (_, body), m in zip(pairs, messages, strict=True))
+    data, header = encode_body_segment([(event_facts(value), body) for value, body in pairs],
+                                       table=TABLE, codec=codec)
+    expected, expected_header = encode_record_segment([v for v, _ in pairs], table=TABLE,
+                                                      codec=codec)
+    assert header == expected_header and header.unknown_deletes == 1
+    assert header.max_block_bytes is not None and header.max_block_bytes >= 256 * 1024
+    decoded_header, decoded = decode_record_segment(data)
+    assert decoded_header == header
+    assert list(decoded) == list(decode_record_segment(expected)[1])
+    assert data == expected  # the same bytes: same records, same blocks, same marker
 
 
 def test_transaction_segment() -> None:
