@@ -20,11 +20,15 @@ from __future__ import annotations
 
 import io
 import zlib
-from collections.abc import Callable, Iterator
-from typing import Any, Final
+from collections.abc import Callable, Iterable, Iterator
+from typing import IO, TYPE_CHECKING, Any, Final
+
+if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer
 
 __all__ = ["CHUNK", "HARD_BLOCK_BYTES", "MAX_BLOCK_BYTES", "MAX_RECORD_BYTES",
-           "MAX_ROW_TEXT_BYTES", "deflate_block", "legacy_limit", "zstd_block", "zstd_chunks"]
+           "MAX_ROW_TEXT_BYTES", "BoundedBytes", "BoundedReader", "chunk_stream",
+           "deflate_block", "legacy_limit", "zstd_block", "zstd_chunks"]
 
 CHUNK: Final = 1 << 20
 MAX_RECORD_BYTES: Final = 64 << 20
@@ -84,7 +88,8 @@ def zstd_chunks(data: memoryview | bytes, limit: int, what: str,
 
 def _block_data(fo: Any, error: Callable[[str], Exception]) -> tuple[bytes, int]:
     """A block's compressed bytes, read from *fo* after its record count, and the most it
-    may decompress to: *fo*'s `block_limit` (`segment._Bounded`), else `MAX_BLOCK_BYTES`."""
+    may decompress to: *fo*'s `block_limit` (`BoundedBytes`, `BoundedReader`), else
+    `MAX_BLOCK_BYTES`."""
     if hasattr(fo, "read_bytes"):  # fastavro's pure-Python decoder wraps the file
         return bytes(fo.read_bytes()), MAX_BLOCK_BYTES
     shift = size = 0
@@ -127,3 +132,49 @@ def deflate_block(fo: Any, *, error: Callable[[str], Exception]) -> io.BytesIO:
         raise error(f"an Avro block decompresses to more than the {limit} bytes its header "
                     "allows")
     return io.BytesIO(out)
+
+
+# --- files a segment is read from ---------------------------------------------------------
+
+
+class _ChunkIO(io.RawIOBase):
+    def __init__(self, chunks: Iterable[bytes]) -> None:
+        super().__init__()
+        self._chunks = iter(chunks)
+        self._pending = memoryview(b"")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: WriteableBuffer) -> int:
+        while not self._pending:
+            chunk = next(self._chunks, None)
+            if chunk is None:
+                return 0
+            self._pending = memoryview(chunk).cast("B")
+        with memoryview(buffer) as target:
+            size = min(len(target), len(self._pending))
+            target[:size] = self._pending[:size]
+        self._pending = self._pending[size:]
+        return size
+
+
+def chunk_stream(chunks: Iterable[bytes], buffer_size: int = 64 * 1024) -> IO[bytes]:
+    """A readable binary file over an iterator of byte chunks, e.g. `crypto.decrypt_stream`,
+    so that a segment decodes while it is being decrypted. Its `block_limit` bounds the
+    Avro blocks read from it."""
+    return BoundedReader(_ChunkIO(chunks), buffer_size)
+
+
+
+
+class BoundedBytes(io.BytesIO):
+    """A segment's bytes; `block_limit` caps what one of its blocks may decompress to."""
+
+    block_limit: int = MAX_BLOCK_BYTES
+
+
+class BoundedReader(io.BufferedReader):
+    """`chunk_stream`'s file, with `block_limit` as `BoundedBytes`'s."""
+
+    block_limit: int = MAX_BLOCK_BYTES

@@ -93,6 +93,9 @@ from replicator.archive.bloom import Bloom, may_hold
 from replicator.archive.bounded import (
     HARD_BLOCK_BYTES,
     MAX_BLOCK_BYTES,
+    BoundedBytes,
+    BoundedReader,
+    chunk_stream,
     deflate_block,
     zstd_block,
 )
@@ -114,15 +117,15 @@ from replicator.transport.avro import (
 )
 
 if TYPE_CHECKING:
-    from _typeshed import WriteableBuffer
+    pass
 
 __all__ = [
     "BLOCK_SIZE", "FORMAT_VERSION", "HEADER_PREFIX_SIZE", "MAX_WEDDING_IDS",
     "MAX_WEDDING_IDS_BYTES", "EventFacts", "SegmentCorrupt", "SegmentError", "SegmentHeader",
     "SegmentHeaderIncomplete", "chunk_stream", "decode_record_segment", "decode_segment",
     "decode_transaction_segment", "encode_body_segment", "encode_record_segment",
-    "encode_segment", "encode_transaction_segment", "event_facts", "read_header",
-    "verify_segment",
+    "encode_segment", "encode_transaction_body_segment", "encode_transaction_segment",
+    "event_facts", "read_header", "verify_segment",
 ]
 
 FORMAT_VERSION: Final = 1
@@ -493,16 +496,13 @@ def _write_bodies(writer: fastavro.write.Writer, bodies: Iterable[bytes]) -> int
     """Blocks of *bodies*, cut where `_write` cuts records; the largest block's size."""
     pending: list[bytes] = []
     size = largest = 0
-    for body in bodies:
-        pending.append(body)
-        size += len(body)
-        if size >= BLOCK_SIZE:
+    for body in itertools.chain(bodies, (None,)):
+        if body is not None:
+            pending.append(body)
+            size += len(body)
+        if pending and (size >= BLOCK_SIZE or body is None):
             writer.write_block(_RawBlock(len(pending), io.BytesIO(b"".join(pending))))
-            largest = max(largest, size)
-            pending, size = [], 0
-    if pending:
-        writer.write_block(_RawBlock(len(pending), io.BytesIO(b"".join(pending))))
-        largest = max(largest, size)
+            largest, pending, size = max(largest, size), [], 0
     return largest
 
 
@@ -590,6 +590,24 @@ def encode_transaction_segment(
     return _write(avro.parsed_transaction_schema, ordered, header, level)
 
 
+def encode_transaction_body_segment(
+    records: Sequence[tuple[Mapping[str, Any], bytes]], *, codec: str,
+    level: int | None = None,
+) -> tuple[bytes, SegmentHeader]:
+    """`encode_body_segment` for transaction records: each is the decoded record and its
+    body (`EventCodec.decode_transaction_body`)."""
+    avro = _default_codec()
+    name = _codec_name(codec)
+    ordered = _ordered(records, lambda record: _transaction_facts(record[0])[1],
+                       lambda record: _transaction_identity(record[0]))
+    summary = _Summary(SegmentKind.TRANSACTIONS, "", writing=True)
+    for record, _ in ordered:
+        summary.add(*_transaction_facts(record))
+    header = summary.header(avro.transaction_fingerprint.hex(), name)
+    return _write(avro.parsed_transaction_schema, [body for _, body in ordered], header,
+                  level, bodies=True)
+
+
 # --- decoding --------------------------------------------------------------------------------
 
 
@@ -656,7 +674,7 @@ def _open(data: Source, kind: SegmentKind | None, after: int | None = None
     try:
         if isinstance(data, bytes | bytearray | memoryview):
             meta = _read_meta(io.BytesIO(data), None)
-            stream = _Bounded(data)
+            stream = BoundedBytes(data)
         else:
             recorder = _Recorder(data)
             meta = _read_meta(recorder, None)
@@ -678,11 +696,11 @@ def _open(data: Source, kind: SegmentKind | None, after: int | None = None
     reader_schema = None if header.schema_fingerprint == ours.hex() else schema
     limit = min(HARD_BLOCK_BYTES, header.max_block_bytes if header.max_block_bytes is not None
                 else MAX_BLOCK_BYTES)
-    if isinstance(stream, _Bounded | _BoundedReader):
+    if isinstance(stream, BoundedBytes | BoundedReader):
         stream.block_limit = limit
     try:
         if after is not None and header.first.commit_lsn <= after:
-            seekable = _Bounded(stream.read())  # block_reader asks for positions
+            seekable = BoundedBytes(stream.read())  # block_reader asks for positions
             seekable.block_limit = limit
             records = _blocks_after(fastavro.block_reader(
                 seekable, reader_schema=reader_schema, return_record_name=True), after)
@@ -776,49 +794,6 @@ def verify_segment(data: Source) -> SegmentHeader:
     for _ in records:
         pass
     return header
-
-
-class _ChunkIO(io.RawIOBase):
-    def __init__(self, chunks: Iterable[bytes]) -> None:
-        super().__init__()
-        self._chunks = iter(chunks)
-        self._pending = memoryview(b"")
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: WriteableBuffer) -> int:
-        while not self._pending:
-            chunk = next(self._chunks, None)
-            if chunk is None:
-                return 0
-            self._pending = memoryview(chunk).cast("B")
-        with memoryview(buffer) as target:
-            size = min(len(target), len(self._pending))
-            target[:size] = self._pending[:size]
-        self._pending = self._pending[size:]
-        return size
-
-
-def chunk_stream(chunks: Iterable[bytes], buffer_size: int = 64 * 1024) -> IO[bytes]:
-    """A readable binary file over an iterator of byte chunks, e.g. `crypto.decrypt_stream`,
-    so that a segment decodes while it is being decrypted."""
-    return _BoundedReader(_ChunkIO(chunks), buffer_size)
-
-
-# --- bounded blocks (module docstring) ---------------------------------------------------
-
-
-class _Bounded(io.BytesIO):
-    """A segment's bytes; `block_limit` caps what one of its blocks may decompress to."""
-
-    block_limit: int = MAX_BLOCK_BYTES
-
-
-class _BoundedReader(io.BufferedReader):
-    """`chunk_stream`'s file, with `block_limit` as `_Bounded`'s."""
-
-    block_limit: int = MAX_BLOCK_BYTES
 
 
 fastavro.read.BLOCK_READERS["zstandard"] = partial(zstd_block, error=SegmentCorrupt)

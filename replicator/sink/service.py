@@ -11,6 +11,7 @@ import asyncio
 import logging
 import os
 from collections.abc import Callable, Mapping
+from typing import Any
 
 from connectors.base import ObjectStore
 from connectors.errors import Fatal, StoreError
@@ -21,6 +22,7 @@ from replicator.config import Config
 from replicator.crypto import CryptoError, Keyring
 from replicator.errors import OperatorError
 from replicator.sink.compaction import CompactionStats, Compactor
+from replicator.sink.shared import SharedDecodes
 from replicator.sink.worker import SinkStats, SinkWorker
 
 log = logging.getLogger(__name__)
@@ -61,6 +63,8 @@ class Sinks:
 
     async def open(self) -> None:
         keyring = load_keyring(self.config, self.environ)
+        # The destinations' sinks read the same records: one decodes, the others take it.
+        shared: SharedDecodes[Any] = SharedDecodes(len(self.config.destinations))
         for destination in self.config.destinations:
             try:
                 bare = open_store(destination.url, self.environ)
@@ -73,7 +77,7 @@ class Sinks:
             self._stores.append(store)
             await self._preflight(destination.name, bare)
             worker = SinkWorker(destination, self.config.kafka, store, keyring,
-                                claims_url=self.config.claims_url)
+                                claims_url=self.config.claims_url, shared=shared)
             self.workers[destination.name] = worker
             if destination.compaction.enabled:
                 self.compactors[destination.name] = Compactor(

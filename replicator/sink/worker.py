@@ -98,7 +98,7 @@ from replicator.archive.reader import CHECKPOINTS_KEPT, checkpoint_document, che
 from replicator.archive.segment import (
     EventFacts,
     encode_body_segment,
-    encode_transaction_segment,
+    encode_transaction_body_segment,
     event_facts,
 )
 from replicator.backoff import Backoff
@@ -111,6 +111,7 @@ from replicator.sink.breaker import BreakerState, CircuitBreaker, CircuitOpen, T
 from replicator.sink.checkpoint import CompletenessTracker
 from replicator.sink.claims import ClaimResolver, claim_of
 from replicator.sink.offsets import OffsetLedger, Pending
+from replicator.sink.shared import SharedDecodes
 from replicator.transport.avro import EventCodec, transaction_from_dict
 from replicator.transport.control import StateFollower, state_topic
 from replicator.transport.kafka import schemas_topic, topic_names, transactions_topic
@@ -161,13 +162,16 @@ class _Buffered:
 class SinkWorker:
     def __init__(self, destination: DestinationConfig, kafka: KafkaConfig, store: ObjectStore,
                  keyring: Keyring, *, clock: Any = time.monotonic,
-                 claims_url: str | None = None) -> None:
+                 claims_url: str | None = None,
+                 shared: SharedDecodes[Any] | None = None) -> None:
         self.destination = destination
         self.kafka = kafka
         self.store = store
         self.keyring = keyring
         self.clock = clock
         self.codec = EventCodec()
+        # What the other sinks of this process decoded already (sink/shared.py).
+        self.shared: SharedDecodes[Any] = shared or SharedDecodes(1)
         self.stats = SinkStats()
         self.breaker = CircuitBreaker()
         self.bucket = TokenBucket(destination.bandwidth_bytes_per_s)
@@ -183,7 +187,7 @@ class SinkWorker:
         self._rows = 0
         self._bytes = 0
         # decoded record and its entry in the offset ledger
-        self._tx_buffer: list[tuple[dict[str, Any], Pending]] = []
+        self._tx_buffer: list[tuple[dict[str, Any], bytes, Pending]] = []  # record, body
         self._schema_buffer: list[tuple[dict[str, Any], Pending]] = []
         self.offsets = OffsetLedger()  # records read and not yet committed
         self._stopping = asyncio.Event()
@@ -453,26 +457,37 @@ class SinkWorker:
         # Decoded once, to check it and to learn its facts; what is kept is the body, which
         # goes into the segment as it is (far smaller than the decoded record, and nothing
         # is encoded again at the flush).
-        value, body = self.codec.decode_event_body(record.value)
-        facts = event_facts(value)
-        if facts[5] is not None:  # a key-only delete: its key now, not the whole record
-            facts = (*facts[:5], partial(str, facts[5]()))
+        where = (tp.topic, tp.partition, record.offset)
+        found = self.shared.take(where, record.value)
+        if found is None:
+            value, body = self.codec.decode_event_body(record.value)
+            facts = event_facts(value)
+            if facts[5] is not None:  # a key-only delete: its key now, not the whole record
+                facts = (*facts[:5], partial(str, facts[5]()))
+            found = (facts, body, value if facts[3] == "r" else None)
+            self.shared.put(where, record.value, found)
+        facts, body, snapshot_row = found
         table = facts[0]
         position = (Lsn(facts[1][0]), int(facts[1][1]))
         size = len(record.value)
         entry = self.offsets.track(tp, record.offset, position[0])
         self._read_lsn[tp] = position[0]
         self._buffers[tier][table].append(
-            _Buffered(facts, body, value if facts[3] == "r" else None, position, size, entry))
+            _Buffered(facts, body, snapshot_row, position, size, entry))
         self._oldest.setdefault(tier, self.clock())
         self._rows += 1
         self._bytes += size
 
     def _add_transaction(self, tp: TopicPartition, record: ConsumerRecord[Any, Any]) -> None:
-        value = self.codec.decode_transaction(record.value)
+        where = (tp.topic, tp.partition, record.offset)
+        found = self.shared.take(where, record.value)
+        if found is None:
+            found = self.codec.decode_transaction_body(record.value)
+            self.shared.put(where, record.value, found)
+        value, body = found
         entry = self.offsets.track(tp, record.offset, Lsn(value["commit_lsn"]))
         self._read_lsn[tp] = entry.commit_lsn
-        self._tx_buffer.append((value, entry))
+        self._tx_buffer.append((value, body, entry))
         self._oldest.setdefault(Tier.CRITICAL, self.clock())
 
     def _due_tiers(self) -> list[Tier]:
@@ -549,8 +564,8 @@ class SinkWorker:
                     del tables[table]
                 self._oldest.pop(tier, None)
             if txs:
-                await self._write_transactions([value for value, _ in txs])
-                for value, entry in txs:
+                await self._write_transactions([(value, body) for value, body, _ in txs])
+                for value, _, entry in txs:
                     entry.written = True
                     records.append(value)
                 if self._tx_buffer is txs:
@@ -653,9 +668,9 @@ class SinkWorker:
         await self._put(key, data)
         self.stats.changes_written += header.rows
 
-    async def _write_transactions(self, records: list[dict[str, Any]]) -> None:
+    async def _write_transactions(self, records: list[tuple[dict[str, Any], bytes]]) -> None:
         # The encoder orders them and keeps one copy of each (redeliveries).
-        data, header = await asyncio.to_thread(encode_transaction_segment, records,
+        data, header = await asyncio.to_thread(encode_transaction_body_segment, records,
                                                codec=self.destination.compression)
         digest = hashlib.sha256(data).hexdigest()[:16]
         await self._put(transactions_key(header.first.commit_lsn, header.last.commit_lsn,

@@ -37,7 +37,7 @@ import io
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, time, timedelta, timezone
+from datetime import date, datetime, time, timedelta
 from decimal import Decimal
 from pathlib import Path
 from time import time_ns
@@ -49,14 +49,62 @@ from fastavro.schema import fingerprint, to_parsing_canonical_form
 
 from replicator import __version__
 from replicator.errors import ReplicatorError
-from replicator.events import ChangeEvent, Op, Tier, TransactionRecord
+from replicator.events import ChangeEvent, TransactionRecord
 from replicator.keys import Infinity, Interval
-from replicator.position import ChangePosition, Lsn
+from replicator.position import Lsn
+from replicator.transport.avrovalues import (
+    ARRAY,
+    DATE,
+    INTERVAL,
+    JSON,
+    NAMESPACE,
+    NUMERIC,
+    TIME,
+    TIMESTAMP,
+    TIMESTAMPTZ,
+    TIMETZ,
+    UUID_,
+    event_from_dict,
+    to_python,
+    transaction_from_dict,
+)
+from replicator.transport.avrovalues import (
+    EPOCH as _EPOCH,
+)
+from replicator.transport.avrovalues import (
+    EPOCH_ORDINAL as _EPOCH_ORDINAL,
+)
+from replicator.transport.avrovalues import (
+    EPOCH_UTC as _EPOCH_UTC,
+)
+from replicator.transport.avrovalues import (
+    INT_MAX as _INT_MAX,
+)
+from replicator.transport.avrovalues import (
+    INT_MIN as _INT_MIN,
+)
+from replicator.transport.avrovalues import (
+    LONG_MAX as _LONG_MAX,
+)
+from replicator.transport.avrovalues import (
+    LONG_MIN as _LONG_MIN,
+)
 from replicator.transport.avrowrite import Unsupported, compile_writer, write_long, write_string
 
 __all__ = [
+    "ARRAY",
     "CONNECTOR",
     "CONTENT_DIGEST",
+    "DATE",
+    "INTERVAL",
+    "JSON",
+    "NAMESPACE",
+    "NUMERIC",
+    "TIME",
+    "TIMESTAMP",
+    "TIMESTAMPTZ",
+    "TIMETZ",
+    "UUID_",
     "CodecError",
     "EncodeError",
     "EventCodec",
@@ -71,7 +119,6 @@ __all__ = [
 ]
 
 SCHEMA_DIR: Final = Path(__file__).resolve().parents[2] / "schemas"
-NAMESPACE: Final = "com.wedsync.replicator"
 CONNECTOR: Final = "wedsync-replicator"
 SINGLE_OBJECT_MARKER: Final = b"\xc3\x01"
 CONFLUENT_MAGIC: Final = 0
@@ -115,8 +162,6 @@ def digest_text(total: int, *, content: bool = True) -> str:
 EVENT_RECORD: Final = f"{NAMESPACE}.ChangeEvent"
 TRANSACTION_RECORD: Final = f"{NAMESPACE}.TransactionRecord"
 
-_INT_MAX, _INT_MIN = 2**31 - 1, -(2**31)
-_LONG_MAX, _LONG_MIN = 2**63 - 1, -(2**63)
 
 
 class CodecError(ReplicatorError, ValueError):
@@ -146,14 +191,7 @@ def load_schema(name: str) -> dict[str, Any]:
 
 # --- Python value -> Avro union datum --------------------------------------------------------
 
-_N = f"{NAMESPACE}."
-NUMERIC, TIMESTAMP, TIMESTAMPTZ = f"{_N}Numeric", f"{_N}Timestamp", f"{_N}TimestampTz"
-DATE, TIME, TIMETZ, INTERVAL = f"{_N}Date", f"{_N}Time", f"{_N}TimeTz", f"{_N}Interval"
-UUID_, JSON, ARRAY = f"{_N}Uuid", f"{_N}Json", f"{_N}Array"
 
-_EPOCH: Final = datetime(1970, 1, 1)
-_EPOCH_UTC: Final = datetime(1970, 1, 1, tzinfo=UTC)
-_EPOCH_ORDINAL: Final = _EPOCH.toordinal()
 _MICRO: Final = timedelta(microseconds=1)
 
 # Hints are Postgres base type names, array types with or without the leading underscore.
@@ -311,124 +349,6 @@ def _row(row: Mapping[str, Any], hints: Mapping[str, str] | None) -> dict[str, D
     except EncodeError as exc:
         raise EncodeError(f"column {name}: {exc}") from None
     return out
-
-
-# --- Avro union datum -> Python value --------------------------------------------------------
-
-
-def _timestamp_of(fields: Mapping[str, int], epoch: datetime) -> datetime | Infinity:
-    micros = fields["micros"]
-    if micros == _LONG_MAX:
-        return Infinity.POSITIVE
-    if micros == _LONG_MIN:
-        return Infinity.NEGATIVE
-    return epoch + timedelta(microseconds=micros)
-
-
-def _date_of(fields: Mapping[str, int]) -> date | Infinity:
-    days = fields["days"]
-    if days == _INT_MAX:
-        return Infinity.POSITIVE
-    if days == _INT_MIN:
-        return Infinity.NEGATIVE
-    return date.fromordinal(days + _EPOCH_ORDINAL)
-
-
-def _time_of(micros: int, tzinfo: timezone | None = None) -> time:
-    seconds, micro = divmod(micros, 1_000_000)
-    minutes, second = divmod(seconds, 60)
-    hour, minute = divmod(minutes, 60)
-    return time(hour, minute, second, micro, tzinfo=tzinfo)
-
-
-def _interval_of(fields: Mapping[str, int]) -> Interval | Infinity:
-    months, days, micros = fields["months"], fields["days"], fields["micros"]
-    if (months, days, micros) == (_INT_MAX, _INT_MAX, _LONG_MAX):
-        return Infinity.POSITIVE
-    if (months, days, micros) == (_INT_MIN, _INT_MIN, _LONG_MIN):
-        return Infinity.NEGATIVE
-    return Interval(months, days, micros)
-
-
-_DECODERS: Final[dict[str, Callable[[Mapping[str, Any]], Any]]] = {
-    NUMERIC: lambda f: Decimal(f["text"]),
-    TIMESTAMP: lambda f: _timestamp_of(f, _EPOCH),
-    TIMESTAMPTZ: lambda f: _timestamp_of(f, _EPOCH_UTC),
-    DATE: _date_of,
-    TIME: lambda f: _time_of(f["micros"]),
-    TIMETZ: lambda f: _time_of(f["micros"], timezone(timedelta(seconds=f["offset_s"]))),
-    INTERVAL: _interval_of,
-    UUID_: lambda f: UUID(f["text"]),
-    JSON: lambda f: f["text"],  # json stays its exact text, as in replicator.source.values
-    ARRAY: lambda f: [to_python(item) for item in f["items"]],
-}
-
-
-def to_python(value: Any) -> Any:
-    """A decoded Value (or a decoded row, a dict of them) as the Python value it was made from.
-
-    Expects fastavro's `return_record_name=True` form, which `decode_event` returns.
-    """
-    cls = type(value)
-    if cls is tuple:
-        name, fields = value
-        return _DECODERS[name](fields)
-    if cls is dict:
-        return {column: to_python(item) for column, item in value.items()}
-    return value
-
-
-def event_from_dict(decoded: Mapping[str, Any], *, python_values: bool = True,
-                    python_key: bool = True, op: Op | None = None,
-                    key: Mapping[str, Any] | None = None) -> ChangeEvent:
-    """The `ChangeEvent` a decoded envelope (a Kafka message's or an archived record's) was
-    made from; `ts_ms`, processing time, is not part of it. The one converter from the
-    decoded form to events.
-
-    *python_values* / *python_key*: `before`/`after` and the key as the Python values they
-    were made from (`to_python`), or left as decoded (the tagged form `archive.render` turns
-    into Postgres text without a round trip: what a restore merges and writes). *op* and
-    *key* replace the record's own (an update that moved its key becomes a delete of the old
-    key)."""
-    source = decoded["source"]
-    before, after = decoded["before"], decoded["after"]
-    keys = decoded["key"] if key is None else key
-    if python_values:
-        before = None if before is None else to_python(before)
-        after = None if after is None else to_python(after)
-    return ChangeEvent(
-        op=op or _OPS[decoded["op"]],
-        schema=source["schema"],
-        table=source["table"],
-        position=ChangePosition(Lsn(source["lsn"]), source["seq"]),
-        commit_ts_us=source["ts_us"],
-        xid=source["txId"],
-        key=to_python(keys) if python_key else keys,
-        before=before,
-        after=after,
-        unchanged=tuple(decoded["unchanged"]),
-        origin=source["origin"],
-        db=source["db"],
-        tier=_TIERS[decoded["priority"]],
-        wedding_id=decoded["wedding_id"],
-    )
-
-
-_OPS: Final[dict[str, Op]] = {op.value: op for op in Op}
-_TIERS: Final[dict[str, Tier]] = {tier.value: tier for tier in Tier}
-
-
-def transaction_from_dict(decoded: Mapping[str, Any]) -> TransactionRecord:
-    return TransactionRecord(
-        commit_lsn=Lsn(decoded["commit_lsn"]),
-        end_lsn=Lsn(decoded["end_lsn"]),
-        commit_ts_us=decoded["commit_ts_us"],
-        xid=decoded["xid"],
-        counts=dict(decoded["counts"]),
-        origin=decoded["origin"],
-        tier_counts=dict(decoded.get("tier_counts") or {}),
-        digests=dict(decoded.get("digests") or {}),
-    )
 
 
 # --- the codec -------------------------------------------------------------------------------
@@ -756,18 +676,27 @@ class EventCodec:
         exactly that one record (the usual case: nothing is encoded again, so the archive
         keeps the message byte for byte); otherwise (an older or foreign writer schema,
         trailing bytes) it is the decoded record encoded again."""
-        decoded, writer, body, used = self._read(data, self._event)
-        if writer is self._event and used == len(body):
-            return decoded, bytes(body)
-        return decoded, self.event_body(decoded)
+        return self._with_body(data, self._event)
 
-    def event_body(self, decoded: Mapping[str, Any]) -> bytes:
-        """*decoded* (as `decode_event` returns it) as Avro binary under the envelope schema."""
+    def decode_transaction_body(self, data: bytes | bytearray | memoryview
+                                ) -> tuple[dict[str, Any], bytes]:
+        """`decode_event_body` for a transaction record."""
+        return self._with_body(data, self._transaction)
+
+    def _with_body(self, data: bytes | bytearray | memoryview, reader: _Schema
+                   ) -> tuple[dict[str, Any], bytes]:
+        decoded, writer, body, used = self._read(data, reader)
+        if writer is reader and used == len(body):
+            return decoded, bytes(body)
+        return decoded, self._body(reader, decoded)
+
+    def _body(self, schema: _Schema, decoded: Mapping[str, Any]) -> bytes:
+        """*decoded* (as `_read` returns it) as Avro binary under *schema*."""
         buffer = io.BytesIO()
         try:
-            schemaless_writer(buffer, self._event.parsed, dict(decoded))
+            schemaless_writer(buffer, schema.parsed, dict(decoded))
         except (ValueError, TypeError, OverflowError, KeyError) as exc:
-            raise EncodeError(f"cannot write a {self._event.record}: {type(exc).__name__}"
+            raise EncodeError(f"cannot write a {schema.record}: {type(exc).__name__}"
                               ) from exc
         return buffer.getvalue()
 

@@ -35,6 +35,7 @@ from replicator.archive.segment import (
     encode_body_segment,
     encode_record_segment,
     encode_segment,
+    encode_transaction_body_segment,
     encode_transaction_segment,
     event_facts,
     read_header,
@@ -181,6 +182,17 @@ def test_kafka_bodies_go_into_the_segment_as_they_are(codec: str) -> None:
     assert decoded_header == header
     assert list(decoded) == list(decode_record_segment(expected)[1])
     assert data == expected  # the same bytes: same records, same blocks, same marker
+
+
+def test_transaction_bodies_go_into_the_segment_as_they_are() -> None:
+    records = [TransactionRecord(Lsn(lsn), Lsn(lsn + 8), 1_000 + lsn, 700 + lsn,
+                                 {TABLE: 2}, origin=None, digests={TABLE: f"c2:{lsn:032x}"})
+               for lsn in (300, 100, 200, 100)]
+    avro = EventCodec()
+    pairs = [avro.decode_transaction_body(avro.encode_transaction(r)) for r in records]
+    data, header = encode_transaction_body_segment(pairs, codec="zstandard")
+    assert (data, header) == encode_transaction_segment(records, codec="zstandard")
+    assert list(decode_transaction_segment(data)[1]) == [records[1], records[2], records[0]]
 
 
 def test_transaction_segment() -> None:
