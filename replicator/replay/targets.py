@@ -13,7 +13,10 @@ once every table succeeded, or `abort()`.
   over the loaded rows, which is faster than maintaining it, and which refuses duplicate
   keys), committed there. `commit()` then puts every table in place in one transaction
   (`swap.Swap`) and drops the staging schemas; `abort()` drops them. So a failed replay
-  changes nothing in the target's tables, whatever table failed when. A table that already
+  changes nothing in the target's tables, whatever table failed when. A run holds an
+  advisory lock while its staging schemas exist; the next replay into the database drops
+  the staging schemas of runs whose lock nobody holds (a replay killed with -9 cannot clean
+  up after itself), with a warning. A table that already
   exists is refused up front, unless `replace_existing`, which replaces its rows in place
   (`swap`), after the wedding-day guard. A database that does not exist is refused
   (`TargetMissing`), unless `create_database`.
@@ -75,6 +78,11 @@ __all__ = ["FORMATS", "CommitUnknown", "FileTarget", "HashTarget", "PostgresTarg
 
 FORMATS: Final = ("jsonl", "csv", "parquet")
 log = logging.getLogger("replicator.replay")
+
+#: The advisory-lock class of replay runs (with the run's hash): held while a run's staging
+#: schemas exist.
+_RUN_LOCK = 0x57454453
+_STAGING_PATTERN = "^replicator_restore_[0-9a-f]{10}_[0-9]+$"
 
 
 def is_dsn(to: str) -> bool:
@@ -138,6 +146,7 @@ class PostgresTarget:
         self._open: list[Any] = []  # connections holding a table's open transaction
         self._run = uuid.uuid4().hex[:10]
         self._staging: dict[str, str] = {}  # namespace -> its staging schema
+        self._holder: Any = None  # the connection holding this run's advisory lock
         self._plan: Swap | None = None
         # table -> column -> the default expression the target could not create
         self.skipped_defaults: dict[str, dict[str, str]] = {}
@@ -201,6 +210,8 @@ class PostgresTarget:
                     self.override = Override(self.override_reason, why, tuple(swap.changed),
                                              wedding, point, self.database)
                     await write_audit_row(conn, self.override)
+            await self._hold_run()
+            await self._clear_abandoned(conn)
             namespaces = sorted({split_qualified(s.table)[0] for s in schemas})
             for n, namespace in enumerate(namespaces):
                 staging = f"replicator_restore_{self._run}_{n}"
@@ -209,6 +220,48 @@ class PostgresTarget:
             self._plan = swap
         finally:
             await conn.close()
+
+    async def _hold_run(self) -> None:
+        """Hold this run's advisory lock on a connection of its own until the run ends: a
+        replay that was killed leaves its staging schemas, and the lock, gone with its
+        connection, tells the next replay they are abandoned (`_clear_abandoned`)."""
+        self._holder = await self._connect(autocommit=True)
+        await self._holder.execute("SELECT pg_advisory_lock(%s, hashtext(%s))",
+                                   (_RUN_LOCK, self._run))
+
+    async def _clear_abandoned(self, conn: Any) -> None:
+        """Drop the staging schemas of replays that ended without cleaning up (killed, or
+        their connection lost): those whose run's advisory lock nobody holds."""
+        from psycopg import sql
+
+        rows = await (await conn.execute(
+            "SELECT nspname FROM pg_namespace WHERE nspname ~ %s ORDER BY nspname",
+            (_STAGING_PATTERN,))).fetchall()
+        runs: dict[str, list[str]] = {}
+        for (name,) in rows:
+            runs.setdefault(name.split("_")[2], []).append(name)
+        for run, names in runs.items():
+            if run == self._run:
+                continue
+            locked = await (await conn.execute(
+                "SELECT pg_try_advisory_lock(%s, hashtext(%s))", (_RUN_LOCK, run))).fetchone()
+            if not locked[0]:
+                continue  # a replay that is running
+            try:
+                for name in names:
+                    await conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(
+                        sql.Identifier(name)))
+                log.warning("dropped the staging schemas %s, left by a replay that did not "
+                            "finish", ", ".join(names))
+            finally:
+                await conn.execute("SELECT pg_advisory_unlock(%s, hashtext(%s))",
+                                   (_RUN_LOCK, run))
+
+    async def _release_run(self) -> None:
+        holder, self._holder = self._holder, None
+        if holder is not None:
+            with contextlib.suppress(Exception):
+                await holder.close()
 
     async def _inspect(self, conn: Any, schemas: Sequence[TableSchema], wedding: str | None
                        ) -> tuple[Swap, dict[int, str]]:
@@ -343,9 +396,11 @@ class PostgresTarget:
                 await conn.rollback()
             await conn.close()
             await self._drop_staging()
+            await self._release_run()
             raise
         await conn.close()
         self._staging = {}
+        await self._release_run()
 
     async def abort(self) -> None:
         for conn in self._open:
@@ -353,6 +408,7 @@ class PostgresTarget:
                 await conn.rollback()
         await self._close()
         await self._drop_staging()
+        await self._release_run()
 
     async def _drop_staging(self) -> None:
         from psycopg import sql

@@ -257,7 +257,7 @@ def local_archive(tmp_path: Path) -> Path:
 async def build_archive(pg_dsn: str, kafka: str, prefix: str, tmp_path: Path,
                         *targets: StoreTarget, transactions: int = 60,
                         points_at: tuple[int, ...] = (9, 30, 59), pause: float = 0.0
-                        ) -> tuple[list[Point], tuple]:
+                        ) -> tuple[list[Point], tuple[DestinationConfig, ...]]:
     config, dests = seeded_archive(pg_dsn, kafka, prefix, tmp_path, *targets)
     async with snapshotted(config):
         points = await asyncio.to_thread(

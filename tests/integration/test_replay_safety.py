@@ -299,3 +299,45 @@ async def test_the_wedding_day_guard_reads_the_calendar_and_records_an_override(
         await store.close()
     assert doc["reason"] == "vendor 1 was wiped" and doc["tables"] == ["public.vendors"]
     assert "today or tomorrow" in doc["guard"] and doc["restore_point"] == at
+
+
+async def test_a_killed_replay_leaves_nothing_the_next_one_keeps(pg_server_dsn: str) -> None:
+    # A replay killed with -9 cannot drop its staging schemas; the next replay into the
+    # database drops them, and leaves alone those of a replay that is still running.
+    schema = TableSchema("public.t", (Column("id", "integer", True),), ("id",), Lsn(1))
+    with restore_db(pg_server_dsn) as target:
+        script = (
+            "import asyncio, sys\n"
+            "from replicator.position import Lsn\n"
+            "from replicator.replay.table import Column, TableSchema\n"
+            "from replicator.replay.targets import PostgresTarget\n"
+            "async def main():\n"
+            "    t = PostgresTarget(sys.argv[1])\n"
+            "    await t.prepare([TableSchema('public.t', (Column('id', 'integer', True),),"
+            " ('id',), Lsn(1))])\n"
+            "    print('staged', flush=True)\n"
+            "    await asyncio.sleep(600)\n"
+            "asyncio.run(main())\n")
+        child = subprocess.Popen([sys.executable, "-c", script, target],
+                                 stdout=subprocess.PIPE, text=True, env=sink_environ())
+        try:
+            assert child.stdout is not None
+            assert await asyncio.to_thread(child.stdout.readline) == "staged\n"
+        finally:
+            child.kill()
+            child.wait(30)
+            if child.stdout is not None:
+                child.stdout.close()
+        killed = staging_schemas(target)
+        assert len(killed) == 1, killed
+        running = PostgresTarget(target)
+        await running.prepare([schema])
+        kept = sorted(set(staging_schemas(target)) - set(killed))
+        assert len(kept) == 1
+        nxt = PostgresTarget(target)
+        await nxt.prepare([schema])
+        mine = sorted(set(staging_schemas(target)) - set(killed) - set(kept))
+        assert sorted(staging_schemas(target)) == sorted(kept + mine)  # the killed run's: gone
+        await nxt.abort()
+        await running.abort()
+        assert staging_schemas(target) == []
