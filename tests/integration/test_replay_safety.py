@@ -318,16 +318,15 @@ async def test_a_killed_replay_leaves_nothing_the_next_one_keeps(pg_server_dsn: 
             "    print('staged', flush=True)\n"
             "    await asyncio.sleep(600)\n"
             "asyncio.run(main())\n")
-        child = subprocess.Popen([sys.executable, "-c", script, target],
-                                 stdout=subprocess.PIPE, text=True, env=sink_environ())
+        child = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", script, target, stdout=asyncio.subprocess.PIPE,
+            env=sink_environ())
         try:
             assert child.stdout is not None
-            assert await asyncio.to_thread(child.stdout.readline) == "staged\n"
+            assert await asyncio.wait_for(child.stdout.readline(), 60) == b"staged\n"
         finally:
-            child.kill()
-            child.wait(30)
-            if child.stdout is not None:
-                child.stdout.close()
+            child.kill()  # SIGKILL: nothing of its own cleans up
+            await child.wait()
         killed = staging_schemas(target)
         assert len(killed) == 1, killed
         running = PostgresTarget(target)
