@@ -19,7 +19,8 @@ Measured:
 - RSS of each process at the start (after the first window) and at the end: it must stay flat;
 - RPO per tier: for each commit, the first time every destination's checkpoint of its tier
   (from the sinks' `/metrics`, polled every second) passes the WAL position read inside the
-  transaction, minus its commit time; p99 per tier (the worst destination);
+  transaction, minus its commit time; p99 per tier (the worst destination), and per
+  destination beside it; `drain_s`, how long after the load every commit was durable;
 - changes lost: commits never durable in some destination by the end of the drain, plus rows
   that differ between each destination's restore and the source (`replicator verify
   --against`, after the load): both must be 0.
@@ -397,11 +398,15 @@ async def run(minutes: float, rate: float, quick: bool, ddl_every: float, say: A
             return all(checkpoints.durable_at(dest, tier, lsn) is not None
                        for dest, _ in dests for tier, lsn in top.items() if lsn)
 
+        load_ended = time.monotonic()
         while time.monotonic() < deadline:
             if drained() or not all(service.alive() for service in services):
                 break
             await asyncio.sleep(2)  # the poller fills `checkpoints` meanwhile
+        drain_s = round(time.monotonic() - load_ended, 1)
         rpo_s: dict[str, list[float]] = {tier: [] for tier in TIERS}
+        by_dest: dict[str, dict[str, list[float]]] = {
+            dest: {tier: [] for tier in TIERS} for dest, _ in dests}
         never = 0
         for k, lsn, ts in zip(commits.tier, commits.inside_lsn, commits.ts, strict=True):
             times = [checkpoints.durable_at(dest, TIERS[k], lsn) for dest, _ in dests]
@@ -409,6 +414,9 @@ async def run(minutes: float, rate: float, quick: bool, ddl_every: float, say: A
                 never += 1
                 continue
             rpo_s[TIERS[k]].append(max(t for t in times if t is not None) - ts)
+            for (dest, _), when in zip(dests, times, strict=True):
+                assert when is not None
+                by_dest[dest][TIERS[k]].append(when - ts)
         stop.set()
         await poller
         exited = {s.role: s.tail() for s in services if not s.alive()}
@@ -420,6 +428,11 @@ async def run(minutes: float, rate: float, quick: bool, ddl_every: float, say: A
             "rss_mb_start": rss_start,
             "rss_mb_end": rss_end,
             "rpo_p99_s": {tier: p99(values) for tier, values in rpo_s.items()},
+            "rpo_p99_s_by_destination": {dest: {tier: p99(values)
+                                                for tier, values in tiers.items()}
+                                         for dest, tiers in by_dest.items()},
+            "drain_s": drain_s,
+            "load_commit_rate": round(len(commits) / max(1e-9, load_ended - started), 1),
             "commits": len(commits),
             "commit_rate": round(len(commits) / max(1e-9, time.monotonic() - started), 1),
             "commits_never_durable": never,

@@ -667,11 +667,19 @@ def plan(listing: Listing, *, at: At, checkpoint: Lsn,
         before = Lsn(mark.lsn - 1)
         own = _oldest(archives[table], known_headers,
                       None if snapshots is None else snapshots.get(table, ()))
-        nearest = before if own is not None and own <= before else None
-        for start, end in sorted(set(gap_list) | set(windows), reverse=True):
-            if nearest is not None and start < nearest < end:
-                nearest = start if own is not None and start >= own else None
-        hint = f"; restore at {nearest} or earlier" if nearest is not None else ""
+        if mark.born:  # not created yet at the point: its first restorable state is later
+            nearest = own
+            for start, end in sorted(set(gap_list) | set(windows)):
+                if nearest is not None and start < nearest < end:
+                    nearest = end if end != _NEVER else None
+            hint = (f"; restore at {nearest} or later, or leave it out (--tables)"
+                    if nearest is not None else "; leave it out (--tables)")
+        else:
+            nearest = before if own is not None and own <= before else None
+            for start, end in sorted(set(gap_list) | set(windows), reverse=True):
+                if nearest is not None and start < nearest < end:
+                    nearest = start if own is not None and start >= own else None
+            hint = f"; restore at {nearest} or earlier" if nearest is not None else ""
         raise ReplayRefused(f"{mark.gone(table)}: it does not exist at {what}{hint}",
                             nearest=nearest, tables=(table,))
     selected = [t for t in selected if t not in found.left_out]

@@ -29,7 +29,8 @@ from psycopg import sql
 
 from replicator.errors import ReplicatorError
 from replicator.position import Lsn
-from replicator.replay.targets import PostgresTarget
+from replicator.replay.plan import ReplayRefused
+from replicator.replay.targets import FileTarget, PostgresTarget
 from tests.integration.archive_helpers import archived_schemas
 from tests.integration.capture_helpers import holds, wait_for
 from tests.integration.replay_helpers import (
@@ -184,6 +185,22 @@ async def test_ddl_restores_either_side(pg_dsn: str, pg_server_dsn: str, kafka_b
         else:
             with pytest.raises(ReplicatorError, match=r"re-?snapshot|no restorable state"):
                 await restored(pg_server_dsn, url, Lsn(taken.lsn))
+
+    # Asked for by name before it was created: refused. Streaming, the message points at its
+    # first restorable state, later (there is none before its creation); behind, the table
+    # was dropped before any re-snapshot of it, so it has none and can only be left out.
+    born = Lsn(extras[0]["lsn"])
+    with pytest.raises(ReplayRefused, match=(
+            rf"public.extras was created at {born}, after the point: it does not exist at "
+            r"LSN \S+; (restore at \S+ or later, or )?leave it out \(--tables\)")) as refused:
+        await run_replay(url, FileTarget(tmp_path / "born", "jsonl"), Lsn(shots[0].lsn),
+                         tables=["extras"])
+    if mode == "streaming":
+        assert refused.value.nearest is not None and refused.value.nearest >= born
+        await run_replay(url, FileTarget(tmp_path / "born", "jsonl"), refused.value.nearest,
+                         tables=["extras"])
+    else:
+        assert refused.value.nearest is None, refused.value
 
 
 async def test_without_event_triggers_the_relation_messages_carry_the_schema(
