@@ -21,9 +21,10 @@ Measured:
   (from the sinks' `/metrics`, polled every second) passes the WAL position read inside the
   transaction, minus its commit time; p99 per tier (the worst destination), and per
   destination beside it; `drain_s`, how long after the load every commit was durable;
-- changes lost: commits never durable in some destination by the end of the drain, plus rows
-  that differ between each destination's restore and the source (`replicator verify
-  --against`, after the load): both must be 0.
+- changes lost: commits never durable in some destination by the end of the drain (which
+  lasts while some checkpoint still advances, until none moved for the flush interval plus
+  180 s), plus rows that differ between each destination's restore and the source
+  (`replicator verify --against`, after the load): both must be 0.
 
 `--json` prints one JSON object on the last line: `minutes`, `lost`, `rss_mb_start` and
 `rss_mb_end` (per process), `rpo_p99_s` (per tier), and details beside them.
@@ -241,6 +242,10 @@ class Checkpoints:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), POLL_S)
 
+    def progress(self) -> int:
+        """How many checkpoint advances were seen, over every destination and tier."""
+        return sum(len(history) for history in self.seen.values())
+
     def durable_at(self, dest: str, tier: str, lsn: int) -> float | None:
         """The first time the checkpoint of (*dest*, *tier*) was past *lsn*."""
         for when, value in self.seen.get((dest, tier), []):
@@ -390,8 +395,9 @@ async def run(minutes: float, rate: float, quick: bool, ddl_every: float, say: A
             if not all(service.alive() for service in services):
                 break  # reported below, with what it left undone
         rss_end = {s.role: round(s.rss_mb(), 1) for s in services}
-        # Drain: every commit durable in every destination, or the drain's time is up.
-        deadline = time.monotonic() + max(flush.values()) + 180
+        # Drain: every commit durable in every destination, or no checkpoint moved for the
+        # drain's quiet time. A backlog still going down is late (RPO), not lost.
+        quiet = max(flush.values()) + 180
         top = {tier: max((lsn for t, lsn in zip(commits.tier, commits.inside_lsn, strict=True)
                           if t == k), default=0) for k, tier in enumerate(TIERS)}
         def drained() -> bool:
@@ -399,10 +405,13 @@ async def run(minutes: float, rate: float, quick: bool, ddl_every: float, say: A
                        for dest, _ in dests for tier, lsn in top.items() if lsn)
 
         load_ended = time.monotonic()
-        while time.monotonic() < deadline:
+        moved, last = load_ended, checkpoints.progress()
+        while time.monotonic() - moved < quiet:
             if drained() or not all(service.alive() for service in services):
                 break
             await asyncio.sleep(2)  # the poller fills `checkpoints` meanwhile
+            if (now := checkpoints.progress()) != last:
+                moved, last = time.monotonic(), now
         drain_s = round(time.monotonic() - load_ended, 1)
         rpo_s: dict[str, list[float]] = {tier: [] for tier in TIERS}
         by_dest: dict[str, dict[str, list[float]]] = {
