@@ -58,7 +58,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from replicator.config import Config
 from replicator.errors import OperatorError, TransientError
-from replicator.events import Tier, TransactionRecord
+from replicator.events import Tier, TransactionRecord, is_restore_staging, split_qualified
 from replicator.position import INVALID_LSN, Lsn
 from replicator.priority import WeddingCalendar
 from replicator.source import ddl
@@ -423,15 +423,28 @@ class Capture:
         result = SnapshotResult(lsn)
         seq = 0
         for table in self._snapshot_order(tables):
-            tiers = await self._snapshot_one(conn, self.tables[table], lsn, first_seq=seq,
-                                             where=(where or {}).get(table), calendar=calendar)
+            info = self.tables.get(table)
+            if info is None:  # dropped or renamed meanwhile: its DDL in the stream says so
+                continue
+            await conn.execute("SAVEPOINT replicator_snapshot_table")
+            try:
+                tiers = await self._snapshot_one(conn, info, lsn, first_seq=seq,
+                                                 where=(where or {}).get(table),
+                                                 calendar=calendar)
+            except psycopg.errors.UndefinedTable:
+                # Dropped before its rows could be read: there is nothing to snapshot, and
+                # the DROP is in the stream (a restore of it before the drop is refused).
+                await conn.execute("ROLLBACK TO SAVEPOINT replicator_snapshot_table")
+                log.warning("%s was dropped before its snapshot was read: left out", table)
+                continue
+            await conn.execute("RELEASE SAVEPOINT replicator_snapshot_table")
             rows = sum(tiers.values())
             seq += rows
             result.rows[table] = rows
             result.tiers.update(tiers)
             boundary_record = snapshot_record(lsn, table, tiers)
             if boundary != "none":
-                await self._publish_schema(conn, self.tables[table], lsn)
+                await self._publish_schema(conn, info, lsn)
             if boundary == "deferred":
                 self._deferred.append((boundary_record, lsn, table, rows, record))
             else:
@@ -452,6 +465,8 @@ class Capture:
             await (await self.producer.send_schema(ddl.document(desc, lsn, "snapshot")))
 
     def _captured(self, table: str) -> bool:
+        if is_restore_staging(split_qualified(table)[0]):
+            return False  # a replay's staging table (`events.is_restore_staging`)
         return table in self.tables or table in self.history.signatures or (
             self._all_tables and not table.startswith(("pg_temp", "pg_toast")))
 

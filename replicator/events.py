@@ -20,7 +20,7 @@ import enum
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 from replicator.position import ChangePosition, Lsn
 
@@ -59,6 +59,15 @@ def _quote(part: str) -> str:
 
 def _unquote(part: str) -> str:
     return part[1:-1].replace('""', '"') if part.startswith('"') else part
+
+
+#: The schemas a replay into Postgres stages its tables in (`replay.targets`): never captured.
+RESTORE_STAGING_PREFIX: Final = "replicator_restore_"
+
+
+def is_restore_staging(schema: str) -> bool:
+    """Whether *schema* is a replay's staging schema, whose tables capture leaves out."""
+    return schema.startswith(RESTORE_STAGING_PREFIX)
 
 
 def join_qualified(schema: str, table: str) -> str:

@@ -48,6 +48,7 @@ __all__ = [
     "CHECKPOINTS",
     "DEAD_LETTERS",
     "GAPS",
+    "ROLLBACKS",
     "SCHEMAS",
     "SEGMENTS",
     "SNAPSHOTS",
@@ -77,6 +78,7 @@ __all__ = [
     "parse_segment_key",
     "parse_snapshot_key",
     "part_key",
+    "rollback_key",
     "schema_key",
     "schemas_prefix",
     "segment_key",
@@ -95,6 +97,7 @@ SCHEMAS: Final = "schemas/"
 GAPS: Final = "gaps/"
 CHECKPOINTS: Final = "checkpoints/"
 AUDIT: Final = "audit/"
+ROLLBACKS: Final = "rollbacks/"
 DEAD_LETTERS: Final = "deadletters/"
 CLAIMS: Final = "claims/"
 
@@ -363,6 +366,12 @@ def audit_key(at_us: int, ident: str) -> str:
     if not re.fullmatch(r"[0-9a-f]{1,32}", ident) or not 0 <= at_us < 1 << 64:
         raise ValueError(f"invalid audit record name parts {at_us!r}, {ident!r}")
     return f"{AUDIT}{at_us:016X}-{ident}.json"
+
+
+def rollback_key(at_us: int, ident: str) -> str:
+    """`rollbacks/<time>-<id>.json`: a rollback's emergency snapshot of the wedding's live
+    rows (JSON, encrypted), named like `audit_key`."""
+    return ROLLBACKS + audit_key(at_us, ident).removeprefix(AUDIT)
 
 
 def parse_audit_key(key: str) -> tuple[int, str]:

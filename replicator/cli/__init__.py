@@ -11,6 +11,7 @@ from replicator.cli.demo import demo
 from replicator.cli.dev import dev
 from replicator.cli.errors import ReplicatorGroup
 from replicator.cli.replay import replay, verify
+from replicator.cli.rollback import rollback
 from replicator.cli.run import run
 from replicator.cli.snapshot import snapshot
 
@@ -25,6 +26,7 @@ main.add_command(compact)
 main.add_command(demo)
 main.add_command(dev)
 main.add_command(replay)
+main.add_command(rollback)
 main.add_command(run)
 main.add_command(snapshot)
 main.add_command(verify)

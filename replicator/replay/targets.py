@@ -60,7 +60,7 @@ from replicator.archive.render import (
 )
 from replicator.config import PriorityConfig
 from replicator.errors import ReplicatorError
-from replicator.events import split_qualified
+from replicator.events import RESTORE_STAGING_PREFIX, split_qualified
 from replicator.replay.plan import ReplayRefused
 from replicator.replay.swap import (
     Override,
@@ -82,7 +82,7 @@ log = logging.getLogger("replicator.replay")
 #: The advisory-lock class of replay runs (with the run's hash): held while a run's staging
 #: schemas exist.
 _RUN_LOCK = 0x57454453
-_STAGING_PATTERN = "^replicator_restore_[0-9a-f]{10}_[0-9]+$"
+_STAGING_PATTERN = f"^{RESTORE_STAGING_PREFIX}[0-9a-f]{{10}}_[0-9]+$"
 
 
 def is_dsn(to: str) -> bool:
@@ -204,7 +204,7 @@ class PostgresTarget:
                 swap.missing[table] = await missing_columns(conn, oid, swap.schemas[table])
             swap.changed = fk_order(sorted(oids.values()), await relations(conn, oids))
             if swap.changed:
-                why = await guard(conn, self.calendar, swap.changed, self.override_reason)
+                why = await self._guard(conn, swap)
                 if why is not None:
                     assert self.override_reason is not None
                     self.override = Override(self.override_reason, why, tuple(swap.changed),
@@ -214,12 +214,16 @@ class PostgresTarget:
             await self._clear_abandoned(conn)
             namespaces = sorted({split_qualified(s.table)[0] for s in schemas})
             for n, namespace in enumerate(namespaces):
-                staging = f"replicator_restore_{self._run}_{n}"
+                staging = f"{RESTORE_STAGING_PREFIX}{self._run}_{n}"
                 await conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(staging)))
                 self._staging[namespace] = staging
             self._plan = swap
         finally:
             await conn.close()
+
+    async def _guard(self, conn: Any, swap: Swap) -> str | None:
+        """The wedding-day guard before changing existing tables (`swap.guard`)."""
+        return await guard(conn, self.calendar, swap.changed, self.override_reason)
 
     async def _hold_run(self) -> None:
         """Hold this run's advisory lock on a connection of its own until the run ends: a

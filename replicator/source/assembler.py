@@ -42,7 +42,13 @@ from dataclasses import dataclass, field
 from typing import IO, Any
 
 from replicator.errors import ReplicatorError
-from replicator.events import ChangeEvent, Op, TransactionRecord, join_qualified
+from replicator.events import (
+    ChangeEvent,
+    Op,
+    TransactionRecord,
+    is_restore_staging,
+    join_qualified,
+)
 from replicator.position import ChangePosition, Lsn
 from replicator.source import pgoutput as pg
 from replicator.source.ddl import DDL_PREFIX
@@ -124,6 +130,9 @@ class Assembler:
         self._prepared: dict[str, _Open] = {}
         self._stream_xid: int | None = None
         self._relations: list[pg.Relation] = []
+        #: Relations capture leaves out (a replay's staging tables, `is_restore_staging`):
+        #: their rows are dropped here, whatever the publication.
+        self.ignored: set[int] = set()
 
     # --- state the capture loop needs -----------------------------------------------------
 
@@ -183,6 +192,8 @@ class Assembler:
             vars(self).pop("_row", None)
 
     def _row_spilling(self, message: pg.Insert | pg.Update | pg.Delete) -> None:
+        if message.relation_oid in self.ignored:
+            return
         tx = self._open_for(message.xid)
         if tx is None or tx.spill is None:
             Assembler._row(self, message)
@@ -287,6 +298,10 @@ class Assembler:
         return None
 
     def _relation(self, rel: pg.Relation) -> None:
+        if is_restore_staging(rel.namespace):
+            self.ignored.add(rel.oid)
+            self.tables.pop(rel.oid, None)
+            return
         qualified = join_qualified(rel.namespace, rel.name)
         names = tuple(c.name for c in rel.columns)
         key = tuple(i for i, c in enumerate(rel.columns) if c.flags_key)
@@ -321,7 +336,11 @@ class Assembler:
         return tx
 
     def _row(self, message: pg.Insert | pg.Update | pg.Delete) -> None:
-        table = self._table(message.relation_oid)
+        table = self.tables.get(message.relation_oid)
+        if table is None:
+            if message.relation_oid in self.ignored:
+                return
+            table = self._table(message.relation_oid)
         tx = self._open_for(message.xid)
         if tx is None:
             raise CaptureError(f"row change on {table.qualified} outside a transaction")
@@ -368,6 +387,8 @@ class Assembler:
         if tx is None:
             raise CaptureError("TRUNCATE outside a transaction")
         for oid in message.relation_oids:
+            if oid in self.ignored:
+                continue
             table = self._table(oid)
             if tx.spill is not None:
                 tx.spill.write(message.xid or tx.xid, table,

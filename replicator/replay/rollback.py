@@ -1,0 +1,403 @@
+"""A rollback: one wedding's rows in the live database put back as they were at a point.
+
+`replicator rollback` restores the wedding as of the point from the archive into staging
+tables (the wedding restore of `run`, `targets.PostgresTarget`), then, in one transaction of
+the live database (`RollbackTarget.commit`):
+
+1. **Locks the wedding.** The transaction is REPEATABLE READ. It takes the wedding's row of
+   the calendar table, and the wedding's rows in every table the restore changes (found
+   through the calendar's links, `[priority.tables]`), `FOR UPDATE NOWAIT`. A transaction
+   writing one of them now, or one that committed a change to them since the rollback's
+   snapshot, makes the rollback refuse (`RollbackRefused`, exit 2) and change nothing: run it
+   again. Rows of other weddings are not locked. A new row of the wedding in a table whose
+   foreign key points at the locked calendar row waits for the rollback's commit (its key
+   lock conflicts with the row lock), and lands after it.
+2. **Compares** the live rows of the wedding with the restored ones, table by table, by key:
+   deletes (live rows the point did not hold), updates (rows whose columns differ, compared
+   as text) and inserts (rows of the point that are gone).
+3. **Writes an emergency snapshot** before the first change: the wedding's live rows, every
+   table, as JSON, encrypted, to `rollbacks/<time>-<id>.json` of every store given (the
+   archive read, and each destination of `--config`), with the live database's WAL position
+   at the snapshot (`snapshot_position`). Rolling the rollback back is a rollback `--at` that
+   position: the changes before it are the wedding as the rollback found it (the rollback's
+   own writes are ordinary changes, which capture archives like any other).
+4. **Records an audit record**: a row of `public.replicator_audit` in the same transaction
+   (action `rollback`, the OS user, `--reason`, the time, the point, the row counts, the
+   snapshot's position and objects in `details`), and the same document as `audit/` objects
+   of every store, written before the commit.
+5. **Applies only what differs**, in foreign-key order (`swap.Swap`): deletes children
+   first, then updates and inserts parents first; a row already equal is left alone.
+
+Rules: the wedding-day guard of a rollback looks at the wedding itself: a wedding today or
+tomorrow (the calendar's time zone), or any rollback on a Saturday, needs
+`--override-reason`. A dry run compares (step 2) and rolls back: nothing is written, and the
+guard's finding is reported instead of enforced. The live database must have the archived
+columns of each table (a column dropped since the point is refused: a rollback never changes
+a table's definition), and tables the archive has but the live database lacks are left
+alone (refused if the wedding had rows in them). A foreign key with ON DELETE CASCADE among
+the wedding's tables deletes only rows the rollback deletes anyway (children of a row that
+did not exist at the point did not exist either); one from a table outside them is refused
+(`swap.fk_order`).
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import logging
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from connectors.base import ObjectStore
+from replicator.archive.layout import audit_key, rollback_key
+from replicator.archive.render import utc_text
+from replicator.config import PriorityConfig
+from replicator.crypto import Keyring, encrypt
+from replicator.events import split_qualified
+from replicator.replay.plan import At, ReplayRefused
+from replicator.replay.swap import AUDIT_TABLE, Swap, first_line, quoted
+from replicator.replay.targets import PostgresTarget
+
+__all__ = ["Copy", "RollbackRefused", "RollbackReport", "RollbackTarget", "rollback"]
+
+log = logging.getLogger("replicator.replay")
+
+class RollbackRefused(ReplayRefused):
+    """The rollback cannot go ahead now; nothing was changed."""
+
+
+@dataclass(frozen=True, slots=True)
+class Copy:
+    """A store the rollback's snapshot and audit record go to."""
+
+    name: str
+    store: ObjectStore
+    keyring: Keyring
+
+
+@dataclass(slots=True)
+class RollbackReport:
+    wedding: str
+    point: str
+    database: str
+    dry_run: bool
+    id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    user: str = field(default_factory=getpass.getuser)
+    reason: str = ""
+    guard: str | None = None  # the wedding-day guard's finding (overridden, or a dry run)
+    override_reason: str | None = None
+    counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    keys: dict[str, dict[str, list[Any]]] = field(default_factory=dict)
+    snapshot_position: str | None = None
+    snapshot_objects: list[str] = field(default_factory=list)
+    audit_objects: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    committed: bool = False
+
+    @property
+    def changed(self) -> int:
+        return sum(sum(c.values()) for c in self.counts.values())
+
+    def audit(self) -> dict[str, Any]:
+        return {"id": self.id, "action": "rollback", "at": self.at.isoformat(),
+                "user": self.user, "reason": self.reason, "database": self.database,
+                "wedding": self.wedding, "restore_point": self.point, "guard": self.guard,
+                "override_reason": self.override_reason,
+                "rows": self.counts, "snapshot_position": self.snapshot_position,
+                "snapshot_objects": self.snapshot_objects}
+
+    def to_dict(self, with_keys: bool) -> dict[str, Any]:
+        doc = {**self.audit(), "dry_run": self.dry_run, "committed": self.committed,
+               "audit_objects": self.audit_objects, "seconds": round(self.seconds, 3)}
+        if with_keys:
+            doc["keys"] = self.keys
+        return doc
+
+    def lines(self) -> list[str]:
+        verb = "would change" if self.dry_run else "changed"
+        out = [f"{t}: {c['deletes']} delete(s), {c['updates']} update(s), "
+               f"{c['inserts']} insert(s)" for t, c in sorted(self.counts.items())]
+        head = (f"rollback of wedding {self.wedding} to {self.point} in {self.database}: "
+                f"{verb} {self.changed} row(s) in {self.seconds:.2f} s")
+        if self.dry_run:
+            head += " (dry run: nothing written)"
+        else:
+            head += (f"; audit {self.id}; the wedding before it is at "
+                     f"{self.snapshot_position} (undo: --at {self.snapshot_position})")
+        if self.guard:
+            head += f"; wedding-day guard: {self.guard}"
+        return [head, *out]
+
+
+class RollbackTarget(PostgresTarget):
+    """The wedding restore into the live database as a rollback (module docstring)."""
+
+    def __init__(self, dsn: str, report: RollbackReport, *, copies: Sequence[Copy] = (),
+                 override_reason: str | None = None, **options: Any) -> None:
+        super().__init__(dsn, replace_existing=True, override_reason=override_reason,
+                         **options)
+        self.report = report
+        self.copies = list(copies)
+
+    async def _guard(self, conn: Any, swap: Swap) -> str | None:
+        """A wedding today or tomorrow, or any rollback on a Saturday, needs the override."""
+        from psycopg import sql
+
+        c = self.calendar
+        found = []
+        cur = await conn.execute("SELECT extract(isodow FROM (now() AT TIME ZONE %s)::date) = 6",
+                                 (c.timezone,))
+        if (await cur.fetchone())[0]:
+            found.append("it is Saturday")
+        exists = await (await conn.execute("SELECT to_regclass(%s) IS NOT NULL",
+                                           (quoted(c.weddings_table),))).fetchone()
+        if c.calendar and exists[0]:
+            cur = await conn.execute(sql.SQL(
+                "SELECT t.{day}::date - (now() AT TIME ZONE %s)::date FROM {table} t "
+                "WHERE t.{id}::text = %s").format(
+                    day=sql.Identifier(c.wedding_date_column),
+                    table=sql.Identifier(*split_qualified(c.weddings_table)),
+                    id=sql.Identifier(c.wedding_id_column)), (c.timezone, swap.wedding))
+            row = await cur.fetchone()
+            if row is not None and row[0] in (0, 1):
+                found.append(f"wedding {swap.wedding} is {('today', 'tomorrow')[row[0]]}")
+        if not found:
+            return None
+        why = " and ".join(found)
+        self.report.guard = why
+        if self.report.dry_run:
+            return None  # reported, not enforced: a dry run changes nothing
+        if not self.override_reason:
+            raise RollbackRefused(
+                f"rolling back wedding {swap.wedding} is refused: {why}. Give "
+                "--override-reason '<why>' (it is recorded with the rollback's audit record)")
+        log.warning("wedding-day protection overridden (%s): rolling back wedding %s; reason: "
+                    "%s", why, swap.wedding, self.override_reason)
+        self.report.override_reason = self.override_reason
+        return None  # recorded in the rollback's own audit record, before the first change
+
+    async def commit(self) -> None:
+        import psycopg
+
+        assert self._plan is not None, "prepare() first"
+        swap = self._plan
+        await self._close()
+        if not self.report.dry_run:
+            await self._audit_table()
+        conn = await self._connect()
+        try:
+            try:
+                await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+                await self._lock(conn, swap)
+                await self._leave_out_absent(conn, swap)
+                if any(swap.missing.values()):
+                    lacking = "; ".join(f"{t}: {', '.join(c.name for c in cols)}"
+                                        for t, cols in sorted(swap.missing.items()) if cols)
+                    raise RollbackRefused(
+                        f"the live database lacks archived columns ({lacking}): a rollback "
+                        "does not change table definitions; restore into another database")
+                for table in swap.changed:
+                    self.report.keys[table] = await self._diff(conn, swap, table)
+                    self.report.counts[table] = {k: len(v)
+                                                 for k, v in self.report.keys[table].items()}
+                if self.report.dry_run:
+                    await conn.rollback()
+                else:
+                    await self._snapshot(conn, swap)
+                    await self._audit_row(conn, swap)
+                    await self._write_everywhere(audit_key(self._at_us(), self.report.id),
+                                                 json.dumps(self.report.audit()).encode(),
+                                                 self.report.audit_objects)
+                    await swap.run(conn, self._staged, list(self._staging.values()))
+                    await conn.commit()
+                    self.report.committed = True
+            except (psycopg.errors.LockNotAvailable,
+                    psycopg.errors.SerializationFailure) as exc:
+                raise RollbackRefused(
+                    f"wedding {swap.wedding} is being written to right now "
+                    f"({first_line(exc)}): nothing was changed; run the rollback again") from None
+            except psycopg.Error as exc:
+                raise ReplayRefused(f"the rollback failed, nothing was changed: "
+                                    f"{first_line(exc)}") from None
+        except BaseException:
+            import contextlib
+
+            with contextlib.suppress(Exception):
+                await conn.rollback()
+            await conn.close()
+            await self._drop_staging()
+            await self._release_run()
+            raise
+        await conn.close()
+        await self._drop_staging()
+        await self._release_run()
+
+    def _at_us(self) -> int:
+        return int(self.report.at.timestamp() * 1_000_000)
+
+    async def _lock(self, conn: Any, swap: Swap) -> None:
+        """The wedding's calendar row, then its rows in every changed table, FOR UPDATE
+        NOWAIT (module docstring, step 1)."""
+        from psycopg import sql
+
+        c = self.calendar
+        if c.calendar and c.weddings_table in swap.existing:
+            await conn.execute(sql.SQL("SELECT FROM {} t WHERE t.{}::text = %s "
+                                       "FOR UPDATE NOWAIT").format(
+                sql.Identifier(*split_qualified(c.weddings_table)),
+                sql.Identifier(c.wedding_id_column)), (swap.wedding,))
+        for table in swap.changed:
+            await conn.execute(sql.SQL("SELECT FROM {} t WHERE {} FOR UPDATE OF t NOWAIT"
+                                       ).format(_identifier(table), swap.filters[table]),
+                               (swap.wedding,))
+
+    async def _leave_out_absent(self, conn: Any, swap: Swap) -> None:
+        """Tables the live database lacks are not created by a rollback: refused if the
+        wedding had rows in them, else left out."""
+        from psycopg import sql
+
+        for table in [t for t in swap.schemas if t not in swap.existing]:
+            cur = await conn.execute(sql.SQL("SELECT count(*) FROM {}").format(
+                self._staged(table)))
+            rows = (await cur.fetchone())[0]
+            if rows:
+                raise RollbackRefused(
+                    f"wedding {swap.wedding} had {rows} row(s) in {table} at the point, and "
+                    "the live database has no such table: a rollback does not create tables")
+            del swap.schemas[table]
+
+    async def _diff(self, conn: Any, swap: Swap, table: str) -> dict[str, list[Any]]:
+        """The keys of the live rows to delete, update and insert (module docstring, 2)."""
+        from psycopg import sql
+
+        schema = swap.schemas[table]
+        live, staged, where = _identifier(table), self._staged(table), swap.filters[table]
+        params = (swap.wedding,)
+        if not schema.primary_key:
+            cur = await conn.execute(sql.SQL("SELECT to_jsonb(t)::text FROM {} t WHERE {}"
+                                             ).format(live, where), params)
+            gone = [json.loads(r[0]) for r in await cur.fetchall()]
+            cur = await conn.execute(sql.SQL("SELECT to_jsonb(s)::text FROM {} s").format(
+                staged))
+            return {"deletes": gone, "updates": [],
+                    "inserts": [json.loads(r[0]) for r in await cur.fetchall()]}
+
+        def key(alias: str) -> Any:
+            return sql.SQL("jsonb_build_object({})::text").format(sql.SQL(", ").join(
+                sql.SQL("{}, {}.{}").format(sql.Literal(c), sql.Identifier(alias),
+                                            sql.Identifier(c)) for c in schema.primary_key))
+
+        match = sql.SQL(" AND ").join(sql.SQL("s.{0} = t.{0}").format(sql.Identifier(c))
+                                      for c in schema.primary_key)
+        others = [c for c in schema.names if c not in schema.primary_key]
+        queries = {
+            "deletes": (sql.SQL("SELECT {} FROM {} t WHERE ({}) AND NOT EXISTS "
+                                "(SELECT FROM {} s WHERE {}) ORDER BY 1").format(
+                key("t"), live, where, staged, match), params),
+            "inserts": (sql.SQL("SELECT {} FROM {} s WHERE NOT EXISTS "
+                                "(SELECT FROM {} t WHERE {}) ORDER BY 1").format(
+                key("s"), staged, live, match), ()),
+        }
+        if others:
+            differ = sql.SQL(" OR ").join(
+                sql.SQL("t.{0}::text IS DISTINCT FROM s.{0}::text").format(sql.Identifier(c))
+                for c in others)
+            queries["updates"] = (sql.SQL("SELECT {} FROM {} s JOIN {} t ON {} WHERE {} "
+                                          "ORDER BY 1").format(key("s"), staged, live, match,
+                                                               differ), ())
+        out: dict[str, list[Any]] = {"deletes": [], "updates": [], "inserts": []}
+        for what, (query, args) in queries.items():
+            cur = await conn.execute(query, args)
+            out[what] = [json.loads(r[0]) for r in await cur.fetchall()]
+        return out
+
+    async def _snapshot(self, conn: Any, swap: Swap) -> None:
+        """The wedding's live rows, every changed table, to every store (module docstring,
+        step 3)."""
+        from psycopg import sql
+
+        cur = await conn.execute("SELECT pg_current_wal_lsn()::text")
+        self.report.snapshot_position = (await cur.fetchone())[0]
+        tables: dict[str, list[Any]] = {}
+        for table in swap.changed:
+            cur = await conn.execute(sql.SQL("SELECT to_jsonb(t)::text FROM {} t WHERE {}"
+                                             ).format(_identifier(table), swap.filters[table]),
+                                     (swap.wedding,))
+            tables[table] = [json.loads(r[0]) for r in await cur.fetchall()]
+        document = {"id": self.report.id, "wedding": swap.wedding,
+                    "database": self.report.database, "taken_at": self.report.at.isoformat(),
+                    "position": self.report.snapshot_position, "tables": tables}
+        await self._write_everywhere(rollback_key(self._at_us(), self.report.id),
+                                     json.dumps(document).encode(),
+                                     self.report.snapshot_objects)
+
+    async def _write_everywhere(self, key: str, data: bytes, written: list[str]) -> None:
+        for copy in self.copies:
+            await copy.store.put(key, encrypt(data, key, copy.keyring))
+            written.append(f"{copy.name}:{key}")
+
+    async def _audit_table(self) -> None:
+        """`public.replicator_audit`, created or given the rollback's columns, on its own."""
+        from psycopg import sql
+
+        name = sql.Identifier(*AUDIT_TABLE)
+        conn = await self._connect(autocommit=True)
+        try:
+            await conn.execute(sql.SQL(
+                "CREATE TABLE IF NOT EXISTS {} (id text PRIMARY KEY, at timestamptz NOT NULL, "
+                "by_user text NOT NULL, db_user text NOT NULL DEFAULT current_user, "
+                "reason text NOT NULL, guard text NOT NULL, tables text[] NOT NULL, "
+                "wedding text, restore_point text)").format(name))
+            await conn.execute(sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS action text, "
+                                       "ADD COLUMN IF NOT EXISTS details jsonb").format(name))
+        finally:
+            await conn.close()
+
+    async def _audit_row(self, conn: Any, swap: Swap) -> None:
+        from psycopg import sql
+
+        r = self.report
+        await conn.execute(sql.SQL(
+            "INSERT INTO {} (id, at, by_user, reason, guard, tables, wedding, restore_point, "
+            "action, details) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, 'rollback', %s::jsonb)"
+        ).format(sql.Identifier(*AUDIT_TABLE)),
+            (r.id, r.at, r.user, r.reason, r.guard or "", list(swap.changed), r.wedding,
+             r.point, json.dumps(r.audit())))
+
+
+def _identifier(table: str) -> Any:
+    from psycopg import sql
+
+    return sql.Identifier(*split_qualified(table))
+
+
+async def rollback(store: ObjectStore, keyring: Keyring, dsn: str, *, wedding: str, at: At,
+                   reason: str, dry_run: bool = False, copies: Sequence[Copy] = (),
+                   override_reason: str | None = None, calendar: PriorityConfig | None = None,
+                   destination: str | None = None, allow_stale: bool = False,
+                   heartbeat_s: float = 10.0) -> RollbackReport:
+    """Put *wedding*'s rows in the live database *dsn* back as they were at *at* (module
+    docstring). *copies*: the stores the snapshot and audit record go to (the archive read
+    is not added by itself)."""
+    from replicator.replay.run import apply, prepare
+
+    if not reason.strip():
+        raise ReplayRefused("--reason must say why the wedding is rolled back (it is recorded)")
+    started = time.perf_counter()
+    prepared = await prepare(store, keyring, at=at, wedding=wedding, destination=destination,
+                             allow_stale=allow_stale, heartbeat_s=heartbeat_s)
+    point = str(prepared.plan.target)
+    ts = prepared.archive.timeline.times.get(int(prepared.plan.target))
+    if ts is not None:
+        point += f" ({utc_text(ts)})"
+    target = RollbackTarget(dsn, RollbackReport(wedding, point, "", dry_run, reason=reason),
+                            copies=copies, override_reason=override_reason, calendar=calendar)
+    target.report.database = target.database
+    await apply(prepared, target)
+    target.report.seconds = time.perf_counter() - started
+    return target.report
