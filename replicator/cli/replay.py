@@ -133,6 +133,10 @@ def _tables(text: str | None) -> list[str] | None:
               help="Restore at a time past the newest archived commit anyway (that commit).")
 @click.option("--create-database", is_flag=True,
               help="Create the target database when it does not exist.")
+@click.option("--tiered", is_flag=True,
+              help="Into an empty Postgres database, nearest weddings first: the rows of "
+                   "critical weddings committed first, then high, normal, and last every "
+                   "table whole; each step says when it became usable.")
 @click.option("--jobs", type=click.IntRange(1, 64), default=4, show_default=True,
               help="Tables restored at once.")
 @click.option("--memory-budget", "memory_budget", type=click.FloatRange(min=32), default=2048,
@@ -146,7 +150,7 @@ def replay(store_url: str, at_text: str, to: str | None, tables: str | None,
            wedding: str | None, format_: str, dry_run: bool, as_json: bool,
            replace_existing: bool, destination: str | None, override_reason: str | None,
            config_file: Path | None, allow_stale: bool, create_database: bool,
-           jobs: int, memory_budget: float,
+           tiered: bool, jobs: int, memory_budget: float,
            keyring_file: Path | None, log_level: str) -> None:
     """Rebuild the database, some tables, or one wedding as of a moment.
 
@@ -162,6 +166,12 @@ def replay(store_url: str, at_text: str, to: str | None, tables: str | None,
     at = parse_at_option(at_text)
     calendar, heartbeat_s = load_calendar(config_file)
     store, keyring = open_archive(store_url, keyring_file, os.environ)
+    if tiered:
+        _tiered(store, keyring, at, to, calendar, heartbeat_s, tables=_tables(tables),
+                wedding=wedding, dry_run=dry_run, replace_existing=replace_existing,
+                destination=destination, allow_stale=allow_stale,
+                create_database=create_database, jobs=jobs, as_json=as_json)
+        return
 
     from replicator.cli.errors import CommandFailed
     from replicator.replay.run import apply, plan_document, prepare
@@ -200,6 +210,41 @@ def replay(store_url: str, at_text: str, to: str | None, tables: str | None,
         click.echo(json.dumps(result.to_dict(), sort_keys=True))
     else:
         click.echo(result.line())
+
+
+def _tiered(store: Any, keyring: Any, at: Any, to: str | None, calendar: Any,
+            heartbeat_s: float, *, tables: list[str] | None, wedding: str | None,
+            dry_run: bool, replace_existing: bool, destination: str | None,
+            allow_stale: bool, create_database: bool, jobs: int, as_json: bool) -> None:
+    """`replay --tiered` (`replicator.replay.tiered`)."""
+    from replicator.replay.targets import is_dsn
+    from replicator.replay.tiered import Step, replay_tiered
+
+    if wedding is not None or dry_run or replace_existing:
+        raise BadOption("--tiered restores a whole database (or --tables) into an empty one: "
+                        "it takes no --wedding, --dry-run or --replace-existing")
+    if to is None or not is_dsn(to):
+        raise BadOption("--tiered needs --to with a Postgres connection string")
+
+    def told(step: Step) -> None:
+        if not as_json:
+            what = f"{step.weddings} {step.tier} wedding(s)" if step.tier != "rest" else \
+                "every table whole"
+            _stderr(f"usable at {step.usable_s:.2f} s: {what} ({step.rows:,} rows)\n")
+
+    async def main() -> Any:
+        async with store:
+            return await replay_tiered(store, keyring, to, at=at, calendar=calendar,
+                                       tables=tables, destination=destination, jobs=jobs,
+                                       allow_stale=allow_stale, heartbeat_s=heartbeat_s,
+                                       create_database=create_database, on_step=told)
+
+    summary = run_archive_command(main(), failed="tiered replay stopped; the steps committed "
+                                                 "so far stay (each step is a transaction)")
+    if as_json:
+        click.echo(json.dumps(summary.to_dict(), sort_keys=True))
+    else:
+        click.echo("\n".join(summary.lines()))
 
 
 def _stderr(text: str) -> None:

@@ -254,9 +254,12 @@ def _naming_dead_letters(refused: ReplayRefused, parked: list[str], at: At, chec
 async def prepare(store: ObjectStore, keyring: Keyring, *, at: At,
                   tables: Sequence[str] | None = None, wedding: str | None = None,
                   destination: str | None = None, allow_stale: bool = False,
-                  heartbeat_s: float = 10.0) -> Prepared:
+                  heartbeat_s: float = 10.0, weddings: frozenset[str] | None = None,
+                  label: str | None = None) -> Prepared:
     """Read what the plan needs and plan. A time later than the newest archived commit by
-    more than *heartbeat_s* is refused unless *allow_stale* (`plan.check_fresh`)."""
+    more than *heartbeat_s* is refused unless *allow_stale* (`plan.check_fresh`).
+    *weddings*: restore the rows of these weddings (a `tiered` step; *label* names them),
+    reading only the objects whose header says one of them may be inside."""
     started = time.perf_counter()
     tables = None if tables is None else list(tables)  # read twice: for schemas, and by plan
     dest = await find_destination(store, destination)
@@ -280,7 +283,7 @@ async def prepare(store: ObjectStore, keyring: Keyring, *, at: At,
     history = schema_history(docs)
     headers: dict[str, Header] = {}
     try:
-        if wedding is not None:
+        if wedding is not None or weddings is not None:
             # Plan once without headers to learn which segments are in range, then read theirs.
             rough = plan(listing, at=at, checkpoint=checkpoint, tables=tables,
                          resolver=resolver, snapshots=timeline.snapshots, gaps=gaps,
@@ -318,9 +321,11 @@ async def prepare(store: ObjectStore, keyring: Keyring, *, at: At,
     timeline.oldest = max(bases.values(), default=Lsn(0))
 
     schemas = {t.table: schema_at(docs, t.table, target) for t in the_plan.tables}
-    jobs = [TableJob(t.table, schemas[t.table], t.objects, bases[t.table], target, wedding,
-                     check_counts=wedding is None, headers=headers,
-                     compacted=t.base_kind == "snapshot", cleared=t.base_kind == "recreated")
+    jobs = [TableJob(t.table, schemas[t.table], t.objects, bases[t.table], target,
+                     wedding if weddings is None else (label or "the weddings"),
+                     check_counts=wedding is None and weddings is None, headers=headers,
+                     compacted=t.base_kind == "snapshot", cleared=t.base_kind == "recreated",
+                     weddings=weddings)
             for t in the_plan.tables]
     return Prepared(the_plan, archive, jobs, dest, schemas, time.perf_counter() - started,
                     {info.key: info.size for info in listing})

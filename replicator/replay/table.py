@@ -162,6 +162,9 @@ class TableJob:
     target: Lsn
     wedding: str | None = None
     check_counts: bool = True
+    # A restore of several weddings at once (`tiered`): their ids; `wedding` then only names
+    # them in messages.
+    weddings: frozenset[str] | None = None
     # Recompute each transaction's content digest from the archived changes and compare it
     # with the capture's (verify: it re-encodes every change read).
     check_digests: bool = False
@@ -171,6 +174,22 @@ class TableJob:
     # The base is an empty table: the table was dropped at `base` and created again after it
     # (nothing at or below `base` is applied: the old table's rows are gone).
     cleared: bool = False
+
+    def owns(self, wedding_id: str | None) -> bool:
+        """Whether a row of *wedding_id* is one this wedding restore keeps."""
+        if self.weddings is not None:
+            return wedding_id in self.weddings
+        return wedding_id == self.wedding
+
+    def may_hold(self, header: SegmentHeader | PartHeader | SnapshotHeader) -> bool:
+        """False only when *header* proves no row of the restore's wedding(s) is inside."""
+        if self.weddings is None:
+            assert self.wedding is not None
+            return header.may_hold_wedding(self.wedding)
+        ids = header.wedding_ids
+        if ids is not None:
+            return not self.weddings.isdisjoint(ids)
+        return any(header.may_hold_wedding(w) for w in self.weddings)
 
     @property
     def holds_base(self) -> bool:
@@ -435,7 +454,7 @@ async def emit_states(merger: Merger, job: TableJob, out: Output, timeline: Time
     for key, state in merger.state().items():
         if isinstance(state, Tombstone):
             continue
-        if job.wedding is not None and state.wedding_id != job.wedding:
+        if job.wedding is not None and not job.owns(state.wedding_id):
             continue
         if state.unchanged:
             raise ReplayFailed(

@@ -44,7 +44,7 @@ async def restore_wedding(archive: Archive, job: TableJob, emit: Emit,
     the new wedding only)."""
     stats = TableStats(job.table)
     assert job.wedding is not None
-    base, target, wedding = job.first_change, int(job.target), job.wedding
+    base, target = job.first_change, int(job.target)
     headers = job.headers or {}
     merger = Merger()
     seen: dict[int, bytearray] = {}
@@ -63,7 +63,7 @@ async def restore_wedding(archive: Archive, job: TableJob, emit: Emit,
             merger.add(record_event(record))
         elif owner is None and op == "d":
             unknown_deletes.append(dict(record))
-        elif owner == wedding and not deletes_only:
+        elif not deletes_only and owner is not None and job.owns(owner):
             event = record_event(record)
             wanted.add(canonical_key(event.key))
             before = record["before"]
@@ -79,18 +79,18 @@ async def restore_wedding(archive: Archive, job: TableJob, emit: Emit,
         known = headers.get(obj.key)
         if obj.kind is ObjectKind.SEGMENT:
             assert not isinstance(known, PartHeader | SnapshotHeader)
-            if (known is not None and not known.may_hold_wedding(wedding)
+            if (known is not None and not job.may_hold(known)
                     and not known.ops.get(Op.TRUNCATE.value, 0)):
                 for_deletes.append((obj.key, known))
                 continue
-        elif known is not None and not known.may_hold_wedding(wedding):
+        elif known is not None and not job.may_hold(known):
             stats.segments_skipped += 1
             continue
         stats.segments += 1
         if obj.kind is ObjectKind.SNAPSHOT:
             snapshot = await archive.snapshot(obj.key)
             try:
-                for event in _snapshot_wedding(job, snapshot, wedding):
+                for event in _snapshot_wedding(job, snapshot):
                     wanted.add(canonical_key(event.key))
                     merger.add(event)
             except PartCorrupt as exc:
@@ -103,7 +103,7 @@ async def restore_wedding(archive: Archive, job: TableJob, emit: Emit,
             await asyncio.sleep(0)
         else:  # a capture snapshot's part, at the base or later
             part, batches = await archive.part(obj.key)
-            for event in _part_wedding(job, part, batches, wedding, seen):
+            for event in _part_wedding(job, part, batches, seen):
                 wanted.add(canonical_key(event.key))
                 merger.add(event)
     for key, header in for_deletes:
@@ -125,26 +125,34 @@ async def restore_wedding(archive: Archive, job: TableJob, emit: Emit,
     return stats
 
 
-def _part_wedding(job: TableJob, part: PartHeader, batches: Iterable[list[str]], wedding: str,
+def _mine(job: TableJob) -> frozenset[str]:
+    """The restore's wedding ids as COPY-escaped fields."""
+    if job.weddings is not None:
+        return frozenset(copy_escape(w) for w in job.weddings)
+    assert job.wedding is not None
+    return frozenset((copy_escape(job.wedding),))
+
+
+def _part_wedding(job: TableJob, part: PartHeader, batches: Iterable[list[str]],
                   seen: dict[int, bytearray]) -> Iterator[ChangeEvent]:
-    """The rows of *wedding* in a capture snapshot part, as versions at their position."""
-    mine = copy_escape(wedding)
+    """The rows of the wedding(s) in a capture snapshot part, as versions at their
+    position."""
+    mine = _mine(job)
     for lines in batches:
         for line in lines:
             seq_text, owner, key_field, row = line.split("\t", 3)
-            if owner != mine or not mark_seen(seen, int(part.lsn), int(seq_text)):
+            if owner not in mine or not mark_seen(seen, int(part.lsn), int(seq_text)):
                 continue
             yield line_event(job, part, int(seq_text), owner, key_field, row)
 
 
-def _snapshot_wedding(job: TableJob, snapshot: SnapshotPart, wedding: str
-                      ) -> Iterator[ChangeEvent]:
-    """The rows of *wedding* in a compaction snapshot part, as versions at the base."""
-    mine = copy_escape(wedding)
+def _snapshot_wedding(job: TableJob, snapshot: SnapshotPart) -> Iterator[ChangeEvent]:
+    """The rows of the wedding(s) in a compaction snapshot part, as versions at the base."""
+    mine = _mine(job)
     weddings = snapshot.wedding_lines()
-    picked = [n for n, field_ in enumerate(weddings) if field_ == mine]
+    picked = [n for n, field_ in enumerate(weddings) if field_ in mine]
     if not picked:
         return
     rows, keys = snapshot.row_lines(), snapshot.key_lines()
     for n in picked:
-        yield line_event(job, snapshot.header, n, mine, keys[n], rows[n])
+        yield line_event(job, snapshot.header, n, weddings[n], keys[n], rows[n])
