@@ -158,6 +158,37 @@ class PriorityConfig(_Model):
         return self
 
 
+class VendorLink(_Model):
+    """Where a wedding's vendors are, for `replicator impact`: the distinct values of
+    `column` among the rows of `table` whose `wedding_column` holds the wedding's id (e.g.
+    `{ table = "public.bookings", column = "vendor", wedding_column = "wedding_id" }`)."""
+
+    table: str
+    column: str
+    wedding_column: str = "wedding_id"
+
+    @field_validator("table")
+    @classmethod
+    def _table(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("name the table (schema.table)")
+        return _qualified(value)
+
+    @field_validator("column", "wedding_column")
+    @classmethod
+    def _column(cls, value: str) -> str:
+        if not value:
+            raise ValueError("name a column")
+        return value
+
+
+class ImpactConfig(_Model):
+    """`replicator impact`'s settings (`[impact]`). Without `vendors` (the default), the
+    report lists no vendors."""
+
+    vendors: VendorLink | None = None
+
+
 class KafkaConfig(_Model):
     bootstrap_servers: str = "127.0.0.1:19092"
     topic_prefix: str = "wedsync"
@@ -308,6 +339,7 @@ class Config(_Model):
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     destinations: tuple[DestinationConfig, ...] = ()
     encryption: EncryptionConfig = Field(default_factory=EncryptionConfig)
+    impact: ImpactConfig = Field(default_factory=ImpactConfig)
     shutdown_deadline_s: Annotated[float, Field(gt=0)] = 30.0
 
     @model_validator(mode="before")

@@ -10,6 +10,7 @@ from replicator.cli.compact import compact
 from replicator.cli.demo import demo
 from replicator.cli.dev import dev
 from replicator.cli.errors import ReplicatorGroup
+from replicator.cli.impact import impact
 from replicator.cli.replay import replay, verify
 from replicator.cli.rollback import rollback
 from replicator.cli.run import run
@@ -25,6 +26,7 @@ def main() -> None:
 main.add_command(compact)
 main.add_command(demo)
 main.add_command(dev)
+main.add_command(impact)
 main.add_command(replay)
 main.add_command(rollback)
 main.add_command(run)
