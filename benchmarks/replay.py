@@ -1,9 +1,10 @@
 """Replay of a large archive into an empty database, against a plain COPY of the same rows.
 
 Archive (built once per parameter set and cached under /tmp/wedsync-bench-replay/<hash>/; the
-build is not timed with the rest, its duration is reported): one table shaped like the
+build is not timed with the rest, its duration is reported): a table shaped like the
 product's `public.guests` (bigint id PK, wedding_id, name, email, dietary jsonb, notes, rsvp,
-updated_at timestamptz), written the way a busy sink writes it, straight into a local folder
+updated_at timestamptz) and its wedding calendar `public.weddings` (bigint id PK, couple text,
+wedding_date date), written the way a busy sink writes them, straight into a local folder
 store (`file://`), without Kafka or capture:
 - the initial snapshot: W weddings x 100 guests (default 20,000 x 100 = 2,000,000 rows),
   guests entered wedding by wedding (ids grouped by wedding), op `r` at the snapshot LSN with
@@ -12,6 +13,15 @@ store (`file://`), without Kafka or capture:
   critical, 4 % high, 10 % normal, the rest low), holding only snapshot rows, whose headers
   list their wedding ids; and the snapshot's boundary transaction record (xid 0, end LSN =
   LSN - 1, counts {table: N}), as `capture.snapshot_record` makes it;
+- in the same snapshot, the calendar: one row per wedding (op `r` at the snapshot LSN, seq
+  N..N+W-1), each filed under its own id as its wedding and under that wedding's tier, in
+  its own flushes (a part per tier, headers listing the wedding ids), its schema document,
+  and its own boundary record (counts {public.weddings: W}; the capture sends one per
+  table). A wedding's date is the build day plus some days of its tier's range (critical
+  1-6, high 10-29, normal 35-85, low 120-700), so the calendar gives every wedding the tier
+  its rows were archived under. The build day (UTC) is in the cache key: the archive is
+  rebuilt on another day (dates a day old still give the same tiers, so a run across
+  midnight is fine). The calendar never changes after the snapshot;
 - then C changes (default 400,000) in transactions of 100-1000 changes each: 70 % updates of
   a random live guest (a third of them leave the TOASTed `notes` unchanged: absent from
   `after`, named in `unchanged`), 20 % deletes (before image = the key only, as under the
@@ -25,12 +35,17 @@ built in worker processes (2 on this machine) with `encode_record_segment`, from
 records made directly as dicts in the form `EventCodec.decode_event` returns (what a sink
 writes).
 The expected final rows are computed from the same generator and rendered as COPY text
-(`floor.copy` in the cache directory).
+(`floor.copy` and `weddings.copy` in the cache directory). `segments` counts the calendar's
+objects too (one part per tier).
 
 Measurement, into fresh databases on the local PostgreSQL 15 (dropped at the end):
-- **COPY floor**: the final rows' COPY text, read into memory beforehand; timed: `CREATE
+- **COPY floor**: the final guests' COPY text, read into memory beforehand; timed: `CREATE
   TABLE` (the archived schema's columns), `COPY ... FROM STDIN` (text format, 8 MiB writes),
-  `ALTER TABLE ... ADD PRIMARY KEY`, `COMMIT`, which is what replay does into Postgres.
+  `ALTER TABLE ... ADD PRIMARY KEY`, `COMMIT`, which is what replay does into Postgres. The
+  floor is the guests only: the calendar is then copied into the same database, untimed, to
+  check the replays' calendars against. Every replay restores both tables, so its time also
+  holds the calendar's W rows (1 % of the guests' rows by default, in a few objects): the
+  ratios to the floor are about the guests, and the calendar's share is within the noise.
 - **the archive as the service keeps it**: a copy of the archive (hard links) compacted by
   `replicator compact --at <point>` (child process; its time is reported as `compact_s`) at
   the last commit that leaves *tail* changes after it. The default *tail* is the most the
@@ -44,16 +59,31 @@ Measurement, into fresh databases on the local PostgreSQL 15 (dropped at the end
   included, is shown too; peak RSS is the child's own, sampled). It reads the snapshot and
   the *tail* changes. Result: `ratio_replay_vs_copy` = replay seconds / COPY seconds
   (target <= 2.0, reported, not asserted).
+- **tiered**: `replicator replay --from file://<compacted copy> --at latest --to <dsn> --tiered
+  --config <file> --json` (child process; the file is `[priority]` with its defaults and the
+  link `[priority.tables."public.guests"] column = "wedding_id"`; the restore itself reads
+  each record's archived wedding id): the critical weddings' rows (guests and calendar)
+  committed first, then high, normal, then every table whole. Results: `critical_usable_s`
+  (the summary's: when the critical weddings became usable, since the restore started),
+  `tiered_s` (its `seconds`, all steps), `ratio_critical_vs_replay` = critical_usable_s /
+  the plain replay's seconds of the same archive (the whole restore), and `tiered_steps` (its
+  steps as it reports them).
 - also: the same replay of the **uncompacted** archive (the first snapshot and every change:
   `ratio_uncompacted_vs_copy`), and, after a second compaction at the latest point (from the
   first snapshot and the tail: `compact_latest_s`), a replay that reads **only a snapshot**
   (`ratio_at_snapshot_vs_copy`).
 - **one wedding**: `replicator replay ... --wedding <id>` from the compacted copy (and from
   the uncompacted archive) into other fresh databases (target < 2 s), a low-tier wedding
-  from the middle of the id range.
-A CHECKPOINT runs before each timed part. Correctness is checked, not assumed: each replayed
-table's `count(*)` and `sum(hashtext(t::text))` must equal the COPY table's, and the wedding's
-those of the COPY table's rows of that wedding; the benchmark fails (exit 1) otherwise.
+  from the middle of the id range; it restores the wedding's guests and its calendar row, so
+  it also reads the calendar's objects that may hold the wedding (from the compacted copy,
+  the calendar's compaction snapshot: compaction rewrites every table): `wedding_restore_s`
+  includes them and `wedding_objects_read` counts them (2 more than the guests' alone by
+  default); `wedding_rows` is the wedding's guests, as before.
+A CHECKPOINT runs before each timed part. Correctness is checked, not assumed: each replay's
+guests and calendar `count(*)` and `sum(hashtext(t::text))` must equal the COPY database's
+(for the wedding: those of its rows there), and the row counts it reports must match; the
+tiered restore's steps must be the critical, high and normal weddings of `tier_of` with
+exactly their rows in both tables, then every row. The benchmark fails (exit 1) otherwise.
 
 `--profile FILE` then replays once more in this process under cProfile (into another fresh
 database) and prints the top functions by own time and by cumulative time.
@@ -85,7 +115,7 @@ import uuid
 from array import array
 from collections import Counter
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -98,9 +128,10 @@ from replicator.config import CompactionConfig
 from replicator.position import Lsn
 
 CACHE_ROOT = Path("/tmp/wedsync-bench-replay")
-BUILD_FORMAT = 5  # bump when the generator changes: a new cache directory (5: sealed checkpoints)
+BUILD_FORMAT = 6  # bump when the generator changes: a new cache directory (6: the calendar)
 ADMIN_DSN = "postgresql://postgres@127.0.0.1:15432/postgres"
 TABLE = "public.guests"
+WEDDINGS = "public.weddings"  # the wedding calendar ([priority]'s default table and columns)
 DESTINATION = "bench"
 KEY_NAME = "BENCH"
 KEY = hashlib.sha256(b"wedsync-bench-replay").digest()  # a dev key, 32 bytes
@@ -127,8 +158,26 @@ COLUMNS = (  # name, SQL type, type OID, NOT NULL
     ("rsvp", "boolean", 16, False),
     ("updated_at", "timestamp with time zone", 1184, True),
 )
+WEDDING_COLUMNS = (
+    ("id", "bigint", 20, True),
+    ("couple", "text", 25, True),
+    ("wedding_date", "date", 1082, True),
+)
+# Days from the build day to a wedding's date, by its tier (`tier_of`), inclusive: far enough
+# from the thresholds (7, 30, 90 days) that the tier holds for a day or two after the build.
+DAYS_AHEAD = {"critical": (1, 6), "high": (10, 29), "normal": (35, 85), "low": (120, 700)}
+# What a tiered restore reads the calendar with (the [priority] defaults, and the link that
+# says guests belong to weddings, which the capture would need to file them).
+PRIORITY_TOML = """[priority]
+weddings_table = "public.weddings"
+wedding_id_column = "id"
+wedding_date_column = "wedding_date"
+
+[priority.tables."public.guests"]
+column = "wedding_id"
+"""
 _N = "com.wedsync.replicator."
-JSON_RECORD, TSTZ_RECORD = f"{_N}Json", f"{_N}TimestampTz"
+JSON_RECORD, TSTZ_RECORD, DATE_RECORD = f"{_N}Json", f"{_N}TimestampTz", f"{_N}Date"
 NOTES = (
     "Plus-one confirmed; seat near the dance floor, away from the speakers.",
     "Travelling from Lisbon, arrives the day before. Needs a taxi from the station at 14:30.",
@@ -148,12 +197,16 @@ DIETARY = (
 )
 _COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 _EPOCH = datetime(1970, 1, 1)
+_EPOCH_DAY = date(1970, 1, 1)
+COUPLES = ("Ana", "Ben", "Chloé", "Dev", "Eli", "Farah", "Gus", "Hana", "Ivo", "Jo", "Kai",
+           "Lea", "Mo", "Noor", "Olu", "Pia", "Quinn", "Rafa", "Sol", "Tomás")
 
 
 @dataclass(frozen=True)
 class Params:
     weddings: int
     changes: int
+    day: str  # the build's day (UTC, ISO): the weddings' dates count from it
     seed: int = 7
     segment_rows: int = SEGMENT_ROWS
     format: int = BUILD_FORMAT
@@ -202,6 +255,28 @@ def tier_of(wedding: int) -> str:
     return "critical" if k == 0 else "high" if k <= 2 else "normal" if k <= 7 else "low"
 
 
+def wedding_values(wedding: int, day: date) -> tuple[int, str, date]:
+    """The calendar's row of *wedding*: its date is the build *day* plus some days of its tier's
+    range (`DAYS_AHEAD`), so the calendar gives it the tier `tier_of` says on that day."""
+    low, high = DAYS_AHEAD[tier_of(wedding)]
+    ahead = low + (wedding * 7919) % (high - low + 1)
+    couple = (f"{COUPLES[wedding % len(COUPLES)]} & "
+              f"{COUPLES[(wedding * 7 + 3) % len(COUPLES)]} #{wedding}")
+    return wedding, couple, day + timedelta(days=ahead)
+
+
+def wedding_datum(values: tuple[int, str, date]) -> dict[str, Any]:
+    """The calendar row's `after` map, as `EventCodec.decode_event` returns it."""
+    id_, couple, day = values
+    return {"id": id_, "couple": couple,
+            "wedding_date": (DATE_RECORD, {"days": (day - _EPOCH_DAY).days})}
+
+
+def wedding_copy_text(values: tuple[int, str, date]) -> str:
+    id_, couple, day = values
+    return f"{id_}\t{couple.translate(_COPY_ESCAPES)}\t{day.isoformat()}\n"
+
+
 def datum_row(values: tuple[Any, ...], with_notes: bool = True) -> dict[str, Any]:
     """The envelope's `after` map of a row as `EventCodec.decode_event` returns it (what a sink
     writes): primitives bare, logical types as `(record name, fields)`."""
@@ -236,9 +311,10 @@ def copy_text(values: tuple[Any, ...]) -> str:
 
 def record(op: str, id_: int, after: dict[str, Any] | None, before: dict[str, Any] | None,
            unchanged: list[str], lsn: int, xid: int, ts_us: int, seq: int, tier: str,
-           wedding: int | None) -> dict[str, Any]:
+           wedding: int | None, table: str = TABLE) -> dict[str, Any]:
     """One envelope record, as `EventCodec.decode_event` returns it (`encode_record_segment`
     writes these)."""
+    schema, name = table.split(".")
     return {
         "before": before,
         "after": after,
@@ -248,7 +324,7 @@ def record(op: str, id_: int, after: dict[str, Any] | None, before: dict[str, An
         "ts_ms": ts_us // 1000 + 40,
         "source": {
             "version": __version__, "connector": "wedsync-replicator", "name": "bench",
-            "db": "wedsync", "schema": "public", "table": "guests", "lsn": lsn, "txId": xid,
+            "db": "wedsync", "schema": schema, "table": name, "lsn": lsn, "txId": xid,
             "ts_ms": ts_us // 1000, "ts_us": ts_us, "seq": seq, "origin": None,
         },
         "priority": tier,
@@ -364,9 +440,11 @@ async def _put(root: Path, key: str, data: bytes, encrypted: bool = True) -> int
     return len(sealed)
 
 
-def _write_segments(root: Path, records: list[dict[str, Any]]) -> list[tuple[str, int, int]]:
-    """One flush of the sink: per tier (it buffers per tier and table), the snapshot rows of
-    one LSN as a part and the rest as a segment (`SinkWorker._write_segment`)."""
+def _write_segments(root: Path, records: list[dict[str, Any]], table: str = TABLE
+                    ) -> list[tuple[str, int, int]]:
+    """One flush of the sink for *table*: per tier (it buffers per tier and table), the
+    snapshot rows of one LSN as a part and the rest as a segment
+    (`SinkWorker._write_segment`)."""
     from replicator.archive.layout import part_key, segment_key
     from replicator.archive.part import encode_part, partable
     from replicator.archive.segment import encode_record_segment
@@ -378,16 +456,16 @@ def _write_segments(root: Path, records: list[dict[str, Any]]) -> list[tuple[str
     for tier, tier_records in by_tier.items():
         snapshot = [r for r in tier_records if r["op"] == "r"]
         if snapshot and partable(snapshot):
-            data, part = encode_part(snapshot, table=TABLE, tier=tier)
+            data, part = encode_part(snapshot, table=table, tier=tier)
             digest = hashlib.sha256(data).hexdigest()[:16]
-            key = part_key(TABLE, part.lsn, part.first_seq, part.last_seq, digest)
+            key = part_key(table, part.lsn, part.first_seq, part.last_seq, digest)
             written.append((key, part.rows, asyncio.run(_put(root, key, data))))
             tier_records = [r for r in tier_records if r["op"] != "r"]
             if not tier_records:
                 continue
-        data, header = encode_record_segment(tier_records, table=TABLE, codec="zstd")
+        data, header = encode_record_segment(tier_records, table=table, codec="zstd")
         digest = hashlib.sha256(data).hexdigest()[:16]
-        key = segment_key(TABLE, header.first.commit_lsn, header.last.commit_lsn, digest)
+        key = segment_key(table, header.first.commit_lsn, header.last.commit_lsn, digest)
         written.append((key, header.rows, asyncio.run(_put(root, key, data))))
     return written
 
@@ -403,6 +481,21 @@ def build_snapshot_segment(root: str, first: int, last: int) -> list[tuple[str, 
         records.append(record("r", id_, after, None, [], SNAPSHOT_LSN, 0, ts, seq,
                               tier_of(wedding), wedding))
     return _write_segments(Path(root), records)
+
+
+def build_weddings_segment(root: str, first: int, last: int, day: str, seq0: int
+                           ) -> list[tuple[str, int, int]]:
+    """The calendar's snapshot rows, weddings first+1..last+1, at seq seq0 + first.., in a
+    worker process; each row's wedding is its own id (as the capture files the weddings
+    table's rows)."""
+    build_day = date.fromisoformat(day)
+    records = []
+    for i in range(first, last + 1):
+        wedding = i + 1
+        after = wedding_datum(wedding_values(wedding, build_day))
+        records.append(record("r", wedding, after, None, [], SNAPSHOT_LSN, 0, T0_US, seq0 + i,
+                              tier_of(wedding), wedding, table=WEDDINGS))
+    return _write_segments(Path(root), records, WEDDINGS)
 
 
 def build_change_segment(root: str, txs: list[tuple[int, int, int, list[Change]]]
@@ -471,6 +564,11 @@ def build(p: Params, directory: Path, say: Any) -> dict[str, Any]:
         futures = [pool.submit(build_snapshot_segment, str(root), first,
                                min(first + p.segment_rows, n) - 1)
                    for first in range(0, n, p.segment_rows)]
+        # The calendar, in the same snapshot (its seqs follow the guests'), in flushes of its
+        # own (the sink buffers per table).
+        futures += [pool.submit(build_weddings_segment, str(root), first,
+                                min(first + p.segment_rows, p.weddings) - 1, p.day, n)
+                    for first in range(0, p.weddings, p.segment_rows)]
         futures += [pool.submit(build_change_segment, str(root),
                                 [(t.commit_lsn, t.xid, t.ts_us, t.changes) for t in group])
                     for group in groups]
@@ -478,7 +576,10 @@ def build(p: Params, directory: Path, say: Any) -> dict[str, Any]:
         tiers: Counter[str] = Counter(tier_of(w) for w in range(1, p.weddings + 1))
         boundary = _transaction_datum(SNAPSHOT_LSN, SNAPSHOT_LSN - 1, T0_US, 0, {TABLE: n},
                                       {t: c * GUESTS_PER_WEDDING for t, c in tiers.items()})
-        _, size = _write_transactions(root, [boundary])
+        # One boundary record per table, as the capture sends them (`snapshot_record`).
+        calendar = _transaction_datum(SNAPSHOT_LSN, SNAPSHOT_LSN - 1, T0_US, 0,
+                                      {WEDDINGS: p.weddings}, dict(tiers))
+        _, size = _write_transactions(root, [boundary, calendar])
         keys_bytes += size
         for group in groups:
             datums = []
@@ -491,16 +592,18 @@ def build(p: Params, directory: Path, say: Any) -> dict[str, Any]:
         from replicator.archive.layout import checkpoint_key, schema_key
         from replicator.archive.reader import checkpoint_document
 
-        schema = {"table": TABLE, "lsn": SNAPSHOT_LSN,
-                  "columns": [{"name": c, "type": t, "type_oid": oid, "not_null": nn}
-                              for c, t, oid, nn in COLUMNS],
-                  "primary_key": ["id"]}
-        keys_bytes += asyncio.run(_put(root, schema_key(TABLE, Lsn(SNAPSHOT_LSN)),
-                                       json.dumps(schema, sort_keys=True).encode()))
+        for table, columns in ((TABLE, COLUMNS), (WEDDINGS, WEDDING_COLUMNS)):
+            schema = {"table": table, "lsn": SNAPSHOT_LSN,
+                      "columns": [{"name": c, "type": t, "type_oid": oid, "not_null": nn}
+                                  for c, t, oid, nn in columns],
+                      "primary_key": ["id"]}
+            keys_bytes += asyncio.run(_put(root, schema_key(table, Lsn(SNAPSHOT_LSN)),
+                                           json.dumps(schema, sort_keys=True).encode()))
         last = Lsn(plan.txs[-1].end_lsn)
         asyncio.run(_put(root, checkpoint_key(DESTINATION, last),
                          checkpoint_document(DESTINATION, last)))
         rows, wedding_rows = write_floor(p, plan, directory / "floor.copy")
+        write_calendar(p, directory / "weddings.copy")
         for future in concurrent.futures.as_completed(futures):
             for _key, _rows, size in future.result():
                 keys_bytes += size
@@ -510,7 +613,8 @@ def build(p: Params, directory: Path, say: Any) -> dict[str, Any]:
         "changes": sum(len(t.changes) for t in plan.txs), "transactions": len(plan.txs),
         "ops": dict(Counter(c[0] for t in plan.txs for c in t.changes)),
         "toast_updates": sum(1 for t in plan.txs for c in t.changes if c[5]),
-        "segments": segments, "archive_bytes": keys_bytes, "wedding": wedding_rows[0],
+        "segments": segments, "archive_bytes": keys_bytes, "weddings": p.weddings,
+        "day": p.day, "wedding": wedding_rows[0],
         "wedding_rows": wedding_rows[1], "checkpoint": str(Lsn(plan.txs[-1].end_lsn)),
         "build_s": round(time.perf_counter() - started, 2),
     }
@@ -539,6 +643,14 @@ def write_floor(p: Params, plan: Plan, path: Path) -> tuple[int, tuple[str, int]
                 lines = []
         out.write("".join(lines))
     return rows, (str(wedding), in_wedding)
+
+
+def write_calendar(p: Params, path: Path) -> None:
+    """The calendar's rows as COPY text (loaded, untimed, beside the COPY floor's table)."""
+    day = date.fromisoformat(p.day)
+    with path.open("w", encoding="utf-8") as out:
+        out.write("".join(wedding_copy_text(wedding_values(w, day))
+                          for w in range(1, p.weddings + 1)))
 
 
 def archive_for(p: Params, rebuild: bool, say: Any) -> tuple[Path, dict[str, Any], bool]:
@@ -570,15 +682,29 @@ def checkpoint() -> None:
         admin.execute("CHECKPOINT")
 
 
-def fingerprint(dsn: str, wedding: str | None = None) -> tuple[int, int]:
-    """count(*) and sum(hashtext(row text)) of the guests table (of one wedding)."""
-    where = sql.SQL("") if wedding is None else sql.SQL(" WHERE wedding_id = {}").format(
-        sql.Literal(int(wedding)))
+def fingerprint(dsn: str, wedding: str | None = None, table: str = TABLE) -> tuple[int, int]:
+    """count(*) and sum(hashtext(row text)) of the guests table or the calendar (of one
+    wedding: the guests whose wedding_id, the calendar's rows whose id, is it)."""
+    column = "wedding_id" if table == TABLE else "id"
+    where = sql.SQL("") if wedding is None else sql.SQL(" WHERE {} = {}").format(
+        sql.Identifier(column), sql.Literal(int(wedding)))
     with psycopg.connect(dsn) as conn:
         row = conn.execute(sql.SQL("SELECT count(*), coalesce(sum(hashtext(t::text)), 0) "
-                                   "FROM public.guests t{}").format(where)).fetchone()
+                                   "FROM {} t{}").format(sql.Identifier(*table.split(".")),
+                                                         where)).fetchone()
     assert row is not None
     return int(row[0]), int(row[1])
+
+
+def guests_by_tier(dsn: str) -> Counter[str]:
+    """The guests table's rows per tier of their wedding (`tier_of`)."""
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute("SELECT wedding_id, count(*) FROM public.guests GROUP BY 1"
+                            ).fetchall()
+    out: Counter[str] = Counter()
+    for wedding, count in rows:
+        out[tier_of(int(wedding))] += int(count)
+    return out
 
 
 def load_floor(path: Path) -> list[bytes]:
@@ -609,6 +735,21 @@ def copy_floor(dsn: str, chunks: list[bytes]) -> float:
         return time.perf_counter() - started
 
 
+def copy_calendar(dsn: str, path: Path) -> None:
+    """The calendar's rows into the COPY floor's database, untimed: the floor is the guests;
+    this is what the replays' calendars are checked against."""
+    columns = sql.SQL(", ").join(
+        sql.SQL("{} {}{}").format(sql.Identifier(c), sql.SQL(t), sql.SQL(" NOT NULL" if nn
+                                                                         else ""))
+        for c, t, _, nn in WEDDING_COLUMNS)
+    name = sql.Identifier("public", "weddings")
+    with psycopg.connect(dsn) as conn:
+        conn.execute(sql.SQL("CREATE TABLE {} ({}, PRIMARY KEY (id))").format(name, columns))
+        with conn.cursor() as cur, cur.copy(sql.SQL("COPY {} FROM STDIN").format(name)) as cp:
+            cp.write(path.read_bytes())
+        conn.commit()
+
+
 def code_digest() -> str:
     """A digest of the replay code as it is now (it changes often: says what was measured)."""
     h = hashlib.sha256()
@@ -626,14 +767,17 @@ def child_env() -> dict[str, str]:
     return env
 
 
-def run_cli(archive: Path, dsn: str, wedding: str | None = None, at: str = "latest"
-            ) -> tuple[dict[str, Any], float]:
-    """`replicator replay` in a child process; its JSON summary and its wall time."""
+def run_cli(archive: Path, dsn: str, wedding: str | None = None, at: str = "latest",
+            tiered: Path | None = None) -> tuple[dict[str, Any], float]:
+    """`replicator replay` in a child process (with *tiered*, a configuration file:
+    `--tiered --config` it); its JSON summary and its wall time."""
     command = [sys.executable, "-m", "replicator", "replay", "--from", archive.as_uri(),
                "--at", at, "--to", dsn, "--json"]
     if wedding is not None:
         command += ["--wedding", wedding]
-    return child_json(command, "replay")
+    if tiered is not None:
+        command += ["--tiered", "--config", str(tiered)]
+    return child_json(command, "replay --tiered" if tiered is not None else "replay")
 
 
 def child_json(command: list[str], what: str) -> tuple[dict[str, Any], float]:
@@ -728,7 +872,8 @@ def main(p: Params, as_json: bool, profile: str | None, rebuild: bool, quick: bo
     directory, meta, cached = archive_for(p, rebuild, say)
     archive = directory / "archive"
     compacted = directory / "compacted"
-    say(f"archive {directory}: {meta['snapshot_rows']:,} snapshot rows + {meta['changes']:,} "
+    say(f"archive {directory}: {meta['snapshot_rows']:,} snapshot rows (and a calendar of "
+        f"{meta['weddings']:,} weddings dated from {meta['day']}) + {meta['changes']:,} "
         f"changes ({meta['ops']}, {meta['toast_updates']:,} with TOAST-unchanged notes) in "
         f"{meta['transactions']} transactions, {meta['segments']} segments, "
         f"{meta['archive_bytes'] / 1e6:,.1f} MB; build {meta['build_s']:.1f}s"
@@ -744,15 +889,49 @@ def main(p: Params, as_json: bool, profile: str | None, rebuild: bool, quick: bo
         created.append(name)
         return dsns[kind]
 
+    def check(kind: str, wedding: str | None = None) -> tuple[tuple[int, int], ...]:
+        """The guests and the calendar restored into *kind*'s database against the COPY
+        floor's; their (count, hash)."""
+        found = []
+        for table, floor in ((TABLE, floor_fp), (WEDDINGS, calendar_fp)):
+            got = fingerprint(dsns[kind], wedding, table)
+            want = floor if wedding is None else fingerprint(dsns["copy"], wedding, table)
+            if got != want:
+                failures.append(f"{kind}: {table} restored (count, hash) {got} != the COPY "
+                                f"floor's {want}")
+            found.append(want)
+        return tuple(found)
+
     def replay_into(kind: str, source: Path, wedding: str | None = None
                     ) -> tuple[dict[str, Any], float]:
         checkpoint()
         summary, wall = run_cli(source, fresh(kind), wedding)
-        got = fingerprint(dsns[kind], wedding)
-        want = floor_fp if wedding is None else fingerprint(dsns["copy"], wedding)
-        if got != want or summary["rows"] != want[0]:
-            failures.append(f"{kind}: restored (count, hash) {got} != COPY floor's {want} "
-                            f"(reported {summary['rows']} rows)")
+        want = check(kind, wedding)
+        reported = tuple(summary["tables"].get(t, {}).get("rows") for t in (TABLE, WEDDINGS))
+        if reported != tuple(w[0] for w in want):
+            failures.append(f"{kind}: reported {reported} rows of {TABLE}, {WEDDINGS}; "
+                            f"{tuple(w[0] for w in want)} expected")
+        return summary, wall
+
+    def tiered_into(kind: str, source: Path) -> tuple[dict[str, Any], float]:
+        """`replay --tiered`: the end state as a plain replay's; the steps: each tier's
+        weddings (as `tier_of` gives them) and their rows in both tables."""
+        config = directory / "priority.toml"
+        config.write_text(PRIORITY_TOML)
+        checkpoint()
+        summary, wall = run_cli(source, fresh(kind), tiered=config)
+        want = check(kind)
+        if summary["rows"] != want[0][0] + want[1][0]:
+            failures.append(f"{kind}: reported {summary['rows']} rows, "
+                            f"{want[0][0] + want[1][0]} expected")
+        weddings = Counter(tier_of(w) for w in range(1, meta["weddings"] + 1))
+        guests = guests_by_tier(dsns["copy"])
+        expected = [{"tier": t, "weddings": weddings[t], "rows": guests[t] + weddings[t]}
+                    for t in ("critical", "high", "normal") if weddings[t]]
+        expected.append({"tier": "rest", "weddings": 0, "rows": want[0][0] + want[1][0]})
+        steps = [{k: s[k] for k in ("tier", "weddings", "rows")} for s in summary["steps"]]
+        if steps != expected:
+            failures.append(f"{kind}: steps {steps} != {expected} expected")
         return summary, wall
 
     try:
@@ -768,6 +947,11 @@ def main(p: Params, as_json: bool, profile: str | None, rebuild: bool, quick: bo
         floor_fp = fingerprint(dsns["copy"])
         if floor_fp[0] != meta["rows"]:
             failures.append(f"the COPY table holds {floor_fp[0]} rows, {meta['rows']} expected")
+        copy_calendar(dsns["copy"], directory / "weddings.copy")
+        calendar_fp = fingerprint(dsns["copy"], table=WEDDINGS)
+        if calendar_fp[0] != meta["weddings"]:
+            failures.append(f"the COPY calendar holds {calendar_fp[0]} rows, "
+                            f"{meta['weddings']} expected")
         code = code_digest()
 
         say(f"  {copy_s:.2f}s; replay of the uncompacted archive (child process) ...")
@@ -786,9 +970,12 @@ def main(p: Params, as_json: bool, profile: str | None, rebuild: bool, quick: bo
         say(f"  {replay_s:.2f}s; wedding {wedding}, from it and from the uncompacted archive ...")
         one, wedding_wall = replay_into("wedding", compacted, wedding)
         one_uncompacted, _ = replay_into("wedding_u", archive, wedding)
-        if one["rows"] != meta["wedding_rows"]:
-            failures.append(f"wedding {wedding}: {one['rows']} rows restored, "
+        one_guests = one["tables"][TABLE]["rows"]
+        if one_guests != meta["wedding_rows"]:
+            failures.append(f"wedding {wedding}: {one_guests} guests restored, "
                             f"{meta['wedding_rows']} expected")
+        say(f"  {float(one['seconds']):.2f}s; tiered replay of the compacted archive ...")
+        tiered, tiered_wall = tiered_into("tiered", compacted)
         say("compaction at the latest point (from the first snapshot and the changes after "
             "it) ...")
         latest_compaction, _ = compact_again(compacted, "latest")
@@ -797,8 +984,9 @@ def main(p: Params, as_json: bool, profile: str | None, rebuild: bool, quick: bo
         profile_s = None
         if profile is not None:
             profile_s = profile_replay(compacted, fresh("profile"), profile)
-            if fingerprint(dsns["profile"]) != floor_fp:
-                failures.append("the profiled replay's table differs from the COPY floor")
+            if (fingerprint(dsns["profile"]) != floor_fp
+                    or fingerprint(dsns["profile"], table=WEDDINGS) != calendar_fp):
+                failures.append("the profiled replay's tables differ from the COPY floor's")
     finally:
         for name in created:
             try:
@@ -811,6 +999,10 @@ def main(p: Params, as_json: bool, profile: str | None, rebuild: bool, quick: bo
     uncompacted_s, snapshot_s = float(uncompacted["seconds"]), float(at_snapshot["seconds"])
     wedding_s = float(one["seconds"])
     table = summary["tables"][TABLE]
+    tiered_s = float(tiered["seconds"])
+    critical = tiered["critical_usable_s"]
+    critical_s = None if critical is None else float(critical)
+    critical_ratio = None if critical_s is None else critical_s / replay_s
     print(f"\n{rows:,} rows restored (snapshot {meta['snapshot_rows']:,} + "
           f"{meta['changes']:,} changes in {meta['transactions']} transactions); "
           f"PostgreSQL {server}, {os.cpu_count()} CPUs{'; --quick' if quick else ''}")
@@ -832,9 +1024,20 @@ def main(p: Params, as_json: bool, profile: str | None, rebuild: bool, quick: bo
           f"{summary['objects_read']} objects")
     print(f"wedding {wedding} restore: {wedding_s:.2f}s (wall {wedding_wall:.2f}s; target < "
           f"{TARGET_WEDDING_S:.0f}s: {'met' if wedding_s < TARGET_WEDDING_S else 'NOT met'}), "
-          f"{one['rows']} rows, {one['objects_read']} objects read, "
+          f"{one_guests} guests (and its calendar row), {one['objects_read']} objects read, "
           f"{one['bytes_read'] / 1e6:,.1f} MB; uncompacted "
           f"{float(one_uncompacted['seconds']):.2f}s")
+    steps = "; ".join(f"{s['tier']} at {s['usable_s']:.2f}s ({s['weddings']} weddings, "
+                      f"{s['rows']:,} rows, {s['objects_read']} objects)"
+                      if s["tier"] != "rest" else
+                      f"every table whole at {s['usable_s']:.2f}s ({s['rows']:,} rows)"
+                      for s in tiered["steps"])
+    print(f"tiered replay of the same archive: {tiered_s:.2f}s in all (wall {tiered_wall:.2f}s"
+          f", {tiered_s / replay_s:.2f}x the plain replay); "
+          + ("no critical weddings" if critical_ratio is None else
+             f"critical weddings usable after {critical_s:.2f}s = {critical_ratio:.3f} of the "
+             f"plain replay's {replay_s:.2f}s")
+          + f"\n  steps: {steps}")
     print(f"compaction at {point}: {compaction['seconds']:.2f}s (wall {compact_wall:.2f}s); "
           f"again at the latest point: {latest_compaction['seconds']:.2f}s")
     print(f"archive build: {meta['build_s']:.1f}s{' (cached, not in this run)' if cached else ''}"
@@ -865,7 +1068,7 @@ def main(p: Params, as_json: bool, profile: str | None, rebuild: bool, quick: bo
             "replay_wall_s": round(replay_wall, 3),
             "wedding_restore_wall_s": round(wedding_wall, 3),
             "wedding": wedding,
-            "wedding_rows": one["rows"],
+            "wedding_rows": one_guests,
             "wedding_objects_read": one["objects_read"],
             "snapshot_rows": meta["snapshot_rows"],
             "changes": meta["changes"],
@@ -877,6 +1080,11 @@ def main(p: Params, as_json: bool, profile: str | None, rebuild: bool, quick: bo
             "verified": not failures,
             "replay_code": code,
             "quick": quick,
+            "critical_usable_s": None if critical_s is None else round(critical_s, 3),
+            "tiered_s": round(tiered_s, 3),
+            "ratio_critical_vs_replay": (None if critical_ratio is None
+                                         else round(critical_ratio, 3)),
+            "tiered_steps": tiered["steps"],
         }))
     return 1 if failures else 0
 
@@ -903,5 +1111,6 @@ if __name__ == "__main__":
     tail = (args.tail if args.tail is not None else
             max(policy.min_changes, math.ceil(policy.min_changes_ratio * weddings
                                               * GUESTS_PER_WEDDING)))
-    sys.exit(main(Params(weddings, changes), args.json, args.profile, args.rebuild, args.quick,
-                  tail))
+    today = datetime.now(UTC).date().isoformat()  # in the cache key: dates count from it
+    sys.exit(main(Params(weddings, changes, today), args.json, args.profile, args.rebuild,
+                  args.quick, tail))
