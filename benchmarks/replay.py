@@ -715,12 +715,17 @@ def load_floor(path: Path) -> list[bytes]:
     return chunks
 
 
+def column_list(columns: Any) -> sql.Composed:
+    """`name type [NOT NULL], ...` of a table's (name, type, kind, not null) columns."""
+    return sql.SQL(", ").join(
+        sql.SQL("{} {}{}").format(sql.Identifier(c), sql.SQL(t),
+                                  sql.SQL(" NOT NULL" if nn else ""))
+        for c, t, _, nn in columns)
+
+
 def copy_floor(dsn: str, chunks: list[bytes]) -> float:
     """CREATE TABLE + COPY FROM STDIN + ADD PRIMARY KEY + COMMIT; seconds."""
-    columns = sql.SQL(", ").join(
-        sql.SQL("{} {}{}").format(sql.Identifier(c), sql.SQL(t), sql.SQL(" NOT NULL" if nn
-                                                                         else ""))
-        for c, t, _, nn in COLUMNS)
+    columns = column_list(COLUMNS)
     name = sql.Identifier("public", "guests")
     with psycopg.connect(dsn) as conn:
         conn.execute("SELECT 1")
@@ -738,10 +743,7 @@ def copy_floor(dsn: str, chunks: list[bytes]) -> float:
 def copy_calendar(dsn: str, path: Path) -> None:
     """The calendar's rows into the COPY floor's database, untimed: the floor is the guests;
     this is what the replays' calendars are checked against."""
-    columns = sql.SQL(", ").join(
-        sql.SQL("{} {}{}").format(sql.Identifier(c), sql.SQL(t), sql.SQL(" NOT NULL" if nn
-                                                                         else ""))
-        for c, t, _, nn in WEDDING_COLUMNS)
+    columns = column_list(WEDDING_COLUMNS)
     name = sql.Identifier("public", "weddings")
     with psycopg.connect(dsn) as conn:
         conn.execute(sql.SQL("CREATE TABLE {} ({}, PRIMARY KEY (id))").format(name, columns))

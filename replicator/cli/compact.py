@@ -17,7 +17,7 @@ from typing import Any
 
 import click
 
-from replicator.cli.replay import _tables, open_archive, parse_at_option, run_archive_command
+from replicator.cli.replay import open_archive, parse_at_option, run_archive_command, split_tables
 from replicator.cli.run import setup_logging
 
 
@@ -60,7 +60,7 @@ def compact(store_url: str, at_text: str, tables: str | None, min_changes: int,
 
     async def main() -> Any:
         async with store:
-            return await run_compaction(store, keyring, at=at, tables=_tables(tables),
+            return await run_compaction(store, keyring, at=at, tables=split_tables(tables),
                                         destination=destination, min_changes=min_changes,
                                         min_changes_ratio=min_changes_ratio)
 

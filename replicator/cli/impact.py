@@ -20,7 +20,15 @@ from typing import Any
 
 import click
 
-from replicator.cli.replay import BadOption, load_calendar, open_archive, run_archive_command
+from replicator.cli.replay import (
+    BadOption,
+    config_section,
+    load_calendar,
+    open_archive,
+    read_config,
+    run_archive_command,
+    split_tables,
+)
 from replicator.cli.run import setup_logging
 
 
@@ -41,30 +49,9 @@ def load_vendor_link(path: Path | None) -> Any:
     this section is read (`load_calendar` reads `[priority]`)."""
     if path is None:
         return None
-    import tomllib
-
-    from pydantic import ValidationError
-
     from replicator.config import ImpactConfig
 
-    try:
-        raw = tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise BadOption(f"--config {path}: cannot read it ({exc})") from None
-    try:
-        section = ImpactConfig.model_validate(raw.get("impact", {}))
-    except ValidationError as exc:
-        problems = "; ".join(f"impact.{'.'.join(str(p) for p in e['loc'])}: "
-                             + ("unknown key" if e["type"] == "extra_forbidden" else e["msg"])
-                             for e in exc.errors())
-        raise BadOption(f"--config {path}: {problems}") from None
-    return section.vendors
-
-
-def _tables(text: str | None) -> list[str] | None:
-    if text is None:
-        return None
-    return [t.strip() for t in text.split(",") if t.strip()]
+    return config_section(path, read_config(path), "impact", ImpactConfig).vendors
 
 
 @click.command()
@@ -113,7 +100,7 @@ def impact(store_url: str, since_text: str, until_text: str | None, tables: str 
     async def main() -> Any:
         async with store:
             return await run_impact(store, keyring, since=since, until=until,
-                                    tables=_tables(tables), wedding=wedding,
+                                    tables=split_tables(tables), wedding=wedding,
                                     destination=destination, calendar=calendar,
                                     vendors=link, heartbeat_s=heartbeat_s)
 

@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Coroutine, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
@@ -21,7 +21,11 @@ from replicator.cli.errors import failing_as
 from replicator.cli.run import setup_logging
 from replicator.errors import EXIT_FAILED, OperatorError
 
+if TYPE_CHECKING:
+    from pydantic import BaseModel
+
 T = TypeVar("T")
+M = TypeVar("M", bound="BaseModel")
 
 
 class BadOption(OperatorError):
@@ -45,34 +49,46 @@ def open_archive(url: str, keyring_file: Path | None, environ: Mapping[str, str]
     return store, keyring
 
 
-def load_calendar(path: Path | None) -> tuple[Any, float]:
-    """`--config`: its `[priority]` section (the wedding calendar) and the capture's heartbeat
-    interval (`[source] heartbeat_interval_s`); the configuration's defaults without it. Only
-    these are read, so a file with secrets' placeholders or another service's sections is fine."""
+def read_config(path: Path) -> dict[str, Any]:
+    """`--config`'s TOML, read as a plain document (each command validates only the
+    sections it uses, so a file with secrets' placeholders or another service's sections is
+    fine)."""
     import tomllib
 
-    from pydantic import ValidationError
-
-    from replicator.config import PriorityConfig, SourceConfig
-
-    default_heartbeat = float(SourceConfig.model_fields["heartbeat_interval_s"].default)
-    if path is None:
-        return PriorityConfig(), default_heartbeat
     try:
-        raw = tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise BadOption(f"--config {path}: no such file") from None
     except OSError as exc:
         raise BadOption(f"--config {path}: cannot read it ({exc.strerror})") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise BadOption(f"--config {path}: not valid TOML: {exc}") from None
+
+
+def config_section(path: Path, raw: Mapping[str, Any], name: str, model: type[M]) -> M:
+    """The `[name]` section of *raw* (`read_config`) validated as *model* (its defaults when
+    absent); a problem names the file and the key."""
+    from pydantic import ValidationError
+
     try:
-        calendar = PriorityConfig.model_validate(raw.get("priority", {}))
+        return model.model_validate(raw.get(name, {}))
     except ValidationError as exc:
-        problems = "; ".join(f"priority.{'.'.join(str(p) for p in e['loc'])}: "
+        problems = "; ".join(f"{name}.{'.'.join(str(p) for p in e['loc'])}: "
                              + ("unknown key" if e["type"] == "extra_forbidden" else e["msg"])
                              for e in exc.errors())
         raise BadOption(f"--config {path}: {problems}") from None
+
+
+def load_calendar(path: Path | None) -> tuple[Any, float]:
+    """`--config`: its `[priority]` section (the wedding calendar) and the capture's heartbeat
+    interval (`[source] heartbeat_interval_s`); the configuration's defaults without it."""
+    from replicator.config import PriorityConfig, SourceConfig
+
+    default_heartbeat = float(SourceConfig.model_fields["heartbeat_interval_s"].default)
+    if path is None:
+        return PriorityConfig(), default_heartbeat
+    raw = read_config(path)
+    calendar = config_section(path, raw, "priority", PriorityConfig)
     heartbeat = (raw.get("source") or {}).get("heartbeat_interval_s", default_heartbeat)
     if isinstance(heartbeat, bool) or not isinstance(heartbeat, int | float) or heartbeat <= 0:
         raise BadOption(f"--config {path}: source.heartbeat_interval_s must be a number above 0")
@@ -99,7 +115,7 @@ def run_archive_command(main: Coroutine[Any, Any, T], *, failed: str,
     return result
 
 
-def _tables(text: str | None) -> list[str] | None:
+def split_tables(text: str | None) -> list[str] | None:
     if text is None:
         return None
     return [t.strip() for t in text.split(",") if t.strip()]
@@ -167,7 +183,7 @@ def replay(store_url: str, at_text: str, to: str | None, tables: str | None,
     calendar, heartbeat_s = load_calendar(config_file)
     store, keyring = open_archive(store_url, keyring_file, os.environ)
     if tiered:
-        _tiered(store, keyring, at, to, calendar, heartbeat_s, tables=_tables(tables),
+        _tiered(store, keyring, at, to, calendar, heartbeat_s, tables=split_tables(tables),
                 wedding=wedding, dry_run=dry_run, replace_existing=replace_existing,
                 destination=destination, allow_stale=allow_stale,
                 create_database=create_database, jobs=jobs, as_json=as_json)
@@ -179,7 +195,7 @@ def replay(store_url: str, at_text: str, to: str | None, tables: str | None,
 
     async def main() -> Any:
         async with store:
-            prepared = await prepare(store, keyring, at=at, tables=_tables(tables),
+            prepared = await prepare(store, keyring, at=at, tables=split_tables(tables),
                                      wedding=wedding, destination=destination,
                                      allow_stale=allow_stale, heartbeat_s=heartbeat_s)
             if dry_run:
@@ -303,7 +319,7 @@ def verify(store_url: str, at_text: str, against: str | None, scratch: str | Non
 
     async def main() -> Any:
         async with store:
-            return await run_verify(store, keyring, at=at, tables=_tables(tables),
+            return await run_verify(store, keyring, at=at, tables=split_tables(tables),
                                     destination=destination, scratch_dsn=scratch,
                                     against_dsn=against, wait_s=wait_s)
 

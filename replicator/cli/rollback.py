@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ from replicator.cli.replay import (
     load_calendar,
     open_archive,
     parse_at_option,
+    read_config,
     run_archive_command,
 )
 from replicator.cli.run import setup_logging
@@ -32,12 +32,8 @@ def config_destinations(path: Path | None) -> list[tuple[str, str]]:
     `load_calendar`; only these keys are read here)."""
     if path is None:
         return []
-    try:
-        raw = tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise BadOption(f"--config {path}: {exc}") from None
     found = []
-    for n, entry in enumerate(raw.get("destinations") or []):
+    for n, entry in enumerate(read_config(path).get("destinations") or []):
         if not isinstance(entry, dict) or not isinstance(entry.get("url"), str):
             raise BadOption(f"--config {path}: destinations[{n}] has no url")
         found.append((str(entry.get("name") or f"destination{n}"), entry["url"]))

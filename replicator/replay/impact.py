@@ -403,11 +403,12 @@ def _header_of(key: str, data: bytes, keyring: Keyring) -> SegmentHeader | None:
 # --- the weddings' dates and vendors ---------------------------------------------------------
 
 
-class _Keep:
+class KeepRows:
     """A restore target that keeps, per table, the rows whose value in one of the given
-    columns is a wanted wedding id (as text), as column -> text."""
+    columns is a wanted wedding id (as text; every row when *weddings* is None), as
+    column -> text."""
 
-    def __init__(self, columns: Mapping[str, set[str]], weddings: set[str]) -> None:
+    def __init__(self, columns: Mapping[str, set[str]], weddings: set[str] | None) -> None:
         self.bytes_written = 0
         self.columns = columns  # table -> the wedding columns to match
         self.weddings = weddings
@@ -432,7 +433,7 @@ class _Keep:
 
 
 class _KeepWriter:
-    def __init__(self, target: _Keep, schema: TableSchema) -> None:
+    def __init__(self, target: KeepRows, schema: TableSchema) -> None:
         self.names = schema.names
         self.where = [self.names.index(c) for c in sorted(target.columns[schema.table])]
         self.weddings = target.weddings
@@ -440,7 +441,7 @@ class _KeepWriter:
 
     async def write(self, rows: list[list[Any]]) -> None:
         for row in rows:
-            if any(text(row[i]) in self.weddings for i in self.where):
+            if self.weddings is None or any(text(row[i]) in self.weddings for i in self.where):
                 self.kept.append({n: text(v) for n, v in zip(self.names, row, strict=True)})
 
 
@@ -514,7 +515,7 @@ async def _dates_and_vendors(reads: _Reads, keyring: Keyring, *, destination: st
     if link is not None and link.table in columns:
         _missing_columns(prepared.schemas[link.table], (link.column, link.wedding_column),
                          "[impact] vendors")
-    keep = _Keep(columns, weddings | ({wedding} if wedding is not None else set()))
+    keep = KeepRows(columns, weddings | ({wedding} if wedding is not None else set()))
     try:
         await apply(prepared, keep, jobs=2)
     except ReplayRefused:

@@ -182,60 +182,48 @@ class RollbackTarget(PostgresTarget):
         return None  # recorded in the rollback's own audit record, before the first change
 
     async def commit(self) -> None:
-        import psycopg
-
         assert self._plan is not None, "prepare() first"
-        swap = self._plan
-        await self._close()
         if not self.report.dry_run:
             await self._audit_table()
-        conn = await self._connect()
-        try:
-            try:
-                await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-                await self._lock(conn, swap)
-                await self._leave_out_absent(conn, swap)
-                if any(swap.missing.values()):
-                    lacking = "; ".join(f"{t}: {', '.join(c.name for c in cols)}"
-                                        for t, cols in sorted(swap.missing.items()) if cols)
-                    raise RollbackRefused(
-                        f"the live database lacks archived columns ({lacking}): a rollback "
-                        "does not change table definitions; restore into another database")
-                for table in swap.changed:
-                    self.report.keys[table] = await self._diff(conn, swap, table)
-                    self.report.counts[table] = {k: len(v)
-                                                 for k, v in self.report.keys[table].items()}
-                if self.report.dry_run:
-                    await conn.rollback()
-                else:
-                    await self._snapshot(conn, swap)
-                    await self._audit_row(conn, swap)
-                    await self._write_everywhere(audit_key(self._at_us(), self.report.id),
-                                                 json.dumps(self.report.audit()).encode(),
-                                                 self.report.audit_objects)
-                    await swap.run(conn, self._staged, list(self._staging.values()))
-                    await conn.commit()
-                    self.report.committed = True
-            except (psycopg.errors.LockNotAvailable,
-                    psycopg.errors.SerializationFailure) as exc:
-                raise RollbackRefused(
-                    f"wedding {swap.wedding} is being written to right now "
-                    f"({first_line(exc)}): nothing was changed; run the rollback again") from None
-            except psycopg.Error as exc:
-                raise ReplayRefused(f"the rollback failed, nothing was changed: "
-                                    f"{first_line(exc)}") from None
-        except BaseException:
-            import contextlib
+        await self._final(self._roll_back)
+        self.report.committed = not self.report.dry_run
 
-            with contextlib.suppress(Exception):
-                await conn.rollback()
-            await conn.close()
-            await self._drop_staging()
-            await self._release_run()
-            raise
-        await conn.close()
-        await self._drop_staging()
-        await self._release_run()
+    async def _roll_back(self, conn: Any) -> None:
+        """Steps 1 to 5 of the module docstring, in the final transaction (`_final`)."""
+        import psycopg
+
+        assert self._plan is not None
+        swap = self._plan
+        try:
+            await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            await self._lock(conn, swap)
+            await self._leave_out_absent(conn, swap)
+            if any(swap.missing.values()):
+                lacking = "; ".join(f"{t}: {', '.join(c.name for c in cols)}"
+                                    for t, cols in sorted(swap.missing.items()) if cols)
+                raise RollbackRefused(
+                    f"the live database lacks archived columns ({lacking}): a rollback "
+                    "does not change table definitions; restore into another database")
+            for table in swap.changed:
+                self.report.keys[table] = await self._diff(conn, swap, table)
+                self.report.counts[table] = {k: len(v)
+                                             for k, v in self.report.keys[table].items()}
+            if self.report.dry_run:
+                await conn.rollback()  # the staging schemas go in a transaction of their own
+                return
+            await self._snapshot(conn, swap)
+            await self._audit_row(conn, swap)
+            await self._write_everywhere(audit_key(self._at_us(), self.report.id),
+                                         json.dumps(self.report.audit()).encode(),
+                                         self.report.audit_objects)
+            await swap.run(conn, staged=self._staged)
+        except (psycopg.errors.LockNotAvailable, psycopg.errors.SerializationFailure) as exc:
+            raise RollbackRefused(
+                f"wedding {swap.wedding} is being written to right now "
+                f"({first_line(exc)}): nothing was changed; run the rollback again") from None
+        except psycopg.Error as exc:
+            raise ReplayRefused(f"the rollback failed, nothing was changed: "
+                                f"{first_line(exc)}") from None
 
     def _at_us(self) -> int:
         return int(self.report.at.timestamp() * 1_000_000)

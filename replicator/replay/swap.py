@@ -216,7 +216,7 @@ class Swap:
     filters: dict[str, Any] = field(default_factory=dict)  # wedding: the target's rows of it
     unlinked: set[str] = field(default_factory=set)  # wedding: existing, no link: untouched
 
-    async def run(self, conn: Any, staged: Callable[[str], Any], staging: list[str]) -> None:
+    async def run(self, conn: Any, *, staged: Callable[[str], Any]) -> None:
         from psycopg import sql
 
         for table in self.changed:
@@ -242,8 +242,6 @@ class Swap:
                 sql.Identifier(namespace)))
             await conn.execute(sql.SQL("ALTER TABLE {} SET SCHEMA {}").format(
                 staged(table), sql.Identifier(namespace)))
-        for name in staging:
-            await conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(name)))
 
     def _keys_match(self, table: str) -> Any:
         from psycopg import sql

@@ -36,11 +36,12 @@ once every table succeeded, or `abort()`.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import date, datetime
 from pathlib import Path
 from typing import Any, Final, Protocol, TextIO
@@ -376,14 +377,24 @@ class PostgresTarget:
 
     async def commit(self) -> None:
         """Move every staged table into place in one transaction (module docstring)."""
-        import psycopg
-
         assert self._plan is not None, "prepare() first"
+        await self._final(functools.partial(self._plan.run, staged=self._staged))
+
+    async def _final(self, work: Callable[[Any], Awaitable[None]]) -> None:
+        """*work* on one connection, the staging schemas dropped, and one commit: the final
+        transaction every Postgres restore ends with (a replay, a tiered step, a rollback).
+        On a failure nothing of it stays, and the staging schemas are dropped."""
+        import psycopg
+        from psycopg import sql
+
         await self._close()
         conn = await self._connect()
         try:
             try:
-                await self._plan.run(conn, self._staged, list(self._staging.values()))
+                await work(conn)
+                for name in self._staging.values():
+                    await conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(
+                        sql.Identifier(name)))
             except psycopg.Error as exc:
                 raise ReplayFailed(f"moving the restored rows into place failed: "
                                    f"{_first_line(exc)}") from None

@@ -25,26 +25,24 @@ weddings as of the point. Without the calendar table in the archive, the restore
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import date, datetime
 from typing import Any
 
 from connectors.base import ObjectStore
-from replicator.archive.reader import ReplayFailed
 from replicator.archive.render import utc_text
 from replicator.config import PriorityConfig
 from replicator.crypto import Keyring
 from replicator.events import Tier, split_qualified
 from replicator.position import Lsn
 from replicator.priority import WeddingCalendar
+from replicator.replay.impact import KeepRows, as_date
 from replicator.replay.plan import At, ReplayRefused
 from replicator.replay.run import Prepared, apply, prepare
-from replicator.replay.swap import Swap, first_line, quoted
+from replicator.replay.swap import Swap, quoted
 from replicator.replay.table import TableSchema
 from replicator.replay.targets import PostgresTarget
 
@@ -108,55 +106,6 @@ class TieredSummary:
         return out
 
 
-class _Collect:
-    """A target keeping the calendar's (id, date) pairs in memory."""
-
-    def __init__(self, id_column: str, date_column: str) -> None:
-        self.id_column, self.date_column = id_column, date_column
-        self.dates: dict[str, date | None] = {}
-        self.bytes_written = 0
-
-    async def prepare(self, schemas: Sequence[TableSchema], *, wedding: str | None = None,
-                      point: str | None = None) -> None:
-        return None
-
-    @contextlib.asynccontextmanager
-    async def table(self, schema: TableSchema):  # type: ignore[no-untyped-def]
-        names = list(schema.names)
-        if self.id_column not in names or self.date_column not in names:
-            raise ReplayRefused(f"the calendar {schema.table} in the archive has no column "
-                                f"{self.id_column} or {self.date_column} (see [priority])")
-        id_at, date_at = names.index(self.id_column), names.index(self.date_column)
-        dates = self.dates
-
-        class Writer:
-            async def write(self, rows: list[list[Any]]) -> None:
-                for row in rows:
-                    if row[id_at] is not None:
-                        dates[str(row[id_at])] = _as_date(row[date_at])
-
-        yield Writer()
-
-    async def commit(self) -> None:
-        return None
-
-    async def abort(self) -> None:
-        return None
-
-
-def _as_date(value: Any) -> date | None:
-    if isinstance(value, datetime):
-        return value.date()
-    if isinstance(value, date):
-        return value
-    if value is None:
-        return None
-    try:
-        return date.fromisoformat(str(value)[:10])
-    except ValueError:
-        return None  # infinity: no day to count towards
-
-
 async def wedding_tiers(prepared: Prepared, calendar: PriorityConfig
                         ) -> dict[str, Tier] | None:
     """Each wedding of the archived calendar, as of the plan's point, with the tier its date
@@ -164,10 +113,15 @@ async def wedding_tiers(prepared: Prepared, calendar: PriorityConfig
     job = next((j for j in prepared.jobs if j.table == calendar.weddings_table), None)
     if job is None or not calendar.calendar:
         return None
-    collect = _Collect(calendar.wedding_id_column, calendar.wedding_date_column)
-    await apply(dataclasses.replace(prepared, jobs=[job], read_s=0.0), collect)
+    id_column, date_column = calendar.wedding_id_column, calendar.wedding_date_column
+    if id_column not in job.schema.names or date_column not in job.schema.names:
+        raise ReplayRefused(f"the calendar {job.table} in the archive has no column "
+                            f"{id_column} or {date_column} (see [priority])")
+    keep = KeepRows({job.table: {id_column}}, None)
+    await apply(dataclasses.replace(prepared, jobs=[job], read_s=0.0), keep)
     classify = WeddingCalendar(calendar)
-    return {w: classify.tier_for_date(d) for w, d in collect.dates.items()}
+    return {wedding: classify.tier_for_date(as_date(row[date_column]))
+            for row in keep.rows[job.table] if (wedding := row[id_column]) is not None}
 
 
 class _Step(PostgresTarget):
@@ -201,7 +155,7 @@ class _Step(PostgresTarget):
                         sql.SQL(" ON CONFLICT ({}) DO NOTHING").format(conflict))
                 await conn.execute(insert)
 
-        await _finish(self, work)
+        await self._final(work)
 
 
 class _Last(_Step):
@@ -227,37 +181,7 @@ class _Last(_Step):
                 await conn.execute(sql.SQL("ALTER TABLE {} SET SCHEMA {}").format(
                     self._staged(table), sql.Identifier(split_qualified(table)[0])))
 
-        await _finish(self, work)
-
-
-async def _finish(target: PostgresTarget, work: Callable[[Any], Awaitable[None]]) -> None:
-    """*work* and the staging schemas' drop in one transaction of the target, committed; on
-    failure, nothing of this step (the staging schemas dropped)."""
-    import psycopg
-    from psycopg import sql
-
-    await target._close()
-    conn = await target._connect()
-    try:
-        try:
-            await work(conn)
-            for name in target._staging.values():
-                await conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(
-                    sql.Identifier(name)))
-            await conn.commit()
-        except psycopg.Error as exc:
-            raise ReplayFailed(f"putting the restored rows in place failed: "
-                               f"{first_line(exc)}") from None
-    except BaseException:
-        with contextlib.suppress(Exception):
-            await conn.rollback()
-        await conn.close()
-        await target._drop_staging()
-        await target._release_run()
-        raise
-    await conn.close()
-    target._staging = {}
-    await target._release_run()
+        await self._final(work)
 
 
 async def _refuse_existing(target: PostgresTarget, tables: Sequence[str]) -> None:

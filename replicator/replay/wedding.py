@@ -45,6 +45,7 @@ async def restore_wedding(archive: Archive, job: TableJob, emit: Emit,
     stats = TableStats(job.table)
     assert job.wedding is not None
     base, target = job.first_change, int(job.target)
+    owners = job.weddings if job.weddings is not None else frozenset((job.wedding,))
     headers = job.headers or {}
     merger = Merger()
     seen: dict[int, bytearray] = {}
@@ -63,7 +64,7 @@ async def restore_wedding(archive: Archive, job: TableJob, emit: Emit,
             merger.add(record_event(record))
         elif owner is None and op == "d":
             unknown_deletes.append(dict(record))
-        elif not deletes_only and owner is not None and job.owns(owner):
+        elif not deletes_only and owner in owners:
             event = record_event(record)
             wanted.add(canonical_key(event.key))
             before = record["before"]
