@@ -3,19 +3,18 @@
 `Archive` fetches and decrypts objects and decodes segments and parts; every failure is a
 `ReplayFailed` naming the object and the nearest earlier restorable point (a missing object, a
 tampered or truncated one, an unknown or wrong key, content that does not match its header).
-`Timeline` is the archived transaction records reduced to what a restore asks of them.
+`Archive.read_timeline` reduces the archived transaction records to what a restore asks of
+them (`archive.timeline.Timeline`).
 """
 
 
 from __future__ import annotations
 
-import bisect
 import contextlib
 import json
 import os
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from typing import Any
 
 from connectors.base import ObjectStore
@@ -47,6 +46,7 @@ from replicator.archive.segment import (
     decode_transaction_segment,
 )
 from replicator.archive.snapshot import SnapshotPart
+from replicator.archive.timeline import Timeline, TimelineBuilder
 from replicator.crypto import CryptoError, Keyring, UnknownKey, decrypt, decrypt_stream
 from replicator.errors import OperatorError, ReplicatorError
 from replicator.events import Tier, TransactionRecord
@@ -66,65 +66,6 @@ class ReplayFailed(ReplicatorError):
         super().__init__(message)
         self.object = object
         self.nearest = nearest
-
-
-# --- the timeline of commits, for "nearest earlier point" ------------------------------------
-
-
-@dataclass(slots=True)
-class Timeline:
-    """The archived transaction records, reduced to what replay asks of them."""
-
-    commits: list[int] = field(default_factory=list)  # sorted commit LSNs (no snapshots)
-    times: dict[int, int] = field(default_factory=dict)  # commit LSN -> commit time (us)
-    # table -> LSNs of its snapshot boundary records, sorted
-    snapshots: dict[str, list[int]] = field(default_factory=dict)
-    # table -> commit LSN -> changes announced
-    counts: dict[str, dict[int, int]] = field(default_factory=dict)
-    # table -> commit LSN -> content digest of its changes, where the capture recorded one
-    digests: dict[str, dict[int, str]] = field(default_factory=dict)
-    oldest: int = 0  # set by the caller: the oldest point any plan accepts
-
-    @classmethod
-    def of(cls, records: Sequence[TransactionRecord]) -> Timeline:
-        timeline = cls()
-        commits: set[int] = set()
-        for record in records:
-            lsn = int(record.commit_lsn)
-            timeline.times.setdefault(lsn, record.commit_ts_us)
-            if record.xid == 0:
-                for table in record.counts:
-                    timeline.snapshots.setdefault(table, []).append(lsn)
-            else:
-                commits.add(lsn)
-            for table, n in record.counts.items():
-                per = timeline.counts.setdefault(table, {})
-                if record.xid == 0:
-                    per[lsn] = max(per.get(lsn, 0), n)  # one boundary record per table
-                else:
-                    per[lsn] = n  # a redelivered record repeats the same counts
-            for table, digest in record.digests.items():
-                timeline.digests.setdefault(table, {})[lsn] = digest
-        timeline.commits = sorted(commits | {lsn for lsns in timeline.snapshots.values()
-                                             for lsn in lsns})
-        for lsns in timeline.snapshots.values():
-            lsns.sort()
-        return timeline
-
-    def before(self, lsn: int) -> Lsn | None:
-        """The newest commit strictly below *lsn* that is restorable (`None` if none)."""
-        i = bisect.bisect_left(self.commits, lsn)
-        if i == 0:
-            return None
-        point = Lsn(self.commits[i - 1])
-        return point if point >= self.oldest else None
-
-    def base(self, table: str, *, at_or_after: int, target: int) -> Lsn | None:
-        """The table's snapshot to start from: the oldest boundary in range."""
-        for lsn in self.snapshots.get(table, ()):
-            if at_or_after <= lsn <= target:
-                return Lsn(lsn)
-        return None
 
 
 def current_rss_mb() -> float:
@@ -300,6 +241,20 @@ class Archive:
 
     def snapshot_failed(self, key: str, exc: PartCorrupt) -> ReplayFailed:
         return self._failed(key, f"is corrupt: {exc}", self._first(key))
+
+    async def read_timeline(self, below: int | None = None) -> Timeline:
+        """The `Timeline` of every archived transaction record (those below commit LSN
+        *below* when given), read one segment at a time; it becomes `self.timeline`."""
+        builder = TimelineBuilder(below)
+        async for info in self.store.list(TRANSACTIONS):
+            data = await self.fetch(info.key)
+            try:
+                _, records = decode_transaction_segment(data)
+                builder.add(records)
+            except SegmentError as exc:
+                raise self._unreadable(info.key, exc) from None
+        self.timeline = builder.build()
+        return self.timeline
 
     async def transactions(self) -> list[TransactionRecord]:
         """Every archived transaction record (duplicates included), in name order."""

@@ -51,6 +51,7 @@ from replicator.archive.layout import (
 )
 from replicator.archive.reader import Archive
 from replicator.archive.snapshot import SnapshotHeader, SnapshotWriter, manifest
+from replicator.archive.timeline import LsnColumn
 from replicator.crypto import Keyring, encrypt
 from replicator.position import Lsn
 from replicator.replay.engine import restore_table
@@ -150,10 +151,10 @@ async def compact(store: ObjectStore, keyring: Keyring, *, at: At = LATEST,
     for job, table_plan in zip(prepared.jobs, prepared.plan.tables, strict=True):
         result = TableCompaction(job.table, target)
         summary.tables.append(result)
-        counts = archive.timeline.counts.get(job.table, {})
-        result.changes = sum(n for lsn, n in counts.items()
-                             if job.first_change <= lsn <= int(target)
-                             and lsn not in archive.timeline.snapshots.get(job.table, ()))
+        counts = archive.timeline.counts.get(job.table) or LsnColumn()
+        boundaries = set(archive.timeline.snapshots.get(job.table, ()))
+        result.changes = sum(n for lsn, n in counts.between(job.first_change, int(target))
+                             if lsn not in boundaries)
         kinds = key_kinds(job.schema)
         # The thresholds count from a compaction snapshot; a table still based on the
         # capture's snapshot gets its first one at once (it then restores, and restores one

@@ -65,6 +65,7 @@ from replicator.archive.reader import Archive, ReplayFailed, Timeline, nearest_h
 from replicator.archive.render import copy_escape
 from replicator.archive.segment import SegmentHeader
 from replicator.archive.snapshot import SnapshotPart
+from replicator.archive.timeline import LsnColumn
 from replicator.events import ChangeEvent, Op
 from replicator.position import Lsn
 from replicator.replay.table import (
@@ -278,7 +279,7 @@ def _pass1(archive: Archive, job: TableJob, objects: Sequence[JobObject],
                     == int(job.base) and set(header.ops) == {Op.READ.value}):
                 found.deferred.append(obj.key)
                 continue
-            digest = (_digester(header, archive.timeline.digests.get(job.table, {}))
+            digest = (_digester(header, archive.timeline.digests.get(job.table) or {})
                       if job.check_digests else None)
             _take_changes(job, records, digest, found, stats)
             archive.check_memory(job.table, len(found.changed))
@@ -446,8 +447,9 @@ def _check_digests(timeline: Timeline, job: TableJob, found: _Changes) -> int:
     the one the capture sent."""
     low, target = job.first_change, int(job.target)
     checked = 0
-    for lsn, want in sorted(timeline.digests.get(job.table, {}).items()):
-        if lsn < low or lsn > target or lsn in found.unchecked:
+    digests = timeline.digests.get(job.table)
+    for lsn, want in digests.between(low, target) if digests is not None else ():
+        if lsn in found.unchecked:
             continue
         got = digest_text(found.digests.get(lsn, 0), content=want.startswith(CONTENT_DIGEST))
         if got != want:
@@ -464,14 +466,11 @@ def _check_digests(timeline: Timeline, job: TableJob, found: _Changes) -> int:
 
 def _check_counts(timeline: Timeline, job: TableJob, seen: Mapping[int, bytearray],
                   change_commits: set[int]) -> None:
-    announced = timeline.counts.get(job.table, {})
+    announced = timeline.counts.get(job.table) or LsnColumn()
     low, target = job.first_change, int(job.target)
-    for lsn in sorted(announced):
-        if lsn < low or lsn > target:
-            continue
+    for lsn, want in announced.between(low, target):
         bits = seen.get(lsn)
         got = int.from_bytes(bits, "little").bit_count() if bits else 0
-        want = announced[lsn]
         if got < want:
             nearest = timeline.before(lsn)
             raise ReplayFailed(

@@ -229,7 +229,7 @@ class Tally:
     def check(self, timeline: Timeline) -> None:
         """Every window transaction's changes are here: as many as its record announced."""
         for table, lsns in sorted(self.window.items()):
-            announced = timeline.counts.get(table, {})
+            announced: Mapping[int, int] = timeline.counts.get(table) or {}
             seen = self.seen.get(table, {})
             for lsn in sorted(lsns):
                 bits = seen.get(lsn)

@@ -77,7 +77,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Final, Literal, NamedTuple
+from typing import Any, Final, Literal, NamedTuple, Protocol
 
 from connectors.base import ObjectInfo
 from replicator.archive.layout import (
@@ -101,7 +101,7 @@ from replicator.archive.part import PartHeader
 from replicator.archive.segment import SegmentHeader
 from replicator.archive.snapshot import SnapshotHeader
 from replicator.errors import OperatorError
-from replicator.events import Op, TransactionRecord
+from replicator.events import Op
 from replicator.position import Lsn
 
 __all__ = [
@@ -215,7 +215,17 @@ def _format_us(us: int) -> str:
     return (_EPOCH + timedelta(microseconds=us)).isoformat()
 
 
-def resolve_time(transactions: Iterable[TransactionRecord], moment: datetime) -> Lsn:
+class Commit(Protocol):
+    """What a time cut reads of a transaction record (`TransactionRecord`, `Point`)."""
+
+    @property
+    def commit_lsn(self) -> int: ...
+
+    @property
+    def commit_ts_us(self) -> int: ...
+
+
+def resolve_time(transactions: Iterable[Commit], moment: datetime) -> Lsn:
     """The commit LSN of the last transaction (in commit order) committed at or before
     *moment*: cut there, a restore holds every transaction up to it and none after it.
 
@@ -227,23 +237,23 @@ def resolve_time(transactions: Iterable[TransactionRecord], moment: datetime) ->
     """
     limit = _epoch_us(moment)
     best: Lsn | None = None
-    earliest: TransactionRecord | None = None
+    earliest: Commit | None = None
     for record in transactions:
         if record.commit_ts_us <= limit:
             if best is None or record.commit_lsn > best:
-                best = record.commit_lsn
+                best = Lsn(record.commit_lsn)
         elif earliest is None or (record.commit_ts_us, record.commit_lsn) < (
                 earliest.commit_ts_us, earliest.commit_lsn):
             earliest = record
     if best is None:
         after = (f"; the earliest is at {_format_us(earliest.commit_ts_us)} "
-                 f"(LSN {earliest.commit_lsn})" if earliest is not None else "")
+                 f"(LSN {Lsn(earliest.commit_lsn)})" if earliest is not None else "")
         raise ReplayRefused(f"no archived transaction committed at or before "
                             f"{moment.isoformat()}{after}")
     return Lsn(best)
 
 
-def check_fresh(transactions: Iterable[TransactionRecord], moment: datetime, checkpoint: Lsn,
+def check_fresh(transactions: Iterable[Commit], moment: datetime, checkpoint: Lsn,
                 heartbeat_s: float) -> None:
     """Refuse *moment* when it is later than the newest archived commit below *checkpoint* by
     more than *heartbeat_s*: a quiet database still commits a heartbeat that often, so the

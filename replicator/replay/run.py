@@ -50,7 +50,6 @@ from replicator.archive.part import PartCorrupt, read_part_header
 from replicator.archive.reader import (
     Archive,
     ReplayFailed,
-    Timeline,
     current_rss_mb,
     dead_letters,
     destinations,
@@ -272,11 +271,10 @@ async def prepare(store: ObjectStore, keyring: Keyring, *, at: At,
     except ValueError as exc:
         raise ReplayRefused(f"cannot plan: {exc}") from None
     archive = Archive(store, keyring)
-    records = await archive.transactions()
-    timeline = archive.timeline = Timeline.of(records)
-    resolver = partial(resolve_time, records) if isinstance(at, datetime) else None
+    timeline = await archive.read_timeline()
+    resolver = partial(resolve_time, timeline.points) if isinstance(at, datetime) else None
     if isinstance(at, datetime) and not allow_stale:
-        check_fresh(records, at, checkpoint, heartbeat_s)
+        check_fresh(timeline.points, at, checkpoint, heartbeat_s)
 
     known = sorted(set(tables_of(listing)) | set(timeline.snapshots))
     docs = await schema_documents(archive, select_tables(known, tables)) if known else {}
