@@ -322,6 +322,40 @@ async def missing_columns(conn: Any, oid: int, schema: TableSchema) -> list[Colu
     return [c for c in schema.columns if c.name not in have]
 
 
+async def wedding_equals(conn: Any, alias: str, table: str, column: str, wedding: str) -> Any:
+    """`alias.column = %s::<its type>` for an integer or uuid column, so that the column's
+    index is used (a cast of the column, `alias.column::text = %s`, reads the whole table).
+    It picks exactly the rows the text comparison picks: only when *wedding* is the
+    canonical text of a value of that type ('7', not '007'; a uuid in lower case), for types
+    whose text is canonical. Otherwise, the text comparison."""
+    import psycopg
+    from psycopg import sql
+
+    as_text = sql.SQL("{}.{}::text = %s").format(sql.Identifier(alias),
+                                                 sql.Identifier(column))
+    row = await (await conn.execute(
+        "SELECT format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = "
+        "to_regclass(%s) AND attname = %s AND attnum > 0 AND NOT attisdropped",
+        (quoted(table), column))).fetchone()
+    if row is None or row[0] not in _CANONICAL_TYPES:
+        return as_text
+    type_name = sql.SQL(row[0])
+    try:
+        async with conn.transaction():  # a savepoint: a failed cast leaves the rest
+            same = await (await conn.execute(sql.SQL("SELECT %s::{}::text = %s").format(
+                type_name), (wedding, wedding))).fetchone()
+    except psycopg.DataError:
+        return as_text
+    if not same[0]:
+        return as_text
+    return sql.SQL("{}.{} = %s::{}").format(sql.Identifier(alias), sql.Identifier(column),
+                                            type_name)
+
+
+#: Types whose values have one text form each: equal values, equal text.
+_CANONICAL_TYPES = frozenset({"smallint", "integer", "bigint", "uuid"})
+
+
 def _identifier(table: str) -> Any:
     from psycopg import sql
 

@@ -70,6 +70,7 @@ from replicator.replay.swap import (
     guard,
     missing_columns,
     relations,
+    wedding_equals,
     write_audit_row,
 )
 from replicator.replay.table import TableSchema
@@ -281,7 +282,7 @@ class PostgresTarget:
                 continue
             swap.existing.add(schema.table)
             if wedding is not None:
-                where = self._wedding_rows(schema.table)
+                where = await self._wedding_rows(conn, schema.table, wedding)
                 if where is None:
                     swap.unlinked.add(schema.table)
                     continue
@@ -289,22 +290,25 @@ class PostgresTarget:
             oids[int(row[0])] = schema.table
         return swap, oids
 
-    def _wedding_rows(self, table: str) -> Any:
+    async def _wedding_rows(self, conn: Any, table: str, wedding: str) -> Any:
         """The condition on `t` that picks the wedding's rows of *table* in the target (the
-        wedding id is the one parameter), or None when the calendar names no link."""
+        wedding id is the one parameter), or None when the calendar names no link. The id is
+        compared in the column's type where that picks the same rows (`swap.wedding_equals`):
+        the column's index then serves every statement of the final transaction."""
         from psycopg import sql
 
         c = self.calendar
         if table == c.weddings_table:
-            return sql.SQL("t.{}::text = %s").format(sql.Identifier(c.wedding_id_column))
+            return await wedding_equals(conn, "t", table, c.wedding_id_column, wedding)
         link = c.tables.get(table)
         if link is None:
             return None
         if link.parent is None:
-            return sql.SQL("t.{}::text = %s").format(sql.Identifier(link.column))
-        return sql.SQL("t.{} IN (SELECT p.{} FROM {} p WHERE p.{}::text = %s)").format(
+            return await wedding_equals(conn, "t", table, link.column, wedding)
+        return sql.SQL("t.{} IN (SELECT p.{} FROM {} p WHERE {})").format(
             sql.Identifier(link.column), sql.Identifier(link.parent_key),
-            _identifier(link.parent), sql.Identifier(link.parent_wedding_column))
+            _identifier(link.parent),
+            await wedding_equals(conn, "p", link.parent, link.parent_wedding_column, wedding))
 
     def _staged(self, table: str) -> Any:
         from psycopg import sql

@@ -340,3 +340,44 @@ async def test_a_killed_replay_leaves_nothing_the_next_one_keeps(pg_server_dsn: 
         await nxt.abort()
         await running.abort()
         assert staging_schemas(target) == []
+
+
+async def test_the_wedding_filter_uses_the_index_and_picks_what_the_text_comparison_picks(
+        pg_dsn: str) -> None:
+    """A rollback's and a wedding restore's statements find the wedding's rows through the
+    column's index (`= %s::bigint`), not by casting every row to text; an id whose text is
+    not canonical for the type ('007', an upper-case uuid) keeps the text comparison, so it
+    picks exactly the rows it picked before."""
+    from replicator.replay.swap import wedding_equals
+
+    async with await psycopg.AsyncConnection.connect(pg_dsn, autocommit=True) as conn:
+        await conn.execute("CREATE TABLE big (id int PRIMARY KEY, wedding_id bigint, "
+                           "w uuid, note text)")
+        await conn.execute("INSERT INTO big SELECT g, g % 1000, "
+                           "md5((g % 1000)::text)::uuid, 'x' FROM generate_series(1, 20000) g")
+        await conn.execute("CREATE INDEX ON big (wedding_id)")
+        await conn.execute("CREATE INDEX ON big (w)")
+        await conn.execute("ANALYZE big")
+        uuid_text = (await (await conn.execute(
+            "SELECT w::text FROM big WHERE wedding_id = 7 LIMIT 1")).fetchone())[0]
+
+        async def rows(column: str, wedding: str) -> tuple[int, str, str]:
+            where = await wedding_equals(conn, "t", "public.big", column, wedding)
+            query = sql.SQL("SELECT count(*) FROM big t WHERE {}").format(where)
+            count = (await (await conn.execute(query, (wedding,))).fetchone())[0]
+            plan = "\n".join(r[0] for r in await (await conn.execute(
+                sql.SQL("EXPLAIN ") + query, (wedding,))).fetchall())
+            return count, where.as_string(conn), plan
+
+        count, text, plan = await rows("wedding_id", "7")
+        assert count == 20 and "::bigint" in text and "Index" in plan, (text, plan)
+        count, text, plan = await rows("w", uuid_text)
+        assert count == 20 and "::uuid" in text and "Index" in plan, (text, plan)
+        for column, odd in (("wedding_id", "007"), ("wedding_id", "seven"),
+                            ("w", uuid_text.upper()), ("wedding_id", "99999999999999999999")):
+            count, text, _ = await rows(column, odd)
+            assert count == 0 and "::text" in text, (column, odd, text)
+        count, text, _ = await rows("note", "x")  # a text column: compared as text
+        assert count == 20000 and "::text" in text
+        # The failed casts left the connection usable (each tried in a savepoint).
+        assert (await (await conn.execute("SELECT 1")).fetchone())[0] == 1
