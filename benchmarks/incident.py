@@ -321,6 +321,7 @@ async def run(weddings: int, rows: int, changes: int, say: Any) -> dict[str, Any
         stop.set()
         load_commits = await writer
         result["rollback_s"] = round(float(report["seconds"]), 3)
+        result["rollback_steps_s"] = report.get("steps_s", {})
         result["rollback_wall_s"] = round(wall, 3)
         result["rollback_rows"] = report["rows"]
         result["load_commits"] = load_commits

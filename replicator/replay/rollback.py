@@ -42,12 +42,13 @@ did not exist at the point did not exist either); one from a table outside them 
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import json
 import logging
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -60,6 +61,7 @@ from replicator.crypto import Keyring, encrypt
 from replicator.events import split_qualified
 from replicator.replay.plan import At, ReplayRefused
 from replicator.replay.swap import AUDIT_TABLE, Swap, first_line, quoted
+from replicator.replay.table import TableSchema
 from replicator.replay.targets import PostgresTarget
 
 __all__ = ["Copy", "RollbackRefused", "RollbackReport", "RollbackTarget", "rollback"]
@@ -98,6 +100,16 @@ class RollbackReport:
     audit_objects: list[str] = field(default_factory=list)
     seconds: float = 0.0
     committed: bool = False
+    steps: dict[str, float] = field(default_factory=dict)  # step -> seconds it took
+
+    @contextlib.contextmanager
+    def step(self, name: str) -> Iterator[None]:
+        """Time step *name* into `steps` (summed when it repeats)."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.steps[name] = self.steps.get(name, 0.0) + time.perf_counter() - started
 
     @property
     def changed(self) -> int:
@@ -113,7 +125,8 @@ class RollbackReport:
 
     def to_dict(self, with_keys: bool) -> dict[str, Any]:
         doc = {**self.audit(), "dry_run": self.dry_run, "committed": self.committed,
-               "audit_objects": self.audit_objects, "seconds": round(self.seconds, 3)}
+               "audit_objects": self.audit_objects, "seconds": round(self.seconds, 3),
+               "steps_s": {k: round(v, 3) for k, v in self.steps.items()}}
         if with_keys:
             doc["keys"] = self.keys
         return doc
@@ -143,6 +156,11 @@ class RollbackTarget(PostgresTarget):
                          **options)
         self.report = report
         self.copies = list(copies)
+
+    async def prepare(self, schemas: Sequence[TableSchema], *, wedding: str | None = None,
+                      point: str | None = None) -> None:
+        with self.report.step("check_target"):
+            await super().prepare(schemas, wedding=wedding, point=point)
 
     async def _guard(self, conn: Any, swap: Swap) -> str | None:
         """A wedding today or tomorrow, or any rollback on a Saturday, needs the override."""
@@ -184,8 +202,10 @@ class RollbackTarget(PostgresTarget):
     async def commit(self) -> None:
         assert self._plan is not None, "prepare() first"
         if not self.report.dry_run:
-            await self._audit_table()
-        await self._final(self._roll_back)
+            with self.report.step("audit_table"):
+                await self._audit_table()
+        with self.report.step("final_transaction"):
+            await self._final(self._roll_back)
         self.report.committed = not self.report.dry_run
 
     async def _roll_back(self, conn: Any) -> None:
@@ -195,8 +215,10 @@ class RollbackTarget(PostgresTarget):
         assert self._plan is not None
         swap = self._plan
         try:
+            step = self.report.step
             await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-            await self._lock(conn, swap)
+            with step("lock"):
+                await self._lock(conn, swap)
             await self._leave_out_absent(conn, swap)
             if any(swap.missing.values()):
                 lacking = "; ".join(f"{t}: {', '.join(c.name for c in cols)}"
@@ -205,18 +227,22 @@ class RollbackTarget(PostgresTarget):
                     f"the live database lacks archived columns ({lacking}): a rollback "
                     "does not change table definitions; restore into another database")
             for table in swap.changed:
-                self.report.keys[table] = await self._diff(conn, swap, table)
+                with step("compare"):
+                    self.report.keys[table] = await self._diff(conn, swap, table)
                 self.report.counts[table] = {k: len(v)
                                              for k, v in self.report.keys[table].items()}
             if self.report.dry_run:
                 await conn.rollback()  # the staging schemas go in a transaction of their own
                 return
-            await self._snapshot(conn, swap)
-            await self._audit_row(conn, swap)
-            await self._write_everywhere(audit_key(self._at_us(), self.report.id),
-                                         json.dumps(self.report.audit()).encode(),
-                                         self.report.audit_objects)
-            await swap.run(conn, staged=self._staged)
+            with step("emergency_snapshot"):
+                await self._snapshot(conn, swap)
+            with step("audit_record"):
+                await self._audit_row(conn, swap)
+                await self._write_everywhere(audit_key(self._at_us(), self.report.id),
+                                             json.dumps(self.report.audit()).encode(),
+                                             self.report.audit_objects)
+            with step("apply"):
+                await swap.run(conn, staged=self._staged)
         except (psycopg.errors.LockNotAvailable, psycopg.errors.SerializationFailure) as exc:
             raise RollbackRefused(
                 f"wedding {swap.wedding} is being written to right now "
@@ -379,6 +405,7 @@ async def rollback(store: ObjectStore, keyring: Keyring, dsn: str, *, wedding: s
     started = time.perf_counter()
     prepared = await prepare(store, keyring, at=at, wedding=wedding, destination=destination,
                              allow_stale=allow_stale, heartbeat_s=heartbeat_s)
+    planned = time.perf_counter() - started
     point = str(prepared.plan.target)
     ts = prepared.archive.timeline.times.get(int(prepared.plan.target))
     if ts is not None:
@@ -388,4 +415,8 @@ async def rollback(store: ObjectStore, keyring: Keyring, dsn: str, *, wedding: s
     target.report.database = target.database
     await apply(prepared, target)
     target.report.seconds = time.perf_counter() - started
+    steps = target.report.steps
+    steps["plan"] = planned
+    steps["restore"] = target.report.seconds - planned - sum(
+        steps.get(k, 0.0) for k in ("check_target", "audit_table", "final_transaction"))
     return target.report
