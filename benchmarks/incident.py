@@ -8,10 +8,10 @@ What runs (the local stack's PostgreSQL 15 and Kafka; a local folder as the arch
   bookings), the others share the rest;
 - `replicator run` (capture and sinks in one process) archives it: the initial snapshot, then
   the changes below, into `file://<work>/archive`;
-- **impact**: a burst of C changes (default 10,000: updates of guests and bookings of
-  random weddings, inserts, deletes, in transactions of 20), committed as fast as one writer
-  goes (the window is that burst, tens of seconds rather than the 20 minutes of an incident:
-  what impact reads is set by the changes and the objects in the window, not by its length);
+- **impact**: C changes (default 10,000: updates of guests and bookings of random weddings,
+  inserts, deletes, in transactions of 20) spread evenly over `--window-minutes` (default
+  20, an incident's length: the sinks flush many segments in that time; `--quick`: 0, a
+  burst as fast as one writer goes);
   once durable, `replicator impact --since <start> --until <end> --json` in a child process.
   `impact_s` is its own `seconds` (reading the archive's facts, the window's segments, the
   calendar and the vendor link as of the end), `impact_wall_s` the child's wall time with
@@ -32,10 +32,10 @@ workload's, whose rows (per-wedding hash of `t::text` over the three tables) dif
 just before and just after the rollback: it must be 0. Targets (reported, not asserted):
 impact < 3 s, rollback < 2 s, ratio <= 1.5.
 
-    .venv/bin/python -m benchmarks.incident [--quick] [--json]
+    .venv/bin/python -m benchmarks.incident [--quick] [--window-minutes 20] [--json]
 
-`--quick`: 5,000 weddings, 200,000 rows, 2,000 changes. `--json` prints one JSON object on the
-last line: `impact_s`, `impact_objects_read`, `rollback_s`, `wedding_restore_s`,
+`--quick`: 5,000 weddings, 200,000 rows, 2,000 changes in a burst. `--json` prints one JSON
+object on the last line: `impact_s`, `impact_objects_read`, `rollback_s`, `wedding_restore_s`,
 `ratio_rollback_vs_restore`, `other_weddings_changed`, and details beside them.
 """
 
@@ -161,12 +161,17 @@ async def durable(url: str, keyring: Keyring, lsn: int, within: float) -> float:
         await store.close()
 
 
-def burst(dsn: str, weddings: int, changes: int, special: int) -> int:
-    """C changes in transactions of 20 over random weddings (not the 500-row one)."""
+def burst(dsn: str, weddings: int, changes: int, special: int, window_s: float = 0.0) -> int:
+    """C changes in transactions of 20 over random weddings (not the 500-row one), spread
+    evenly over *window_s* seconds (0: as fast as one writer goes)."""
     rng = random.Random(12)
     done, next_id = 0, 10**9
+    started = time.monotonic()
     with psycopg.connect(dsn, autocommit=True) as conn:
         while done < changes:
+            ahead = started + window_s * done / changes - time.monotonic()
+            if ahead > 0:
+                time.sleep(ahead)
             with conn.transaction():
                 for _ in range(20):
                     w = rng.randrange(1, weddings + 1)
@@ -238,7 +243,8 @@ def child(*args: str) -> tuple[dict[str, Any], float]:
     return json.loads(done.stdout.strip().splitlines()[-1]), wall
 
 
-async def run(weddings: int, rows: int, changes: int, say: Any) -> dict[str, Any]:
+async def run(weddings: int, rows: int, changes: int, window_minutes: float, say: Any
+              ) -> dict[str, Any]:
     stack = Stack(StackSettings.from_env(os.environ))
     await stack.up(["pg15", "kafka"])
     admin = stack.services["pg15"].address()
@@ -279,7 +285,7 @@ async def run(weddings: int, rows: int, changes: int, say: Any) -> dict[str, Any
         since, _ = moment(dsn)
         await asyncio.sleep(0.05)
         result["window_changes"] = await asyncio.to_thread(burst, dsn, weddings, changes,
-                                                           special)
+                                                           special, window_minutes * 60)
         await asyncio.sleep(0.05)
         until, after = moment(dsn)
         result["window_s"] = round((until - since).total_seconds(), 1)
@@ -368,8 +374,12 @@ def main() -> int:
     parser.add_argument("--weddings", type=int, default=None)
     parser.add_argument("--rows", type=int, default=None)
     parser.add_argument("--changes", type=int, default=None)
+    parser.add_argument("--window-minutes", type=float, default=None,
+                        help="spread the changes over this long (default 20; --quick 0: a burst)")
     parser.add_argument("--json", action="store_true", help="one JSON object on the last line")
     args = parser.parse_args()
+    window = args.window_minutes if args.window_minutes is not None else (
+        0.0 if args.quick else 20.0)
     weddings = args.weddings or (5_000 if args.quick else 50_000)
     rows = args.rows or (200_000 if args.quick else 2_000_000)
     changes = args.changes or (2_000 if args.quick else 10_000)
@@ -377,7 +387,7 @@ def main() -> int:
     def say(text: str) -> None:
         print(text, file=sys.stderr if args.json else sys.stdout, flush=True)
 
-    result = asyncio.run(run(weddings, rows, changes, say))
+    result = asyncio.run(run(weddings, rows, changes, window, say))
     result["quick"] = args.quick
     if args.json:
         print(json.dumps(result, sort_keys=True))
