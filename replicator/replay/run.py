@@ -96,6 +96,22 @@ class Prepared:
     schemas: dict[str, TableSchema]
     read_s: float = 0.0
     sizes: dict[str, int] = field(default_factory=dict)  # object name -> bytes, as listed
+    facts: ArchiveFacts | None = None  # what was read to plan: `prepare(..., facts=)` again
+
+
+@dataclass(slots=True)
+class ArchiveFacts:
+    """What `prepare` reads of a destination before it plans, kept so that further plans of
+    the same restore (the steps of a tiered restore) read none of it again."""
+
+    destination: str
+    checkpoint: Lsn
+    listing: list[ObjectInfo]
+    parked: list[str]
+    gaps: list[tuple[Lsn, Lsn]]
+    archive: Archive
+    docs: SchemaDocs
+    headers: dict[str, Header] = field(default_factory=dict)  # fetched so far, by object
 
 
 @dataclass(slots=True)
@@ -254,30 +270,30 @@ async def prepare(store: ObjectStore, keyring: Keyring, *, at: At,
                   tables: Sequence[str] | None = None, wedding: str | None = None,
                   destination: str | None = None, allow_stale: bool = False,
                   heartbeat_s: float = 10.0, weddings: frozenset[str] | None = None,
-                  label: str | None = None) -> Prepared:
+                  label: str | None = None, facts: ArchiveFacts | None = None) -> Prepared:
     """Read what the plan needs and plan. A time later than the newest archived commit by
     more than *heartbeat_s* is refused unless *allow_stale* (`plan.check_fresh`).
     *weddings*: restore the rows of these weddings (a `tiered` step; *label* names them),
-    reading only the objects whose header says one of them may be inside."""
+    reading only the objects whose header says one of them may be inside. *facts*: an
+    earlier `Prepared.facts` of the same destination, read again from nothing (its archive,
+    the timeline and the counters included, is shared)."""
     started = time.perf_counter()
     tables = None if tables is None else list(tables)  # read twice: for schemas, and by plan
-    dest = await find_destination(store, destination)
-    checkpoint = await archive_checkpoint(store, dest, keyring=keyring)
-    listing: list[ObjectInfo] = [info async for info in store.list(SEGMENTS)]
-    listing += [info async for info in store.list(SNAPSHOTS)]
-    parked = await dead_letters(store)
-    try:
-        gaps = await recorded_gaps(store, keyring)
-    except ValueError as exc:
-        raise ReplayRefused(f"cannot plan: {exc}") from None
-    archive = Archive(store, keyring)
-    timeline = await archive.read_timeline()
+    if facts is None:
+        facts = await _read_facts(store, keyring, destination)
+    dest, checkpoint, listing = facts.destination, facts.checkpoint, facts.listing
+    parked, gaps, archive = facts.parked, facts.gaps, facts.archive
+    timeline = archive.timeline
     resolver = partial(resolve_time, timeline.points) if isinstance(at, datetime) else None
     if isinstance(at, datetime) and not allow_stale:
         check_fresh(timeline.points, at, checkpoint, heartbeat_s)
 
     known = sorted(set(tables_of(listing)) | set(timeline.snapshots))
-    docs = await schema_documents(archive, select_tables(known, tables)) if known else {}
+    chosen = select_tables(known, tables) if known else []
+    wanted = [t for t in chosen if t not in facts.docs]
+    if wanted:
+        facts.docs.update(await schema_documents(archive, wanted))
+    docs = {t: facts.docs[t] for t in chosen if t in facts.docs}
     history = schema_history(docs)
     headers: dict[str, Header] = {}
     try:
@@ -286,9 +302,10 @@ async def prepare(store: ObjectStore, keyring: Keyring, *, at: At,
             rough = plan(listing, at=at, checkpoint=checkpoint, tables=tables,
                          resolver=resolver, snapshots=timeline.snapshots, gaps=gaps,
                          history=history)
-            keys = [k for t in rough.tables for k in t.objects]
+            keys = [k for t in rough.tables for k in t.objects if k not in facts.headers]
             fetched = await run_bounded([partial(_header, archive, k) for k in keys], 16)
-            headers = dict(zip(keys, fetched, strict=True))
+            facts.headers.update(zip(keys, fetched, strict=True))
+            headers = {k: facts.headers[k] for t in rough.tables for k in t.objects}
         the_plan = plan(listing, at=at, checkpoint=checkpoint, tables=tables, wedding=wedding,
                         headers=headers, resolver=resolver, snapshots=timeline.snapshots,
                         gaps=gaps, history=history)
@@ -326,7 +343,23 @@ async def prepare(store: ObjectStore, keyring: Keyring, *, at: At,
                      weddings=weddings)
             for t in the_plan.tables]
     return Prepared(the_plan, archive, jobs, dest, schemas, time.perf_counter() - started,
-                    {info.key: info.size for info in listing})
+                    {info.key: info.size for info in listing}, facts)
+
+
+async def _read_facts(store: ObjectStore, keyring: Keyring, destination: str | None
+                      ) -> ArchiveFacts:
+    dest = await find_destination(store, destination)
+    checkpoint = await archive_checkpoint(store, dest, keyring=keyring)
+    listing: list[ObjectInfo] = [info async for info in store.list(SEGMENTS)]
+    listing += [info async for info in store.list(SNAPSHOTS)]
+    parked = await dead_letters(store)
+    try:
+        gaps = await recorded_gaps(store, keyring)
+    except ValueError as exc:
+        raise ReplayRefused(f"cannot plan: {exc}") from None
+    archive = Archive(store, keyring)
+    await archive.read_timeline()
+    return ArchiveFacts(dest, checkpoint, listing, parked, gaps, archive, {})
 
 
 class Progress:

@@ -6,7 +6,8 @@ nearest weddings first, in four steps, each its own transaction.
    calendar's time zone and thresholds, as the capture classifies rows).
 2. **critical**, then **high**, then **normal**: the rows of that tier's weddings in every
    table are restored (a wedding restore of the set: only the objects whose header says one
-   of them may be inside are read) and committed; each step reports when it became usable
+   of them may be inside are read; the transaction records, listing, schemas and headers are
+   read once for all the steps) and committed; each step reports when it became usable
    (seconds since the restore started). The first step creates the tables; the next ones add
    their rows to them.
 3. **low and the rest**: every table restored whole, as a plain replay does, and put in
@@ -235,13 +236,14 @@ async def replay_tiered(store: ObjectStore, keyring: Keyring, dsn: str, *, at: A
         if not ids:
             continue
         began = time.perf_counter()
+        reads = full.archive.objects_read
         step = await prepare(store, keyring, at=point, tables=selected,
                              destination=full.destination, weddings=ids,
-                             label=f"the {tier.value} weddings")
+                             label=f"the {tier.value} weddings", facts=full.facts)
         result = await apply(step, _Step(dsn, replace_existing=True), jobs=jobs)
         now = time.perf_counter()
         done(Step(tier.value, len(ids), result.rows, now - started, now - began,
-                  result.objects_read))
+                  result.objects_read - reads))
     began = time.perf_counter()
     reads = full.archive.objects_read
     result = await apply(full, _Last(dsn, replace_existing=True), jobs=jobs)
