@@ -15,6 +15,7 @@ otherwise (`metrics.listen`), and exposes no configuration and no secrets.
 | `wedsync_capture_unresolved_weddings_total` | | changes whose wedding id did not resolve |
 | `wedsync_sink_checkpoint_lsn` | destination, tier | durable position (tier `all`: overall) |
 | `wedsync_sink_lag_records` | destination, partition | records not yet read |
+| `wedsync_rpo_seconds` | destination, tier | age of the oldest change not yet durable (0: none) |
 | `wedsync_sink_bytes_written_total` | destination | bytes of objects written |
 | `wedsync_sink_segments_written_total` | destination | objects written |
 | `wedsync_sink_failures_total` | destination | failed flushes |
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -100,6 +102,11 @@ class PipelineCollector(Collector):
         dead = CounterMetricFamily("wedsync_sink_dead_letters",
                                    "Undecodable records parked as dead letters",
                                    labels=["destination"])
+        rpo = GaugeMetricFamily("wedsync_rpo_seconds",
+                                "Age of the oldest committed change not yet durable in the "
+                                "destination (0: nothing pending)",
+                                labels=["destination", "tier"])
+        now = time.time()
         paused = GaugeMetricFamily("wedsync_sink_paused",
                                    "1 while intake is paused (buffers full or breaker open)",
                                    labels=["destination"])
@@ -107,6 +114,8 @@ class PipelineCollector(Collector):
             checkpoint.add_metric([name, "all"], int(stats.checkpoint))
             for tier, lsn in sorted(stats.tier_checkpoints.items()):
                 checkpoint.add_metric([name, tier.value], int(lsn))
+            for tier, age in stats.rpo_seconds(now).items():
+                rpo.add_metric([name, tier], age)
             for partition, behind in sorted(stats.lag.items()):
                 lag.add_metric([name, partition], behind)
             written.add_metric([name], stats.bytes_written)
@@ -115,7 +124,7 @@ class PipelineCollector(Collector):
             breaker.add_metric([name], 0 if stats.breaker == "closed" else 1)
             dead.add_metric([name], stats.dead_letters)
             paused.add_metric([name], 1 if stats.paused else 0)
-        yield from (checkpoint, lag, written, segments, failures, breaker, dead, paused)
+        yield from (checkpoint, lag, rpo, written, segments, failures, breaker, dead, paused)
         runs = CounterMetricFamily("wedsync_compaction_runs", "Compaction runs",
                                    labels=["destination"])
         failed = CounterMetricFamily("wedsync_compaction_failures", "Failed compaction runs",

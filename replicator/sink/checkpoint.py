@@ -43,6 +43,7 @@ class _Tx:
     expected: dict[Tier | str, int] | None = None  # None until the record is durable
     seen: dict[Tier, set[int]] = field(default_factory=dict)
     tables: set[str] = field(default_factory=set)  # of the snapshot records counted
+    commit_ts_us: int = 0  # from its record
     done: bool = False  # passed by `advance`, kept because the checkpoint is below it
 
     def complete_for(self, tier: Tier) -> bool:
@@ -66,6 +67,8 @@ class CompletenessTracker:
         self._order: list[Lsn] = []  # commit LSNs with a durable record, ascending
         self._cursor: dict[Tier, int] = dict.fromkeys(TIER_ORDER, 0)
         self._held = False
+        # Per tier: the commit time (us) of the last transaction its checkpoint passed.
+        self.passed_ts_us: dict[Tier, int] = {}
 
     def hold(self) -> None:
         """Never move a checkpoint again: a record of an unknown transaction was parked."""
@@ -102,6 +105,7 @@ class CompletenessTracker:
                         self._queue(record.commit_lsn)
                 continue
             tx.end_lsn = record.end_lsn
+            tx.commit_ts_us = record.commit_ts_us
             tx.expected = expected
             tx.tables.update(record.counts)
             self._queue(record.commit_lsn)
@@ -135,8 +139,9 @@ class CompletenessTracker:
         for tier in TIER_ORDER:
             cursor = self._cursor[tier]
             while cursor < len(order) and txs[order[cursor]].complete_for(tier):
-                self.tier_checkpoints[tier] = max(self.tier_checkpoints[tier],
-                                                  txs[order[cursor]].end_lsn)
+                tx = txs[order[cursor]]
+                self.tier_checkpoints[tier] = max(self.tier_checkpoints[tier], tx.end_lsn)
+                self.passed_ts_us[tier] = max(self.passed_ts_us.get(tier, 0), tx.commit_ts_us)
                 cursor += 1
             self._cursor[tier] = cursor
         done = min(self._cursor.values())
@@ -157,6 +162,17 @@ class CompletenessTracker:
             for commit_lsn in [k for k in txs if k < self.checkpoint]:
                 del txs[commit_lsn]
         return self.checkpoint
+
+    def oldest_pending(self, tier: Tier) -> int | None:
+        """The commit time (us) of the oldest transaction whose record is durable and that
+        *tier*'s checkpoint has not passed (some change of that tier is not durable yet), or
+        None."""
+        order, txs = self._order, self._txs
+        for index in range(self._cursor[tier], len(order)):  # `advance` passes the complete
+            tx = txs[order[index]]
+            if not tx.complete_for(tier):
+                return tx.commit_ts_us
+        return None
 
     @property
     def incomplete(self) -> int:

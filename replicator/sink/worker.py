@@ -147,6 +147,15 @@ class SinkStats:
     paused: bool = False  # intake paused: buffers at their bound, or the breaker open
     rebalances: int = 0  # partitions revoked by a rebalance
     waiting: str | None = None  # why the sink is not running yet (Kafka does not answer)
+    # tier -> commit time (us) of the oldest change its checkpoint has not passed
+    # (`SinkWorker._note_pending`); a tier with nothing pending is absent
+    pending_since_us: dict[str, int] = field(default_factory=dict)
+
+    def rpo_seconds(self, now: float) -> dict[str, float]:
+        """Per tier, the age at *now* (epoch seconds) of the oldest committed change not yet
+        durable here; 0 when nothing is pending."""
+        return {tier.value: max(0.0, now - self.pending_since_us[tier.value] / 1e6)
+                if tier.value in self.pending_since_us else 0.0 for tier in TIER_ORDER}
 
 
 @dataclass(slots=True)
@@ -184,6 +193,10 @@ class SinkWorker:
         self._buffers: dict[Tier, dict[str, list[_Buffered]]] = {
             t: defaultdict(list) for t in TIER_ORDER}
         self._oldest: dict[Tier, float] = {}
+        # Commit times (us) of the oldest buffered change, and of the oldest buffered
+        # transaction record with changes, per tier (`_note_pending`).
+        self._pending_ts: dict[Tier, int] = {}
+        self._tx_pending_ts: dict[Tier, int] = {}
         self._rows = 0
         self._bytes = 0
         # decoded record and its entry in the offset ledger
@@ -393,6 +406,7 @@ class SinkWorker:
             if tp.topic == critical_topic and pending > CRITICAL_BACKLOG:
                 behind = True
         self.stats.lag = lag
+        self._note_pending()
         full = self._full()
         if full != self.stats.paused:
             log.warning("destination %s: intake %s", self.destination.name,
@@ -443,6 +457,27 @@ class SinkWorker:
         # waiting would be forever; read on.
         return set(), set()
 
+    def _note_pending(self) -> None:
+        """`stats.pending_since_us`, for `wedsync_rpo_seconds`: per tier, the commit time of
+        the oldest change the tier's checkpoint has not passed. It is the oldest of: a
+        buffered change, a buffered transaction record with changes of the tier, and a
+        transaction whose record is written and some change of the tier is not
+        (`CompletenessTracker.oldest_pending`). With none of these but records not yet read
+        on the tier's partitions or the transactions topic, their commit times are not
+        known yet: the commit time of the last transaction the checkpoint passed stands in
+        (every unread change committed after it, so the age shown is an upper bound)."""
+        unread = {key.rsplit("/", 1)[0] for key, n in self.stats.lag.items() if n > 0}
+        pending: dict[str, int] = {}
+        for tier in TIER_ORDER:
+            found = [ts for ts in (self._pending_ts.get(tier), self._tx_pending_ts.get(tier),
+                                   self.tracker.oldest_pending(tier)) if ts]
+            if found:
+                pending[tier.value] = min(found)
+            elif ({self.tiers[tier], self.tx_topic} & unread
+                  and tier in self.tracker.passed_ts_us):
+                pending[tier.value] = self.tracker.passed_ts_us[tier]
+        self.stats.pending_since_us = pending
+
     def _unwritten(self) -> bool:
         return bool(self._rows or self._tx_buffer or self._schema_buffer or self._dead_buffer)
 
@@ -475,6 +510,9 @@ class SinkWorker:
         self._buffers[tier][table].append(
             _Buffered(facts, body, snapshot_row, position, size, entry))
         self._oldest.setdefault(tier, self.clock())
+        if (facts[2] < self._pending_ts.get(tier, facts[2] + 1)
+                and position[0] >= self.tracker.tier_checkpoints[tier]):  # not a duplicate
+            self._pending_ts[tier] = facts[2]
         self._rows += 1
         self._bytes += size
 
@@ -489,6 +527,11 @@ class SinkWorker:
         self._read_lsn[tp] = entry.commit_lsn
         self._tx_buffer.append((value, body, entry))
         self._oldest.setdefault(Tier.CRITICAL, self.clock())
+        tier_counts = value.get("tier_counts") or {}
+        for tier in TIER_ORDER if entry.commit_lsn >= self.tracker.checkpoint else ():
+            if tier_counts.get(tier.value, 0) > 0 or (not tier_counts and any(
+                    (value.get("counts") or {}).values())):
+                self._tx_pending_ts.setdefault(tier, value["commit_ts_us"])
 
     def _due_tiers(self) -> list[Tier]:
         if self._full():
@@ -563,6 +606,8 @@ class SinkWorker:
                         self._bytes -= sum(i.size for i in items)
                     del tables[table]
                 self._oldest.pop(tier, None)
+                if epoch == self._epoch:
+                    self._pending_ts.pop(tier, None)
             if txs:
                 await self._write_transactions([(value, body) for value, body, _ in txs])
                 for value, _, entry in txs:
@@ -570,6 +615,7 @@ class SinkWorker:
                     records.append(value)
                 if self._tx_buffer is txs:
                     self._tx_buffer = []
+                    self._tx_pending_ts = {}
         finally:
             # A write that failed part-way leaves the earlier ones written and out of the
             # buffers: count them as durable now, or their transactions never complete (the
@@ -593,6 +639,7 @@ class SinkWorker:
             self.stats.checkpoint = checkpoint
         # 3. offsets of what is at or below the checkpoint
         await self._commit(consumer, checkpoint)
+        self._note_pending()
         await self._prune_checkpoints()
         self.stats.flushes += 1
         self.stats.last_flush_at = time.time()
@@ -715,6 +762,7 @@ class SinkWorker:
         self._buffers = {t: defaultdict(list) for t in TIER_ORDER}
         self._tx_buffer, self._schema_buffer, self._dead_buffer = [], [], []
         self._oldest = {}
+        self._pending_ts, self._tx_pending_ts = {}, {}
         self._rows = self._bytes = 0
         log.warning("destination %s: %d partitions revoked, the group rebalanced; what was "
                     "read and not yet written is read again from the committed offsets",

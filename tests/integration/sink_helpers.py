@@ -41,8 +41,8 @@ def sink_config(kafka: KafkaConfig, *dests: DestinationConfig) -> Config:
 
 
 def change(lsn: int, seq: int, ident: int, tier: Tier, *, op: Op = Op.CREATE,
-           payload: str = "x") -> ChangeEvent:
-    return ChangeEvent(op, "public", "guests", ChangePosition(Lsn(lsn), seq), TS, 7,
+           payload: str = "x", ts: int = TS) -> ChangeEvent:
+    return ChangeEvent(op, "public", "guests", ChangePosition(Lsn(lsn), seq), ts, 7,
                        {"id": ident}, None, {"id": ident, "name": payload}, tier=tier)
 
 
@@ -70,19 +70,20 @@ class Traffic:
         await self.producer.flush()
 
     async def transaction(self, changes: int, tier: Tier = Tier.CRITICAL, *,
-                          payload: str = "x", skip: int | None = None) -> Lsn:
-        """One transaction of *changes* inserts; *skip* leaves that change out of the topic
-        (the caller puts something else there) while its record still counts it."""
+                          payload: str = "x", skip: int | None = None, ts: int = TS) -> Lsn:
+        """One transaction of *changes* inserts committed at *ts* (us); *skip* leaves that
+        change out of the topic (the caller puts something else there) while its record
+        still counts it."""
         lsn = self.next_lsn
         self.next_lsn += 0x100
         for seq in range(changes):
             if seq != skip:
                 await self.producer.send_event(change(lsn, seq, self.next_id, tier,
-                                                      payload=payload))
+                                                      payload=payload, ts=ts))
                 self.ids.add(self.next_id)
             self.next_id += 1
         await self.producer.send_transaction(TransactionRecord(
-            Lsn(lsn), Lsn(lsn + 0x10), TS, 7, {TABLE: changes}, None, {tier.value: changes}))
+            Lsn(lsn), Lsn(lsn + 0x10), ts, 7, {TABLE: changes}, None, {tier.value: changes}))
         self.end = lsn + 0x10
         return Lsn(lsn)
 

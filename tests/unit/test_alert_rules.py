@@ -23,6 +23,8 @@ def test_alert_rules_name_exported_metrics() -> None:
     registry.register(PipelineCollector(lambda: None, lambda: {"local": SinkStats()}))
     exported = set(re.findall(r"^(wedsync_\w+)", generate_latest(registry).decode(), re.M))
     alerts = {rule["alert"]: rule for rule in rules}
-    dead = alerts["WedsyncSinkDeadLetter"]
-    used = set(re.findall(r"wedsync_\w+", dead["expr"]))
-    assert used and used <= exported, (used, exported)
+    assert {"WedsyncSinkDeadLetter", "WedsyncCriticalRecoveryPoint",
+            "WedsyncRecoveryPointOverTenMinutes"} <= set(alerts)
+    for rule in rules:
+        used = set(re.findall(r"wedsync_\w+", rule["expr"]))
+        assert used and used <= exported, (rule["alert"], used, exported)

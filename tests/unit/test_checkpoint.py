@@ -164,3 +164,24 @@ def test_a_commit_at_the_checkpoint_is_a_new_transaction() -> None:
     assert tracker.advance() == Lsn(100)  # its low change is not durable yet
     tracker.changes_durable([(Tier.LOW, Lsn(100), 0)])
     assert tracker.advance() == Lsn(170)
+
+
+def test_oldest_pending_and_passed_times_per_tier() -> None:
+    """What `wedsync_rpo_seconds` reads: per tier, the commit time of the oldest transaction
+    its checkpoint has not passed, and of the last one it passed."""
+    tracker = CompletenessTracker()
+    low, critical = record(10, {Tier.LOW: 1}), record(20, {Tier.CRITICAL: 1})
+    low.commit_ts_us, critical.commit_ts_us = 1_000, 2_000
+    tracker.records_durable([low, critical])
+    assert tracker.oldest_pending(Tier.LOW) == 1_000
+    assert tracker.oldest_pending(Tier.CRITICAL) == 2_000  # the low change passes for it
+    tracker.advance()
+    assert tracker.passed_ts_us[Tier.CRITICAL] == 1_000  # no critical change at 10
+    tracker.changes_durable([(Tier.CRITICAL, Lsn(20), 0)])
+    tracker.advance()
+    assert tracker.oldest_pending(Tier.CRITICAL) is None
+    assert tracker.passed_ts_us[Tier.CRITICAL] == 2_000
+    assert tracker.oldest_pending(Tier.LOW) == 1_000 and Tier.LOW not in tracker.passed_ts_us
+    tracker.changes_durable([(Tier.LOW, Lsn(10), 0)])
+    tracker.advance()
+    assert tracker.oldest_pending(Tier.LOW) is None and tracker.passed_ts_us[Tier.LOW] == 2_000
