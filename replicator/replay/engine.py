@@ -238,7 +238,7 @@ async def _write_part(archive: Archive, job: TableJob, key: str, changes: _Chang
                 keys.append(key_field)
                 weddings.append(wedding_text)
         archive.check_memory(job.table, len(changed))
-        await out.lines(rows, part.columns, keys, weddings)
+        await out.lines(rows, part.columns, keys, weddings, int(part.lsn))
 
 
 @dataclass(slots=True)
@@ -336,13 +336,15 @@ async def _load_snapshots(archive: Archive, job: TableJob, keys: Sequence[str], 
         out.stats.segments += 1
         snapshot = await archive.snapshot(key)
         try:
-            if snapshot.header.columns == out.columns and out.emit_copy is not None:
+            if out.plain(snapshot.header.columns, snapshot.header.lsn) \
+                    and out.emit_copy is not None:
                 for chunk in snapshot.row_chunks():
                     await out.raw(chunk, chunk.count(b"\n"))
             else:
                 rows = snapshot.row_lines()
                 for low in range(0, len(rows), 50_000):
-                    await out.lines(rows[low:low + 50_000], snapshot.header.columns, [], [])
+                    await out.lines(rows[low:low + 50_000], snapshot.header.columns, [], [],
+                                    snapshot.header.lsn)
         except PartCorrupt as exc:
             raise archive.snapshot_failed(key, exc) from None
         archive.check_memory(job.table, 0)
@@ -355,7 +357,8 @@ async def _snapshot_rows(archive: Archive, job: TableJob, snapshot: SnapshotPart
     merger as the older version, found by set operations on the keys frame, and the others
     go out in slices."""
     header = snapshot.header
-    raw = out.emit_lines is None and out.emit_copy is not None and header.columns == out.columns
+    raw = (out.emit_lines is None and out.emit_copy is not None
+           and out.plain(header.columns, header.lsn))
     keys = snapshot.key_lines() if changed or not raw else []
     hits = changed.intersection(keys) if changed else set()
     if raw and not hits:
@@ -412,7 +415,7 @@ async def _snapshot_rows(archive: Archive, job: TableJob, snapshot: SnapshotPart
         rows, keys, weddings = kept
     for low in range(0, len(rows), 50_000):
         await out.lines(rows[low:low + 50_000], header.columns, keys[low:low + 50_000],
-                        weddings[low:low + 50_000])
+                        weddings[low:low + 50_000], header.lsn)
 
 
 def _digester(header: SegmentHeader, wanted: Mapping[int, str]

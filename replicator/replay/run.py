@@ -27,6 +27,7 @@ Choices (Debezium/pgBackRest users would expect them; docs/ARCHITECTURE.md, "Rep
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
@@ -222,7 +223,35 @@ def schema_at(docs: SchemaDocs, table: str, target: Lsn) -> TableSchema:
         raise ReplayFailed(f"the archive holds no schema of {table} ({where}): it was written "
                            "by a sink that did not archive schemas", object=where)
     chosen = [d for d in found if d[0] <= target] or found[:1]
-    return TableSchema.from_json(chosen[-1][1])
+    schema = TableSchema.from_json(chosen[-1][1])
+    reborn = reborn_columns([TableSchema.from_json(doc) for _, doc in chosen])
+    return dataclasses.replace(schema, reborn=reborn) if reborn else schema
+
+
+def reborn_columns(history: Sequence[TableSchema]) -> dict[str, Lsn]:
+    """The columns of the newest of *history* (a table's schemas, oldest first) that were
+    dropped and added again under the same name, each with the LSN of the schema its
+    present incarnation first appears in. A row image older than that holds the dropped
+    column's value under the name (`TableSchema.reborn`). A column is followed back through
+    its earlier names (renames); a schema that lacks it, with an older one that has it,
+    makes it reborn. Without the capture's DDL documents the drop may not be archived as a
+    schema of its own, and then it is not seen here."""
+    if len(history) < 3:
+        return {}
+    current = history[-1]
+    out: dict[str, Lsn] = {}
+    for column in current.names:
+        names = {column, *current.previous.get(column, ())}
+        for i in range(len(history) - 2, -1, -1):
+            if history[i].dropped:
+                break  # the table was dropped there: what came before is another table
+            if names & set(history[i].names):
+                continue
+            start = max((n + 1 for n in range(i) if history[n].dropped), default=0)
+            if any(names & set(older.names) for older in history[start:i]):
+                out[column] = history[i + 1].lsn
+            break
+    return out
 
 
 async def _header(archive: Archive, key: str) -> Header:

@@ -95,6 +95,10 @@ class TableSchema:
     renamed_to: str | None = None
     renamed_from: str | None = None
     command: str | None = None  # the DDL's command tag
+    # column -> the LSN its present incarnation was added at, for a column dropped and added
+    # again under the same name (`reborn_columns`): a row image older than that holds the
+    # old column's value, which the present column never had
+    reborn: Mapping[str, Lsn] = field(default_factory=dict)
 
     @classmethod
     def from_json(cls, doc: Mapping[str, Any]) -> TableSchema:
@@ -141,6 +145,13 @@ class TableSchema:
         if not self.missing:
             return [after.get(c) for c in self.names]
         return [after.get(c, m) for c, m in zip(self.names, self.absent, strict=True)]
+
+    def stale(self, lsn: int) -> list[int]:
+        """The indexes of the columns whose value in a row image written at *lsn* belongs to
+        an older column of the same name (`reborn`): they read as `absent` instead."""
+        if not self.reborn:
+            return []
+        return [n for n, c in enumerate(self.names) if lsn < self.reborn.get(c, 0)]
 
     def index_in(self, columns: Sequence[str]) -> list[int]:
         """Where each of the schema's columns is in *columns* (by its name or, after a
@@ -318,6 +329,7 @@ class Output:
         # What a column lacking from a row image (written before it was added) reads as.
         self.absent = job.schema.absent
         self.fill = job.schema.fill
+        self.stale = job.schema.stale
         self.batch: Rows = []
         self.keys: list[str] = []
         self.weddings: list[str] = []
@@ -329,18 +341,30 @@ class Output:
         if self.progress is not None:
             self.progress(rows)
 
+    def _filled(self, after: Mapping[str, Any], lsn: int) -> list[Any]:
+        values = self.fill(after)
+        for n in self.stale(lsn):
+            values[n] = self.absent[n]
+        return values
+
+    def plain(self, columns: Sequence[str], lsn: int) -> bool:
+        """Whether base rows written at *lsn* with *columns* are the target's rows as they
+        are (no column to reorder, fill or void)."""
+        return tuple(columns) == self.columns and not self.stale(lsn)
+
     async def record(self, record: Mapping[str, Any]) -> None:
         """A base row from a change segment (op `r`)."""
-        self.batch.append(self.fill(record["after"]))
+        self.batch.append(self._filled(record["after"], record["source"]["lsn"]))
         if self.emit_lines is not None:
             self.keys.append(copy_escape(pg_key_text(record["key"])))
             self.weddings.append(wedding_field(record["wedding_id"]))
         if len(self.batch) >= BATCH_ROWS:
             await self.flush()
 
-    async def state(self, after: Mapping[str, Any], wedding: str | None, key: str) -> None:
-        """A merged row (not a base row)."""
-        self.batch.append(self.fill(after))
+    async def state(self, after: Mapping[str, Any], wedding: str | None, key: str,
+                    lsn: int) -> None:
+        """A merged row (not a base row), its newest version written at *lsn*."""
+        self.batch.append(self._filled(after, lsn))
         if self.emit_lines is not None:
             self.keys.append(copy_escape(key))
             self.weddings.append(wedding_field(wedding))
@@ -359,13 +383,15 @@ class Output:
         self._count(len(batch), base)
 
     async def lines(self, rows: list[str], columns: Sequence[str], keys: list[str],
-                    weddings: list[str]) -> None:
-        """Base rows as COPY text in *columns*' order (and their key texts and weddings, for
-        *emit_lines*)."""
+                    weddings: list[str], lsn: int) -> None:
+        """Base rows written at *lsn* as COPY text in *columns*' order (and their key texts
+        and weddings, for *emit_lines*)."""
         if not rows:
             return
-        if tuple(columns) != self.columns:
+        if not self.plain(columns, lsn):
             where = self.job.schema.index_in(columns)
+            for n in self.stale(lsn):
+                where[n] = -1
             absent = self.absent
             if self.emit_lines is not None:
                 rows = [copy_line(row_values(row, where, absent))[:-1] for row in rows]
@@ -461,5 +487,5 @@ async def emit_states(merger: Merger, job: TableJob, out: Output, timeline: Time
                 f"{job.table}: the row with key {dict(state.key)} at {state.position} has "
                 f"unchanged column(s) {', '.join(state.unchanged)} and no earlier version in "
                 f"the archive to take them from{nearest_hint(timeline.before(job.base))}")
-        await out.state(state.after or {}, state.wedding_id, key[1])
+        await out.state(state.after or {}, state.wedding_id, key[1], int(state.position.commit_lsn))
     await out.flush(base=False)

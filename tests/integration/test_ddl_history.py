@@ -10,7 +10,9 @@ each step:
 - write the new column; rename it (older rows carry the old name);
 - change a column's type with rounding (a table rewrite: re-snapshotted, and points between
   the rewrite and the re-snapshot are refused, naming the table);
-- drop a column; rename a table (the old name is dropped there, the new one re-snapshotted);
+- drop a column, and add it again under the same name (rows not rewritten read the new
+  default, not the dropped column's values); rename a table (the old name is dropped there,
+  the new one re-snapshotted);
 - create a table in the FOR ALL TABLES publication, write it, drop it.
 """
 
@@ -101,6 +103,11 @@ def script(conn: psycopg.Connection[Any], between: Callable[[str], None]) -> lis
     between("vendors")
     step("after the rewrite", "UPDATE vendors SET name = name || '!' WHERE id = 1")
     step("drop column", "ALTER TABLE guests DROP COLUMN remark")
+    # The same name again: rows not rewritten since read the new default, never the values
+    # the dropped column had under that name.
+    step("add the dropped column again",
+         "ALTER TABLE guests ADD COLUMN remark text DEFAULT 'again'",
+         "UPDATE guests SET name = 'after the re-add' WHERE id = 7")
     step("rename table", "ALTER TABLE vendors RENAME TO suppliers").exact = False
     between("suppliers")
     step("after the rename", "INSERT INTO suppliers VALUES (99, 'new', 1.5)")

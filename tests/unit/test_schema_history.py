@@ -98,16 +98,17 @@ async def test_output_fills_missing_values_in_records_states_and_lines() -> None
         lines.extend(rows)
 
     out = Output(_job(schema), TableStats(GUESTS), emit, None, None, None)
-    await out.record({"after": {"id": 1, "name": "a"}, "key": {"id": 1}, "wedding_id": None})
-    await out.state({"id": 2, "name": "b", "note": None}, None, "2")
+    await out.record({"after": {"id": 1, "name": "a"}, "key": {"id": 1}, "wedding_id": None,
+                      "source": {"lsn": 0x100}})
+    await out.state({"id": 2, "name": "b", "note": None}, None, "2", 0x100)
     await out.flush()
-    await out.lines(["3\tc"], ("id", "name"), [], [])
+    await out.lines(["3\tc"], ("id", "name"), [], [], 0x100)
     assert got == [[1, "a", PgText("x"), None], [2, "b", None, None],
                    [PgText("3"), PgText("c"), PgText("x"), None]]
     # Compaction writes what it restores: the snapshot holds the filled value.
     compacting = Output(_job(schema), TableStats(GUESTS), emit, None, emit_lines, None)
-    await compacting.lines(["4\td"], ("id", "name"), ["4"], ["\\N"])
-    await compacting.state({"id": 5, "name": "e"}, None, "5")
+    await compacting.lines(["4\td"], ("id", "name"), ["4"], ["\\N"], 0x100)
+    await compacting.state({"id": 5, "name": "e"}, None, "5", 0x100)
     await compacting.flush(base=False)
     assert lines == ["4\td\tx\t\\N", copy_line([5, "e", PgText("x"), None])[:-1]]
 
@@ -256,3 +257,59 @@ def test_a_table_created_later_is_refused_for_its_window_not_its_oldest_point() 
     assert refused.value.tables == (extras,)
     assert plan(listing, at=Lsn(0x380), checkpoint=CHECKPOINT, snapshots=snapshots,
                 history=created).table(extras).segments == (listing[-1],)
+
+
+def _doc(lsn: int, *columns: str, previous: dict[str, list[str]] | None = None,
+         missing: dict[str, str] | None = None) -> tuple[Lsn, dict[str, object]]:
+    return Lsn(lsn), {"table": GUESTS, "lsn": lsn, "primary_key": ["id"], "columns": [
+        {"name": c, "type": "text", "not_null": c == "id", "default": None,
+         **({"previous_names": (previous or {})[c]} if c in (previous or {}) else {}),
+         **({"missing": (missing or {})[c]} if c in (missing or {}) else {})}
+        for c in columns]}
+
+
+def test_a_column_dropped_and_added_again_is_reborn_where_it_came_back() -> None:
+    docs = {GUESTS: [_doc(0x100, "id", "note"), _doc(0x200, "id"),
+                     _doc(0x300, "id", "note", missing={"note": "fresh"}),
+                     _doc(0x400, "id", "note")]}
+    assert schema_at(docs, GUESTS, Lsn(0x450)).reborn == {"note": Lsn(0x300)}
+    assert schema_at(docs, GUESTS, Lsn(0x150)).reborn == {}  # the first incarnation
+    assert schema_at(docs, GUESTS, Lsn(0x250)).reborn == {}
+    # An ordinary ADD COLUMN is not a rebirth: rows before it lack the column anyway.
+    plain = {GUESTS: [_doc(0x100, "id"), _doc(0x200, "id", "note")]}
+    assert schema_at(plain, GUESTS, Lsn(0x300)).reborn == {}
+    # A rename keeps the column's life: note -> memo, then a new note.
+    renamed = {GUESTS: [_doc(0x100, "id", "note"), _doc(0x200, "id", "memo",
+                                                          previous={"memo": ["note"]}),
+                        _doc(0x300, "id", "memo", "note", previous={"memo": ["note"]})]}
+    assert schema_at(renamed, GUESTS, Lsn(0x300)).reborn == {"note": Lsn(0x300)}
+    # A table dropped and created again: the old table's column is not an incarnation.
+    recreated = {GUESTS: [_doc(0x100, "id", "note"),
+                          (Lsn(0x200), {"table": GUESTS, "lsn": 0x200, "columns": [],
+                                        "primary_key": [], "dropped": True}),
+                          _doc(0x300, "id"), _doc(0x400, "id", "note")]}
+    assert schema_at(recreated, GUESTS, Lsn(0x400)).reborn == {}
+
+
+async def test_output_voids_a_reborn_columns_old_values() -> None:
+    """Row images older than the re-added column read its missing value, whatever value the
+    dropped column had under the name; newer ones keep theirs."""
+    docs = {GUESTS: [_doc(0x100, "id", "note"), _doc(0x200, "id"),
+                     _doc(0x300, "id", "note", missing={"note": "fresh"})]}
+    schema = schema_at(docs, GUESTS, Lsn(0x300))
+    got: list[list[object]] = []
+
+    async def emit(rows: list[list[object]]) -> None:
+        got.extend(rows)
+
+    out = Output(_job(schema), TableStats(GUESTS), emit, None, None, None)
+    await out.record({"after": {"id": 1, "note": "old"}, "key": {"id": 1}, "wedding_id": None,
+                      "source": {"lsn": 0x100}})
+    await out.state({"id": 2, "note": "old"}, None, "2", 0x150)
+    await out.state({"id": 3, "note": "new"}, None, "3", 0x350)
+    await out.flush()
+    await out.lines(["4\told"], ("id", "note"), [], [], 0x100)
+    await out.lines(["5\tnew"], ("id", "note"), [], [], 0x300)
+    assert got == [[1, PgText("fresh")], [2, PgText("fresh")], [3, "new"],
+                   [PgText("4"), PgText("fresh")], [PgText("5"), PgText("new")]]
+    assert not out.plain(("id", "note"), 0x100) and out.plain(("id", "note"), 0x300)
