@@ -443,7 +443,8 @@ async def apply(prepared: Prepared, target: Target, *, jobs: int = 4,
     async def one(job: TableJob) -> TableStats:
         async with limit, target.table(job.schema) as writer:
             if job.wedding is not None:
-                return await restore_wedding(archive, job, writer.write, bar.add)
+                return await restore_wedding(archive, job, writer.write, bar.add,
+                                             getattr(writer, "write_copy", None))
             return await restore_table(archive, job, writer.write, bar.add,
                                        getattr(writer, "write_copy", None),
                                        remover=getattr(writer, "remover", None))

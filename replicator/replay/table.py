@@ -44,6 +44,7 @@ from replicator.archive.snapshot import (
     SnapshotHeader,
 )
 from replicator.events import ChangeEvent, Op, Tier, split_qualified
+from replicator.keys import canonical_key
 from replicator.position import ChangePosition, Lsn
 from replicator.transport.avro import event_from_dict
 
@@ -429,6 +430,13 @@ def row_values(row: str, where: Sequence[int],
         return [None if i < 0 or fields[i] is None else PgText(fields[i]) for i in where]
     return [absent[n] if i < 0 else None if fields[i] is None else PgText(fields[i])
             for n, i in enumerate(where)]
+
+
+def line_key(header: PartHeader | SnapshotHeader, key_field: str) -> str:
+    """The canonical key (`keys.canonical_key`) of a part's or snapshot's row, from its key
+    field: what `line_event`'s event would have."""
+    return canonical_key(key_values(unescape(key_field).split(KEY_SEPARATOR), header.key_kinds,
+                                    header.key))
 
 
 def line_event(job: TableJob, header: PartHeader | SnapshotHeader, seq: int, wedding: str,
