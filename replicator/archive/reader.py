@@ -14,7 +14,8 @@ import contextlib
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from functools import partial
 from typing import Any
 
 from connectors.base import ObjectStore
@@ -242,33 +243,41 @@ class Archive:
     def snapshot_failed(self, key: str, exc: PartCorrupt) -> ReplayFailed:
         return self._failed(key, f"is corrupt: {exc}", self._first(key))
 
-    async def read_timeline(self, below: int | None = None) -> Timeline:
-        """The `Timeline` of every archived transaction record (those below commit LSN
-        *below* when given), read one segment at a time; it becomes `self.timeline`."""
-        builder = TimelineBuilder(below)
+    async def _transaction_segments(self) -> AsyncIterator[Iterator[TransactionRecord]]:
+        """The records of each transaction segment, in name order, decoded as they are
+        read; errors name the object."""
         async for info in self.store.list(TRANSACTIONS):
             data = await self.fetch(info.key)
             try:
                 _, records = decode_transaction_segment(data)
-                builder.add(records)
+                yield _named_errors(records, partial(self._unreadable, info.key))
             except SegmentError as exc:
                 raise self._unreadable(info.key, exc) from None
+
+    async def read_timeline(self) -> Timeline:
+        """The `Timeline` of every archived transaction record, read one segment at a time;
+        it becomes `self.timeline`."""
+        builder = TimelineBuilder()
+        async for records in self._transaction_segments():
+            builder.add(records)
         self.timeline = builder.build()
         return self.timeline
 
     async def transactions(self) -> list[TransactionRecord]:
         """Every archived transaction record (duplicates included), in name order."""
         out: list[TransactionRecord] = []
-        async for info in self.store.list(TRANSACTIONS):
-            data = await self.fetch(info.key)
-            try:
-                _, records = decode_transaction_segment(data)
-                out.extend(records)
-            except SegmentError as exc:
-                raise self._unreadable(info.key, exc) from None
+        async for records in self._transaction_segments():
+            out.extend(records)
         return out
 
 
+def _named_errors(records: Iterator[TransactionRecord],
+                  named: Callable[[Exception], ReplayFailed]) -> Iterator[TransactionRecord]:
+    """*records*, a `SegmentError` raised while they are read turned into *named*'s error."""
+    try:
+        yield from records
+    except SegmentError as exc:
+        raise named(exc) from None
 
 
 # --- listings: what a store holds, from names alone ------------------------------------------

@@ -28,6 +28,17 @@ __all__ = ["DigestColumn", "LsnColumn", "Point", "Timeline", "TimelineBuilder"]
 _DIGEST_HEX = 32  # `transport.avro.digest_text`: an optional prefix, then 32 hex digits
 
 
+def _find(keys: array[int], lsn: int) -> int:
+    """The index of *lsn* in the sorted *keys*, or -1."""
+    i = bisect.bisect_left(keys, lsn)
+    return i if i < len(keys) and keys[i] == lsn else -1
+
+
+def _span(keys: array[int], low: int, high: int) -> range:
+    """The indexes of the sorted *keys* with low <= key <= high."""
+    return range(bisect.bisect_left(keys, low), bisect.bisect_right(keys, high))
+
+
 class Point(NamedTuple):
     """One archived commit (or snapshot boundary): what `plan.resolve_time` reads."""
 
@@ -45,20 +56,14 @@ class LsnColumn(Mapping[int, int]):
         self._keys: array[int] = keys if keys is not None else array("Q")
         self._values: array[int] = values if values is not None else array("q")
 
-    def _index(self, lsn: int) -> int:
-        i = bisect.bisect_left(self._keys, lsn)
-        if i < len(self._keys) and self._keys[i] == lsn:
-            return i
-        return -1
-
     def __getitem__(self, lsn: int) -> int:
-        i = self._index(lsn)
+        i = _find(self._keys, lsn)
         if i < 0:
             raise KeyError(lsn)
         return self._values[i]
 
     def __contains__(self, lsn: object) -> bool:
-        return isinstance(lsn, int) and self._index(lsn) >= 0
+        return isinstance(lsn, int) and _find(self._keys, lsn) >= 0
 
     def __iter__(self) -> Iterator[int]:
         return iter(self._keys)
@@ -68,9 +73,9 @@ class LsnColumn(Mapping[int, int]):
 
     def between(self, low: int, high: int) -> Iterator[tuple[int, int]]:
         """The (LSN, value) pairs with low <= LSN <= high, in LSN order."""
-        i = bisect.bisect_left(self._keys, low)
-        j = bisect.bisect_right(self._keys, high)
-        return zip(self._keys[i:j], self._values[i:j], strict=True)
+        span = _span(self._keys, low, high)
+        return zip(self._keys[span.start:span.stop], self._values[span.start:span.stop],
+                   strict=True)
 
 
 class DigestColumn(Mapping[int, str]):
@@ -109,10 +114,10 @@ class DigestColumn(Mapping[int, str]):
         return self._names[self._prefixes[i]] + self._sums[16 * i:16 * i + 16].hex()
 
     def __getitem__(self, lsn: int) -> str:
-        i = bisect.bisect_left(self._keys, lsn)
-        if i < len(self._keys) and self._keys[i] == lsn:
-            return self._text(i)
-        raise KeyError(lsn)
+        i = _find(self._keys, lsn)
+        if i < 0:
+            raise KeyError(lsn)
+        return self._text(i)
 
     def __iter__(self) -> Iterator[int]:
         return iter(self._keys)
@@ -122,9 +127,7 @@ class DigestColumn(Mapping[int, str]):
 
     def between(self, low: int, high: int) -> Iterator[tuple[int, str]]:
         """The (LSN, digest text) pairs with low <= LSN <= high, in LSN order."""
-        i = bisect.bisect_left(self._keys, low)
-        j = bisect.bisect_right(self._keys, high)
-        return ((self._keys[k], self._text(k)) for k in range(i, j))
+        return ((self._keys[k], self._text(k)) for k in _span(self._keys, low, high))
 
 
 class _Points:
@@ -163,18 +166,6 @@ class Timeline:
     def points(self) -> Iterable[Point]:
         """Every archived commit and snapshot boundary with its time, in LSN order."""
         return _Points(self.times)
-
-    def newest(self, below: int | None = None) -> Point | None:
-        """The archived commit with the latest commit time (then the highest LSN), among those
-        below *below* when given."""
-        best: Point | None = None
-        for point in self.points:
-            if below is not None and point.commit_lsn >= below:
-                break
-            if best is None or (point.commit_ts_us, point.commit_lsn) > (
-                    best.commit_ts_us, best.commit_lsn):
-                best = point
-        return best
 
     def before(self, lsn: int) -> Lsn | None:
         """The newest commit strictly below *lsn* that is restorable (`None` if none)."""
@@ -230,23 +221,16 @@ class _Rows:
 class TimelineBuilder:
     """Builds a `Timeline` from records given a batch (a segment) at a time."""
 
-    def __init__(self, below: int | None = None) -> None:
-        self.below = below  # records at or above this commit LSN are left out
-        self.records = 0
+    def __init__(self) -> None:
         self._times = _Rows()
         self._commits: array[int] = array("Q")
         self._snapshots: dict[str, set[int]] = {}
         self._counts: dict[str, _Rows] = {}
         self._digests: dict[str, list[tuple[int, str]] | DigestColumn] = {}
-        self._digests_ordered: dict[str, bool] = {}
 
     def add(self, records: Iterable[TransactionRecord]) -> None:
-        below = self.below
         for record in records:
             lsn = int(record.commit_lsn)
-            if below is not None and lsn >= below:
-                continue
-            self.records += 1
             self._times.add(lsn, record.commit_ts_us)
             if record.xid == 0:
                 for table in record.counts:

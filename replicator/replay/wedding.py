@@ -149,7 +149,6 @@ async def restore_wedding(archive: Archive, job: TableJob, emit: Emit,
             else:
                 plain.append(row.line)
         await out.lines(plain, base_header.columns, [], [], base_header.lsn)
-    held.clear()
     apply_key_changes(merger, key_changes)
     stats.changed_keys = len(wanted)
     await emit_states(merger, job, out, archive.timeline)

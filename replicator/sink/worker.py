@@ -129,6 +129,9 @@ READ_AHEAD_ROWS = 2
 SESSION_TIMEOUT_MS = 30_000
 
 
+_TIER_NAMES = tuple(tier.value for tier in TIER_ORDER)
+
+
 @dataclass
 class SinkStats:
     """What `status` and the metrics show about one destination."""
@@ -527,11 +530,13 @@ class SinkWorker:
         self._read_lsn[tp] = entry.commit_lsn
         self._tx_buffer.append((value, body, entry))
         self._oldest.setdefault(Tier.CRITICAL, self.clock())
-        tier_counts = value.get("tier_counts") or {}
-        for tier in TIER_ORDER if entry.commit_lsn >= self.tracker.checkpoint else ():
-            if tier_counts.get(tier.value, 0) > 0 or (not tier_counts and any(
-                    (value.get("counts") or {}).values())):
-                self._tx_pending_ts.setdefault(tier, value["commit_ts_us"])
+        if entry.commit_lsn >= self.tracker.checkpoint:  # not a duplicate
+            # A record without tier counts (older captures) counts for every tier.
+            tier_counts = value.get("tier_counts") or dict.fromkeys(
+                _TIER_NAMES, any((value.get("counts") or {}).values()))
+            for tier in TIER_ORDER:
+                if tier_counts.get(tier.value, 0) > 0:
+                    self._tx_pending_ts.setdefault(tier, value["commit_ts_us"])
 
     def _due_tiers(self) -> list[Tier]:
         if self._full():

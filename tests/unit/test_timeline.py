@@ -101,18 +101,9 @@ def test_snapshot_boundaries_are_commits_and_keep_the_largest_count() -> None:
     assert timeline.before(120) == Lsn(100) and timeline.before(100) is None
 
 
-def test_below_leaves_out_records_at_or_after_the_checkpoint() -> None:
-    builder = TimelineBuilder(below=300)
-    builder.add([txn(200, T0, {"public.a": 1}), txn(300, T0 + 1, {"public.a": 1})])
-    timeline = builder.build()
-    assert list(timeline.commits) == [200] and builder.records == 1
-
-
 def test_time_cut_over_points_equals_the_cut_over_records() -> None:
     records = [txn(lsn, T0 + (lsn // 16) * 1_000_000, {"public.a": 1})
                for lsn in range(16, 800, 16)]
     timeline = Timeline.of(reversed(records))
     moment = datetime.fromtimestamp(T0 / 1e6, UTC) + timedelta(seconds=20, microseconds=3)
     assert resolve_time(timeline.points, moment) == resolve_time(records, moment)
-    assert timeline.newest() == (records[-1].commit_lsn, records[-1].commit_ts_us)
-    assert timeline.newest(below=400) == (384, T0 + 24_000_000)
