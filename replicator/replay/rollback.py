@@ -66,6 +66,9 @@ from replicator.replay.targets import PostgresTarget
 
 __all__ = ["Copy", "RollbackRefused", "RollbackReport", "RollbackTarget", "rollback"]
 
+# The audit table's columns a rollback's row needs beyond an override's (`_audit_table`).
+_AUDIT_COLUMNS = ("action", "details")
+
 log = logging.getLogger("replicator.replay")
 
 class RollbackRefused(ReplayRefused):
@@ -163,6 +166,20 @@ class RollbackTarget(PostgresTarget):
             await super().prepare(schemas, wedding=wedding, point=point)
 
     async def _guard(self, conn: Any, swap: Swap) -> str | None:
+        """The guard (`_day_guard`); first, on the same connection, the audit table created
+        or given the rollback's columns when it lacks them (step `audit_table`, part of
+        `check_target`; not in a dry run)."""
+        if not self.report.dry_run:
+            cur = await conn.execute(
+                "SELECT count(*) FROM pg_attribute WHERE attrelid = to_regclass(%s) "
+                "AND attname = ANY(%s) AND NOT attisdropped",
+                (quoted(".".join(AUDIT_TABLE)), list(_AUDIT_COLUMNS)))
+            if (await cur.fetchone())[0] != len(_AUDIT_COLUMNS):
+                with self.report.step("audit_table"):
+                    await self._audit_table(conn)
+        return await self._day_guard(conn, swap)
+
+    async def _day_guard(self, conn: Any, swap: Swap) -> str | None:
         """A wedding today or tomorrow, or any rollback on a Saturday, needs the override."""
         from psycopg import sql
 
@@ -201,9 +218,6 @@ class RollbackTarget(PostgresTarget):
 
     async def commit(self) -> None:
         assert self._plan is not None, "prepare() first"
-        if not self.report.dry_run:
-            with self.report.step("audit_table"):
-                await self._audit_table()
         with self.report.step("final_transaction"):
             await self._final(self._roll_back)
         self.report.committed = not self.report.dry_run
@@ -291,7 +305,7 @@ class RollbackTarget(PostgresTarget):
 
         schema = swap.schemas[table]
         live, staged, where = _identifier(table), self._staged(table), swap.filters[table]
-        params = (swap.wedding,)
+        params: tuple[str | None, ...] = (swap.wedding,)
         if not schema.primary_key:
             cur = await conn.execute(sql.SQL("SELECT to_jsonb(t)::text FROM {} t WHERE {}"
                                              ).format(live, where), params)
@@ -309,25 +323,28 @@ class RollbackTarget(PostgresTarget):
         match = sql.SQL(" AND ").join(sql.SQL("s.{0} = t.{0}").format(sql.Identifier(c))
                                       for c in schema.primary_key)
         others = [c for c in schema.names if c not in schema.primary_key]
-        queries = {
-            "deletes": (sql.SQL("SELECT {} FROM {} t WHERE ({}) AND NOT EXISTS "
-                                "(SELECT FROM {} s WHERE {}) ORDER BY 1").format(
-                key("t"), live, where, staged, match), params),
-            "inserts": (sql.SQL("SELECT {} FROM {} s WHERE NOT EXISTS "
-                                "(SELECT FROM {} t WHERE {}) ORDER BY 1").format(
-                key("s"), staged, live, match), ()),
-        }
+        # One statement, one round trip: the three kinds, each tagged, keys in order.
+        parts = [
+            sql.SQL("SELECT 'deletes', {} FROM {} t WHERE ({}) AND NOT EXISTS "
+                    "(SELECT FROM {} s WHERE {})").format(key("t"), live, where, staged, match),
+            sql.SQL("SELECT 'inserts', {} FROM {} s WHERE NOT EXISTS "
+                    "(SELECT FROM {} t WHERE {})").format(key("s"), staged, live, match),
+        ]
         if others:
             differ = sql.SQL(" OR ").join(
                 sql.SQL("t.{0}::text IS DISTINCT FROM s.{0}::text").format(sql.Identifier(c))
                 for c in others)
-            queries["updates"] = (sql.SQL("SELECT {} FROM {} s JOIN {} t ON {} WHERE {} "
-                                          "ORDER BY 1").format(key("s"), staged, live, match,
-                                                               differ), ())
+            # Only the wedding's live rows (its index, not the whole table): a restored key
+            # another wedding holds now is refused by the apply (`Swap._upsert`).
+            parts.append(sql.SQL("SELECT 'updates', {} FROM {} s JOIN {} t ON {} "
+                                 "WHERE ({}) AND ({})").format(key("s"), staged, live, match,
+                                                               where, differ))
+            params += (swap.wedding,)
+        cur = await conn.execute(sql.SQL("{} ORDER BY 1, 2").format(
+            sql.SQL(" UNION ALL ").join(parts)), params)
         out: dict[str, list[Any]] = {"deletes": [], "updates": [], "inserts": []}
-        for what, (query, args) in queries.items():
-            cur = await conn.execute(query, args)
-            out[what] = [json.loads(r[0]) for r in await cur.fetchall()]
+        for what, found in await cur.fetchall():
+            out[what].append(json.loads(found))
         return out
 
     async def _snapshot(self, conn: Any, swap: Swap) -> None:
@@ -337,12 +354,14 @@ class RollbackTarget(PostgresTarget):
 
         cur = await conn.execute("SELECT pg_current_wal_lsn()::text")
         self.report.snapshot_position = (await cur.fetchone())[0]
-        tables: dict[str, list[Any]] = {}
-        for table in swap.changed:
-            cur = await conn.execute(sql.SQL("SELECT to_jsonb(t)::text FROM {} t WHERE {}"
-                                             ).format(_identifier(table), swap.filters[table]),
-                                     (swap.wedding,))
-            tables[table] = [json.loads(r[0]) for r in await cur.fetchall()]
+        # Every table's rows in one statement: a JSON array per table (NULL when none).
+        cur = await conn.execute(sql.SQL("SELECT {}").format(sql.SQL(", ").join(
+            sql.SQL("(SELECT jsonb_agg(t)::text FROM {} t WHERE {})").format(
+                _identifier(table), swap.filters[table]) for table in swap.changed)),
+            (swap.wedding,) * len(swap.changed))
+        found = await cur.fetchone() if swap.changed else ()
+        tables = {table: json.loads(rows) if rows is not None else []
+                  for table, rows in zip(swap.changed, found, strict=True)}
         document = {"id": self.report.id, "wedding": swap.wedding,
                     "database": self.report.database, "taken_at": self.report.at.isoformat(),
                     "position": self.report.snapshot_position, "tables": tables}
@@ -355,22 +374,19 @@ class RollbackTarget(PostgresTarget):
             await copy.store.put(key, encrypt(data, key, copy.keyring))
             written.append(f"{copy.name}:{key}")
 
-    async def _audit_table(self) -> None:
-        """`public.replicator_audit`, created or given the rollback's columns, on its own."""
+    async def _audit_table(self, conn: Any) -> None:
+        """`public.replicator_audit`, created or given the rollback's columns, committed
+        before the final transaction (*conn* is prepare's, in autocommit)."""
         from psycopg import sql
 
         name = sql.Identifier(*AUDIT_TABLE)
-        conn = await self._connect(autocommit=True)
-        try:
-            await conn.execute(sql.SQL(
-                "CREATE TABLE IF NOT EXISTS {} (id text PRIMARY KEY, at timestamptz NOT NULL, "
-                "by_user text NOT NULL, db_user text NOT NULL DEFAULT current_user, "
-                "reason text NOT NULL, guard text NOT NULL, tables text[] NOT NULL, "
-                "wedding text, restore_point text)").format(name))
-            await conn.execute(sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS action text, "
-                                       "ADD COLUMN IF NOT EXISTS details jsonb").format(name))
-        finally:
-            await conn.close()
+        await conn.execute(sql.SQL(
+            "CREATE TABLE IF NOT EXISTS {} (id text PRIMARY KEY, at timestamptz NOT NULL, "
+            "by_user text NOT NULL, db_user text NOT NULL DEFAULT current_user, "
+            "reason text NOT NULL, guard text NOT NULL, tables text[] NOT NULL, "
+            "wedding text, restore_point text)").format(name))
+        await conn.execute(sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS action text, "
+                                   "ADD COLUMN IF NOT EXISTS details jsonb").format(name))
 
     async def _audit_row(self, conn: Any, swap: Swap) -> None:
         from psycopg import sql
@@ -418,5 +434,5 @@ async def rollback(store: ObjectStore, keyring: Keyring, dsn: str, *, wedding: s
     steps = target.report.steps
     steps["plan"] = planned
     steps["restore"] = target.report.seconds - planned - sum(
-        steps.get(k, 0.0) for k in ("check_target", "audit_table", "final_transaction"))
+        steps.get(k, 0.0) for k in ("check_target", "final_transaction"))
     return target.report

@@ -348,6 +348,10 @@ class PostgresTarget:
             if schema.primary_key:
                 await conn.execute(sql.SQL("ALTER TABLE {} ADD PRIMARY KEY ({})").format(
                     name, sql.SQL(", ").join(sql.Identifier(c) for c in schema.primary_key)))
+            if unlogged:
+                # Statistics for the final transaction's joins with the live table: without
+                # them the planner guesses a thousand rows and reads the whole live table.
+                await conn.execute(sql.SQL("ANALYZE {}").format(name))
             await conn.commit()  # into the staging schema: the target's tables are untouched
         except Exception as exc:
             import psycopg
@@ -395,6 +399,10 @@ class PostgresTarget:
         conn = await self._connect()
         try:
             try:
+                if self._plan is not None and self._plan.wedding is not None:
+                    # One wedding's rows: parallel workers cost more to start (milliseconds
+                    # each, on a busy server) than the statements take.
+                    await conn.execute("SET LOCAL max_parallel_workers_per_gather = 0")
                 await work(conn)
                 for name in self._staging.values():
                     await conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(
