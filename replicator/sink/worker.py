@@ -111,6 +111,7 @@ from replicator.sink.breaker import BreakerState, CircuitBreaker, CircuitOpen, T
 from replicator.sink.checkpoint import CompletenessTracker
 from replicator.sink.claims import ClaimResolver, claim_of
 from replicator.sink.offsets import OffsetLedger, Pending
+from replicator.sink.raw import raw_change
 from replicator.sink.shared import SharedDecodes
 from replicator.transport.avro import EventCodec, transaction_from_dict
 from replicator.transport.control import StateFollower, state_topic
@@ -147,6 +148,7 @@ class SinkStats:
     lag: dict[str, int] = field(default_factory=dict)  # "topic/partition" -> records behind
     last_flush_at: float = 0.0
     dead_letters: int = 0  # undecodable records parked
+    raw_changes: int = 0  # changes taken without decoding (sink/raw.py)
     paused: bool = False  # intake paused: buffers at their bound, or the breaker open
     rebalances: int = 0  # partitions revoked by a rebalance
     waiting: str | None = None  # why the sink is not running yet (Kafka does not answer)
@@ -492,11 +494,15 @@ class SinkWorker:
 
     def _add_change(self, tp: TopicPartition, tier: Tier, record: ConsumerRecord[Any, Any]
                     ) -> None:
-        # Decoded once, to check it and to learn its facts; what is kept is the body, which
-        # goes into the segment as it is (far smaller than the decoded record, and nothing
-        # is encoded again at the flush).
-        where = (tp.topic, tp.partition, record.offset)
-        found = self.shared.take(where, record.value)
+        # Its facts from its headers (sink/raw.py), else decoded once to check it and learn
+        # them; either way what is kept is the body, which goes into the segment as it is.
+        raw = raw_change(record.headers, record.value, self.codec.own_event_body)
+        if raw is not None:
+            found: tuple[EventFacts, bytes, dict[str, Any] | None] | None = (*raw, None)
+            self.stats.raw_changes += 1
+        else:
+            where = (tp.topic, tp.partition, record.offset)
+            found = self.shared.take(where, record.value)
         if found is None:
             value, body = self.codec.decode_event_body(record.value)
             facts = event_facts(value)

@@ -122,6 +122,7 @@ SCHEMA_DIR: Final = Path(__file__).resolve().parents[2] / "schemas"
 CONNECTOR: Final = "wedsync-replicator"
 SINGLE_OBJECT_MARKER: Final = b"\xc3\x01"
 CONFLUENT_MAGIC: Final = 0
+_CONFLUENT_BYTE: Final = bytes([CONFLUENT_MAGIC])
 DIGEST_MODULUS: Final = 1 << 128
 
 
@@ -677,6 +678,17 @@ class EventCodec:
         keeps the message byte for byte); otherwise (an older or foreign writer schema,
         trailing bytes) it is the decoded record encoded again."""
         return self._with_body(data, self._event)
+
+    def own_event_body(self, data: bytes) -> bytes | None:
+        """The Avro body of *data* when its prefix (single-object fingerprint, or a registry
+        id learnt for it) names this codec's own envelope schema, else None. Nothing is
+        decoded: the raw sink path (`sink/raw.py`)."""
+        if data[:10] == self._header_event:
+            return data[10:]
+        if data[:1] == _CONFLUENT_BYTE and len(data) >= 5 and self._by_id.get(
+                int.from_bytes(data[1:5], "big")) is self._event:
+            return data[5:]
+        return None
 
     def decode_transaction_body(self, data: bytes | bytearray | memoryview
                                 ) -> tuple[dict[str, Any], bytes]:

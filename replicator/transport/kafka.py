@@ -10,7 +10,11 @@ row's canonical key). The same row always gets the same key, so the partitioner 
 one partition, in order.
 
 Headers of a change event: `table` (schema.table), `op`, `lsn` (commit LSN, Postgres text
-form), `seq`, `tier`; of a transaction record: `lsn` and `end_lsn`. All UTF-8.
+form), `seq`, `tier`, all UTF-8; then `facts` (commit LSN, seq and commit time in
+microseconds, big-endian unsigned 64, unsigned 32 and signed 64 bits) and `wedding` (the
+wedding id, UTF-8, when the change has one): with them a sink writes the value into its
+segment without decoding it (`sink/raw.py`). A wedding id longer than 128 characters sends
+neither, and the sink decodes. Of a transaction record: `lsn` and `end_lsn`.
 
 The producer is librdkafka (confluent-kafka): `produce()` queues, librdkafka's threads batch,
 compress and send, and its delivery reports are read by `poll()` on the event loop (a task
@@ -38,6 +42,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import struct
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
@@ -63,6 +68,8 @@ from replicator.transport.registry import RegistryClient, subject_for
 
 __all__ = [
     "CLAIM_HEADER",
+    "FACTS_HEADER",
+    "WEDDING_HEADER",
     "ChangeTooLarge",
     "ClaimCheck",
     "DeliveryFailed",
@@ -422,6 +429,13 @@ class EventProducer:
             self._lsn_header = (commit_lsn, ("lsn", str(commit_lsn).encode()))
         headers: _Headers = [fixed[0], fixed[1], self._lsn_header[1],
                              ("seq", str(seq).encode()), fixed[2]]
+        # What the sink's segment header needs, so that it need not decode the value
+        # (`sink/raw.py`): position and commit time packed, and the wedding when it is short.
+        wedding = event.wedding_id
+        if wedding is None or len(wedding) <= MAX_WEDDING_HEADER:
+            headers.append((FACTS_HEADER, _FACTS.pack(commit_lsn, seq, event.commit_ts_us)))
+            if wedding is not None:
+                headers.append((WEDDING_HEADER, wedding.encode()))
         key = message_key(event)
         if len(value) + len(key) > self._claim_above:
             claim, value = await self._claim(event, value)
@@ -512,8 +526,15 @@ class EventProducer:
 #: The header that marks a reference to a claimed change (its value: the object's name).
 CLAIM_HEADER: Final = "claim"
 #: What a change event's headers and the record's framing add to its key and value, at most
-#: (five short headers; a record batch's header is 61 bytes).
-MESSAGE_OVERHEAD: Final = 512
+#: (seven short headers; a record batch's header is 61 bytes).
+MESSAGE_OVERHEAD: Final = 768
+#: A change's commit LSN, seq and commit time (us), packed (`sink/raw.py` reads it); sent
+#: only when the wedding header, if any, goes too: together they are the segment's facts.
+FACTS_HEADER: Final = "facts"
+_FACTS: Final = struct.Struct(">QIq")
+#: The change's wedding id, when it has one of at most MAX_WEDDING_HEADER characters.
+WEDDING_HEADER: Final = "wedding"
+MAX_WEDDING_HEADER: Final = 128
 
 
 class ChangeTooLarge(OperatorError):
