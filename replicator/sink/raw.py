@@ -2,14 +2,14 @@
 
 A change's Kafka value is the Avro datum of the envelope the segments are written with, behind
 a single-object or Confluent prefix. The capture also sends, as headers, what a segment's
-header and filters need (`transport/kafka.py`): `table`, `op`, `facts` (commit LSN, seq and
-commit time, packed) and `wedding`. With those, the sink checks the prefix names its own
-envelope schema (the fingerprint, or the registry id learnt for it), strips it, and keeps the
-body as it is: the segment is an Avro object container of those bodies, readable by any Avro
-reader, byte for byte what decoding and writing again would give.
+header and filters need (`transport/kafka.py`): `table`, `op`, `lsn`, `seq`, `ts_us` and
+`wedding`. With those, the sink checks the prefix names its own envelope schema (the
+fingerprint, or the registry id learnt for it), strips it, and keeps the body as it is: the
+segment is an Avro object container of those bodies, readable by any Avro reader, byte for
+byte what decoding and writing again would give.
 
 Decoded instead (`SinkWorker._add_change`), as before:
-- a message without the `facts` header (an older capture, another producer);
+- a message without the `ts_us` header (an older capture, another producer);
 - a value under another writer schema (an older envelope: it is resolved and written anew);
 - a snapshot row (`op` r): snapshot rows become parts, which need the values;
 - a delete without a wedding: the segment's filter of deleted keys needs its key.
@@ -23,7 +23,6 @@ segment, not with wrong rows.
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Callable, Sequence
 from typing import Final
 
@@ -31,35 +30,48 @@ from replicator.archive.segment import EventFacts
 
 __all__ = ["raw_change"]
 
-_FACTS: Final = struct.Struct(">QIq")
 # Only these three ops go the raw way: c, u, and d with a wedding (module docstring).
 _OPS: Final = {b"c": "c", b"u": "u", b"d": "d"}
+_lsn_cache: list[object] = [b"", 0]  # the last `lsn` header read, and its value
+
+
+def _lsn(text: bytes) -> int:
+    """`16/B374D848` as an integer; the same text for every change of a transaction."""
+    if text != _lsn_cache[0]:
+        high, low = text.split(b"/")
+        _lsn_cache[:] = [text, (int(high, 16) << 32) | int(low, 16)]
+    value = _lsn_cache[1]
+    assert isinstance(value, int)
+    return value
 
 
 def raw_change(headers: Sequence[tuple[str, bytes]], value: bytes,
                own_body: Callable[[bytes], bytes | None]) -> tuple[EventFacts, bytes] | None:
     """The change's segment facts and Avro body from its *headers* and *value*, or None when
     it must be decoded (module docstring). *own_body* is `EventCodec.own_event_body`."""
-    table = op = facts = wedding = None
+    table = op = lsn = seq = ts = wedding = None
     for name, data in headers:
-        if name == "facts":
-            facts = data
-        elif name == "table":
+        if name == "table":
             table = data
         elif name == "op":
             op = _OPS.get(data)
+        elif name == "lsn":
+            lsn = data
+        elif name == "seq":
+            seq = data
+        elif name == "ts_us":
+            ts = data
         elif name == "wedding":
             wedding = data
-    if facts is None or table is None or op is None or len(facts) != _FACTS.size:
+    if ts is None or table is None or op is None or lsn is None or seq is None:
         return None
     if wedding is None and op == "d":
         return None
     body = own_body(value)
     if body is None:
         return None
-    lsn, seq, ts_us = _FACTS.unpack(facts)
     try:
-        return ((table.decode(), (lsn, seq), ts_us, op,
+        return ((table.decode(), (_lsn(lsn), int(seq)), int(ts), op,
                  None if wedding is None else wedding.decode(), None), body)
-    except UnicodeDecodeError:
+    except ValueError:  # not the capture's headers (UnicodeDecodeError is a ValueError)
         return None

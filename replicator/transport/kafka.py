@@ -10,11 +10,11 @@ row's canonical key). The same row always gets the same key, so the partitioner 
 one partition, in order.
 
 Headers of a change event: `table` (schema.table), `op`, `lsn` (commit LSN, Postgres text
-form), `seq`, `tier`, all UTF-8; then `facts` (commit LSN, seq and commit time in
-microseconds, big-endian unsigned 64, unsigned 32 and signed 64 bits) and `wedding` (the
-wedding id, UTF-8, when the change has one): with them a sink writes the value into its
-segment without decoding it (`sink/raw.py`). A wedding id longer than 128 characters sends
-neither, and the sink decodes. Of a transaction record: `lsn` and `end_lsn`.
+form), `seq`, `tier`, `ts_us` (commit time, microseconds since the epoch) and `wedding`
+(the wedding id, when the change has one), all UTF-8. With them a sink writes the value into
+its segment without decoding it (`sink/raw.py`); a change whose wedding id is longer than
+128 characters sends neither `ts_us` nor `wedding`, and the sinks decode it. Of a
+transaction record: `lsn` and `end_lsn`.
 
 The producer is librdkafka (confluent-kafka): `produce()` queues, librdkafka's threads batch,
 compress and send, and its delivery reports are read by `poll()` on the event loop (a task
@@ -42,7 +42,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import struct
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
@@ -68,7 +67,7 @@ from replicator.transport.registry import RegistryClient, subject_for
 
 __all__ = [
     "CLAIM_HEADER",
-    "FACTS_HEADER",
+    "TS_HEADER",
     "WEDDING_HEADER",
     "ChangeTooLarge",
     "ClaimCheck",
@@ -260,6 +259,7 @@ class EventProducer:
         # The headers that repeat: per table, op and tier; and the last commit's LSN.
         self._headers: dict[tuple[str, Op, Tier], tuple[tuple[str, bytes], ...]] = {}
         self._lsn_header: tuple[int, tuple[str, bytes]] = (-1, ("lsn", b""))
+        self._ts_header: tuple[int, tuple[str, bytes]] = (-1, (TS_HEADER, b""))
         self._topics = topic_names(config.topic_prefix)
         self._transactions = transactions_topic(config.topic_prefix)
         self._schemas = schemas_topic(config.topic_prefix)
@@ -429,11 +429,13 @@ class EventProducer:
             self._lsn_header = (commit_lsn, ("lsn", str(commit_lsn).encode()))
         headers: _Headers = [fixed[0], fixed[1], self._lsn_header[1],
                              ("seq", str(seq).encode()), fixed[2]]
-        # What the sink's segment header needs, so that it need not decode the value
-        # (`sink/raw.py`): position and commit time packed, and the wedding when it is short.
+        # The rest of what the sink's segment header needs, so that it need not decode the
+        # value (`sink/raw.py`): the commit time, and the wedding when it is short.
         wedding = event.wedding_id
         if wedding is None or len(wedding) <= MAX_WEDDING_HEADER:
-            headers.append((FACTS_HEADER, _FACTS.pack(commit_lsn, seq, event.commit_ts_us)))
+            if commit_lsn != self._ts_header[0]:
+                self._ts_header = (commit_lsn, (TS_HEADER, b"%d" % event.commit_ts_us))
+            headers.append(self._ts_header[1])
             if wedding is not None:
                 headers.append((WEDDING_HEADER, wedding.encode()))
         key = message_key(event)
@@ -528,10 +530,9 @@ CLAIM_HEADER: Final = "claim"
 #: What a change event's headers and the record's framing add to its key and value, at most
 #: (seven short headers; a record batch's header is 61 bytes).
 MESSAGE_OVERHEAD: Final = 768
-#: A change's commit LSN, seq and commit time (us), packed (`sink/raw.py` reads it); sent
-#: only when the wedding header, if any, goes too: together they are the segment's facts.
-FACTS_HEADER: Final = "facts"
-_FACTS: Final = struct.Struct(">QIq")
+#: A change's commit time (us since the epoch, decimal), sent only when the wedding header,
+#: if any, goes too: with `table`, `op`, `lsn` and `seq` they are its segment facts.
+TS_HEADER: Final = "ts_us"
 #: The change's wedding id, when it has one of at most MAX_WEDDING_HEADER characters.
 WEDDING_HEADER: Final = "wedding"
 MAX_WEDDING_HEADER: Final = 128

@@ -1,0 +1,58 @@
+"""The raw sink path's reading of headers (sink/raw.py): what it takes, and what it leaves to
+the decoding path."""
+
+from __future__ import annotations
+
+from replicator.sink.raw import raw_change
+from replicator.transport.avro import EventCodec
+
+CODEC = EventCodec()
+BODY = b"\x02abc"
+VALUE = b"\xc3\x01" + CODEC.event_fingerprint + BODY
+GOOD = [("table", b"public.guests"), ("op", b"u"), ("lsn", b"16/B374D848"), ("seq", b"3"),
+        ("tier", b"critical"), ("ts_us", b"1765000000123456"), ("wedding", b"42")]
+
+
+def with_(headers: list[tuple[str, bytes]], **changes: bytes | None) -> list[tuple[str, bytes]]:
+    out = [(k, changes.get(k, v)) for k, v in headers]
+    return [(k, v) for k, v in out if v is not None]
+
+
+def test_facts_and_body_from_headers() -> None:
+    found = raw_change(GOOD, VALUE, CODEC.own_event_body)
+    assert found is not None
+    facts, body = found
+    assert facts == ("public.guests", ((0x16 << 32) | 0xB374D848, 3), 1765000000123456, "u",
+                     "42", None)
+    assert body == BODY
+
+
+def test_no_wedding_is_none_except_for_deletes() -> None:
+    found = raw_change(with_(GOOD, wedding=None), VALUE, CODEC.own_event_body)
+    assert found is not None and found[0][4] is None
+    assert raw_change(with_(GOOD, wedding=None, op=b"d"), VALUE, CODEC.own_event_body) is None
+
+
+def test_decoded_instead() -> None:
+    cases = [
+        with_(GOOD, ts_us=None),  # an older capture
+        with_(GOOD, op=b"r"),  # a snapshot row: parts need its values
+        with_(GOOD, op=b"t"),
+        with_(GOOD, lsn=b"not an lsn"),
+        with_(GOOD, seq=b"x"),
+        with_(GOOD, ts_us=b"soon"),
+        with_(GOOD, table=b"\xff\xfe"),
+        with_(GOOD, wedding=b"\xff"),
+    ]
+    for headers in cases:
+        assert raw_change(headers, VALUE, CODEC.own_event_body) is None, headers
+    # A value under another writer schema, an unknown one, or not Avro at all.
+    for value in (b"\xc3\x01" + b"\x00" * 8 + BODY, b"\x00\x00\x00\x00\x07" + BODY, b"junk"):
+        assert raw_change(GOOD, value, CODEC.own_event_body) is None
+
+
+def test_registry_framing_of_our_own_schema() -> None:
+    codec = EventCodec()
+    codec.add_writer_schema(codec.event_schema, schema_id=7)
+    found = raw_change(GOOD, b"\x00\x00\x00\x00\x07" + BODY, codec.own_event_body)
+    assert found is not None and found[1] == BODY
