@@ -23,7 +23,8 @@ from replicator.crypto import CryptoError, Keyring
 from replicator.errors import OperatorError
 from replicator.sink.compaction import CompactionStats, Compactor
 from replicator.sink.shared import SharedDecodes
-from replicator.sink.worker import SinkStats, SinkWorker
+from replicator.sink.stats import SinkStats
+from replicator.sink.worker import SinkWorker
 
 log = logging.getLogger(__name__)
 

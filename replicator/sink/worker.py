@@ -73,7 +73,8 @@ import json
 import logging
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from collections.abc import Coroutine
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -113,6 +114,7 @@ from replicator.sink.claims import ClaimResolver, claim_of
 from replicator.sink.offsets import OffsetLedger, Pending
 from replicator.sink.raw import raw_change
 from replicator.sink.shared import SharedDecodes
+from replicator.sink.stats import SinkStats
 from replicator.transport.avro import EventCodec, transaction_from_dict
 from replicator.transport.control import StateFollower, state_topic
 from replicator.transport.kafka import schemas_topic, topic_names, transactions_topic
@@ -131,36 +133,6 @@ SESSION_TIMEOUT_MS = 30_000
 
 
 _TIER_NAMES = tuple(tier.value for tier in TIER_ORDER)
-
-
-@dataclass
-class SinkStats:
-    """What `status` and the metrics show about one destination."""
-
-    checkpoint: Lsn = INVALID_LSN
-    tier_checkpoints: dict[Tier, Lsn] = field(default_factory=dict)
-    segments_written: int = 0
-    bytes_written: int = 0
-    changes_written: int = 0
-    flushes: int = 0
-    failures: int = 0
-    breaker: str = "closed"
-    lag: dict[str, int] = field(default_factory=dict)  # "topic/partition" -> records behind
-    last_flush_at: float = 0.0
-    dead_letters: int = 0  # undecodable records parked
-    raw_changes: int = 0  # changes taken without decoding (sink/raw.py)
-    paused: bool = False  # intake paused: buffers at their bound, or the breaker open
-    rebalances: int = 0  # partitions revoked by a rebalance
-    waiting: str | None = None  # why the sink is not running yet (Kafka does not answer)
-    # tier -> commit time (us) of the oldest change its checkpoint has not passed
-    # (`SinkWorker._note_pending`); a tier with nothing pending is absent
-    pending_since_us: dict[str, int] = field(default_factory=dict)
-
-    def rpo_seconds(self, now: float) -> dict[str, float]:
-        """Per tier, the age at *now* (epoch seconds) of the oldest committed change not yet
-        durable here; 0 when nothing is pending."""
-        return {tier.value: max(0.0, now - self.pending_since_us[tier.value] / 1e6)
-                if tier.value in self.pending_since_us else 0.0 for tier in TIER_ORDER}
 
 
 @dataclass(slots=True)
@@ -604,22 +576,18 @@ class SinkWorker:
                 await self._write_schema(schema)
                 schemas.pop(0)
                 entry.written = True
-            for tier in tiers:
-                tables = self._buffers[tier]
-                for table in list(tables):
-                    items = tables[table]
-                    await self._write_segment(table, items, tier)
-                    for item in items:
-                        item.entry.written = True
-                    written_positions.extend((tier, *i.position) for i in items)
-                    if epoch == self._epoch:
-                        self._rows -= len(items)
-                        self._bytes -= sum(i.size for i in items)
-                    del tables[table]
-                self._oldest.pop(tier, None)
+            async def segment(tier: Tier, table: str, items: list[_Buffered]) -> None:
+                await self._write_segment(table, items, tier)
+                for item in items:
+                    item.entry.written = True
+                written_positions.extend((tier, *i.position) for i in items)
                 if epoch == self._epoch:
-                    self._pending_ts.pop(tier, None)
-            if txs:
+                    self._rows -= len(items)
+                    self._bytes -= sum(i.size for i in items)
+                if self._buffers[tier].get(table) is items:
+                    del self._buffers[tier][table]
+
+            async def transactions() -> None:
                 await self._write_transactions([(value, body) for value, body, _ in txs])
                 for value, _, entry in txs:
                     entry.written = True
@@ -627,6 +595,17 @@ class SinkWorker:
                 if self._tx_buffer is txs:
                     self._tx_buffer = []
                     self._tx_pending_ts = {}
+
+            # The segments and the transaction records at once (each object is independent;
+            # only the checkpoint below waits for all of them): a flush takes about its
+            # slowest write, not their sum.
+            jobs = [segment(tier, table, items) for tier in tiers
+                    for table, items in list(self._buffers[tier].items())]
+            await _together([*jobs, transactions()] if txs else jobs)
+            for tier in tiers:
+                self._oldest.pop(tier, None)
+                if epoch == self._epoch:
+                    self._pending_ts.pop(tier, None)
         finally:
             # A write that failed part-way leaves the earlier ones written and out of the
             # buffers: count them as durable now, or their transactions never complete (the
@@ -642,12 +621,15 @@ class SinkWorker:
                        if lsn > self.stats.tier_checkpoints.get(tier, INVALID_LSN)}
         if tiers_moved or checkpoint > self.stats.checkpoint:
             await self._archive_gaps()
-        for tier, lsn in tiers_moved.items():
+        async def moved(lsn: Lsn, tier: Tier | None) -> None:
             await self._write_checkpoint(lsn, tier)
-            self.stats.tier_checkpoints[tier] = lsn
-        if checkpoint > self.stats.checkpoint:
-            await self._write_checkpoint(checkpoint, None)
-            self.stats.checkpoint = checkpoint
+            if tier is None:
+                self.stats.checkpoint = max(self.stats.checkpoint, lsn)
+            else:
+                self.stats.tier_checkpoints[tier] = lsn
+        await _together([moved(lsn, tier) for tier, lsn in tiers_moved.items()]
+                        + ([moved(checkpoint, None)] if checkpoint > self.stats.checkpoint
+                           else []))
         # 3. offsets of what is at or below the checkpoint
         await self._commit(consumer, checkpoint)
         self._note_pending()
@@ -782,6 +764,24 @@ class SinkWorker:
     async def _latest_checkpoint(self, tier: Tier | None) -> Lsn:
         return await reader.checkpoint(self.store, self.destination.name, tier,
                                        keyring=self.keyring)
+
+
+async def _together(jobs: list[Coroutine[Any, Any, None]]) -> None:
+    """Run *jobs* at once (a task group: one failing cancels the others, and all have ended
+    when this returns); the first failure is raised as itself, not as an ExceptionGroup."""
+    if len(jobs) <= 1:
+        for job in jobs:
+            await job
+        return
+    try:
+        async with asyncio.TaskGroup() as group:
+            for job in jobs:
+                group.create_task(job)
+    except BaseExceptionGroup as grouped:
+        first = grouped.exceptions[0]
+        while isinstance(first, BaseExceptionGroup):
+            first = first.exceptions[0]
+        raise first from None
 
 
 class _Revocations(ConsumerRebalanceListener):  # type: ignore[misc]

@@ -10,7 +10,7 @@ import yaml
 from prometheus_client import CollectorRegistry, generate_latest
 
 from replicator.ops.metrics import PipelineCollector
-from replicator.sink.worker import SinkStats
+from replicator.sink.stats import SinkStats
 
 RULES = Path(__file__).resolve().parents[2] / "deploy" / "prometheus" / "alerts.yml"
 

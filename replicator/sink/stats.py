@@ -1,0 +1,40 @@
+"""What `status` and the metrics show about one destination's sink."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from replicator.events import TIER_ORDER, Tier
+from replicator.position import INVALID_LSN, Lsn
+
+__all__ = ["SinkStats"]
+
+
+@dataclass
+class SinkStats:
+    """What `status` and the metrics show about one destination."""
+
+    checkpoint: Lsn = INVALID_LSN
+    tier_checkpoints: dict[Tier, Lsn] = field(default_factory=dict)
+    segments_written: int = 0
+    bytes_written: int = 0
+    changes_written: int = 0
+    flushes: int = 0
+    failures: int = 0
+    breaker: str = "closed"
+    lag: dict[str, int] = field(default_factory=dict)  # "topic/partition" -> records behind
+    last_flush_at: float = 0.0
+    dead_letters: int = 0  # undecodable records parked
+    raw_changes: int = 0  # changes taken without decoding (sink/raw.py)
+    paused: bool = False  # intake paused: buffers at their bound, or the breaker open
+    rebalances: int = 0  # partitions revoked by a rebalance
+    waiting: str | None = None  # why the sink is not running yet (Kafka does not answer)
+    # tier -> commit time (us) of the oldest change its checkpoint has not passed
+    # (`SinkWorker._note_pending`); a tier with nothing pending is absent
+    pending_since_us: dict[str, int] = field(default_factory=dict)
+
+    def rpo_seconds(self, now: float) -> dict[str, float]:
+        """Per tier, the age at *now* (epoch seconds) of the oldest committed change not yet
+        durable here; 0 when nothing is pending."""
+        return {tier.value: max(0.0, now - self.pending_since_us[tier.value] / 1e6)
+                if tier.value in self.pending_since_us else 0.0 for tier in TIER_ORDER}
