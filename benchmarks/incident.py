@@ -299,6 +299,7 @@ async def run(weddings: int, rows: int, changes: int, window_minutes: float, say
         result["impact_s"] = round(float(report.get("seconds") or wall), 3)
         result["impact_wall_s"] = round(wall, 3)
         result["impact_objects_read"] = report.get("objects_read")
+        result["impact_steps_s"] = report.get("steps_s", {})
         result["impact_weddings"] = len(report.get("weddings") or [])
         say(f"impact: {result['impact_weddings']} weddings, {result['impact_objects_read']} "
             f"objects, {result['impact_s']:.2f} s ({wall:.2f} s with start-up)")

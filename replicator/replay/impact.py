@@ -33,7 +33,9 @@ What it reads, and why (docs/ARCHITECTURE.md, "Replay"):
 `objects_read` counts the objects fetched whole (transaction records, schemas, segments, the
 restore's objects), `headers_read` the ranged header reads not used as the whole object, and
 `bytes_read` every byte fetched; each object is fetched once (the small ones the restore asks
-for again are kept).
+for again are kept, and the restore of the calendar plans from the transaction records read
+first). `steps_s` times the parts: `transactions` (the records, and the timeline),
+`window` (the window's segments), `calendar` (the calendar and vendor tables as of the end).
 """
 
 from __future__ import annotations
@@ -56,7 +58,13 @@ from replicator.archive.layout import (
     parse_segment_key,
     segments_prefix,
 )
-from replicator.archive.reader import Archive, ReplayFailed, Timeline, recorded_gaps
+from replicator.archive.reader import (
+    Archive,
+    ReplayFailed,
+    Timeline,
+    dead_letters,
+    recorded_gaps,
+)
 from replicator.archive.reader import checkpoint as archive_checkpoint
 from replicator.archive.render import text, utc_text
 from replicator.archive.segment import SegmentError, SegmentHeader, read_header
@@ -67,7 +75,13 @@ from replicator.events import Op, Tier, TransactionRecord
 from replicator.position import Lsn
 from replicator.priority import WeddingCalendar
 from replicator.replay.plan import ReplayRefused, select_tables, tables_of
-from replicator.replay.run import HEADER_FETCH_BYTES, apply, find_destination, prepare
+from replicator.replay.run import (
+    HEADER_FETCH_BYTES,
+    ArchiveFacts,
+    apply,
+    find_destination,
+    prepare,
+)
 from replicator.replay.table import TableSchema, mark_seen
 from replicator.replay.targets import TableWriter
 
@@ -289,6 +303,9 @@ class ImpactReport:
     headers_read: int = 0
     bytes_read: int = 0
     seconds: float = 0.0
+    # seconds of each part: the transaction records, the window's segments, the calendar
+    # and vendor link restored as of the window's end
+    steps_s: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -306,6 +323,7 @@ class ImpactReport:
             "headers_read": self.headers_read,
             "bytes_read": self.bytes_read,
             "seconds": round(self.seconds, 3),
+            "steps_s": {k: round(v, 3) for k, v in self.steps_s.items()},
             "warnings": list(self.warnings),
         }
 
@@ -466,7 +484,7 @@ def _unrestored(found: _Found, cut: Lsn, exc: ReplayFailed, warnings: list[str])
     return found
 
 
-async def _dates_and_vendors(reads: _Reads, keyring: Keyring, *, destination: str, cut: Lsn,
+async def _dates_and_vendors(reads: _Reads, keyring: Keyring, facts: ArchiveFacts, *, cut: Lsn,
                              weddings: set[str], wedding: str | None, known: set[str],
                              calendar: PriorityConfig | None, link: VendorLink | None,
                              warnings: list[str]) -> _Found:
@@ -493,8 +511,7 @@ async def _dates_and_vendors(reads: _Reads, keyring: Keyring, *, destination: st
     while columns:
         try:
             prepared = await prepare(reads, keyring, at=cut, tables=sorted(columns),
-                                     wedding=wedding, destination=destination,
-                                     allow_stale=True)
+                                     wedding=wedding, allow_stale=True, facts=facts)
             break
         except ReplayRefused as exc:
             refused = [t for t in exc.tables if t in columns] or sorted(columns)
@@ -567,6 +584,7 @@ async def impact(store: ObjectStore, keyring: Keyring, *, since: datetime,
     archive = Archive(reads, keyring)
     records = [r for r in await archive.transactions() if r.commit_lsn < checkpoint]
     timeline = archive.timeline = Timeline.of(records)
+    report_steps = {"transactions": time.perf_counter() - started}
     if not records:
         raise ReplayRefused(f"the archive of destination {dest} holds no commit below its "
                             f"checkpoint {checkpoint} yet: nothing to report")
@@ -593,12 +611,12 @@ async def impact(store: ObjectStore, keyring: Keyring, *, since: datetime,
     selected = select_tables(sorted(known), tables)
     window = window_commits(records, since_us, end_us, selected)
     inside = [r.commit_lsn for r in records if since_us <= r.commit_ts_us <= end_us]
+    try:
+        gaps = await recorded_gaps(reads, keyring)
+    except ValueError as exc:
+        raise ReplayRefused(f"cannot read the recorded gaps: {exc}") from None
     if inside:
         report.from_lsn, report.to_lsn = min(inside), max(inside)
-        try:
-            gaps = await recorded_gaps(reads, keyring)
-        except ValueError as exc:
-            raise ReplayRefused(f"cannot read the recorded gaps: {exc}") from None
         for start, end in gaps:
             if start < report.to_lsn and end > report.from_lsn:
                 report.warnings.append(f"the window overlaps the recorded gap {start}-{end}: "
@@ -627,7 +645,10 @@ async def impact(store: ObjectStore, keyring: Keyring, *, since: datetime,
         for record in found:
             tally.add(table, record)
 
+    mark = time.perf_counter()
     await run_bounded([partial(one, *c) for c in chosen], _READS_AT_ONCE)
+    report_steps["window"] = time.perf_counter() - mark
+    mark = time.perf_counter()
     if wedding is None:
         tally.check(timeline)
 
@@ -635,8 +656,13 @@ async def impact(store: ObjectStore, keyring: Keyring, *, since: datetime,
     if touched or wedding is not None:
         cut_at = [r.commit_lsn for r in records if r.commit_ts_us <= end_us]
         if cut_at:
+            # The restore of the calendar and the vendor link plans from what was read
+            # above (the transaction records above all), reading none of it again.
+            facts = ArchiveFacts(dest, checkpoint, [
+                *listing, *[info async for info in reads.list(SNAPSHOTS)]],
+                await dead_letters(reads), gaps, archive, {})
             found = await _dates_and_vendors(
-                reads, keyring, destination=dest, cut=Lsn(max(cut_at)), weddings=touched,
+                reads, keyring, facts, cut=Lsn(max(cut_at)), weddings=touched,
                 wedding=wedding, known=known | set(timeline.snapshots), calendar=calendar,
                 link=vendors, warnings=report.warnings)
         else:
@@ -661,6 +687,8 @@ async def impact(store: ObjectStore, keyring: Keyring, *, since: datetime,
         if counts.truncates:
             report.warnings.append(f"{table} was truncated {counts.truncates} time(s) in the "
                                    "window: every wedding's rows in it went")
+    report_steps["calendar"] = time.perf_counter() - mark
+    report.steps_s = report_steps
     report.objects_read, report.headers_read = reads.objects, reads.headers
     report.bytes_read = reads.bytes
     report.seconds = time.perf_counter() - started
