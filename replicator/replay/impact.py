@@ -58,6 +58,7 @@ from replicator.archive.layout import (
     parse_segment_key,
     segments_prefix,
 )
+from replicator.archive.part import row_fields
 from replicator.archive.reader import (
     Archive,
     ReplayFailed,
@@ -66,7 +67,7 @@ from replicator.archive.reader import (
     recorded_gaps,
 )
 from replicator.archive.reader import checkpoint as archive_checkpoint
-from replicator.archive.render import text, utc_text
+from replicator.archive.render import copy_escape, text, utc_text
 from replicator.archive.segment import SegmentError, SegmentHeader, read_header
 from replicator.config import PriorityConfig, VendorLink
 from replicator.crypto import CryptoError, Keyring, decrypt_stream
@@ -455,12 +456,31 @@ class _KeepWriter:
         self.names = schema.names
         self.where = [self.names.index(c) for c in sorted(target.columns[schema.table])]
         self.weddings = target.weddings
+        # the ids as their COPY text fields (what a line holds), for `write_copy`
+        self.escaped = (None if target.weddings is None
+                        else {copy_escape(w) for w in target.weddings})
         self.kept = target.rows[schema.table]
 
     async def write(self, rows: list[list[Any]]) -> None:
         for row in rows:
             if self.weddings is None or any(text(row[i]) in self.weddings for i in self.where):
                 self.kept.append({n: text(v) for n, v in zip(self.names, row, strict=True)})
+
+    async def write_copy(self, data: str | bytes, rows: int) -> None:
+        """Rows as COPY text in the schema's column order (the restore's fast path): a
+        line is split only as far as its wedding columns to be picked, and only the rows
+        kept are unescaped whole (the same texts `write` keeps)."""
+        lines = (data.decode() if isinstance(data, bytes) else data).split("\n")
+        if lines and not lines[-1]:
+            lines.pop()
+        wanted = self.escaped
+        last = max(self.where, default=0)
+        for line in lines:
+            if wanted is not None:
+                fields = line.split("\t", last + 1)
+                if not any(fields[i] in wanted for i in self.where):
+                    continue
+            self.kept.append(dict(zip(self.names, row_fields(line), strict=True)))
 
 
 @dataclass(slots=True)

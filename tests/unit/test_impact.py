@@ -472,3 +472,35 @@ def test_the_service_configuration_takes_an_impact_section(tmp_path: Path) -> No
                     '{ table = "public.bookings", colum = "vendor" }\n')
     with pytest.raises(ConfigError, match=r"impact\.vendors\.colum: unknown key"):
         load_config(path, {})
+
+
+async def test_kept_rows_are_the_same_from_copy_text_and_from_values() -> None:
+    """The restore hands the keeper COPY text when it can (`write_copy`), values otherwise
+    (`write`): both keep the same rows, with the same texts."""
+    from replicator.archive.part import row_fields
+    from replicator.archive.render import copy_escape
+    from replicator.position import Lsn
+    from replicator.replay.impact import KeepRows
+    from replicator.replay.table import Column, PgText, TableSchema
+
+    schema = TableSchema("public.bookings", (Column("id", "bigint", True),
+                                             Column("wedding_id", "text", False),
+                                             Column("vendor", "text", False)), ("id",), Lsn(1))
+    rows = [["1", "7", "Flowers\tby\\Ann"], ["2", "8", "Cake\nCo"], ["3", None, "x"],
+            ["4", "7", None], ["5", "a\tb", "tabbed wedding id"], ["6", "70", "not 7"]]
+    text = "".join("\t".join("\\N" if v is None else copy_escape(v) for v in row) + "\n"
+                   for row in rows)
+    assert [row_fields(line) for line in text.splitlines()] == rows
+    kept = []
+    for how in ("values", "copy"):
+        keep = KeepRows({"public.bookings": {"wedding_id"}}, {"7", "a\tb"})
+        async with keep.table(schema) as writer:
+            if how == "copy":
+                await writer.write_copy(text.encode(), len(rows))  # type: ignore[attr-defined]
+            else:
+                await writer.write([[None if v is None else PgText(v) for v in row]
+                                    for row in rows])
+        kept.append(keep.rows["public.bookings"])
+    assert kept[0] == kept[1]
+    assert [r["id"] for r in kept[0]] == ["1", "4", "5"]
+    assert kept[0][0]["vendor"] == "Flowers\tby\\Ann"
