@@ -33,6 +33,10 @@ __all__ = ["raw_change"]
 # Only these three ops go the raw way: c, u, and d with a wedding (module docstring).
 _OPS: Final = {b"c": "c", b"u": "u", b"d": "d"}
 _lsn_cache: list[object] = [b"", 0]  # the last `lsn` header read, and its value
+# Table names as read, one string per table for every buffered change (bounded: a table
+# past the bound is decoded each time).
+_tables: dict[bytes, str] = {}
+_TABLES_KEPT: Final = 10_000
 
 
 def _lsn(text: bytes) -> int:
@@ -71,7 +75,12 @@ def raw_change(headers: Sequence[tuple[str, bytes]], value: bytes,
     if body is None:
         return None
     try:
-        return ((table.decode(), (_lsn(lsn), int(seq)), int(ts), op,
+        qualified = _tables.get(table)
+        if qualified is None:
+            qualified = table.decode()
+            if len(_tables) < _TABLES_KEPT:
+                _tables[table] = qualified
+        return ((qualified, (_lsn(lsn), int(seq)), int(ts), op,
                  None if wedding is None else wedding.decode(), None), body)
     except ValueError:  # not the capture's headers (UnicodeDecodeError is a ValueError)
         return None
