@@ -26,6 +26,7 @@ overall and `checkpoints/<destination>/<tier>/<16 hex digits>` per tier.
 from __future__ import annotations
 
 import bisect
+import itertools
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Final
@@ -34,6 +35,8 @@ from replicator.events import TIER_ORDER, Tier, TransactionRecord
 from replicator.position import INVALID_LSN, Lsn
 
 _ANY: Final = "any"  # the tier key of a record without tier counts
+#: Advances between full passes over the tracked transactions for those below the checkpoint.
+FULL_PASS_EVERY: Final = 256
 
 
 @dataclass(slots=True)
@@ -67,6 +70,7 @@ class CompletenessTracker:
         self._order: list[Lsn] = []  # commit LSNs with a durable record, ascending
         self._cursor: dict[Tier, int] = dict.fromkeys(TIER_ORDER, 0)
         self._held = False
+        self._advances = 0  # advances that moved the checkpoint
         # Per tier: the commit time (us) of the last transaction its checkpoint passed.
         self.passed_ts_us: dict[Tier, int] = {}
 
@@ -159,7 +163,15 @@ class CompletenessTracker:
             for tier in TIER_ORDER:
                 self._cursor[tier] -= done
             # Changes of transactions now below the checkpoint (duplicates) need no tracking.
-            for commit_lsn in [k for k in txs if k < self.checkpoint]:
+            # Entries come in about commit order, so the oldest are first: they go at once,
+            # up to the first one not below; a full pass now and then takes any left behind
+            # (every pass over a backlog's entries would cost each advance their number).
+            self._advances += 1
+            if self._advances % FULL_PASS_EVERY == 0:
+                stale = [k for k in txs if k < self.checkpoint]
+            else:
+                stale = list(itertools.takewhile(lambda k: k < self.checkpoint, txs))
+            for commit_lsn in stale:
                 del txs[commit_lsn]
         return self.checkpoint
 

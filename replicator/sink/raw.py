@@ -8,7 +8,11 @@ fingerprint, or the registry id learnt for it), strips it, and keeps the body as
 segment is an Avro object container of those bodies, readable by any Avro reader, byte for
 byte what decoding and writing again would give.
 
-Decoded instead (`SinkWorker._add_change`), as before:
+Transaction records likewise (`raw_transaction`): `lsn`, `end_lsn`, `ts_us`, `xid`, `counts`
+and `tiers` are what the completeness tracker and the segment's header need; the record's
+digests stay in its body, which `verify` reads from the archive.
+
+Decoded instead (`SinkWorker._add_change`, `_add_transaction`), as before:
 - a message without the `ts_us` header (an older capture, another producer);
 - a value under another writer schema (an older envelope: it is resolved and written anew);
 - a snapshot row (`op` r): snapshot rows become parts, which need the values;
@@ -23,15 +27,17 @@ segment, not with wrong rows.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
-from typing import Final
+from typing import Any, Final
 
 from replicator.archive.segment import EventFacts
 
-__all__ = ["raw_change"]
+__all__ = ["raw_change", "raw_transaction"]
 
 # Only these three ops go the raw way: c, u, and d with a wedding (module docstring).
 _OPS: Final = {b"c": "c", b"u": "u", b"d": "d"}
+_TX_HEADERS: Final = frozenset({"lsn", "end_lsn", "ts_us", "xid", "counts", "tiers"})
 _lsn_cache: list[object] = [b"", 0]  # the last `lsn` header read, and its value
 # Table names as read, one string per table for every buffered change (bounded: a table
 # past the bound is decoded each time).
@@ -84,3 +90,37 @@ def raw_change(headers: Sequence[tuple[str, bytes]], value: bytes,
                  None if wedding is None else wedding.decode(), None), body)
     except ValueError:  # not the capture's headers (UnicodeDecodeError is a ValueError)
         return None
+
+
+def raw_transaction(headers: Sequence[tuple[str, bytes]], value: bytes,
+                    own_body: Callable[[bytes], bytes | None]
+                    ) -> tuple[dict[str, Any], bytes] | None:
+    """A transaction record's facts (what the completeness tracker and the segment's header
+    need: positions, commit time, xid, counts per table and per tier; not its digests, which
+    stay in the body) and its Avro body, from its *headers* and *value*; None when it must be
+    decoded. *own_body* is `EventCodec.own_transaction_body`."""
+    found: dict[str, bytes] = {}
+    for name, data in headers:
+        if name in _TX_HEADERS:
+            found[name] = data
+    if len(found) != len(_TX_HEADERS):
+        return None
+    body = own_body(value)
+    if body is None:
+        return None
+    try:
+        counts = json.loads(found["counts"])
+        tiers = json.loads(found["tiers"])
+        record = {"commit_lsn": _lsn(found["lsn"]), "end_lsn": _lsn(found["end_lsn"]),
+                  "commit_ts_us": int(found["ts_us"]), "xid": int(found["xid"]),
+                  "counts": counts, "tier_counts": tiers, "origin": None, "digests": {}}
+    except ValueError:  # not the capture's headers (a JSONDecodeError is a ValueError)
+        return None
+    if not (_counts(counts) and _counts(tiers)):
+        return None
+    return record, body
+
+
+def _counts(value: object) -> bool:
+    return isinstance(value, dict) and all(
+        type(k) is str and type(n) is int for k, n in value.items())

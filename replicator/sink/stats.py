@@ -26,6 +26,7 @@ class SinkStats:
     last_flush_at: float = 0.0
     dead_letters: int = 0  # undecodable records parked
     raw_changes: int = 0  # changes taken without decoding (sink/raw.py)
+    raw_transactions: int = 0  # transaction records likewise
     paused: bool = False  # intake paused: buffers at their bound, or the breaker open
     rebalances: int = 0  # partitions revoked by a rebalance
     waiting: str | None = None  # why the sink is not running yet (Kafka does not answer)

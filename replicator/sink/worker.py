@@ -73,7 +73,6 @@ import json
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Coroutine
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -82,7 +81,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 from aiokafka.structs import OffsetAndMetadata
 
-from connectors.base import ObjectStore
+from connectors.base import ObjectStore, run_bounded
 from connectors.errors import AlreadyExists, StoreError
 from replicator.archive import reader
 from replicator.archive.layout import (
@@ -112,7 +111,7 @@ from replicator.sink.breaker import BreakerState, CircuitBreaker, CircuitOpen, T
 from replicator.sink.checkpoint import CompletenessTracker
 from replicator.sink.claims import ClaimResolver, claim_of
 from replicator.sink.offsets import OffsetLedger, Pending
-from replicator.sink.raw import raw_change
+from replicator.sink.raw import raw_change, raw_transaction
 from replicator.sink.shared import SharedDecodes
 from replicator.sink.stats import SinkStats
 from replicator.transport.avro import EventCodec, transaction_from_dict
@@ -130,6 +129,8 @@ READ_AHEAD_ROWS = 2
 #: its partitions to the group. Segments are encoded and encrypted off the event loop, so the
 #: heartbeat goes on through a large flush.
 SESSION_TIMEOUT_MS = 30_000
+#: Objects a flush writes at once (`connectors.base.run_bounded`).
+WRITES_AT_ONCE = 8
 
 
 _TIER_NAMES = tuple(tier.value for tier in TIER_ORDER)
@@ -498,11 +499,15 @@ class SinkWorker:
         self._bytes += size
 
     def _add_transaction(self, tp: TopicPartition, record: ConsumerRecord[Any, Any]) -> None:
-        where = (tp.topic, tp.partition, record.offset)
-        found = self.shared.take(where, record.value)
+        found = raw_transaction(record.headers, record.value, self.codec.own_transaction_body)
         if found is None:
-            found = self.codec.decode_transaction_body(record.value)
-            self.shared.put(where, record.value, found)
+            where = (tp.topic, tp.partition, record.offset)
+            found = self.shared.take(where, record.value)
+            if found is None:
+                found = self.codec.decode_transaction_body(record.value)
+                self.shared.put(where, record.value, found)
+        else:
+            self.stats.raw_transactions += 1
         value, body = found
         entry = self.offsets.track(tp, record.offset, Lsn(value["commit_lsn"]))
         self._read_lsn[tp] = entry.commit_lsn
@@ -599,9 +604,9 @@ class SinkWorker:
             # The segments and the transaction records at once (each object is independent;
             # only the checkpoint below waits for all of them): a flush takes about its
             # slowest write, not their sum.
-            jobs = [segment(tier, table, items) for tier in tiers
+            jobs = [partial(segment, tier, table, items) for tier in tiers
                     for table, items in list(self._buffers[tier].items())]
-            await _together([*jobs, transactions()] if txs else jobs)
+            await run_bounded([*jobs, transactions] if txs else jobs, WRITES_AT_ONCE)
             for tier in tiers:
                 self._oldest.pop(tier, None)
                 if epoch == self._epoch:
@@ -627,9 +632,9 @@ class SinkWorker:
                 self.stats.checkpoint = max(self.stats.checkpoint, lsn)
             else:
                 self.stats.tier_checkpoints[tier] = lsn
-        await _together([moved(lsn, tier) for tier, lsn in tiers_moved.items()]
-                        + ([moved(checkpoint, None)] if checkpoint > self.stats.checkpoint
-                           else []))
+        await run_bounded([partial(moved, lsn, tier) for tier, lsn in tiers_moved.items()]
+                          + ([partial(moved, checkpoint, None)]
+                             if checkpoint > self.stats.checkpoint else []), WRITES_AT_ONCE)
         # 3. offsets of what is at or below the checkpoint
         await self._commit(consumer, checkpoint)
         self._note_pending()
@@ -764,24 +769,6 @@ class SinkWorker:
     async def _latest_checkpoint(self, tier: Tier | None) -> Lsn:
         return await reader.checkpoint(self.store, self.destination.name, tier,
                                        keyring=self.keyring)
-
-
-async def _together(jobs: list[Coroutine[Any, Any, None]]) -> None:
-    """Run *jobs* at once (a task group: one failing cancels the others, and all have ended
-    when this returns); the first failure is raised as itself, not as an ExceptionGroup."""
-    if len(jobs) <= 1:
-        for job in jobs:
-            await job
-        return
-    try:
-        async with asyncio.TaskGroup() as group:
-            for job in jobs:
-                group.create_task(job)
-    except BaseExceptionGroup as grouped:
-        first = grouped.exceptions[0]
-        while isinstance(first, BaseExceptionGroup):
-            first = first.exceptions[0]
-        raise first from None
 
 
 class _Revocations(ConsumerRebalanceListener):  # type: ignore[misc]

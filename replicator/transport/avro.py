@@ -690,6 +690,15 @@ class EventCodec:
             return data[5:]
         return None
 
+    def own_transaction_body(self, data: bytes) -> bytes | None:
+        """`own_event_body` for a transaction record."""
+        if data[:10] == self._header_transaction:
+            return data[10:]
+        if data[:1] == _CONFLUENT_BYTE and len(data) >= 5 and self._by_id.get(
+                int.from_bytes(data[1:5], "big")) is self._transaction:
+            return data[5:]
+        return None
+
     def decode_transaction_body(self, data: bytes | bytearray | memoryview
                                 ) -> tuple[dict[str, Any], bytes]:
         """`decode_event_body` for a transaction record."""

@@ -14,7 +14,9 @@ form), `seq`, `tier`, `ts_us` (commit time, microseconds since the epoch) and `w
 (the wedding id, when the change has one), all UTF-8. With them a sink writes the value into
 its segment without decoding it (`sink/raw.py`); a change whose wedding id is longer than
 128 characters sends neither `ts_us` nor `wedding`, and the sinks decode it. Of a
-transaction record: `lsn` and `end_lsn`.
+transaction record: `lsn`, `end_lsn`, then `ts_us`, `xid`, `counts` (table -> changes) and
+`tiers` (tier -> changes) as compact JSON, for the sinks' raw path (left out when `counts`
+would be over 2 KiB).
 
 The producer is librdkafka (confluent-kafka): `produce()` queues, librdkafka's threads batch,
 compress and send, and its delivery reports are read by `poll()` on the event loop (a task
@@ -462,6 +464,14 @@ class EventProducer:
         value = self._codec.encode_transaction(record, schema_id=self._schema_ids.get(topic))
         headers: _Headers = [("lsn", str(record.commit_lsn).encode()),
                              ("end_lsn", str(record.end_lsn).encode())]
+        # What a sink's completeness tracker needs, so that it need not decode the value
+        # (`sink/raw.py`); a transaction of very many tables sends none of it.
+        counts = json.dumps(record.counts, separators=(",", ":"), sort_keys=True).encode()
+        if len(counts) <= MAX_COUNTS_HEADER:
+            headers += [(TS_HEADER, b"%d" % record.commit_ts_us), ("xid", b"%d" % record.xid),
+                        ("counts", counts),
+                        ("tiers", json.dumps(record.tier_counts, separators=(",", ":"),
+                                             sort_keys=True).encode())]
         delivery = await self._send(producer, topic, value,
                                     record.commit_lsn.hex_key().encode(),
                                     TRANSACTIONS_PARTITION, headers)
@@ -535,6 +545,8 @@ MESSAGE_OVERHEAD: Final = 768
 TS_HEADER: Final = "ts_us"
 #: The change's wedding id, when it has one of at most MAX_WEDDING_HEADER characters.
 WEDDING_HEADER: Final = "wedding"
+#: A transaction record's table counts as JSON, sent as a header up to this size.
+MAX_COUNTS_HEADER: Final = 2048
 MAX_WEDDING_HEADER: Final = 128
 
 

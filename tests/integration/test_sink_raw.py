@@ -94,14 +94,24 @@ async def test_raw_path_writes_what_decoding_writes(kafka_bootstrap: str, topic_
     end = lsn + 0x10
 
     raw_worker, raw = await archive_once(kafka, tmp_path / "raw", "raw", end)
-    # Every change but the key-only delete and the long wedding id went the raw way.
+    # Every change but the key-only delete and the long wedding id went the raw way, and
+    # the transaction record too.
     assert raw_worker.stats.raw_changes == len(sent) - 2
+    assert raw_worker.stats.raw_transactions == 1
 
     with monkeypatch.context() as patch:  # the decoding path, for the same messages
         patch.setattr(worker_module, "raw_change", lambda *args: None)
+        patch.setattr(worker_module, "raw_transaction", lambda *args: None)
         decoded_worker, decoded = await archive_once(kafka, tmp_path / "decoded", "decoded",
                                                      end)
     assert decoded_worker.stats.raw_changes == 0
+    assert decoded_worker.stats.raw_transactions == 0
+    # The transaction records archived are the same, digests included (from the body).
+    stores = [open_store(f"file://{tmp_path / n}", sink_environ()) for n in ("raw", "decoded")]
+    transactions = [[r async for r in archive.transaction_records(st, keyring())]
+                    for st in stores]
+    assert transactions[0] == transactions[1] and len(transactions[0]) == 1
+    assert transactions[0][0].counts == {"public.guests": len(sent)}
 
     def records(segments: list[tuple[Any, list[dict[str, Any]]]]) -> list[dict[str, Any]]:
         found = [r for _, rs in segments for r in rs]

@@ -56,3 +56,39 @@ def test_registry_framing_of_our_own_schema() -> None:
     codec.add_writer_schema(codec.event_schema, schema_id=7)
     found = raw_change(GOOD, b"\x00\x00\x00\x00\x07" + BODY, codec.own_event_body)
     assert found is not None and found[1] == BODY
+
+
+TX_VALUE = b"\xc3\x01" + CODEC.transaction_fingerprint + BODY
+TX = [("lsn", b"16/B374D848"), ("end_lsn", b"16/B374D900"), ("ts_us", b"1765000000123456"),
+      ("xid", b"912"), ("counts", b'{"public.guests":2}'), ("tiers", b'{"critical":2}')]
+
+
+def test_transaction_facts_from_headers() -> None:
+    from replicator.sink.raw import raw_transaction
+    from replicator.transport.avrovalues import transaction_from_dict
+
+    found = raw_transaction(TX, TX_VALUE, CODEC.own_transaction_body)
+    assert found is not None
+    record, body = found
+    assert body == BODY
+    tx = transaction_from_dict(record)
+    assert (tx.commit_lsn, tx.end_lsn, tx.commit_ts_us, tx.xid, tx.counts, tx.tier_counts) == (
+        (0x16 << 32) | 0xB374D848, (0x16 << 32) | 0xB374D900, 1765000000123456, 912,
+        {"public.guests": 2}, {"critical": 2})
+
+
+def test_transaction_decoded_instead() -> None:
+    from replicator.sink.raw import raw_transaction
+
+    cases = [
+        with_(TX, counts=None),  # an older capture, or too many tables
+        with_(TX, counts=b"[1, 2]"),
+        with_(TX, counts=b'{"t": "2"}'),
+        with_(TX, tiers=b"{not json"),
+        with_(TX, xid=b"-"),
+        with_(TX, end_lsn=b"0-0"),
+    ]
+    for headers in cases:
+        assert raw_transaction(headers, TX_VALUE, CODEC.own_transaction_body) is None, headers
+    # A change's value is not a transaction record's.
+    assert raw_transaction(TX, VALUE, CODEC.own_transaction_body) is None
