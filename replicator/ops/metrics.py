@@ -22,6 +22,7 @@ otherwise (`metrics.listen`), and exposes no configuration and no secrets.
 | `wedsync_sink_breaker_open` | destination | 1 while the destination's breaker is not closed |
 | `wedsync_sink_dead_letters_total` | destination | undecodable records parked as dead letters |
 | `wedsync_sink_paused` | destination | 1 while intake is paused (buffers full or breaker open) |
+| `wedsync_sink_raw_records_total` | destination, kind | records archived undecoded |
 | `wedsync_compaction_runs_total` | destination | compaction runs (`replicator compact`) |
 | `wedsync_compaction_failures_total` | destination | compaction runs that failed |
 | `wedsync_compaction_last_success_timestamp_seconds` | destination | end of the last good run |
@@ -110,7 +111,12 @@ class PipelineCollector(Collector):
         paused = GaugeMetricFamily("wedsync_sink_paused",
                                    "1 while intake is paused (buffers full or breaker open)",
                                    labels=["destination"])
+        raw = CounterMetricFamily("wedsync_sink_raw_records",
+                                  "Records archived without being decoded (the raw path)",
+                                  labels=["destination", "kind"])
         for name, stats in sorted(sinks.items()):
+            raw.add_metric([name, "change"], stats.raw_changes)
+            raw.add_metric([name, "transaction"], stats.raw_transactions)
             checkpoint.add_metric([name, "all"], int(stats.checkpoint))
             for tier, lsn in sorted(stats.tier_checkpoints.items()):
                 checkpoint.add_metric([name, tier.value], int(lsn))
@@ -124,7 +130,8 @@ class PipelineCollector(Collector):
             breaker.add_metric([name], 0 if stats.breaker == "closed" else 1)
             dead.add_metric([name], stats.dead_letters)
             paused.add_metric([name], 1 if stats.paused else 0)
-        yield from (checkpoint, lag, rpo, written, segments, failures, breaker, dead, paused)
+        yield from (checkpoint, lag, rpo, written, segments, failures, breaker, dead, paused,
+                    raw)
         runs = CounterMetricFamily("wedsync_compaction_runs", "Compaction runs",
                                    labels=["destination"])
         failed = CounterMetricFamily("wedsync_compaction_failures", "Failed compaction runs",

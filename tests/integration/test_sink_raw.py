@@ -10,6 +10,7 @@ from typing import Any
 
 import fastavro
 import pytest
+from prometheus_client import CollectorRegistry, generate_latest
 
 from connectors.registry import open_store
 from replicator.archive import reader
@@ -17,6 +18,7 @@ from replicator.archive.layout import segments_prefix
 from replicator.config import DestinationConfig, KafkaConfig
 from replicator.crypto import decrypt
 from replicator.events import ChangeEvent, Op, Tier, TransactionRecord
+from replicator.ops.metrics import PipelineCollector
 from replicator.position import ChangePosition, Lsn
 from replicator.sink import worker as worker_module
 from replicator.sink.worker import SinkWorker
@@ -98,6 +100,11 @@ async def test_raw_path_writes_what_decoding_writes(kafka_bootstrap: str, topic_
     # the transaction record too.
     assert raw_worker.stats.raw_changes == len(sent) - 2
     assert raw_worker.stats.raw_transactions == 1
+    registry = CollectorRegistry()
+    registry.register(PipelineCollector(lambda: None, lambda: {"raw": raw_worker.stats}))
+    exposed = generate_latest(registry).decode()
+    assert (f'wedsync_sink_raw_records_total{{destination="raw",kind="change"}} '
+            f'{float(len(sent) - 2)}') in exposed
 
     with monkeypatch.context() as patch:  # the decoding path, for the same messages
         patch.setattr(worker_module, "raw_change", lambda *args: None)
