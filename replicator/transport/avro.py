@@ -683,19 +683,17 @@ class EventCodec:
         """The Avro body of *data* when its prefix (single-object fingerprint, or a registry
         id learnt for it) names this codec's own envelope schema, else None. Nothing is
         decoded: the raw sink path (`sink/raw.py`)."""
-        if data[:10] == self._header_event:
-            return data[10:]
-        if data[:1] == _CONFLUENT_BYTE and len(data) >= 5 and self._by_id.get(
-                int.from_bytes(data[1:5], "big")) is self._event:
-            return data[5:]
-        return None
+        return self._own_body(data, self._header_event, self._event)
 
     def own_transaction_body(self, data: bytes) -> bytes | None:
         """`own_event_body` for a transaction record."""
-        if data[:10] == self._header_transaction:
+        return self._own_body(data, self._header_transaction, self._transaction)
+
+    def _own_body(self, data: bytes, header: bytes, schema: _Schema) -> bytes | None:
+        if data[:10] == header:
             return data[10:]
         if data[:1] == _CONFLUENT_BYTE and len(data) >= 5 and self._by_id.get(
-                int.from_bytes(data[1:5], "big")) is self._transaction:
+                int.from_bytes(data[1:5], "big")) is schema:
             return data[5:]
         return None
 
