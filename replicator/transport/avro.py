@@ -497,6 +497,7 @@ class EventCodec:
         self._header_event = SINGLE_OBJECT_MARKER + self._event.fingerprint
         self._fast = _EnvelopeWriter(load_schema("change_event"), name)
         self._header_transaction = SINGLE_OBJECT_MARKER + self._transaction.fingerprint
+        self._fast_transaction = compile_writer(load_schema("transaction"))
         # Writer schemas by fingerprint and by registry id; the reader is always our own.
         self._by_fingerprint: dict[bytes, _Schema] = {
             self._event.fingerprint: self._event,
@@ -646,8 +647,15 @@ class EventCodec:
 
     def encode_transaction(self, record: TransactionRecord, *, schema_id: int | None = None
                            ) -> bytes:
-        return self._write(self._transaction, self._header_transaction,
-                           self.transaction_datum(record), schema_id)
+        datum = self.transaction_datum(record)
+        header = (self._header_transaction if schema_id is None
+                  else bytes((CONFLUENT_MAGIC,)) + schema_id.to_bytes(4, "big"))
+        out = bytearray(header)
+        try:  # the compiled writer (`avrowrite`): the same bytes as fastavro's, faster
+            self._fast_transaction(out, datum)
+        except (Unsupported, TypeError, ValueError, OverflowError, KeyError):
+            return self._write(self._transaction, self._header_transaction, datum, schema_id)
+        return bytes(out)
 
     def _write(self, schema: _Schema, header: bytes, datum: dict[str, Any],
                schema_id: int | None) -> bytes:

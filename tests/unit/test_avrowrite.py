@@ -138,3 +138,34 @@ def test_a_run_of_changes_is_written_as_fastavro_writes_each(
         change = event({"id": seq}, position=ChangePosition(Lsn(1_000 + lsn), seq),
                        xid=xid, commit_ts_us=1_718_000_000_000_000 + lsn * 7_000)
         assert codec.encode_event(change) == fastavro_bytes(codec, change, None)
+
+
+TEXT = st.text(max_size=30)
+COUNTS = st.dictionaries(TEXT, st.integers(min_value=0, max_value=(1 << 63) - 1), max_size=5)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(min_value=0, max_value=(1 << 64) - 1), st.integers(min_value=0),
+       st.integers(min_value=-(1 << 62), max_value=(1 << 62)),
+       st.integers(min_value=0, max_value=(1 << 32) - 1), st.one_of(st.none(), TEXT),
+       COUNTS, COUNTS, st.dictionaries(TEXT, TEXT, max_size=5))
+def test_transaction_records_are_written_as_fastavro_writes_them(
+        commit: int, end: int, ts: int, xid: int, origin: str | None, counts: dict[str, int],
+        tiers: dict[str, int], digests: dict[str, str]) -> None:
+    from replicator.events import TransactionRecord
+
+    codec = EventCodec()
+    counts = {k: v % (1 << 40) for k, v in counts.items()}  # their total is a long too
+    record = TransactionRecord(Lsn(commit), Lsn(end % (1 << 63)), ts, xid, counts, origin,
+                               tiers, digests)
+    body = io.BytesIO()
+    body.write(codec._header_transaction)
+    try:
+        schemaless_writer(body, codec.parsed_transaction_schema,
+                          codec.transaction_datum(record))
+    except (ValueError, OverflowError):  # fastavro refuses it: so must the codec
+        with pytest.raises(EncodeError):
+            codec.encode_transaction(record)
+        return
+    assert codec.encode_transaction(record) == body.getvalue()
+    assert codec.encode_transaction(record, schema_id=9)[5:] == body.getvalue()[10:]
