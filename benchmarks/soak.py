@@ -341,11 +341,7 @@ async def run(minutes: float, rate: float, quick: bool, ddl_every: float, say: A
         s3_port = await tox.proxy("soak_s3", s3_endpoint.split("://", 1)[1].rstrip("/"))
         az_port = await tox.proxy("soak_azure", az_endpoint.split("://", 1)[1].split("/")[0])
         await rpo.create_bucket(s3_endpoint, name)
-        from azure.storage.blob.aio import BlobServiceClient
-
-        async with BlobServiceClient.from_connection_string(
-                azurite_connection_string(az_endpoint)) as blobs:
-            await blobs.create_container(name)
+        await rpo.create_container(az_endpoint, name)
         source_dsn = make_conninfo(dsn, host="127.0.0.1", port=str(pg_port))
         (work / "local").mkdir()
         dests = [("local", f"file://{work / 'local'}"),
@@ -478,13 +474,7 @@ async def run(minutes: float, rate: float, quick: bool, ddl_every: float, say: A
         await rpo.drop_database(admin_dsn, name)
         await delete_topics(bootstrap, name)
         await rpo.delete_bucket(s3_endpoint, name)
-        from azure.core.exceptions import ResourceNotFoundError
-        from azure.storage.blob.aio import BlobServiceClient
-
-        async with BlobServiceClient.from_connection_string(
-                azurite_connection_string(az_endpoint)) as blobs:
-            with contextlib.suppress(ResourceNotFoundError):
-                await blobs.delete_container(name)
+        await rpo.delete_container(az_endpoint, name)
 
 
 def main() -> int:

@@ -60,7 +60,7 @@ from replicator.config import PriorityConfig
 from replicator.crypto import Keyring, encrypt
 from replicator.events import split_qualified
 from replicator.replay.plan import At, ReplayRefused
-from replicator.replay.swap import AUDIT_TABLE, Swap, first_line, quoted
+from replicator.replay.swap import AUDIT_TABLE, Swap, create_audit_table, first_line, quoted
 from replicator.replay.table import TableSchema
 from replicator.replay.targets import PostgresTarget
 
@@ -165,21 +165,20 @@ class RollbackTarget(PostgresTarget):
         with self.report.step("check_target"):
             await super().prepare(schemas, wedding=wedding, point=point)
 
-    async def _guard(self, conn: Any, swap: Swap) -> str | None:
-        """The guard (`_day_guard`); first, on the same connection, the audit table created
-        or given the rollback's columns when it lacks them (step `audit_table`, part of
-        `check_target`; not in a dry run)."""
-        if not self.report.dry_run:
-            cur = await conn.execute(
-                "SELECT count(*) FROM pg_attribute WHERE attrelid = to_regclass(%s) "
-                "AND attname = ANY(%s) AND NOT attisdropped",
-                (quoted(".".join(AUDIT_TABLE)), list(_AUDIT_COLUMNS)))
-            if (await cur.fetchone())[0] != len(_AUDIT_COLUMNS):
-                with self.report.step("audit_table"):
-                    await self._audit_table(conn)
-        return await self._day_guard(conn, swap)
+    async def _checked(self, conn: Any, swap: Swap) -> None:
+        """The audit table created, or given the rollback's columns, when it lacks them
+        (step `audit_table`, part of `check_target`; not in a dry run)."""
+        if self.report.dry_run:
+            return
+        cur = await conn.execute(
+            "SELECT count(*) FROM pg_attribute WHERE attrelid = to_regclass(%s) "
+            "AND attname = ANY(%s) AND NOT attisdropped",
+            (quoted(".".join(AUDIT_TABLE)), list(_AUDIT_COLUMNS)))
+        if (await cur.fetchone())[0] != len(_AUDIT_COLUMNS):
+            with self.report.step("audit_table"):
+                await self._audit_table(conn)
 
-    async def _day_guard(self, conn: Any, swap: Swap) -> str | None:
+    async def _guard(self, conn: Any, swap: Swap) -> str | None:
         """A wedding today or tomorrow, or any rollback on a Saturday, needs the override."""
         from psycopg import sql
 
@@ -379,14 +378,10 @@ class RollbackTarget(PostgresTarget):
         before the final transaction (*conn* is prepare's, in autocommit)."""
         from psycopg import sql
 
-        name = sql.Identifier(*AUDIT_TABLE)
-        await conn.execute(sql.SQL(
-            "CREATE TABLE IF NOT EXISTS {} (id text PRIMARY KEY, at timestamptz NOT NULL, "
-            "by_user text NOT NULL, db_user text NOT NULL DEFAULT current_user, "
-            "reason text NOT NULL, guard text NOT NULL, tables text[] NOT NULL, "
-            "wedding text, restore_point text)").format(name))
+        await create_audit_table(conn)
         await conn.execute(sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS action text, "
-                                   "ADD COLUMN IF NOT EXISTS details jsonb").format(name))
+                                   "ADD COLUMN IF NOT EXISTS details jsonb").format(
+            sql.Identifier(*AUDIT_TABLE)))
 
     async def _audit_row(self, conn: Any, swap: Swap) -> None:
         from psycopg import sql

@@ -122,17 +122,24 @@ async def guard(conn: Any, calendar: PriorityConfig, changed: Sequence[str],
     return why
 
 
+async def create_audit_table(conn: Any) -> None:
+    """`public.replicator_audit`, unless it exists."""
+    from psycopg import sql
+
+    await conn.execute(sql.SQL(
+        "CREATE TABLE IF NOT EXISTS {} (id text PRIMARY KEY, at timestamptz NOT NULL, "
+        "by_user text NOT NULL, db_user text NOT NULL DEFAULT current_user, "
+        "reason text NOT NULL, guard text NOT NULL, tables text[] NOT NULL, wedding text, "
+        "restore_point text)").format(sql.Identifier(*AUDIT_TABLE)))
+
+
 async def write_audit_row(conn: Any, override: Override) -> None:
     """The override as a row of `public.replicator_audit`, committed on its own."""
     from psycopg import sql
 
     name = sql.Identifier(*AUDIT_TABLE)
     async with conn.transaction():
-        await conn.execute(sql.SQL(
-            "CREATE TABLE IF NOT EXISTS {} (id text PRIMARY KEY, at timestamptz NOT NULL, "
-            "by_user text NOT NULL, db_user text NOT NULL DEFAULT current_user, "
-            "reason text NOT NULL, guard text NOT NULL, tables text[] NOT NULL, wedding text, "
-            "restore_point text)").format(name))
+        await create_audit_table(conn)
         await conn.execute(sql.SQL(
             "INSERT INTO {} (id, at, by_user, reason, guard, tables, wedding, restore_point) "
             "VALUES (%s, %s, %s, %s, %s, %s, %s, %s)").format(name),

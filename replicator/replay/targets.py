@@ -205,6 +205,7 @@ class PostgresTarget:
             for oid, table in oids.items():
                 swap.missing[table] = await missing_columns(conn, oid, swap.schemas[table])
             swap.changed = fk_order(sorted(oids.values()), await relations(conn, oids))
+            await self._checked(conn, swap)
             if swap.changed:
                 why = await self._guard(conn, swap)
                 if why is not None:
@@ -222,6 +223,10 @@ class PostgresTarget:
             self._plan = swap
         finally:
             await conn.close()
+
+    async def _checked(self, conn: Any, swap: Swap) -> None:
+        """What a kind of restore checks or prepares in the target once its tables are
+        known, on prepare's connection (autocommit); nothing for a restore."""
 
     async def _guard(self, conn: Any, swap: Swap) -> str | None:
         """The wedding-day guard before changing existing tables (`swap.guard`)."""

@@ -29,30 +29,28 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
+from functools import lru_cache
 from typing import Any, Final
 
 from replicator.archive.segment import EventFacts
+from replicator.position import Lsn
 
 __all__ = ["raw_change", "raw_transaction"]
 
 # Only these three ops go the raw way: c, u, and d with a wedding (module docstring).
 _OPS: Final = {b"c": "c", b"u": "u", b"d": "d"}
 _TX_HEADERS: Final = frozenset({"lsn", "end_lsn", "ts_us", "xid", "counts", "tiers"})
-_lsn_cache: list[object] = [b"", 0]  # the last `lsn` header read, and its value
 # Table names as read, one string per table for every buffered change (bounded: a table
 # past the bound is decoded each time).
 _tables: dict[bytes, str] = {}
 _TABLES_KEPT: Final = 10_000
 
 
-def _lsn(text: bytes) -> int:
-    """`16/B374D848` as an integer; the same text for every change of a transaction."""
-    if text != _lsn_cache[0]:
-        high, low = text.split(b"/")
-        _lsn_cache[:] = [text, (int(high, 16) << 32) | int(low, 16)]
-    value = _lsn_cache[1]
-    assert isinstance(value, int)
-    return value
+@lru_cache(maxsize=8)
+def _lsn(text: bytes) -> Lsn:
+    """An `lsn` or `end_lsn` header (`16/B374D848`); the same few texts come again and again
+    (every change of a transaction), so they are parsed once."""
+    return Lsn.parse(text.decode())
 
 
 def raw_change(headers: Sequence[tuple[str, bytes]], value: bytes,

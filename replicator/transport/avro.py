@@ -602,8 +602,7 @@ class EventCodec:
         schema_id: int | None = None,
     ) -> bytes:
         """Single-object encoding, or the Confluent wire format with *schema_id*."""
-        header = self._header_event if schema_id is None else \
-            bytes((CONFLUENT_MAGIC,)) + schema_id.to_bytes(4, "big")
+        header = _prefix(self._header_event, schema_id)
         try:
             out = bytearray(header)
             self._fast.write(out, event, column_types or None, self._clock() // 1_000_000)
@@ -618,8 +617,7 @@ class EventCodec:
         schema_id: int | None = None,
     ) -> tuple[bytes, int]:
         """`encode_event`, and the change's content digest (`content_digest`)."""
-        header = self._header_event if schema_id is None else \
-            bytes((CONFLUENT_MAGIC,)) + schema_id.to_bytes(4, "big")
+        header = _prefix(self._header_event, schema_id)
         out = bytearray(header)
         try:
             start, end = self._fast.write(out, event, column_types or None,
@@ -648,9 +646,7 @@ class EventCodec:
     def encode_transaction(self, record: TransactionRecord, *, schema_id: int | None = None
                            ) -> bytes:
         datum = self.transaction_datum(record)
-        header = (self._header_transaction if schema_id is None
-                  else bytes((CONFLUENT_MAGIC,)) + schema_id.to_bytes(4, "big"))
-        out = bytearray(header)
+        out = bytearray(_prefix(self._header_transaction, schema_id))
         try:  # the compiled writer (`avrowrite`): the same bytes as fastavro's, faster
             self._fast_transaction(out, datum)
         except (Unsupported, TypeError, ValueError, OverflowError, KeyError):
@@ -659,10 +655,8 @@ class EventCodec:
 
     def _write(self, schema: _Schema, header: bytes, datum: dict[str, Any],
                schema_id: int | None) -> bytes:
-        if schema_id is not None:
-            header = bytes((CONFLUENT_MAGIC,)) + schema_id.to_bytes(4, "big")
         buffer = io.BytesIO()
-        buffer.write(header)
+        buffer.write(_prefix(header, schema_id))
         try:
             schemaless_writer(buffer, schema.parsed, datum)
         except (ValueError, TypeError, OverflowError) as exc:
@@ -776,6 +770,11 @@ class EventCodec:
         if not isinstance(decoded, dict):
             raise CodecError(f"a {writer.record} body did not decode to a record")
         return decoded, writer, body, stream.tell()
+
+
+def _prefix(single_object: bytes, schema_id: int | None) -> bytes:
+    """*single_object* (marker, fingerprint), or the Confluent framing of *schema_id*."""
+    return single_object if schema_id is None else _CONFLUENT_BYTE + schema_id.to_bytes(4, "big")
 
 
 _PRIMITIVES: Final = frozenset({"boolean", "long", "double", "string", "bytes"})
