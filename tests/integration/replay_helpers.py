@@ -200,8 +200,24 @@ def archive_config(pg_dsn: str, kafka: str, prefix: str,
 
 
 async def snapshot_done(capture: Capture, rows: int, within: float = 30) -> None:
+    """The capture sent *rows* snapshot rows and its snapshot transaction has ended.
+
+    The second half matters: that transaction holds ACCESS SHARE locks on every table it
+    read until it commits, after Kafka acknowledged the rows, so a test that runs DDL with a
+    blocking connection on this event loop right after the count is reached would wait for
+    a commit that cannot come while the loop is blocked."""
     await wait_for(lambda: holds(capture.stats.snapshot_rows >= rows), within=within,
                    what="the snapshot")
+
+    async def closed() -> bool:
+        async with await psycopg.AsyncConnection.connect(capture.dsn, autocommit=True) as conn:
+            cur = await conn.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                " AND backend_type = 'client backend' AND pid <> pg_backend_pid()"
+                " AND xact_start IS NOT NULL AND state LIKE 'idle in transaction%'")
+            row = await cur.fetchone()
+        return row is not None and row[0] == 0
+    await wait_for(closed, within=within, what="the snapshot transaction's end")
 
 
 SEED_ROWS = 146  # what `seed` writes: the capture's first snapshot
