@@ -247,7 +247,7 @@ def child(*args: str) -> tuple[dict[str, Any], float]:
 
 
 async def run(weddings: int, rows: int, changes: int, window_minutes: float, say: Any,
-              repeat: int = 3) -> dict[str, Any]:
+              repeat: int = 3, keep: Path | None = None) -> dict[str, Any]:
     stack = Stack(StackSettings.from_env(os.environ))
     await stack.up(["pg15", "kafka"])
     admin = stack.services["pg15"].address()
@@ -309,6 +309,7 @@ async def run(weddings: int, rows: int, changes: int, window_minutes: float, say
         good = wedding_state(dsn, special)
         await asyncio.sleep(1.1)
         point, _ = moment(dsn)
+        result["rollback_wedding"], result["rollback_point"] = special, point.isoformat()
         await asyncio.sleep(1.1)
         busy = [w for w in range(1, weddings + 1) if w != special][:LOAD_WEDDINGS]
         runs: list[dict[str, Any]] = []
@@ -391,6 +392,9 @@ async def run(weddings: int, rows: int, changes: int, window_minutes: float, say
                     sql.Identifier(db)))
         with contextlib.suppress(Exception):
             await delete_topics(bootstrap, name)
+        if keep is not None and archive.exists():
+            shutil.copytree(archive, keep / "archive", dirs_exist_ok=True)
+            (keep / "incident.json").write_text(json.dumps(result, sort_keys=True, default=str))
         shutil.rmtree(work, ignore_errors=True)
 
 
@@ -406,6 +410,9 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=3,
                         help="rollbacks and reference restores to take the median of")
     parser.add_argument("--json", action="store_true", help="one JSON object on the last line")
+    parser.add_argument("--keep", type=Path, default=None,
+                        help="copy the archive and the result into this folder, to study the "
+                             "restores again without building the archive")
     args = parser.parse_args()
     window = args.window_minutes if args.window_minutes is not None else (
         0.0 if args.quick else 20.0)
@@ -416,7 +423,7 @@ def main() -> int:
     def say(text: str) -> None:
         print(text, file=sys.stderr if args.json else sys.stdout, flush=True)
 
-    result = asyncio.run(run(weddings, rows, changes, window, say, max(1, args.repeat)))
+    result = asyncio.run(run(weddings, rows, changes, window, say, max(1, args.repeat), args.keep))
     result["quick"] = args.quick
     if args.json:
         print(json.dumps(result, sort_keys=True))

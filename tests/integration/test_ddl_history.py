@@ -138,10 +138,15 @@ async def test_ddl_restores_either_side(pg_dsn: str, pg_server_dsn: str, kafka_b
                 await snapshot_done(capture, 146)
 
                 def resnapshotted(table: str) -> None:
-                    # From the script's thread: the table's re-snapshot is recorded (its
-                    # boundary record sent once the stream passed it).
+                    # From the script's thread: the table's re-snapshot, taken after the DDL
+                    # just committed, is recorded (its boundary record sent once the stream
+                    # passed it). Not merely "a snapshot is recorded": until the capture
+                    # decodes the DDL, the table's earlier snapshot still counts as done.
+                    row = conn.execute("SELECT pg_current_wal_insert_lsn() - '0/0'").fetchone()
+                    assert row is not None
+                    ddl_lsn = int(row[0])
                     deadline = time.monotonic() + 60
-                    while capture.state.snapshot_done(f"public.{table}") is None:
+                    while (capture.state.snapshot_done(f"public.{table}") or 0) <= ddl_lsn:
                         assert time.monotonic() < deadline, f"no re-snapshot of {table}"
                         time.sleep(0.2)
 
