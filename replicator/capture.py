@@ -111,6 +111,10 @@ LAG_POLL_S = 5.0
 T = TypeVar("T")
 
 
+def _ignore_delivery(error: BaseException | None) -> None:
+    """A snapshot row's delivery report: a failure is already the producer's (`flush`)."""
+
+
 def _line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
@@ -532,28 +536,20 @@ class Capture:
         Returns the number of rows sent to each tier."""
         calendar = calendar or self.calendar
         tiers: Counter[Tier] = Counter()
-        pending: list[asyncio.Future[Any]] = []
         kinds = column_types(info.columns, self.registry)
+        publish = self.producer.publish_event
+        # No future per row: a failed delivery is recorded by the producer, which refuses
+        # the next send and makes `flush` raise. Memory is bounded by librdkafka's queue
+        # (a full queue makes the send wait), not by the table.
         async for batch in snapshot_table(conn, info, self.registry, lsn=lsn, db=self.db,
                                           where=where, first_seq=first_seq):
             for event in batch:
                 calendar.classify(event)
                 tiers[event.tier] += 1
-                pending.append(await self.producer.send_event(event, kinds))
+                await publish(event, kinds, None, _ignore_delivery)
             self.stats.snapshot_rows += len(batch)
-            # Keep only the deliveries still in flight (memory bounded by what is in flight,
-            # not by the table); a failed one raises here.
-            still = []
-            for future in pending:
-                if future.done():
-                    future.result()
-                else:
-                    still.append(future)
-            pending = still
         # The table counts as snapshotted only once Kafka holds every row.
         await self.producer.flush()
-        for future in pending:
-            await future
         return tiers
 
     # --- on-demand snapshot (a separate process next to `run`: `replicator.ondemand`) -----
