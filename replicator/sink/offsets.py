@@ -3,9 +3,12 @@
 A sink commits a partition's offset only past records that are (a) written to the store and
 (b) at or below the checkpoint, so that everything above the committed offset is read again
 after a restart (step 3 of the flush in `sink.worker`). `OffsetLedger` keeps, per partition
-and in offset order, one `Pending` entry per record read and not yet committed; a flush marks
-entries written, and `committable(checkpoint)` takes the longest prefix of each partition
-that may be committed.
+and in offset order, the records read and not yet committed as `Pending` runs: consecutive
+offsets of one transaction share one entry, which counts its records not yet written (a
+5M-row snapshot is one transaction: a few entries, not 5M). A flush marks each record written
+(`Pending.mark_written`), and `committable(checkpoint)` takes the longest prefix of each
+partition that may be committed: whole runs only, so a run whose first records are written
+and whose last are still buffered is committed later, never sooner.
 """
 
 from __future__ import annotations
@@ -23,13 +26,27 @@ __all__ = ["OffsetLedger", "Pending"]
 
 @dataclass(slots=True)
 class Pending:
-    """One record read and not yet committed."""
+    """A run of records read and not yet committed: offsets `offset` to `last` of one
+    transaction (a record of no transaction is a run of its own)."""
 
     offset: int
     # The commit LSN of its transaction; INVALID_LSN for a record of no transaction (a
     # schema), which is committable as soon as it is written.
     commit_lsn: Lsn
-    written: bool = False
+    last: int = -1  # the run's last offset (`offset` when -1)
+    unwritten: int = 1  # its records not yet written
+
+    def __post_init__(self) -> None:
+        if self.last < self.offset:
+            self.last = self.offset
+
+    @property
+    def written(self) -> bool:
+        return self.unwritten == 0
+
+    def mark_written(self) -> None:
+        """One record of the run is written (each record is marked once)."""
+        self.unwritten -= 1
 
 
 class OffsetLedger:
@@ -37,11 +54,21 @@ class OffsetLedger:
 
     def __init__(self) -> None:
         self._pending: dict[TopicPartition, list[Pending]] = defaultdict(list)
+        self._records = 0  # held, over every partition
 
     def track(self, tp: TopicPartition, offset: int, commit_lsn: Lsn = INVALID_LSN) -> Pending:
         """A record read: it waits here until written and covered by the checkpoint."""
+        self._records += 1
+        entries = self._pending[tp]
+        if entries and commit_lsn:
+            last = entries[-1]
+            if (last.commit_lsn == commit_lsn and last.last + 1 == offset
+                    and last.unwritten > 0):
+                last.last = offset
+                last.unwritten += 1
+                return last
         entry = Pending(offset, commit_lsn)
-        self._pending[tp].append(entry)
+        entries.append(entry)
         return entry
 
     def committable(self, checkpoint: Lsn) -> dict[TopicPartition, int]:
@@ -56,7 +83,8 @@ class OffsetLedger:
                     break
                 done += 1
             if done:
-                offsets[tp] = entries[done - 1].offset + 1
+                offsets[tp] = entries[done - 1].last + 1
+                self._records -= sum(e.last - e.offset + 1 for e in entries[:done])
                 del entries[:done]
         return offsets
 
@@ -76,7 +104,12 @@ class OffsetLedger:
         """Drop what was read from *partitions* (revoked: their next owner reads them again
         from the committed offsets)."""
         for tp in partitions:
-            self._pending.pop(tp, None)
+            for entry in self._pending.pop(tp, ()):
+                self._records -= entry.last - entry.offset + 1
 
     def __len__(self) -> int:
+        """The records held (not the runs)."""
+        return self._records
+
+    def runs(self) -> int:
         return sum(len(entries) for entries in self._pending.values())

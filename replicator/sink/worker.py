@@ -575,16 +575,16 @@ class SinkWorker:
                 await self._put(key, content)
                 dead.pop(0)
                 if dead_entry is not None:
-                    dead_entry.written = True
+                    dead_entry.mark_written()
             while schemas:  # schemas first: they describe the changes after them
                 schema, entry = schemas[0]
                 await self._write_schema(schema)
                 schemas.pop(0)
-                entry.written = True
+                entry.mark_written()
             async def segment(tier: Tier, table: str, items: list[_Buffered]) -> None:
                 await self._write_segment(table, items, tier)
                 for item in items:
-                    item.entry.written = True
+                    item.entry.mark_written()
                 written_positions.extend((tier, *i.position) for i in items)
                 if epoch == self._epoch:
                     self._rows -= len(items)
@@ -595,7 +595,7 @@ class SinkWorker:
             async def transactions() -> None:
                 await self._write_transactions([(value, body) for value, body, _ in txs])
                 for value, _, entry in txs:
-                    entry.written = True
+                    entry.mark_written()
                     records.append(value)
                 if self._tx_buffer is txs:
                     self._tx_buffer = []

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from replicator.archive.layout import checkpoint_key, parse_checkpoint_key
 from replicator.events import TIER_ORDER, Tier, TransactionRecord
 from replicator.position import Lsn
-from replicator.sink.checkpoint import CompletenessTracker
+from replicator.sink.checkpoint import CompletenessTracker, SeqSet
 
 
 def record(commit: int, tiers: dict[Tier, int]) -> TransactionRecord:
@@ -185,3 +185,26 @@ def test_oldest_pending_and_passed_times_per_tier() -> None:
     tracker.changes_durable([(Tier.LOW, Lsn(10), 0)])
     tracker.advance()
     assert tracker.oldest_pending(Tier.LOW) is None and tracker.passed_ts_us[Tier.LOW] == 2_000
+
+
+def test_seq_set_counts_each_number_once_and_keeps_hostile_numbers_out_of_the_bitmap() -> None:
+    seen = SeqSet()
+    for seq in (0, 7, 8, 5_000_000, 7, 0):
+        seen.add(seq)
+    assert len(seen) == 4
+    assert 5_000_000 in seen and 8 in seen and 9 not in seen and -1 not in seen
+    assert len(seen._bits) <= 2 * (5_000_000 // 8 + 1)  # one bit a number, doubling
+    for seq in (-3, SeqSet.LIMIT, 1 << 62, -3):  # a junk record's numbers: a set, no bitmap
+        seen.add(seq)
+    assert len(seen) == 7 and (1 << 62) in seen and -3 in seen
+    assert len(seen._bits) <= 2 * (5_000_000 // 8 + 1)
+
+
+def test_a_five_million_row_snapshot_is_tracked_in_a_bitmap() -> None:
+    tracker = CompletenessTracker()
+    lsn = Lsn(1000)
+    tracker.changes_durable((Tier.LOW, lsn, seq) for seq in range(5_000_000))
+    tracker.changes_durable((Tier.LOW, lsn, seq) for seq in range(0, 5_000_000, 1000))  # again
+    tx = tracker._txs[lsn]
+    assert len(tx.seen[Tier.LOW]) == 5_000_000
+    assert len(tx.seen[Tier.LOW]._bits) < 1_300_000
