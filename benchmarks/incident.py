@@ -48,14 +48,11 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
 import random
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
-import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -66,12 +63,11 @@ from psycopg.conninfo import make_conninfo
 
 from benchmarks import rpo
 from benchmarks.capture import delete_topics
+from benchmarks.common import postgres_and_kafka, print_result
 from benchmarks.soak import free_port
 from connectors.registry import open_store
 from replicator.archive.reader import checkpoint
 from replicator.crypto import Keyring
-from replicator.devstack.settings import StackSettings
-from replicator.devstack.stack import Stack
 from tests.integration.archive_helpers import sink_environ
 
 REPLICATOR = str(Path(sys.executable).parent / "replicator")
@@ -248,14 +244,8 @@ def child(*args: str) -> tuple[dict[str, Any], float]:
 
 async def run(weddings: int, rows: int, changes: int, window_minutes: float, say: Any,
               repeat: int = 3, keep: Path | None = None) -> dict[str, Any]:
-    stack = Stack(StackSettings.from_env(os.environ))
-    await stack.up(["pg15", "kafka"])
-    admin = stack.services["pg15"].address()
-    bootstrap = stack.services["kafka"].address()
-    name = "inc" + uuid.uuid4().hex[:10]
-    work = Path(tempfile.mkdtemp(prefix="wedsync-incident-"))
+    admin, bootstrap, name, work = await postgres_and_kafka("inc")
     archive = work / "archive"
-    archive.mkdir()
     url = f"file://{archive}"
     keyring = Keyring.from_env(sink_environ())
     restore_db = name + "_restore"
@@ -425,12 +415,9 @@ def main() -> int:
 
     result = asyncio.run(run(weddings, rows, changes, window, say, max(1, args.repeat), args.keep))
     result["quick"] = args.quick
-    if args.json:
-        print(json.dumps(result, sort_keys=True))
-    else:
-        for key in ("impact_s", "impact_objects_read", "rollback_s", "wedding_restore_s",
-                    "ratio_rollback_vs_restore", "other_weddings_changed"):
-            print(f"{key}: {result[key]}")
+    print_result(result, args.json, ("impact_s", "impact_objects_read", "rollback_s",
+                                     "wedding_restore_s", "ratio_rollback_vs_restore",
+                                     "other_weddings_changed"))
     ok = result["rollback_correct"] and result["other_weddings_changed"] == 0
     return 0 if ok else 1
 

@@ -32,14 +32,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import resource
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -48,11 +45,10 @@ from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 from benchmarks.capture import delete_topics
+from benchmarks.common import postgres_and_kafka, print_result
 from replicator.capture import Capture
 from replicator.cli.run import tune_gc
 from replicator.config import Config, DestinationConfig, FlushConfig, WeddingLink
-from replicator.devstack.settings import StackSettings
-from replicator.devstack.stack import Stack
 from replicator.sink.service import Sinks
 from tests.integration.archive_helpers import destination_checkpoint, sink_environ
 from tests.integration.capture_helpers import make_config
@@ -158,14 +154,8 @@ def copy_reference(dsn: str) -> tuple[float, float]:
 
 
 async def run(rows: int, say: Any) -> dict[str, Any]:
-    stack = Stack(StackSettings.from_env(os.environ))
-    await stack.up(["pg15", "kafka"])
-    admin = stack.services["pg15"].address()
-    bootstrap = stack.services["kafka"].address()
-    name = "snap" + uuid.uuid4().hex[:10]
-    work = Path(tempfile.mkdtemp(prefix="wedsync-snapshot-"))
+    admin, bootstrap, name, work = await postgres_and_kafka("snap")
     archive = work / "archive"
-    archive.mkdir()
     result: dict[str, Any] = {"rows": rows + WEDDINGS, "guests": rows, "weddings": WEDDINGS}
     try:
         with psycopg.connect(admin, autocommit=True) as conn:
@@ -261,12 +251,9 @@ def main() -> int:
 
     result = asyncio.run(run(rows, say))
     result["quick"] = args.quick
-    if args.json:
-        print(json.dumps(result, sort_keys=True))
-    else:
-        for key in ("rows", "snapshot_rows_per_s", "copy_rows_per_s", "ratio_snapshot_vs_copy",
-                    "peak_rss_mb", "archive_rows_per_s"):
-            print(f"{key}: {result[key]}")
+    print_result(result, args.json, ("rows", "snapshot_rows_per_s", "copy_rows_per_s",
+                                     "ratio_snapshot_vs_copy", "peak_rss_mb",
+                                     "archive_rows_per_s"))
     return 0
 
 
