@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from typing import NamedTuple
 
-__all__ = ["INVALID_LSN", "ChangePosition", "Lsn"]
+__all__ = ["INVALID_LSN", "ChangePosition", "Lsn", "mark_seq"]
 
 _MAX_LSN = (1 << 64) - 1
 # Postgres's pg_lsn input accepts 1-8 hex digits on each side of the slash, in either case.
@@ -93,3 +93,15 @@ class ChangePosition(NamedTuple):
 
     def __str__(self) -> str:
         return f"{self.commit_lsn}#{self.seq}"
+
+
+def mark_seq(bits: bytearray, seq: int) -> bool:
+    """Set bit *seq* (>= 0) of *bits*, the change ordinals of one transaction seen so far
+    (one bit each), growing it as needed; False when it was set already."""
+    index, mask = seq >> 3, 1 << (seq & 7)
+    if len(bits) <= index:
+        bits.extend(bytes(index + 1 - len(bits)))
+    if bits[index] & mask:
+        return False
+    bits[index] |= mask
+    return True

@@ -45,7 +45,7 @@ from replicator.archive.snapshot import (
 )
 from replicator.events import ChangeEvent, Op, Tier, split_qualified
 from replicator.keys import canonical_key
-from replicator.position import ChangePosition, Lsn
+from replicator.position import ChangePosition, Lsn, mark_seq
 from replicator.transport.avro import event_from_dict
 
 __all__ = ["Column", "JobObject", "ObjectKind", "Output", "Remover", "TableJob", "TableSchema",
@@ -266,16 +266,10 @@ def job_objects(job: TableJob) -> Iterator[JobObject]:
 
 def mark_seen(seen: dict[int, bytearray], lsn: int, seq: int) -> bool:
     """Record position (lsn, seq) as seen; False when it was seen before."""
-    index, mask = seq >> 3, 1 << (seq & 7)
     bits = seen.get(lsn)
     if bits is None:
-        bits = seen[lsn] = bytearray(index + 1)
-    elif len(bits) <= index:
-        bits.extend(bytes(index + 1 - len(bits)))
-    if bits[index] & mask:
-        return False
-    bits[index] |= mask
-    return True
+        bits = seen[lsn] = bytearray()
+    return mark_seq(bits, seq)
 
 
 def record_event(record: Mapping[str, Any], op: Op | None = None,

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from replicator.events import TIER_ORDER, Tier, TransactionRecord
-from replicator.position import INVALID_LSN, Lsn
+from replicator.position import INVALID_LSN, Lsn, mark_seq
 
 _ANY: Final = "any"  # the tier key of a record without tier counts
 #: Advances between full passes over the tracked transactions for those below the checkpoint.
@@ -58,12 +58,7 @@ class SeqSet:
 
     def add(self, seq: int) -> None:
         if 0 <= seq < SeqSet.LIMIT:
-            byte, bit = seq >> 3, 1 << (seq & 7)
-            bits = self._bits
-            if byte >= len(bits):
-                bits.extend(bytes(max(byte + 1 - len(bits), len(bits))))  # doubles
-            if not bits[byte] & bit:
-                bits[byte] |= bit
+            if mark_seq(self._bits, seq):
                 self._count += 1
         else:
             if self._others is None:

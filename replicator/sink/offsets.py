@@ -33,12 +33,8 @@ class Pending:
     # The commit LSN of its transaction; INVALID_LSN for a record of no transaction (a
     # schema), which is committable as soon as it is written.
     commit_lsn: Lsn
-    last: int = -1  # the run's last offset (`offset` when -1)
+    last: int  # the run's last offset
     unwritten: int = 1  # its records not yet written
-
-    def __post_init__(self) -> None:
-        if self.last < self.offset:
-            self.last = self.offset
 
     @property
     def written(self) -> bool:
@@ -67,7 +63,7 @@ class OffsetLedger:
                 last.last = offset
                 last.unwritten += 1
                 return last
-        entry = Pending(offset, commit_lsn)
+        entry = Pending(offset, commit_lsn, offset)
         entries.append(entry)
         return entry
 
