@@ -71,12 +71,16 @@ class Compactor:
     def __init__(self, destination: DestinationConfig, environ: Mapping[str, str],
                  keyring_file: Path | None = None, *,
                  written: Callable[[], int] | None = None,
+                 leader: Callable[[], bool] | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.destination = destination
         self.environ = child_environment(environ, destination.url)
         self.keyring_file = keyring_file
         self.stats = CompactionStats()
         self._written = written  # rows the destination's sink has written so far
+        # Whether this process runs the destination's compaction: of several sink processes
+        # for one destination (sink/members.py), only the checkpointer does.
+        self._leader = leader
         self._clock = clock
         self._stopping = asyncio.Event()
 
@@ -98,6 +102,8 @@ class Compactor:
         """Whether the next check begins now: *check_every_s* after the last one began, or
         earlier for a burst (module docstring)."""
         settings = self.destination.compaction
+        if self._leader is not None and not self._leader():
+            return False
         since = now - last_started
         if since >= settings.check_every_s:
             return True

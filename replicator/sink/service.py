@@ -11,6 +11,7 @@ import asyncio
 import logging
 import os
 from collections.abc import Callable, Mapping
+from functools import partial
 from typing import Any
 
 from connectors.base import ObjectStore
@@ -83,7 +84,8 @@ class Sinks:
             if destination.compaction.enabled:
                 self.compactors[destination.name] = Compactor(
                     destination, self.environ, self.config.encryption.keyring_file,
-                    written=_rows_written(worker.stats))
+                    written=_rows_written(worker.stats),
+                    leader=partial(getattr, worker, "checkpointer"))
 
     async def _preflight(self, name: str, store: ObjectStore) -> None:
         """One LIST of the destination's checkpoints, to catch what only an operator can fix

@@ -29,6 +29,9 @@ class SinkStats:
     raw_transactions: int = 0  # transaction records likewise
     paused: bool = False  # intake paused: buffers at their bound, or the breaker open
     rebalances: int = 0  # partitions revoked by a rebalance
+    # Its place in the destination's consumer group (sink/members.py): "solo" (every
+    # partition), "checkpointer" (the transactions partition) or "member".
+    role: str = "solo"
     waiting: str | None = None  # why the sink is not running yet (Kafka does not answer)
     # tier -> commit time (us) of the oldest change its checkpoint has not passed
     # (`SinkWorker._note_pending`); a tier with nothing pending is absent

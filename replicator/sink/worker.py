@@ -27,8 +27,8 @@ The digest in a segment's name keeps names unique when two flushes cover the sam
 range with different changes (changes of one table arrive from several partitions, in no
 particular order across them). Names still sort by position.
 
-Checkpoint objects are sealed (`archive.reader.checkpoint_document`, encrypted under their
-name) and pruned to the newest `CHECKPOINTS_KEPT` per tier after each write.
+Checkpoint objects are sealed and pruned (sink/objects.py). Several processes can share one
+destination's partitions (sink/members.py).
 
 Memory is bounded while a destination fails: once its buffers reach `flush.max_rows` or
 `flush.max_bytes`, or while its breaker is open, every partition is paused (the consumer
@@ -56,17 +56,15 @@ a parked transaction record or schema belongs to no known transaction, so it hol
 checkpoint where it is, and its offset is never committed (it is parked again after a
 restart). Replay past the checkpoint is refused with the dead letters named.
 
-When the group rebalances (this process was paused past the session timeout, or another
-member came or went), every partition is revoked (aiokafka's rebalance is eager): what was
-read and not yet written is dropped with its offsets, and a commit refused because of the
-rebalance is logged, not raised. The partitions assigned again are read from their committed
-offsets, so nothing is lost and the service keeps running.
+When the group rebalances (a member came or went, or this process was paused past the session
+timeout), what was read and not yet written is dropped with its offsets, and a commit refused
+because of the rebalance is logged, not raised: the partitions are read again from their
+committed offsets (sink/members.py), so nothing is lost and the service keeps running.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import hashlib
 import json
@@ -83,18 +81,13 @@ from aiokafka.structs import OffsetAndMetadata
 
 from connectors.base import ObjectStore, run_bounded
 from connectors.errors import AlreadyExists, StoreError
-from replicator.archive import reader
 from replicator.archive.layout import (
-    checkpoint_key,
-    dead_letter_key,
-    gap_key,
     part_key,
     schema_key,
     segment_key,
     transactions_key,
 )
 from replicator.archive.part import encode_part, partable
-from replicator.archive.reader import CHECKPOINTS_KEPT, checkpoint_document, checkpoint_names
 from replicator.archive.segment import (
     EventFacts,
     encode_body_segment,
@@ -110,6 +103,8 @@ from replicator.position import INVALID_LSN, Lsn
 from replicator.sink.breaker import BreakerState, CircuitBreaker, CircuitOpen, TokenBucket
 from replicator.sink.checkpoint import CompletenessTracker
 from replicator.sink.claims import ClaimResolver, claim_of
+from replicator.sink.members import ProgressReader, ProgressWriter
+from replicator.sink.objects import CheckpointObjects, RecordedGaps, dead_letter
 from replicator.sink.offsets import OffsetLedger, Pending
 from replicator.sink.raw import raw_change, raw_transaction
 from replicator.sink.shared import SharedDecodes
@@ -190,7 +185,7 @@ class SinkWorker:
         self._align_flush = False  # read-ahead at its bound, all the checkpoint waits for read
         # The capture's recorded gaps, archived before a checkpoint passes them.
         self._state = StateFollower(kafka.bootstrap_servers, state_topic(kafka.topic_prefix))
-        self._gaps_due: dict[str, dict[str, Any]] = {}  # key -> content, not yet written
+        self._gaps = RecordedGaps(self._state, destination.name, self._put)
         # Changes too large for Kafka arrive as references to the claims store (sink/claims.py).
         claims_url = claims_url or kafka.claims_url or destination.url
         self._claims = ClaimResolver(claims_url, keyring,
@@ -198,8 +193,16 @@ class SinkWorker:
         # Dead letters not yet written: (name, content, ledger entry to mark written or None)
         self._dead_buffer: list[tuple[str, bytes, Pending | None]] = []
         self._epoch = 0  # bumped when a rebalance drops the buffers
-        # Checkpoint names written, oldest first, per tier (None: overall), for pruning.
-        self._checkpoint_names: dict[Tier | None, list[str]] = {}
+        self.checkpoints = CheckpointObjects(store, destination.name, keyring, self._put)
+        # Several processes for this destination (sink/members.py): this member's role, set
+        # by each assignment; its progress objects; the other members' (checkpointer).
+        self.checkpointer = True  # owns the transactions partition: writes the checkpoints
+        self.solo = True  # owns every partition: no other member to hear from
+        self._reassigned = False
+        self._reporter = ProgressWriter(destination.name)
+        self._progress = ProgressReader(store, destination.name, keyring)
+        self._unreported: list[tuple[Tier, Lsn, int]] = []  # durable, no progress object yet
+        self._last_pass = clock()
 
     def stop(self) -> None:
         self._stopping.set()
@@ -222,6 +225,8 @@ class SinkWorker:
         self._consumer = consumer
         try:
             while not self._stopping.is_set():
+                if self._reassigned:
+                    await self._take_role()
                 await self._poll(consumer)
                 due = self._due_tiers()
                 if due:
@@ -245,7 +250,7 @@ class SinkWorker:
                 max_partition_fetch_bytes=4 * 1024 * 1024,
                 session_timeout_ms=SESSION_TIMEOUT_MS)
             consumer.subscribe([*self.tiers.values(), self.tx_topic, self.schema_topic],
-                               listener=_Revocations(self))
+                               listener=_Revocations(self, consumer))
             try:
                 await consumer.start()  # inside: a consumer whose start failed is closed too
             except KafkaError as exc:
@@ -282,11 +287,7 @@ class SinkWorker:
                                            max(0.1, self.breaker.seconds_until_retry()))
                 continue
             try:
-                overall = await self._latest_checkpoint(None)
-                tiers = {t: await self._latest_checkpoint(t) for t in TIER_ORDER}
-                for tier in (None, *TIER_ORDER):
-                    self._checkpoint_names[tier] = [key for _, key in await checkpoint_names(
-                        self.store, self.destination.name, tier)]
+                overall, tiers = await self.checkpoints.restore()
             except (StoreError, OSError) as exc:
                 self._failed("cannot read its checkpoint", exc)
                 continue
@@ -334,22 +335,11 @@ class SinkWorker:
         """*record* cannot be decoded: its dead letter is written at the next flush (module
         docstring). With *hold* (a transaction record or a schema) every checkpoint stays
         where it is and its offset is never committed."""
-        key = dead_letter_key(tp.topic, tp.partition, record.offset)
-
-        def b64(data: bytes | None) -> str | None:
-            return None if data is None else base64.b64encode(data).decode()
-
-        content = json.dumps({
-            "topic": tp.topic, "partition": tp.partition, "offset": record.offset,
-            "timestamp_ms": record.timestamp, "key": b64(record.key),
-            "value": b64(record.value),
-            "headers": [[name, b64(value)] for name, value in record.headers or ()],
-            "error": f"{type(exc).__name__}: {exc}", "destination": self.destination.name,
-            "parked_at": time.time(),
-        }, sort_keys=True).encode()
+        key, content = dead_letter(tp, record, exc, self.destination.name)
         entry = self.offsets.track(tp, record.offset)
         if hold:
             self.tracker.hold()
+            self._reporter.hold = True  # and the checkpointer, when it is another member
         self._dead_buffer.append((key, content, None if hold else entry))
         self._oldest.setdefault(Tier.CRITICAL, self.clock())
         self.stats.dead_letters += 1
@@ -530,7 +520,15 @@ class SinkWorker:
             self._align_flush = False
             return list(TIER_ORDER)
         flush, now = self.destination.flush, self.clock()
-        return [t for t, since in self._oldest.items() if now - since >= flush.interval(t)]
+        due = [t for t, since in self._oldest.items() if now - since >= flush.interval(t)]
+        # Nothing of its own to write, but the checkpoint may move: the checkpointer hears
+        # from the other members; a member commits what the checkpoint passed.
+        if (not due and not self.solo and now - self._last_pass >= flush.interval(Tier.CRITICAL)
+                and (self.tracker.incomplete if self.checkpointer
+                     else len(self.offsets) or self._unreported)):
+            self._last_pass = now
+            return [Tier.CRITICAL]
+        return due
 
     # --- flushing ---------------------------------------------------------------------------
 
@@ -619,15 +617,26 @@ class SinkWorker:
             if self._tx_buffer or self._schema_buffer or self._dead_buffer:
                 self._oldest.setdefault(Tier.CRITICAL,
                                         self.clock() if tx_since is None else tx_since)
-            self._durable(written_positions, records)
-        # 2. checkpoint, after the gaps recorded so far
+            if self.checkpointer:
+                self._durable(written_positions, records)
+            else:
+                self._unreported.extend(written_positions)
+        self._last_pass = self.clock()
+        if not self.checkpointer:  # 2'. report to the checkpointer; 3. commit what it passed
+            await self._member_pass(consumer)
+            return
+        if not self.solo:  # 2. what the other members wrote, then the checkpoint
+            changes, hold = await self._progress.read_new()
+            self.tracker.changes_durable(changes)
+            if hold:
+                self.tracker.hold()
         checkpoint = self.tracker.advance()
         tiers_moved = {tier: lsn for tier, lsn in self.tracker.tier_checkpoints.items()
                        if lsn > self.stats.tier_checkpoints.get(tier, INVALID_LSN)}
         if tiers_moved or checkpoint > self.stats.checkpoint:
-            await self._archive_gaps()
+            await self._gaps.archive()
         async def moved(lsn: Lsn, tier: Tier | None) -> None:
-            await self._write_checkpoint(lsn, tier)
+            await self.checkpoints.write(lsn, tier)
             if tier is None:
                 self.stats.checkpoint = max(self.stats.checkpoint, lsn)
             else:
@@ -638,47 +647,54 @@ class SinkWorker:
         # 3. offsets of what is at or below the checkpoint
         await self._commit(consumer, checkpoint)
         self._note_pending()
-        await self._prune_checkpoints()
+        await self.checkpoints.prune()
+        await self._progress.prune(checkpoint)
         self.stats.flushes += 1
         self.stats.last_flush_at = time.time()
 
-    async def _write_checkpoint(self, lsn: Lsn, tier: Tier | None) -> None:
-        """The checkpoint object, sealed: its JSON names the LSN, encrypted under its name."""
-        key = checkpoint_key(self.destination.name, lsn, tier)
-        await self._put(key, checkpoint_document(self.destination.name, lsn, tier))
-        names = self._checkpoint_names.setdefault(tier, [])
-        if key not in names:
-            names.append(key)
+    async def _member_pass(self, consumer: AIOKafkaConsumer) -> None:
+        """A member that is not the checkpointer: one progress object for the changes made
+        durable since the last (sink/members.py), then the offsets below the newest stored
+        checkpoint."""
+        if self._unreported or self._reporter.hold:
+            key, content = self._reporter.next(self._unreported)
+            await self._put(key, content)
+            self._unreported = []
+        checkpoint = max(self.tracker.checkpoint, await self.checkpoints.latest(None))
+        self.tracker.checkpoint = self.stats.checkpoint = checkpoint
+        await self._commit(consumer, checkpoint)
+        self._note_pending()
+        self.stats.flushes += 1
+        self.stats.last_flush_at = time.time()
 
-    async def _prune_checkpoints(self) -> None:
-        """Delete all but the newest `CHECKPOINTS_KEPT` checkpoints of each tier; a failure
-        is only logged (the next flush tries again)."""
-        for names in self._checkpoint_names.values():
-            if len(names) <= CHECKPOINTS_KEPT:
-                continue
-            old = names[:-CHECKPOINTS_KEPT]
-            try:
-                await self.store.delete(old)
-            except (StoreError, OSError) as exc:
-                log.warning("destination %s: cannot delete old checkpoints (%s)",
-                            self.destination.name, exc)
+    def _assigned(self, consumer: AIOKafkaConsumer, assigned: set[TopicPartition]) -> None:
+        """Kafka assigned *assigned*: this member's role (sink/members.py), taken before the
+        next poll (`_take_role`)."""
+        every = {TopicPartition(topic, partition)
+                 for topic in (*self.tiers.values(), self.tx_topic, self.schema_topic)
+                 for partition in consumer.partitions_for_topic(topic) or ()}
+        self.checkpointer = TopicPartition(self.tx_topic, 0) in assigned
+        self.solo = bool(every) and every <= assigned
+        self._reassigned = True
+        self.stats.role = ("solo" if self.solo else
+                           "checkpointer" if self.checkpointer else "member")
+
+    async def _take_role(self) -> None:
+        """After an assignment: a checkpointer starts its tracker again from the stored
+        checkpoints (every record above them is read again, its own and, through their
+        progress objects, the other members'); a member keeps no tracker."""
+        self._reassigned = False
+        if self.checkpointer:
+            restored = await self._restore_checkpoints()
+            if restored is None:
                 return
-            del names[:len(old)]
-
-    async def _archive_gaps(self) -> None:
-        """Write the gaps the capture recorded (`gap/<from>-<to>` in its state topic) as
-        `gaps/<from>-<to>.json`. The capture puts a gap (acks=all) before it produces anything
-        after it, and this reads the state topic to its end now: so a checkpoint written after
-        this never passes a gap the store does not show."""
-        for key, value in await self._state.read_new():
-            if key.startswith("gap/") and value is not None:
-                self._gaps_due[key] = value
-        for key, value in list(self._gaps_due.items()):
-            start, end = Lsn(value["from_lsn"]), Lsn(value["to_lsn"])
-            await self._put(gap_key(start, end), json.dumps(value, sort_keys=True).encode())
-            del self._gaps_due[key]
-            log.info("destination %s: the recorded gap %s-%s is archived (%s)",
-                     self.destination.name, start, end, value.get("reason", ""))
+            self.tracker = CompletenessTracker(*restored)
+            self._progress.reset()
+        else:
+            self.tracker = CompletenessTracker(self.tracker.checkpoint)
+        log.info("destination %s: this process is %s of its sink group", self.destination.name,
+                 {"solo": "the only member", "checkpointer": "the checkpointer"}.get(
+                     self.stats.role, "a member"))
 
     def _durable(self, positions: list[tuple[Tier, Lsn, int]],
                  records: list[dict[str, Any]]) -> None:
@@ -766,20 +782,17 @@ class SinkWorker:
                     "read and not yet written is read again from the committed offsets",
                     self.destination.name, len(revoked))
 
-    async def _latest_checkpoint(self, tier: Tier | None) -> Lsn:
-        return await reader.checkpoint(self.store, self.destination.name, tier,
-                                       keyring=self.keyring)
-
 
 class _Revocations(ConsumerRebalanceListener):  # type: ignore[misc]
     """Tells the worker when a rebalance takes its partitions away."""
 
-    def __init__(self, worker: SinkWorker) -> None:
+    def __init__(self, worker: SinkWorker, consumer: AIOKafkaConsumer) -> None:
         self.worker = worker
+        self.consumer = consumer
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
         if revoked:
             self.worker._drop_unwritten(set(revoked))
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-        return None
+        self.worker._assigned(self.consumer, set(assigned))

@@ -1,0 +1,178 @@
+"""Several sink processes for one destination: scale-out through Kafka's consumer group.
+
+Every sink process with the same configuration (`replicator run --only sinks`, as many as the
+destination's partitions at most: the four tier topics' partitions plus the transactions and
+schemas topics' one each) joins the destination's consumer group `<prefix>.sink.<destination>`,
+and Kafka assigns each member some of the partitions. aiokafka's assignment is eager: every
+rebalance revokes every partition and assigns them all again (its cooperative-sticky protocol
+is not implemented); each member then reads its partitions from their committed offsets.
+
+A member writes the segments of the changes it reads, exactly as a single sink does. The
+*checkpointer* is the member that owns the transactions topic's one partition: Kafka's own
+assignment elects it, and nothing else coordinates. It alone reads the transaction records,
+so it alone can tell when a transaction is complete. Every other member, after each flush,
+writes a progress object (`progress_key`): the (tier, commit LSN, seq) of every change that
+flush made durable, and whether it parked a record that must hold every checkpoint (a
+schema it cannot decode). The checkpointer lists the destination's progress objects at each
+of its flushes, counts their changes as it counts its own, writes the checkpoints, and
+deletes the progress objects the checkpoint has passed.
+
+Offsets: every member commits a partition's offset only past records that are written and
+below the checkpoint (for a member that is not the checkpointer, the newest checkpoint object
+in the store). So after any rebalance, crash or kill, every record above the checkpoint is
+read again by its partition's next owner and written again (its segment may then exist twice
+under different digests; replay de-duplicates by position), and reported again: a new
+checkpointer needs nothing of the old one's but the checkpoint objects. The checkpoint can
+only pass a change some member reported durable after writing it.
+
+Progress objects are sealed like checkpoints (encrypted under their name with the archive's
+keys): one that does not decrypt is not counted (logged), so a forged object cannot make a
+checkpoint claim a change that is not in the store; the checkpoint waits instead.
+
+A member that owns every partition (one process, the usual case) writes no progress objects.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from collections import defaultdict
+from collections.abc import Iterable
+from typing import Any, Final
+from urllib.parse import quote
+
+from connectors.base import ObjectStore
+from connectors.errors import NotFound, StoreError
+from replicator.crypto import CryptoError, Keyring, decrypt
+from replicator.events import TIER_ORDER, Tier
+from replicator.position import INVALID_LSN, Lsn
+
+log = logging.getLogger(__name__)
+
+PROGRESS: Final = "progress/"
+_TIERS: Final = {tier.value: tier for tier in TIER_ORDER}
+
+
+def progress_prefix(destination: str) -> str:
+    """`progress/<destination>/`."""
+    return f"{PROGRESS}{quote(destination, safe='')}/"
+
+
+def progress_key(destination: str, member: str, number: int) -> str:
+    """`progress/<destination>/<member>/<number, 20 digits>.json`."""
+    return f"{progress_prefix(destination)}{member}/{number:020d}.json"
+
+
+def encode_progress(destination: str, member: str,
+                    changes: Iterable[tuple[Tier, Lsn, int]], *, hold: bool) -> bytes:
+    """The plaintext of a progress object: JSON, changes grouped by tier and commit LSN."""
+    grouped: dict[str, dict[int, list[int]]] = defaultdict(lambda: defaultdict(list))
+    top = INVALID_LSN
+    for tier, commit_lsn, seq in changes:
+        grouped[tier.value][int(commit_lsn)].append(seq)
+        top = max(top, commit_lsn)
+    return json.dumps({
+        "destination": destination, "member": member, "hold": hold, "max_lsn": int(top),
+        "changes": {tier: [[lsn, seqs] for lsn, seqs in sorted(by_lsn.items())]
+                    for tier, by_lsn in grouped.items()},
+    }, sort_keys=True).encode()
+
+
+def decode_progress(doc: dict[str, Any]) -> tuple[list[tuple[Tier, Lsn, int]], bool, Lsn]:
+    """(changes, hold, highest commit LSN) of a progress object's JSON; `ValueError` when it
+    is not one."""
+    changes: list[tuple[Tier, Lsn, int]] = []
+    raw = doc.get("changes")
+    if not isinstance(raw, dict) or not isinstance(doc.get("hold"), bool):
+        raise ValueError("not a progress object")
+    for name, entries in raw.items():
+        tier = _TIERS.get(name)
+        if tier is None or not isinstance(entries, list):
+            raise ValueError(f"unknown tier {name!r}")
+        for lsn, seqs in entries:
+            if not isinstance(lsn, int) or not isinstance(seqs, list) \
+                    or not all(isinstance(s, int) for s in seqs):
+                raise ValueError("a change's position is not a number")
+            commit_lsn = Lsn(lsn)
+            changes.extend((tier, commit_lsn, seq) for seq in seqs)
+    top = doc.get("max_lsn")
+    if not isinstance(top, int):
+        raise ValueError("no max_lsn")
+    return changes, doc["hold"], Lsn(top)
+
+
+class ProgressWriter:
+    """A member's progress objects: numbered in the order written, under a name of its own
+    (a new one each time the process starts)."""
+
+    def __init__(self, destination: str, member: str | None = None) -> None:
+        self.destination = destination
+        self.member = member or uuid.uuid4().hex[:16]
+        self._number = 0
+        self.hold = False  # a record that holds every checkpoint was parked here
+
+    def next(self, changes: list[tuple[Tier, Lsn, int]]) -> tuple[str, bytes]:
+        self._number += 1
+        return (progress_key(self.destination, self.member, self._number),
+                encode_progress(self.destination, self.member, changes, hold=self.hold))
+
+
+class ProgressReader:
+    """The checkpointer's view of the other members' progress objects."""
+
+    def __init__(self, store: ObjectStore, destination: str, keyring: Keyring) -> None:
+        self.store = store
+        self.destination = destination
+        self.keyring = keyring
+        self._read: dict[str, Lsn] = {}  # name -> highest commit LSN (INVALID: holds)
+        self.seen_any = False  # some progress object was found (other members exist)
+        self.refused = 0  # objects that did not decrypt or parse
+
+    def reset(self) -> None:
+        """Read every object again (a new tracker starts from the stored checkpoint)."""
+        self._read = {}
+
+    async def read_new(self) -> tuple[list[tuple[Tier, Lsn, int]], bool]:
+        """The changes of the progress objects not read yet, and whether one holds every
+        checkpoint. Store errors propagate (the flush fails and is retried)."""
+        changes: list[tuple[Tier, Lsn, int]] = []
+        hold = False
+        names = [info.key async for info in self.store.list(progress_prefix(self.destination))
+                 if info.key not in self._read]
+        for name in names:
+            self.seen_any = True
+            try:
+                data = await self.store.get(name)
+            except NotFound:
+                continue  # pruned meanwhile by an earlier checkpointer
+            try:
+                found, holds, top = decode_progress(json.loads(decrypt(data, name,
+                                                                       self.keyring)))
+            except (CryptoError, ValueError, TypeError) as exc:
+                self._read[name] = Lsn(2**64 - 1)  # never pruned, never counted
+                self.refused += 1
+                log.error("destination %s: progress object %s is not sealed by this "
+                          "archive's keys or is not a progress object (%s); its changes are "
+                          "not counted, and the checkpoint waits for them to be written and "
+                          "reported again", self.destination, name, exc)
+                continue
+            changes.extend(found)
+            hold = hold or holds
+            self._read[name] = INVALID_LSN if holds else top
+        return changes, hold
+
+    async def prune(self, checkpoint: Lsn) -> None:
+        """Delete the objects read whose changes are all below *checkpoint* (not those that
+        hold); a failure is only logged (the next pass tries again)."""
+        old = [name for name, top in self._read.items() if top and top < checkpoint]
+        if not old:
+            return
+        try:
+            await self.store.delete(old)
+        except (StoreError, OSError) as exc:
+            log.warning("destination %s: cannot delete old progress objects (%s)",
+                        self.destination, exc)
+            return
+        for name in old:
+            del self._read[name]
