@@ -272,6 +272,17 @@ class CompactionConfig(_Model):
     min_changes_ratio: float = Field(default=0.02, ge=0)
 
 
+class SpoolConfig(_Model):
+    """A local spool for an outage of the destination's store (`replicator.sink.spool`): once
+    the store has failed for `after_s`, the sink writes its segments, encrypted as usual,
+    into `dir/<destination>/` and commits its Kafka offsets against them, so an outage longer
+    than Kafka's retention loses nothing; they are shipped, in order, when the store answers.
+    Off while `dir` is unset."""
+
+    dir: Path | None = None
+    after_s: float = Field(default=60.0, ge=0)
+
+
 class DestinationConfig(_Model):
     name: str
     url: str
@@ -279,6 +290,7 @@ class DestinationConfig(_Model):
     bandwidth_bytes_per_s: int = Field(default=0, ge=0, description="0 means no limit")
     flush: FlushConfig = Field(default_factory=FlushConfig)
     compaction: CompactionConfig = Field(default_factory=CompactionConfig)
+    spool: SpoolConfig = Field(default_factory=SpoolConfig)
 
     @field_validator("name")
     @classmethod

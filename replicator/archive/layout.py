@@ -100,6 +100,7 @@ AUDIT: Final = "audit/"
 ROLLBACKS: Final = "rollbacks/"
 DEAD_LETTERS: Final = "deadletters/"
 CLAIMS: Final = "claims/"
+PROGRESS: Final = "progress/"
 
 _HEX16: Final = "[0-9A-F]{16}"
 _DIGEST: Final = re.compile(r"[0-9a-f]{1,64}")
@@ -446,3 +447,13 @@ def parse_dead_letter_key(key: str) -> tuple[str, int, int]:
     if dead_letter_key(*found) != key:
         raise ValueError(f"{key!r} is not the canonical dead letter name")
     return found
+
+
+def progress_prefix(destination: str) -> str:
+    """`progress/<destination>/`."""
+    return f"{PROGRESS}{quote(destination, safe='')}/"
+
+
+def progress_key(destination: str, member: str, number: int) -> str:
+    """`progress/<destination>/<member>/<number, 20 digits>.json`."""
+    return f"{progress_prefix(destination)}{member}/{number:020d}.json"

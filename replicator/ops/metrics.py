@@ -23,6 +23,8 @@ otherwise (`metrics.listen`), and exposes no configuration and no secrets.
 | `wedsync_sink_dead_letters_total` | destination | undecodable records parked as dead letters |
 | `wedsync_sink_paused` | destination | 1 while intake is paused (buffers full or breaker open) |
 | `wedsync_sink_raw_records_total` | destination, kind | records archived undecoded |
+| `wedsync_sink_spool_bytes` | destination | bytes in the local spool, not yet shipped |
+| `wedsync_sink_spooling` | destination | 1 while flushes go into the local spool (store out) |
 | `wedsync_compaction_runs_total` | destination | compaction runs (`replicator compact`) |
 | `wedsync_compaction_failures_total` | destination | compaction runs that failed |
 | `wedsync_compaction_last_success_timestamp_seconds` | destination | end of the last good run |
@@ -114,7 +116,15 @@ class PipelineCollector(Collector):
         raw = CounterMetricFamily("wedsync_sink_raw_records",
                                   "Records archived without being decoded (the raw path)",
                                   labels=["destination", "kind"])
+        spool = GaugeMetricFamily("wedsync_sink_spool_bytes",
+                                  "Bytes in the local spool, not yet shipped to the store",
+                                  labels=["destination"])
+        spooling = GaugeMetricFamily("wedsync_sink_spooling",
+                                     "1 while flushes go into the local spool (the store is out)",
+                                     labels=["destination"])
         for name, stats in sorted(sinks.items()):
+            spool.add_metric([name], stats.spool_bytes)
+            spooling.add_metric([name], 1 if stats.spooling else 0)
             raw.add_metric([name, "change"], stats.raw_changes)
             raw.add_metric([name, "transaction"], stats.raw_transactions)
             checkpoint.add_metric([name, "all"], int(stats.checkpoint))
@@ -131,7 +141,7 @@ class PipelineCollector(Collector):
             dead.add_metric([name], stats.dead_letters)
             paused.add_metric([name], 1 if stats.paused else 0)
         yield from (checkpoint, lag, rpo, written, segments, failures, breaker, dead, paused,
-                    raw)
+                    raw, spool, spooling)
         runs = CounterMetricFamily("wedsync_compaction_runs", "Compaction runs",
                                    labels=["destination"])
         failed = CounterMetricFamily("wedsync_compaction_failures", "Failed compaction runs",

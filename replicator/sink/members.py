@@ -34,39 +34,34 @@ A member that owns every partition (one process, the usual case) writes no progr
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import uuid
 from collections import defaultdict
 from collections.abc import Iterable
-from typing import Any, Final
-from urllib.parse import quote
+from typing import Any, Final, Protocol
+
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 
 from connectors.base import ObjectStore
 from connectors.errors import NotFound, StoreError
+from replicator.archive.layout import progress_key, progress_prefix
 from replicator.crypto import CryptoError, Keyring, decrypt
-from replicator.events import TIER_ORDER, Tier
+from replicator.events import TIER_ORDER, Tier, TransactionRecord
 from replicator.position import INVALID_LSN, Lsn
 
 log = logging.getLogger(__name__)
 
-PROGRESS: Final = "progress/"
 _TIERS: Final = {tier.value: tier for tier in TIER_ORDER}
 
 
-def progress_prefix(destination: str) -> str:
-    """`progress/<destination>/`."""
-    return f"{PROGRESS}{quote(destination, safe='')}/"
-
-
-def progress_key(destination: str, member: str, number: int) -> str:
-    """`progress/<destination>/<member>/<number, 20 digits>.json`."""
-    return f"{progress_prefix(destination)}{member}/{number:020d}.json"
-
-
 def encode_progress(destination: str, member: str,
-                    changes: Iterable[tuple[Tier, Lsn, int]], *, hold: bool) -> bytes:
-    """The plaintext of a progress object: JSON, changes grouped by tier and commit LSN."""
+                    changes: Iterable[tuple[Tier, Lsn, int]], *, hold: bool,
+                    records: Iterable[TransactionRecord] = ()) -> bytes:
+    """The plaintext of a progress object: JSON, changes grouped by tier and commit LSN;
+    *records*: transaction records it made durable (shipped from a spool by a member that
+    is no longer the checkpointer)."""
     grouped: dict[str, dict[int, list[int]]] = defaultdict(lambda: defaultdict(list))
     top = INVALID_LSN
     for tier, commit_lsn, seq in changes:
@@ -76,12 +71,23 @@ def encode_progress(destination: str, member: str,
         "destination": destination, "member": member, "hold": hold, "max_lsn": int(top),
         "changes": {tier: [[lsn, seqs] for lsn, seqs in sorted(by_lsn.items())]
                     for tier, by_lsn in grouped.items()},
+        "records": [dataclasses.asdict(r) for r in records],
     }, sort_keys=True).encode()
+
+
+def _record(doc: Any) -> TransactionRecord:
+    if not isinstance(doc, dict):
+        raise ValueError("a transaction record is not an object")
+    return TransactionRecord(
+        commit_lsn=Lsn(doc["commit_lsn"]), end_lsn=Lsn(doc["end_lsn"]),
+        commit_ts_us=int(doc["commit_ts_us"]), xid=int(doc["xid"]),
+        counts=dict(doc.get("counts") or {}), origin=doc.get("origin"),
+        tier_counts=dict(doc.get("tier_counts") or {}), digests=dict(doc.get("digests") or {}))
 
 
 def decode_progress(doc: dict[str, Any]) -> tuple[list[tuple[Tier, Lsn, int]], bool, Lsn]:
     """(changes, hold, highest commit LSN) of a progress object's JSON; `ValueError` when it
-    is not one."""
+    is not one. Its transaction records: `decode_records`."""
     changes: list[tuple[Tier, Lsn, int]] = []
     raw = doc.get("changes")
     if not isinstance(raw, dict) or not isinstance(doc.get("hold"), bool):
@@ -102,6 +108,14 @@ def decode_progress(doc: dict[str, Any]) -> tuple[list[tuple[Tier, Lsn, int]], b
     return changes, doc["hold"], Lsn(top)
 
 
+def decode_records(doc: dict[str, Any]) -> list[TransactionRecord]:
+    """The transaction records of a progress object's JSON; `ValueError` if malformed."""
+    try:
+        return [_record(r) for r in doc.get("records") or ()]
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"a malformed transaction record ({exc})") from None
+
+
 class ProgressWriter:
     """A member's progress objects: numbered in the order written, under a name of its own
     (a new one each time the process starts)."""
@@ -112,10 +126,12 @@ class ProgressWriter:
         self._number = 0
         self.hold = False  # a record that holds every checkpoint was parked here
 
-    def next(self, changes: list[tuple[Tier, Lsn, int]]) -> tuple[str, bytes]:
+    def next(self, changes: list[tuple[Tier, Lsn, int]],
+             records: Iterable[TransactionRecord] = ()) -> tuple[str, bytes]:
         self._number += 1
         return (progress_key(self.destination, self.member, self._number),
-                encode_progress(self.destination, self.member, changes, hold=self.hold))
+                encode_progress(self.destination, self.member, changes, hold=self.hold,
+                                records=records))
 
 
 class ProgressReader:
@@ -133,10 +149,13 @@ class ProgressReader:
         """Read every object again (a new tracker starts from the stored checkpoint)."""
         self._read = {}
 
-    async def read_new(self) -> tuple[list[tuple[Tier, Lsn, int]], bool]:
-        """The changes of the progress objects not read yet, and whether one holds every
-        checkpoint. Store errors propagate (the flush fails and is retried)."""
+    async def read_new(self) -> tuple[list[tuple[Tier, Lsn, int]], bool,
+                                      list[TransactionRecord]]:
+        """The changes of the progress objects not read yet, whether one holds every
+        checkpoint, and the transaction records they carry (in commit order). Store errors
+        propagate (the flush fails and is retried)."""
         changes: list[tuple[Tier, Lsn, int]] = []
+        records: list[TransactionRecord] = []
         hold = False
         names = [info.key async for info in self.store.list(progress_prefix(self.destination))
                  if info.key not in self._read]
@@ -147,8 +166,9 @@ class ProgressReader:
             except NotFound:
                 continue  # pruned meanwhile by an earlier checkpointer
             try:
-                found, holds, top = decode_progress(json.loads(decrypt(data, name,
-                                                                       self.keyring)))
+                doc = json.loads(decrypt(data, name, self.keyring))
+                found, holds, top = decode_progress(doc)
+                records.extend(decode_records(doc))
             except (CryptoError, ValueError, TypeError) as exc:
                 self._read[name] = Lsn(2**64 - 1)  # never pruned, never counted
                 self.refused += 1
@@ -159,8 +179,9 @@ class ProgressReader:
                 continue
             changes.extend(found)
             hold = hold or holds
-            self._read[name] = INVALID_LSN if holds else top
-        return changes, hold
+            self._read[name] = INVALID_LSN if holds else max(
+                [top, *(r.commit_lsn for r in records)])
+        return changes, hold, sorted(records, key=lambda r: r.commit_lsn)
 
     async def prune(self, checkpoint: Lsn) -> None:
         """Delete the objects read whose changes are all below *checkpoint* (not those that
@@ -176,3 +197,24 @@ class ProgressReader:
             return
         for name in old:
             del self._read[name]
+
+
+class _Member(Protocol):
+    def _drop_unwritten(self, revoked: set[TopicPartition], why: str | None = None) -> None: ...
+
+    def _assigned(self, consumer: AIOKafkaConsumer, assigned: set[TopicPartition]) -> None: ...
+
+
+class Revocations(ConsumerRebalanceListener):  # type: ignore[misc]
+    """Tells the sink when a rebalance takes its partitions away, and what it was given."""
+
+    def __init__(self, worker: _Member, consumer: AIOKafkaConsumer) -> None:
+        self.worker = worker
+        self.consumer = consumer
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        if revoked:
+            self.worker._drop_unwritten(set(revoked))
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        self.worker._assigned(self.consumer, set(assigned))

@@ -21,7 +21,7 @@ from aiokafka import TopicPartition
 
 from replicator.position import INVALID_LSN, Lsn
 
-__all__ = ["OffsetLedger", "Pending"]
+__all__ = ["OffsetLedger", "Pending", "align"]
 
 
 @dataclass(slots=True)
@@ -35,6 +35,7 @@ class Pending:
     commit_lsn: Lsn
     last: int  # the run's last offset
     unwritten: int = 1  # its records not yet written
+    spooled: bool = False  # written into the local spool: committable whatever the checkpoint
 
     @property
     def written(self) -> bool:
@@ -75,7 +76,8 @@ class OffsetLedger:
         for tp, entries in self._pending.items():
             done = 0
             for entry in entries:
-                if not entry.written or (entry.commit_lsn and entry.commit_lsn >= checkpoint):
+                if not entry.written or (entry.commit_lsn and entry.commit_lsn >= checkpoint
+                                         and not entry.spooled):
                     break
                 done += 1
             if done:
@@ -109,3 +111,33 @@ class OffsetLedger:
 
     def runs(self) -> int:
         return sum(len(entries) for entries in self._pending.values())
+
+
+def align(assigned: set[TopicPartition], lag: dict[str, int], offsets: OffsetLedger,
+          checkpoint: Lsn, read_lsn: dict[TopicPartition, Lsn], read_ahead: int,
+          unwritten: bool) -> tuple[set[TopicPartition], set[TopicPartition], bool]:
+    """The read-ahead bound (`sink.worker`'s docstring): once *read_ahead* records are held,
+    the partitions to pause (already past the lowest commit LSN held above the checkpoint)
+    and those to read whatever the tiers' priority (not yet past it, and not at their end);
+    and whether to flush now (none is left to read and something is *unwritten*). *lag*:
+    records behind per "topic/partition"; *read_lsn*: the commit LSN last read of each."""
+    if len(offsets) < read_ahead:
+        return set(), set(), False
+    horizon = offsets.lowest(checkpoint)
+    if horizon is None:
+        return set(), set(), False
+    ahead: set[TopicPartition] = set()
+    needed: set[TopicPartition] = set()
+    for tp in assigned:
+        last = read_lsn.get(tp)
+        if last is not None and last > horizon:
+            ahead.add(tp)
+        elif lag.get(f"{tp.topic}/{tp.partition}") != 0:  # behind, or not known yet
+            needed.add(tp)
+    if needed:
+        return ahead, needed, False
+    if unwritten:
+        return ahead, needed, True  # all the checkpoint waits for is read: write it
+    # Everything read is written and the checkpoint still cannot pass the horizon: waiting
+    # would be forever; read on.
+    return set(), set(), False

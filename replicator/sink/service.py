@@ -81,6 +81,14 @@ class Sinks:
             worker = SinkWorker(destination, self.config.kafka, store, keyring,
                                 claims_url=self.config.claims_url, shared=shared)
             self.workers[destination.name] = worker
+            if worker.spool is not None:
+                try:
+                    worker.spool.open()
+                except OSError as exc:
+                    await self.close()
+                    raise SinkSetupError(f"destination {destination.name!r}: its spool folder "
+                                         f"{worker.spool.root} cannot be used ({exc})") from exc
+                worker.stats.spool_bytes = worker.spool.bytes
             if destination.compaction.enabled:
                 self.compactors[destination.name] = Compactor(
                     destination, self.environ, self.config.encryption.keyring_file,

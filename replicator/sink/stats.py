@@ -32,6 +32,8 @@ class SinkStats:
     # Its place in the destination's consumer group (sink/members.py): "solo" (every
     # partition), "checkpointer" (the transactions partition) or "member".
     role: str = "solo"
+    spooling: bool = False  # flushes go into the local spool (the store is out)
+    spool_bytes: int = 0  # what the local spool holds, not yet shipped
     waiting: str | None = None  # why the sink is not running yet (Kafka does not answer)
     # tier -> commit time (us) of the oldest change its checkpoint has not passed
     # (`SinkWorker._note_pending`); a tier with nothing pending is absent

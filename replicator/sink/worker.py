@@ -66,49 +66,40 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import logging
 import time
 from collections import defaultdict
-from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 from aiokafka.structs import OffsetAndMetadata
 
 from connectors.base import ObjectStore, run_bounded
-from connectors.errors import AlreadyExists, StoreError
-from replicator.archive.layout import (
-    part_key,
-    schema_key,
-    segment_key,
-    transactions_key,
-)
-from replicator.archive.part import encode_part, partable
+from connectors.errors import StoreError
 from replicator.archive.segment import (
     EventFacts,
-    encode_body_segment,
-    encode_transaction_body_segment,
     event_facts,
 )
 from replicator.backoff import Backoff
 from replicator.config import DestinationConfig, KafkaConfig
-from replicator.crypto import Keyring, encrypt
+from replicator.crypto import Keyring
 from replicator.errors import TransientError
-from replicator.events import TIER_ORDER, Tier
+from replicator.events import TIER_ORDER, Tier, TransactionRecord
 from replicator.position import INVALID_LSN, Lsn
 from replicator.sink.breaker import BreakerState, CircuitBreaker, CircuitOpen, TokenBucket
 from replicator.sink.checkpoint import CompletenessTracker
 from replicator.sink.claims import ClaimResolver, claim_of
-from replicator.sink.members import ProgressReader, ProgressWriter
+from replicator.sink.members import ProgressReader, ProgressWriter, Revocations
 from replicator.sink.objects import CheckpointObjects, RecordedGaps, dead_letter
-from replicator.sink.offsets import OffsetLedger, Pending
+from replicator.sink.offsets import OffsetLedger, Pending, align
 from replicator.sink.raw import raw_change, raw_transaction
 from replicator.sink.shared import SharedDecodes
+from replicator.sink.spool import Spool
 from replicator.sink.stats import SinkStats
+from replicator.sink.writer import ArchiveWriter, Buffered
 from replicator.transport.avro import EventCodec, transaction_from_dict
 from replicator.transport.control import StateFollower, state_topic
 from replicator.transport.kafka import schemas_topic, topic_names, transactions_topic
@@ -131,16 +122,6 @@ WRITES_AT_ONCE = 8
 _TIER_NAMES = tuple(tier.value for tier in TIER_ORDER)
 
 
-@dataclass(slots=True)
-class _Buffered:
-    facts: EventFacts  # what the segment's header needs (`archive.segment.event_facts`)
-    body: bytes  # the envelope in Avro binary, as it goes into the segment
-    value: dict[str, Any] | None  # the decoded envelope, kept only for snapshot rows (parts)
-    position: tuple[Lsn, int]
-    size: int
-    entry: Pending  # its place in the offset ledger
-
-
 class SinkWorker:
     def __init__(self, destination: DestinationConfig, kafka: KafkaConfig, store: ObjectStore,
                  keyring: Keyring, *, clock: Any = time.monotonic,
@@ -157,13 +138,14 @@ class SinkWorker:
         self.stats = SinkStats()
         self.breaker = CircuitBreaker()
         self.bucket = TokenBucket(destination.bandwidth_bytes_per_s)
+        self.writer = ArchiveWriter(destination, store, keyring, self.bucket, self.stats)
         self.tiers = topic_names(kafka.topic_prefix)
         self.tier_of_topic = {topic: tier for tier, topic in self.tiers.items()}
         self.tx_topic = transactions_topic(kafka.topic_prefix)
         self.schema_topic = schemas_topic(kafka.topic_prefix)
         self.group = f"{kafka.topic_prefix}.sink.{destination.name}"
         self.tracker = CompletenessTracker()
-        self._buffers: dict[Tier, dict[str, list[_Buffered]]] = {
+        self._buffers: dict[Tier, dict[str, list[Buffered]]] = {
             t: defaultdict(list) for t in TIER_ORDER}
         self._oldest: dict[Tier, float] = {}
         # Commit times (us) of the oldest buffered change, and of the oldest buffered
@@ -185,7 +167,7 @@ class SinkWorker:
         self._align_flush = False  # read-ahead at its bound, all the checkpoint waits for read
         # The capture's recorded gaps, archived before a checkpoint passes them.
         self._state = StateFollower(kafka.bootstrap_servers, state_topic(kafka.topic_prefix))
-        self._gaps = RecordedGaps(self._state, destination.name, self._put)
+        self._gaps = RecordedGaps(self._state, destination.name, self.writer.put_stored)
         # Changes too large for Kafka arrive as references to the claims store (sink/claims.py).
         claims_url = claims_url or kafka.claims_url or destination.url
         self._claims = ClaimResolver(claims_url, keyring,
@@ -193,7 +175,15 @@ class SinkWorker:
         # Dead letters not yet written: (name, content, ledger entry to mark written or None)
         self._dead_buffer: list[tuple[str, bytes, Pending | None]] = []
         self._epoch = 0  # bumped when a rebalance drops the buffers
-        self.checkpoints = CheckpointObjects(store, destination.name, keyring, self._put)
+        self.checkpoints = CheckpointObjects(store, destination.name, keyring,
+                                             self.writer.put_stored)
+        # The local spool for a long outage of the store (sink/spool.py), and since when the
+        # store has been failing.
+        self.spool = (Spool(destination.spool.dir, destination.name, keyring)
+                      if destination.spool.dir is not None else None)
+        self._down_since: float | None = None
+        self._spooled_ts: dict[Tier, int] = {}  # oldest commit (us) spooled, per tier
+        self._respooled = False  # this outage's spooling began by reading again (sink/spool)
         # Several processes for this destination (sink/members.py): this member's role, set
         # by each assignment; its progress objects; the other members' (checkpointer).
         self.checkpointer = True  # owns the transactions partition: writes the checkpoints
@@ -202,6 +192,7 @@ class SinkWorker:
         self._reporter = ProgressWriter(destination.name)
         self._progress = ProgressReader(store, destination.name, keyring)
         self._unreported: list[tuple[Tier, Lsn, int]] = []  # durable, no progress object yet
+        self._unreported_records: list[TransactionRecord] = []  # shipped from the spool, ditto
         self._last_pass = clock()
 
     def stop(self) -> None:
@@ -250,7 +241,7 @@ class SinkWorker:
                 max_partition_fetch_bytes=4 * 1024 * 1024,
                 session_timeout_ms=SESSION_TIMEOUT_MS)
             consumer.subscribe([*self.tiers.values(), self.tx_topic, self.schema_topic],
-                               listener=_Revocations(self, consumer))
+                               listener=Revocations(self, consumer))
             try:
                 await consumer.start()  # inside: a consumer whose start failed is closed too
             except KafkaError as exc:
@@ -382,7 +373,9 @@ class SinkWorker:
                         else "resumed")
             self.stats.paused = full
         assigned = consumer.assignment()
-        ahead, needed = self._align(assigned, lag)
+        ahead, needed, self._align_flush = align(
+            assigned, lag, self.offsets, self.tracker.checkpoint, self._read_lsn,
+            self.read_ahead, self._unwritten())
         if full:
             waiting = set(assigned)
         elif behind:
@@ -395,35 +388,6 @@ class SinkWorker:
         with contextlib.suppress(IllegalStateError):  # a rebalance took some meanwhile
             consumer.resume(*(assigned - waiting))
             consumer.pause(*waiting)
-
-    def _align(self, assigned: set[TopicPartition], lag: dict[str, int]
-               ) -> tuple[set[TopicPartition], set[TopicPartition]]:
-        """The read-ahead bound (module docstring): once `read_ahead` records are held, the
-        partitions to pause (already past the lowest commit LSN held above the checkpoint)
-        and those to read whatever the tiers' priority (not yet past it, and not at their
-        end). Sets `_align_flush` when none is left to read and something is unwritten."""
-        self._align_flush = False
-        if len(self.offsets) < self.read_ahead:
-            return set(), set()
-        horizon = self.offsets.lowest(self.tracker.checkpoint)
-        if horizon is None:
-            return set(), set()
-        ahead: set[TopicPartition] = set()
-        needed: set[TopicPartition] = set()
-        for tp in assigned:
-            last = self._read_lsn.get(tp)
-            if last is not None and last > horizon:
-                ahead.add(tp)
-            elif lag.get(f"{tp.topic}/{tp.partition}") != 0:  # behind, or not known yet
-                needed.add(tp)
-        if needed:
-            return ahead, needed
-        if self._unwritten():
-            self._align_flush = True  # all the checkpoint waits for is read: write it
-            return ahead, needed
-        # Everything read is written and the checkpoint still cannot pass the horizon:
-        # waiting would be forever; read on.
-        return set(), set()
 
     def _note_pending(self) -> None:
         """`stats.pending_since_us`, for `wedsync_rpo_seconds`: per tier, the commit time of
@@ -438,7 +402,9 @@ class SinkWorker:
         pending: dict[str, int] = {}
         for tier in TIER_ORDER:
             found = [ts for ts in (self._pending_ts.get(tier), self._tx_pending_ts.get(tier),
-                                   self.tracker.oldest_pending(tier)) if ts]
+                                   self.tracker.oldest_pending(tier),
+                                   self.spool and self.spool.waiting
+                                   and self._spooled_ts.get(tier, self.spool.oldest_us)) if ts]
             if found:
                 pending[tier.value] = min(found)
             elif ({self.tiers[tier], self.tx_topic} & unread
@@ -453,7 +419,7 @@ class SinkWorker:
         """Whether intake must pause: the buffers at their bound, or the breaker open."""
         flush = self.destination.flush
         return (self._rows >= flush.max_rows or self._bytes >= flush.max_bytes
-                or self.breaker.state is not BreakerState.CLOSED)
+                or (self.breaker.state is not BreakerState.CLOSED and not self._spooling()))
 
     def _add_change(self, tp: TopicPartition, tier: Tier, record: ConsumerRecord[Any, Any]
                     ) -> None:
@@ -480,7 +446,7 @@ class SinkWorker:
         entry = self.offsets.track(tp, record.offset, position[0])
         self._read_lsn[tp] = position[0]
         self._buffers[tier][table].append(
-            _Buffered(facts, body, snapshot_row, position, size, entry))
+            Buffered(facts, body, snapshot_row, position, size, entry))
         self._oldest.setdefault(tier, self.clock())
         if (facts[2] < self._pending_ts.get(tier, facts[2] + 1)
                 and position[0] >= self.tracker.tier_checkpoints[tier]):  # not a duplicate
@@ -521,6 +487,8 @@ class SinkWorker:
             return list(TIER_ORDER)
         flush, now = self.destination.flush, self.clock()
         due = [t for t, since in self._oldest.items() if now - since >= flush.interval(t)]
+        if not due and self.spool is not None and self.spool.waiting and not self._spooling():
+            return [Tier.CRITICAL]  # ship what is spooled (the store is back, or at start)
         # Nothing of its own to write, but the checkpoint may move: the checkpointer hears
         # from the other members; a member commits what the checkpoint passed.
         if (not due and not self.solo and now - self._last_pass >= flush.interval(Tier.CRITICAL)
@@ -537,17 +505,85 @@ class SinkWorker:
         try:
             self.breaker.check()
         except CircuitOpen:
-            if not final:
+            if self._spooling():
+                await self._flush_to_spool(consumer, tiers)
+            elif not final:
                 await asyncio.sleep(min(1.0, self.breaker.seconds_until_retry()))
             return
         try:
+            if self.spool is not None and self.spool.waiting:
+                await self._ship()  # what was spooled goes first, in order
             await self._flush(consumer, tiers)
         except (StoreError, TransientError, OSError) as exc:
             self._failed("flush failed", exc)
+            if self._spooling():
+                await self._flush_to_spool(consumer, tiers)
             return
         self._succeeded()
 
+    def _spooling(self) -> bool:
+        """Whether flushes go into the spool: the store has failed for `spool.after_s`."""
+        spooling = (self.spool is not None and self._down_since is not None
+                    and self.clock() - self._down_since >= self.destination.spool.after_s)
+        if spooling and not self.stats.spooling and self.spool is not None:
+            log.warning("destination %s: the store keeps failing; writing into the spool %s "
+                        "until it answers", self.destination.name, self.spool.root)
+        self.stats.spooling = spooling
+        return spooling
+
+    async def _flush_to_spool(self, consumer: AIOKafkaConsumer, tiers: list[Tier]) -> None:
+        """One flush into a spool batch; once it is sealed, the offsets of its records are
+        committed (sink/spool.py). A failed batch is deleted, and what was read and not
+        written is read again from the committed offsets."""
+        assert self.spool is not None
+        if not self._respooled:  # what was written to the store above the checkpoint too
+            self._respooled = True
+            self._drop_unwritten(set(), "the spool takes over from the store")
+            with contextlib.suppress(IllegalStateError, KafkaError):
+                await consumer.seek_to_committed()
+            return
+        batch = self.writer.batch = self.spool.begin()
+        for tier, ts in [*self._pending_ts.items(), *self._tx_pending_ts.items()]:
+            self._spooled_ts[tier] = min(ts, self._spooled_ts.get(tier, ts))
+        positions: list[tuple[Tier, Lsn, int]] = []
+        entries: list[Pending] = []
+        try:
+            await self._write(tiers, positions, [], entries)
+            await batch.seal(positions, hold=self._reporter.hold)
+        except (StoreError, TransientError, OSError) as exc:
+            batch.discard()
+            log.error("%s", exc)
+            self._drop_unwritten(set(), "the spool failed")
+            with contextlib.suppress(IllegalStateError, KafkaError):
+                await consumer.seek_to_committed()
+            return
+        finally:
+            self.writer.batch = None
+        for entry in entries:
+            entry.spooled = True
+        self.stats.spool_bytes = self.spool.bytes
+        await self._commit(consumer, self.tracker.checkpoint)
+
+    async def _ship(self) -> None:
+        """Every spool batch into the store, oldest first; each counts once it is in."""
+        assert self.spool is not None
+        for batch in self.spool.batches():
+            shipped = await self.spool.ship(batch, self.store, self.bucket.take)
+            if self.checkpointer:
+                self.tracker.records_durable(sorted(shipped.records,
+                                                    key=lambda r: r.commit_lsn))
+                self.tracker.changes_durable(shipped.changes)
+                if shipped.hold:
+                    self.tracker.hold()
+            else:  # to the checkpointer, through a progress object
+                self._unreported.extend(shipped.changes)
+                self._unreported_records.extend(shipped.records)
+            self.stats.spool_bytes = self.spool.bytes
+        self._spooled_ts = {}
+
     def _failed(self, what: str, exc: BaseException) -> None:
+        if self._down_since is None:
+            self._down_since = self.clock()
         self.stats.failures += 1
         self.breaker.failure()
         self.stats.breaker = self.breaker.state.value
@@ -555,6 +591,8 @@ class SinkWorker:
                     self.breaker.state.value)
 
     def _succeeded(self) -> None:
+        self._down_since, self._respooled = None, False
+        self._spooling()
         if self.breaker.state is not BreakerState.CLOSED:
             log.warning("destination %s recovered", self.destination.name)
         self.breaker.success()
@@ -564,59 +602,12 @@ class SinkWorker:
         # 1. segments, then transaction records (create-only)
         written_positions: list[tuple[Tier, Lsn, int]] = []
         records: list[dict[str, Any]] = []
-        tx_since = self._oldest.get(Tier.CRITICAL)
-        epoch = self._epoch  # a rebalance meanwhile replaces the buffers (`_drop_unwritten`)
-        dead, schemas, txs = self._dead_buffer, self._schema_buffer, self._tx_buffer
         try:
-            while dead:
-                key, content, dead_entry = dead[0]
-                await self._put(key, content)
-                dead.pop(0)
-                if dead_entry is not None:
-                    dead_entry.mark_written()
-            while schemas:  # schemas first: they describe the changes after them
-                schema, entry = schemas[0]
-                await self._write_schema(schema)
-                schemas.pop(0)
-                entry.mark_written()
-            async def segment(tier: Tier, table: str, items: list[_Buffered]) -> None:
-                await self._write_segment(table, items, tier)
-                for item in items:
-                    item.entry.mark_written()
-                written_positions.extend((tier, *i.position) for i in items)
-                if epoch == self._epoch:
-                    self._rows -= len(items)
-                    self._bytes -= sum(i.size for i in items)
-                if self._buffers[tier].get(table) is items:
-                    del self._buffers[tier][table]
-
-            async def transactions() -> None:
-                await self._write_transactions([(value, body) for value, body, _ in txs])
-                for value, _, entry in txs:
-                    entry.mark_written()
-                    records.append(value)
-                if self._tx_buffer is txs:
-                    self._tx_buffer = []
-                    self._tx_pending_ts = {}
-
-            # The segments and the transaction records at once (each object is independent;
-            # only the checkpoint below waits for all of them): a flush takes about its
-            # slowest write, not their sum.
-            jobs = [partial(segment, tier, table, items) for tier in tiers
-                    for table, items in list(self._buffers[tier].items())]
-            await run_bounded([*jobs, transactions] if txs else jobs, WRITES_AT_ONCE)
-            for tier in tiers:
-                self._oldest.pop(tier, None)
-                if epoch == self._epoch:
-                    self._pending_ts.pop(tier, None)
+            await self._write(tiers, written_positions, records, [])
         finally:
             # A write that failed part-way leaves the earlier ones written and out of the
             # buffers: count them as durable now, or their transactions never complete (the
-            # checkpoint would stay behind until a restart). Unwritten transaction records
-            # stay due.
-            if self._tx_buffer or self._schema_buffer or self._dead_buffer:
-                self._oldest.setdefault(Tier.CRITICAL,
-                                        self.clock() if tx_since is None else tx_since)
+            # checkpoint would stay behind until a restart).
             if self.checkpointer:
                 self._durable(written_positions, records)
             else:
@@ -626,10 +617,12 @@ class SinkWorker:
             await self._member_pass(consumer)
             return
         if not self.solo:  # 2. what the other members wrote, then the checkpoint
-            changes, hold = await self._progress.read_new()
+            changes, hold, found = await self._progress.read_new()
+            self.tracker.records_durable(found)
             self.tracker.changes_durable(changes)
             if hold:
                 self.tracker.hold()
+        checkpoint = self.tracker.advance()
         checkpoint = self.tracker.advance()
         tiers_moved = {tier: lsn for tier, lsn in self.tracker.tier_checkpoints.items()
                        if lsn > self.stats.tier_checkpoints.get(tier, INVALID_LSN)}
@@ -652,14 +645,74 @@ class SinkWorker:
         self.stats.flushes += 1
         self.stats.last_flush_at = time.time()
 
+    async def _write(self, tiers: list[Tier], positions: list[tuple[Tier, Lsn, int]],
+                     records: list[dict[str, Any]], entries: list[Pending]) -> None:
+        """Step 1 of a flush: dead letters, schemas, then the segments and transaction records
+        at once, through `writer` (the store, or a spool batch); what was written is added to
+        *positions*, *records* and *entries* as it is."""
+        tx_since = self._oldest.get(Tier.CRITICAL)
+        epoch = self._epoch  # a rebalance meanwhile replaces the buffers (`_drop_unwritten`)
+        dead, schemas, txs = self._dead_buffer, self._schema_buffer, self._tx_buffer
+        try:
+            while dead:
+                key, content, dead_entry = dead[0]
+                await self.writer.put(key, content)
+                dead.pop(0)
+                if dead_entry is not None:
+                    dead_entry.mark_written()
+                    entries.append(dead_entry)
+            while schemas:  # schemas first: they describe the changes after them
+                schema, entry = schemas[0]
+                await self.writer.schema(schema)
+                schemas.pop(0)
+                entry.mark_written()
+                entries.append(entry)
+            async def segment(tier: Tier, table: str, items: list[Buffered]) -> None:
+                await self.writer.segment(table, items, tier)
+                for item in items:
+                    item.entry.mark_written()
+                    entries.append(item.entry)
+                positions.extend((tier, *i.position) for i in items)
+                if epoch == self._epoch:
+                    self._rows -= len(items)
+                    self._bytes -= sum(i.size for i in items)
+                if self._buffers[tier].get(table) is items:
+                    del self._buffers[tier][table]
+
+            async def transactions() -> None:
+                await self.writer.transactions([(value, body) for value, body, _ in txs])
+                for value, _, entry in txs:
+                    entry.mark_written()
+                    entries.append(entry)
+                    records.append(value)
+                if self._tx_buffer is txs:
+                    self._tx_buffer = []
+                    self._tx_pending_ts = {}
+
+            # The segments and the transaction records at once (each object is independent;
+            # only the checkpoint below waits for all of them): a flush takes about its
+            # slowest write, not their sum.
+            jobs = [partial(segment, tier, table, items) for tier in tiers
+                    for table, items in list(self._buffers[tier].items())]
+            await run_bounded([*jobs, transactions] if txs else jobs, WRITES_AT_ONCE)
+            for tier in tiers:
+                self._oldest.pop(tier, None)
+                if epoch == self._epoch:
+                    self._pending_ts.pop(tier, None)
+        finally:
+            # Unwritten transaction records, schemas and dead letters stay due.
+            if self._tx_buffer or self._schema_buffer or self._dead_buffer:
+                self._oldest.setdefault(Tier.CRITICAL,
+                                        self.clock() if tx_since is None else tx_since)
+
     async def _member_pass(self, consumer: AIOKafkaConsumer) -> None:
         """A member that is not the checkpointer: one progress object for the changes made
         durable since the last (sink/members.py), then the offsets below the newest stored
         checkpoint."""
-        if self._unreported or self._reporter.hold:
-            key, content = self._reporter.next(self._unreported)
-            await self._put(key, content)
-            self._unreported = []
+        if self._unreported or self._unreported_records or self._reporter.hold:
+            key, content = self._reporter.next(self._unreported, self._unreported_records)
+            await self.writer.put_stored(key, content)
+            self._unreported, self._unreported_records = [], []
         checkpoint = max(self.tracker.checkpoint, await self.checkpoints.latest(None))
         self.tracker.checkpoint = self.stats.checkpoint = checkpoint
         await self._commit(consumer, checkpoint)
@@ -703,50 +756,6 @@ class SinkWorker:
         self.tracker.records_durable(
             transaction_from_dict(r) for r in sorted(records, key=lambda r: r["commit_lsn"]))
 
-    async def _write_schema(self, schema: dict[str, Any]) -> None:
-        table, lsn = str(schema["table"]), Lsn(schema["lsn"])
-        await self._put(schema_key(table, lsn), json.dumps(schema, sort_keys=True).encode())
-
-    async def _write_segment(self, table: str, items: list[_Buffered], tier: Tier) -> None:
-        snapshot = [i.value for i in items if i.value is not None]
-        if snapshot and partable(snapshot):
-            # Snapshot rows of one LSN: a part, which a restore streams into COPY
-            # (sink.part); whatever else was buffered goes to a segment as usual.
-            data, part = await asyncio.to_thread(encode_part, snapshot, table=table,
-                                                 tier=tier.value)
-            digest = hashlib.sha256(data).hexdigest()[:16]
-            await self._put(part_key(table, part.lsn, part.first_seq, part.last_seq, digest),
-                            data)
-            self.stats.changes_written += part.rows
-            items = [i for i in items if i.value is None]
-            if not items:
-                return
-        data, header = await asyncio.to_thread(
-            encode_body_segment, [(i.facts, i.body) for i in items], table=table,
-            codec=self.destination.compression)
-        digest = hashlib.sha256(data).hexdigest()[:16]
-        key = segment_key(table, header.first.commit_lsn, header.last.commit_lsn, digest)
-        await self._put(key, data)
-        self.stats.changes_written += header.rows
-
-    async def _write_transactions(self, records: list[tuple[dict[str, Any], bytes]]) -> None:
-        # The encoder orders them and keeps one copy of each (redeliveries).
-        data, header = await asyncio.to_thread(encode_transaction_body_segment, records,
-                                               codec=self.destination.compression)
-        digest = hashlib.sha256(data).hexdigest()[:16]
-        await self._put(transactions_key(header.first.commit_lsn, header.last.commit_lsn,
-                                         digest), data)
-
-    async def _put(self, key: str, data: bytes) -> None:
-        sealed = await asyncio.to_thread(encrypt, data, key, self.keyring)
-        await self.bucket.take(len(sealed))
-        try:
-            await self.store.put(key, sealed)
-        except AlreadyExists:
-            return  # same name, same digest: written by an earlier attempt
-        self.stats.segments_written += 1
-        self.stats.bytes_written += len(sealed)
-
     async def _commit(self, consumer: AIOKafkaConsumer, checkpoint: Lsn) -> None:
         offsets = self.offsets.committable(checkpoint)
         if not offsets:
@@ -762,15 +771,16 @@ class SinkWorker:
                         "the records are read again from the last committed offsets",
                         self.destination.name, exc)
 
-    def _drop_unwritten(self, revoked: set[TopicPartition]) -> None:
-        """The group took *revoked* away: drop what was read and not yet written.
+    def _drop_unwritten(self, revoked: set[TopicPartition], why: str | None = None) -> None:
+        """The group took *revoked* away (or, with *why*, the sink reads again from the
+        committed offsets): drop what was read and not yet committed.
 
         aiokafka's rebalance is eager (every partition is revoked, and the new assignment
         starts from the committed offsets), so every buffer goes; what a flush running now
         writes still counts (the tracker keeps it) and the flush's own bookkeeping is kept
         apart by `_epoch`."""
         self._epoch += 1
-        self.stats.rebalances += 1
+        self.stats.rebalances += why is None
         self.offsets = OffsetLedger()  # every partition's entries: their buffers are gone
         self._read_lsn = {}
         self._buffers = {t: defaultdict(list) for t in TIER_ORDER}
@@ -778,21 +788,6 @@ class SinkWorker:
         self._oldest = {}
         self._pending_ts, self._tx_pending_ts = {}, {}
         self._rows = self._bytes = 0
-        log.warning("destination %s: %d partitions revoked, the group rebalanced; what was "
-                    "read and not yet written is read again from the committed offsets",
-                    self.destination.name, len(revoked))
-
-
-class _Revocations(ConsumerRebalanceListener):  # type: ignore[misc]
-    """Tells the worker when a rebalance takes its partitions away."""
-
-    def __init__(self, worker: SinkWorker, consumer: AIOKafkaConsumer) -> None:
-        self.worker = worker
-        self.consumer = consumer
-
-    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-        if revoked:
-            self.worker._drop_unwritten(set(revoked))
-
-    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-        self.worker._assigned(self.consumer, set(assigned))
+        log.warning("destination %s: %s; what was read and not yet committed is read again "
+                    "from the committed offsets", self.destination.name,
+                    why or f"{len(revoked)} partitions revoked, the group rebalanced")

@@ -23,12 +23,16 @@ import pytest
 
 from connectors.base import ObjectStore
 from connectors.registry import open_store
-from replicator.archive.layout import checkpoints_prefix, is_checkpoint_key, parse_checkpoint_key
+from replicator.archive.layout import (
+    checkpoints_prefix,
+    is_checkpoint_key,
+    parse_checkpoint_key,
+    progress_prefix,
+)
 from replicator.archive.segment import decode_transaction_segment
 from replicator.crypto import decrypt
 from replicator.replay.plan import LATEST
 from replicator.replay.targets import PostgresTarget
-from replicator.sink.members import progress_prefix
 from replicator.transport.avro import to_python
 from tests.integration import archive_readers as archive
 from tests.integration.archive_helpers import destinations, keyring, sink_environ, with_destinations

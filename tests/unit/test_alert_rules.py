@@ -24,7 +24,7 @@ def test_alert_rules_name_exported_metrics() -> None:
     exported = set(re.findall(r"^(wedsync_\w+)", generate_latest(registry).decode(), re.M))
     alerts = {rule["alert"]: rule for rule in rules}
     assert {"WedsyncSinkDeadLetter", "WedsyncCriticalRecoveryPoint",
-            "WedsyncRecoveryPointOverTenMinutes"} <= set(alerts)
+            "WedsyncRecoveryPointOverTenMinutes", "WedsyncSinkSpooling"} <= set(alerts)
     for rule in rules:
         used = set(re.findall(r"wedsync_\w+", rule["expr"]))
         assert used and used <= exported, (rule["alert"], used, exported)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from connectors.registry import open_store
+from replicator.archive.layout import progress_key, progress_prefix
 from replicator.crypto import Keyring, encrypt
 from replicator.events import Tier, TransactionRecord
 from replicator.position import Lsn
@@ -20,8 +21,6 @@ from replicator.sink.members import (
     ProgressWriter,
     decode_progress,
     encode_progress,
-    progress_key,
-    progress_prefix,
 )
 
 KEK = base64.b64encode(b"m" * 32).decode()
@@ -75,10 +74,10 @@ async def test_reader_counts_sealed_objects_only_and_prunes(tmp_path: Path) -> N
         moved = progress_key("dest", "intruder", 2)
         await store.put(moved, encrypt(doc1, key1, keys))
         reader = ProgressReader(store, "dest", keys)
-        changes, hold = await reader.read_new()
+        changes, hold, _ = await reader.read_new()
         assert sorted(changes) == [(Tier.CRITICAL, Lsn(10), 0), (Tier.CRITICAL, Lsn(20), 0)]
         assert not hold and reader.refused == 2
-        assert await reader.read_new() == ([], False)  # each object is read once
+        assert await reader.read_new() == ([], False, [])  # each object is read once
 
         writer.hold = True
         key2, doc2 = writer.next([])
