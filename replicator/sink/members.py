@@ -218,3 +218,19 @@ class Revocations(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         self.worker._assigned(self.consumer, set(assigned))
+
+
+#: A sink process's place in its destination's group, as its log says it.
+ROLES: Final = {"solo": "the only member", "checkpointer": "the checkpointer",
+                "member": "a member"}
+
+
+def role_of(consumer: AIOKafkaConsumer, assigned: set[TopicPartition], topics: list[str],
+            tx_topic: str) -> str:
+    """"solo" (every partition of *topics* and *tx_topic* is in *assigned*), "checkpointer"
+    (the transactions partition is) or "member"."""
+    every = {TopicPartition(topic, partition) for topic in (*topics, tx_topic)
+             for partition in consumer.partitions_for_topic(topic) or ()}
+    if every and every <= assigned:
+        return "solo"
+    return "checkpointer" if TopicPartition(tx_topic, 0) in assigned else "member"

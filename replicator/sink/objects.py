@@ -16,7 +16,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from aiokafka import ConsumerRecord, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
 from connectors.base import ObjectStore
 from connectors.errors import StoreError
@@ -30,7 +30,7 @@ from replicator.transport.control import StateFollower
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CheckpointObjects", "RecordedGaps", "dead_letter"]
+__all__ = ["CheckpointObjects", "RecordedGaps", "dead_letter", "expired_letter", "lost_range"]
 
 
 class CheckpointObjects:
@@ -123,3 +123,33 @@ def dead_letter(tp: TopicPartition, record: ConsumerRecord[Any, Any], exc: Excep
         "error": f"{type(exc).__name__}: {exc}", "destination": destination,
         "parked_at": time.time(),
     }, sort_keys=True).encode()
+
+
+def expired_letter(tp: TopicPartition, offset: int, start: int,
+                   destination: str) -> tuple[str, bytes]:
+    """The dead letter of records *offset* to *start* - 1 of *tp*, deleted from Kafka (its
+    retention) before the destination archived them: no checkpoint may pass them, and a
+    replay past the checkpoint is refused naming this object."""
+    return dead_letter_key(tp.topic, tp.partition, offset), json.dumps({
+        "topic": tp.topic, "partition": tp.partition, "offset": offset,
+        "expired_to": start, "destination": destination, "parked_at": time.time(),
+        "error": f"records {offset} to {start - 1} were deleted from Kafka (retention shorter "
+                 "than the destination's outage) before they were archived here",
+    }, sort_keys=True).encode()
+
+
+async def lost_range(consumer: AIOKafkaConsumer, tp: TopicPartition, expected: int,
+                     first: int, destination: str) -> tuple[str, bytes] | None:
+    """*tp*'s records jumped from *expected* to *first*: if Kafka no longer has *expected*
+    (its retention deleted it before this destination archived it), the dead letter naming
+    the lost range, logged loudly; else None (offsets taken by something else)."""
+    start = (await consumer.beginning_offsets([tp]))[tp]
+    if start <= expected:
+        return None
+    letter = expired_letter(tp, expected, min(start, first), destination)
+    log.critical("destination %s: records %s/%d from offset %d to %d were deleted from Kafka "
+                 "(its retention) before this destination archived them; every checkpoint of "
+                 "the destination holds below them, and the dead letter %s names them",
+                 destination, tp.topic, tp.partition, expected, min(start, first) - 1,
+                 letter[0])
+    return letter

@@ -92,8 +92,8 @@ from replicator.position import INVALID_LSN, Lsn
 from replicator.sink.breaker import BreakerState, CircuitBreaker, CircuitOpen, TokenBucket
 from replicator.sink.checkpoint import CompletenessTracker
 from replicator.sink.claims import ClaimResolver, claim_of
-from replicator.sink.members import ProgressReader, ProgressWriter, Revocations
-from replicator.sink.objects import CheckpointObjects, RecordedGaps, dead_letter
+from replicator.sink.members import ROLES, ProgressReader, ProgressWriter, Revocations, role_of
+from replicator.sink.objects import CheckpointObjects, RecordedGaps, dead_letter, lost_range
 from replicator.sink.offsets import OffsetLedger, Pending, align
 from replicator.sink.raw import raw_change, raw_transaction
 from replicator.sink.shared import SharedDecodes
@@ -164,6 +164,7 @@ class SinkWorker:
         # Records read and not yet committed, at most (see `_prioritise`).
         self.read_ahead = READ_AHEAD_ROWS * destination.flush.max_rows
         self._read_lsn: dict[TopicPartition, Lsn] = {}  # commit LSN last read, per partition
+        self._next_offset: dict[TopicPartition, int] = {}  # where each partition must go on
         self._align_flush = False  # read-ahead at its bound, all the checkpoint waits for read
         # The capture's recorded gaps, archived before a checkpoint passes them.
         self._state = StateFollower(kafka.bootstrap_servers, state_topic(kafka.topic_prefix))
@@ -189,6 +190,7 @@ class SinkWorker:
         self.checkpointer = True  # owns the transactions partition: writes the checkpoints
         self.solo = True  # owns every partition: no other member to hear from
         self._reassigned = False
+        self._assignment: set[TopicPartition] = set()
         self._reporter = ProgressWriter(destination.name)
         self._progress = ProgressReader(store, destination.name, keyring)
         self._unreported: list[tuple[Tier, Lsn, int]] = []  # durable, no progress object yet
@@ -217,7 +219,7 @@ class SinkWorker:
         try:
             while not self._stopping.is_set():
                 if self._reassigned:
-                    await self._take_role()
+                    await self._take_role(consumer)
                 await self._poll(consumer)
                 due = self._due_tiers()
                 if due:
@@ -263,12 +265,8 @@ class SinkWorker:
         return None
 
     async def _restore_checkpoints(self) -> tuple[Lsn, dict[Tier, Lsn]] | None:
-        """The newest checkpoints in the store, read again until the store answers.
-
-        A store that is down at start-up trips this destination's breaker like a failed
-        flush; it must not stop the other destinations (they run in the same task group).
-        None if the worker was stopped first.
-        """
+        """The newest checkpoints in the store, read again until the store answers (a store
+        down trips the breaker, as a failed flush does); None if the worker was stopped."""
         while not self._stopping.is_set():
             try:
                 self.breaker.check()
@@ -290,6 +288,18 @@ class SinkWorker:
         await self._prioritise(consumer)
         batch = await consumer.getmany(timeout_ms=200, max_records=self.poll_records)
         for tp, records in batch.items():
+            if records and self._next_offset.get(tp, records[0].offset) < records[0].offset:
+                # Records skipped: deleted by Kafka's retention before they were archived?
+                letter = await lost_range(consumer, tp, self._next_offset[tp],
+                                          records[0].offset, self.destination.name)
+                if letter is not None:
+                    self._dead_buffer.append((*letter, None))
+                    self.tracker.hold()  # the transactions they belonged to are not known
+                    self._reporter.hold = True
+                    self.stats.dead_letters += 1
+                    self._oldest.setdefault(Tier.CRITICAL, self.clock())
+            if records:
+                self._next_offset[tp] = records[-1].offset + 1
             if tp.topic == self.tx_topic:
                 for record in records:
                     try:
@@ -391,13 +401,8 @@ class SinkWorker:
 
     def _note_pending(self) -> None:
         """`stats.pending_since_us`, for `wedsync_rpo_seconds`: per tier, the commit time of
-        the oldest change the tier's checkpoint has not passed. It is the oldest of: a
-        buffered change, a buffered transaction record with changes of the tier, and a
-        transaction whose record is written and some change of the tier is not
-        (`CompletenessTracker.oldest_pending`). With none of these but records not yet read
-        on the tier's partitions or the transactions topic, their commit times are not
-        known yet: the commit time of the last transaction the checkpoint passed stands in
-        (every unread change committed after it, so the age shown is an upper bound)."""
+        the oldest change the tier's checkpoint has not passed (docs/ARCHITECTURE.md, "The
+        live recovery point")."""
         unread = {key.rsplit("/", 1)[0] for key, n in self.stats.lag.items() if n > 0}
         pending: dict[str, int] = {}
         for tier in TIER_ORDER:
@@ -723,20 +728,22 @@ class SinkWorker:
     def _assigned(self, consumer: AIOKafkaConsumer, assigned: set[TopicPartition]) -> None:
         """Kafka assigned *assigned*: this member's role (sink/members.py), taken before the
         next poll (`_take_role`)."""
-        every = {TopicPartition(topic, partition)
-                 for topic in (*self.tiers.values(), self.tx_topic, self.schema_topic)
-                 for partition in consumer.partitions_for_topic(topic) or ()}
-        self.checkpointer = TopicPartition(self.tx_topic, 0) in assigned
-        self.solo = bool(every) and every <= assigned
-        self._reassigned = True
-        self.stats.role = ("solo" if self.solo else
-                           "checkpointer" if self.checkpointer else "member")
+        self.stats.role = role_of(consumer, assigned, [*self.tiers.values(), self.schema_topic],
+                                  self.tx_topic)
+        self.checkpointer = self.stats.role in ("solo", "checkpointer")
+        self._assignment = assigned
+        self.solo, self._reassigned = self.stats.role == "solo", True
 
-    async def _take_role(self) -> None:
+    async def _take_role(self, consumer: AIOKafkaConsumer) -> None:
         """After an assignment: a checkpointer starts its tracker again from the stored
         checkpoints (every record above them is read again, its own and, through their
         progress objects, the other members'); a member keeps no tracker."""
         self._reassigned = False
+        self._next_offset = {}  # from the committed offsets: a record below them is gone
+        for tp in self._assignment:
+            with contextlib.suppress(KafkaError, IllegalStateError):
+                if (committed := await consumer.committed(tp)) is not None:
+                    self._next_offset[tp] = committed
         if self.checkpointer:
             restored = await self._restore_checkpoints()
             if restored is None:
@@ -746,8 +753,7 @@ class SinkWorker:
         else:
             self.tracker = CompletenessTracker(self.tracker.checkpoint)
         log.info("destination %s: this process is %s of its sink group", self.destination.name,
-                 {"solo": "the only member", "checkpointer": "the checkpointer"}.get(
-                     self.stats.role, "a member"))
+                 ROLES[self.stats.role])
 
     def _durable(self, positions: list[tuple[Tier, Lsn, int]],
                  records: list[dict[str, Any]]) -> None:
@@ -782,7 +788,7 @@ class SinkWorker:
         self._epoch += 1
         self.stats.rebalances += why is None
         self.offsets = OffsetLedger()  # every partition's entries: their buffers are gone
-        self._read_lsn = {}
+        self._read_lsn, self._next_offset = {}, {}
         self._buffers = {t: defaultdict(list) for t in TIER_ORDER}
         self._tx_buffer, self._schema_buffer, self._dead_buffer = [], [], []
         self._oldest = {}

@@ -10,6 +10,8 @@ behind Toxiproxy, whose proxy is disabled for the outage).
 2. The spool's folder fills up (a 256 KiB tmpfs): the sink logs a clear error naming the
    folder, leaves no partial batch or object, keeps running, and once the store returns
    everything is archived (what could not be spooled was read again from Kafka).
+3. Without a spool, records deleted from Kafka before the sink read them are never a silent
+   loss: a dead letter names them and no checkpoint passes them.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ from aiokafka.admin import AIOKafkaAdminClient, RecordsToDelete
 from connectors.registry import open_store
 from replicator.config import Config, DestinationConfig, SpoolConfig
 from replicator.devstack.stack import Stack
-from replicator.replay.plan import LATEST
+from replicator.position import Lsn
+from replicator.replay.plan import LATEST, ReplayRefused
 from replicator.replay.targets import PostgresTarget
 from replicator.sink.service import Sinks
 from replicator.transport.kafka import topic_names, transactions_topic
@@ -266,3 +269,88 @@ async def test_full_spool_disk_stops_cleanly(
         assert str(spool / "s3") in message and "nothing partial is left" in message
         assert "SECRET" not in message and "AWS_SECRET" not in message
     await assert_restores(s3_target, load, pg_dsn, pg_server_dsn)
+
+
+async def test_records_expired_before_archiving_are_never_silent(
+        pg_dsn: str, kafka_bootstrap: str, topic_prefix: str, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Without a spool, a sink stopped for longer than Kafka keeps the records: they are gone,
+    and that must show. The sink writes a dead letter naming the lost range, logs it, and no
+    checkpoint passes it, so a restore past it is refused instead of missing changes."""
+    caplog.set_level(logging.CRITICAL, logger="replicator.sink.objects")
+    setup_schema(pg_dsn)
+    folder = tmp_path / "archive"
+    folder.mkdir()
+    dest = DestinationConfig(name="local", url=f"file://{folder}", flush=FAST,
+                             compaction=NO_COMPACTION)
+    config = with_destinations(make_config(pg_dsn, kafka_bootstrap, topic_prefix), (dest,))
+    cfg = write_config(tmp_path / "replicator.toml", config)
+    capture_log = tmp_path / "capture.log"
+    capture = start_run(cfg, "capture", capture_log, os.environ)
+    topics = [*topic_names(topic_prefix).values(), transactions_topic(topic_prefix)]
+    load = Workload(pg_dsn)
+    sinks: Sinks | None = None
+    tasks: list[asyncio.Task[Any]] = []
+
+    def alive() -> None:
+        assert capture.poll() is None, tail(capture_log)
+        for task in tasks:
+            if task.done():
+                task.result()
+                raise AssertionError("a task stopped early")
+
+    try:
+        await wait_for_slot(pg_dsn, config.source.slot, alive)
+        sinks = Sinks(config, sink_environ())
+        await sinks.open()
+        tasks.append(asyncio.create_task(sinks.run()))
+        stop = asyncio.Event()
+        loading = asyncio.create_task(load.run(stop))
+        await asyncio.sleep(3)
+        first = sinks.workers["local"]
+        mark = load.end
+
+        async def durable() -> bool:
+            alive()
+            return int(first.stats.checkpoint) > mark
+        await wait_for(durable, within=60, what="the first phase durable")
+        sinks.stop()
+        await finish(tasks)
+        tasks.clear()
+        held = int(first.stats.checkpoint)
+        await asyncio.sleep(3)  # more commits while the sink is stopped
+        stop.set()
+        await loading
+        _, ends = await committed_and_ends(kafka_bootstrap, f"{topic_prefix}.sink.local",
+                                           topics)
+        await expire(kafka_bootstrap, ends)  # retention deletes what the sink did not read
+        sinks = Sinks(config, sink_environ())
+        await sinks.open()
+        tasks.append(asyncio.create_task(sinks.run()))
+        second = sinks.workers["local"]
+
+        async def parked() -> bool:
+            alive()
+            return second.stats.dead_letters > 0 and any(folder.glob("deadletters/*/*.json"))
+        await wait_for(parked, within=60, what="a dead letter for the expired records")
+        await asyncio.sleep(3)
+        assert int(second.stats.checkpoint) <= held < load.end + 1000
+        sinks.stop()
+        await finish(tasks)
+        await stop_gracefully(capture, capture_log)
+    finally:
+        if sinks is not None:
+            sinks.stop()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        kill_quietly(capture)
+    assert any("were deleted from Kafka" in r.getMessage() for r in caplog.records)
+    store = open_store(dest.url, sink_environ())
+    try:
+        letters = [info.key async for info in store.list("deadletters/")]
+        assert letters
+        with pytest.raises(ReplayRefused, match="dead letter"):
+            await run_replay(dest.url, PostgresTarget("postgresql://unused"), Lsn(load.end))
+    finally:
+        await store.close()
