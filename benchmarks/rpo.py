@@ -68,8 +68,18 @@ run, when it kept up, the rate is stepped up (`--steps`, default 3,000 to 8,000 
 20 s each, every step in a database, topics and stores of its own) until a step does not keep
 up; the highest rate held (null: not even the main run's). `--quick` does not step.
 `sink_per_s` is the changes each sink wrote per second from the start of the load until
-everything was durable. `scale_out` and `ratio_sink_vs_raw_upload` are null, with the reason
-in `not_measured` (several sink processes per destination are not supported yet).
+everything was durable. `scale_out` and `ratio_sink_vs_raw_upload` come from `benchmarks.drain`,
+run after the main run (and the steps) in a database, topics and destinations of its own: a
+backlog of `--drain-changes` changes (default 1,000,000; `--quick` 100,000) in small
+transactions, captured into Kafka, then drained into one local folder by 1 and then 2 sink
+processes (`replicator run --only sinks`, sharing the destination's partitions) with this
+benchmark's flush intervals (critical 1 s, high 5 s, normal 10 s, low 15 s, whatever `--flush`
+says) and compaction off. `scale_out` = {"1": changes/s, "2": changes/s}, from the
+processes' start until the destination's checkpoint passes the last transaction;
+`scale_out_ratio` = two / one; `ratio_sink_vs_raw_upload` = the 1-process sink's bytes/s over
+a raw upload's (the same objects put again, as plain PUTs, with the same store client and
+concurrency); `drain` holds the drain's details. With `--no-drain` (or when the drain fails)
+they stay null, with the reason in `not_measured` (which is otherwise empty).
 `targets` and `meets` say which targets of a 2-core machine were met: kept up at 2,000
 commits/s with three destinations, critical p99 <= 2 s everywhere, sink <= 15 us per change
 per destination, max_commits_per_s >= 6,000, scale-out >= 1.6x, sink >= 0.5x raw upload.
@@ -79,7 +89,7 @@ bucket, the Azure container, the local folder) is removed.
 
     .venv/bin/python -m benchmarks.rpo [--seconds 60] [--rate 2000] [--quick] [--json]
         [--flush critical=1,high=5,normal=10,low=15] [--steps 3000,4000,5000,6000,8000]
-        [--loop uvloop|asyncio]
+        [--loop uvloop|asyncio] [--drain-changes 1000000 | --no-drain]
 """
 
 from __future__ import annotations
@@ -108,7 +118,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import psutil
+import psutil  # type: ignore[import-untyped]
 import psycopg
 from aiokafka.admin import AIOKafkaAdminClient
 from psycopg import sql
@@ -518,9 +528,9 @@ class StageSampler:
             stage, function = self.classify(frame)
         except Exception:  # a task vanished under us: count the sample anyway
             stage, function = "(unclassified)", ""
-        self.samples[stage] += weight
+        self.samples[stage] += weight  # type: ignore[assignment]  # float seconds
         if function:
-            self.functions.setdefault(stage, Counter())[function] += weight
+            self.functions.setdefault(stage, Counter())[function] += weight  # type: ignore[assignment]
 
     def classify(self, frame: Any) -> tuple[str, str]:
         code = frame.f_code
@@ -602,8 +612,8 @@ class GcTimer:
         else:
             wall = time.perf_counter() - self._started[0]
             generation = info["generation"]
-            self.seconds[generation] += wall
-            self.cpu[generation] += time.thread_time() - self._started[1]
+            self.seconds[generation] += wall  # type: ignore[assignment]  # float seconds
+            self.cpu[generation] += time.thread_time() - self._started[1]  # type: ignore[assignment]
             self.runs[generation] += 1
             self.longest = max(self.longest, wall)
 
@@ -620,7 +630,7 @@ def _tree_cpu(pid: int | None) -> float:
             with contextlib.suppress(psutil.Error):
                 c = child.cpu_times()
                 total += c.user + c.system
-        return total
+        return float(total)
     except psutil.Error:
         return 0.0
 
@@ -886,7 +896,7 @@ def analyse(commits: Commits, capture: RpoCapture, sinks: Sinks, watcher: Watche
         for k, tier in enumerate(TIERS):
             idx = [i for i in range(n) if commits.tier[i] == k]
             seen = watcher.seen[(d.name, tier)]
-            exact_targets = [end_lsn[i] if end_lsn[i] is not None else 2**64 for i in idx]
+            exact_targets = [2**64 if (lsn := end_lsn[i]) is None else lsn for i in idx]
             exact = durable_times(seen, exact_targets, strict=False)
             inside = durable_times(seen, [commits.inside_lsn[i] for i in idx], strict=True)
             rpo = [t - commits.ts[i] for i, t in zip(idx, exact, strict=True) if t is not None]
@@ -1029,13 +1039,13 @@ def contract(r: dict[str, Any], dests: Sequence[str]) -> dict[str, Any]:
         "sink_per_s": {d: round(r["sink_changes_written"][d]
                                 / max(r["load_span_s"] + r["drain_s"], 1e-9), 1)
                        for d in dests},
-        # Named by the targets, not measured yet: null, and why.
+        # Measured by the drain after the main run (`with_drain`): null until then, and why.
         "scale_out": None,
         "ratio_sink_vs_raw_upload": None,
         "not_measured": {
-            "scale_out": "several sink processes for one destination are not supported yet "
-                         "(each would own some partitions and none could move the checkpoint)",
-            "ratio_sink_vs_raw_upload": "the raw upload of the same bytes is not measured yet",
+            "scale_out": "measured by the drain after the main run (benchmarks.drain)",
+            "ratio_sink_vs_raw_upload": "measured by the drain after the main run "
+                                        "(benchmarks.drain)",
         },
     }
     out["meets"] = {
@@ -1048,6 +1058,35 @@ def contract(r: dict[str, Any], dests: Sequence[str]) -> dict[str, Any]:
         "ratio_sink_vs_raw_upload": False,
     }
     return out
+
+
+async def with_drain(result: dict[str, Any], changes: int | None, say: Any) -> None:
+    """Fill `scale_out`, `scale_out_ratio`, `ratio_sink_vs_raw_upload` and `drain` from
+    `benchmarks.drain` with *changes* changes (None: not run, `--no-drain`), and their
+    `meets`; what was not measured stays null, with the reason in `not_measured`."""
+    if changes is None:
+        for key in ("scale_out", "ratio_sink_vs_raw_upload"):
+            result["not_measured"][key] = "not run (--no-drain)"
+        return
+    from benchmarks import drain  # it imports this module
+
+    say(f"\ndrain: {changes:,} changes into one local folder, 1 then 2 sink processes ...")
+    try:
+        drained = await drain.run_drain(changes, say=say)
+    except Exception as exc:  # the main run's figures stand; say why these are missing
+        reason = f"the drain failed: {exc!r}"[:2000]
+        say(reason)
+        for key in ("scale_out", "ratio_sink_vs_raw_upload"):
+            result["not_measured"][key] = reason
+        return
+    drain.report(drained)
+    result["scale_out"] = drained["scale_out"]
+    result["scale_out_ratio"] = drained["scale_out_ratio"]
+    result["ratio_sink_vs_raw_upload"] = drained["ratio_sink_vs_raw_upload"]
+    result["drain"] = {k: v for k, v in drained.items() if k not in ("targets", "meets")}
+    for key in ("scale_out", "ratio_sink_vs_raw_upload"):
+        result["meets"][key] = drained["meets"][key]
+        result["not_measured"].pop(key, None)
 
 
 def verdict(r: dict[str, Any]) -> list[str]:
@@ -1258,7 +1297,8 @@ async def one_run(stack: Stack, seconds: float, rate: float, flush: dict[str, fl
 
 
 async def main(seconds: float, rate: float, flush: dict[str, float], quick: bool,
-               compact_every: float | None, as_json: bool, steps: Sequence[float]) -> None:
+               compact_every: float | None, as_json: bool, steps: Sequence[float],
+               drain_changes: int | None) -> None:
     logging.basicConfig(level=logging.WARNING)
 
     def say(text: str) -> None:
@@ -1291,6 +1331,7 @@ async def main(seconds: float, rate: float, flush: dict[str, float], quick: bool
     result["rates_tried"] = {f"{k:g}": v for k, v in tried.items()}
     say(f"max_commits_per_s: {held} (target >= {TARGETS['max_commits_per_s']:,.0f}); "
         f"tried {result['rates_tried']}")
+    await with_drain(result, drain_changes, say)
     if as_json:
         print(json.dumps(_jsonable({"quick": quick, "flush_s": flush, **result})))
 
@@ -1314,6 +1355,11 @@ if __name__ == "__main__":
     parser.add_argument("--steps", default="3000,4000,5000,6000,8000",
                         help="commit rates to step up to after the main run, to find "
                              "max_commits_per_s (empty: none; --quick: none)")
+    parser.add_argument("--drain-changes", type=int, default=None, metavar="N",
+                        help="changes in the drain's backlog, for scale_out and "
+                             "ratio_sink_vs_raw_upload (default 1,000,000; --quick 100,000)")
+    parser.add_argument("--no-drain", action="store_true",
+                        help="skip the drain (scale_out and ratio_sink_vs_raw_upload stay null)")
     parser.add_argument("--watch", metavar="SPEC", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.watch is not None:  # the watcher process (see WatcherProcess)
@@ -1326,8 +1372,12 @@ if __name__ == "__main__":
 
     tune_gc()  # the collector settings `replicator run` uses
     steps = [] if args.quick else [float(x) for x in args.steps.split(",") if x]
+    if args.drain_changes is not None and args.drain_changes < 1000:
+        parser.error("--drain-changes must be at least 1000")
+    drain_changes = None if args.no_drain else (
+        args.drain_changes or (100_000 if args.quick else 1_000_000))
     coroutine = main(secs, args.rate, parse_flush(args.flush), args.quick,
-                     args.compact_every, args.json, steps)
+                     args.compact_every, args.json, steps, drain_changes)
     if args.loop == "uvloop":
         import uvloop
 
