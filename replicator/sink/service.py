@@ -88,7 +88,6 @@ class Sinks:
                     await self.close()
                     raise SinkSetupError(f"destination {destination.name!r}: its spool folder "
                                          f"{worker.spool.root} cannot be used ({exc})") from exc
-                worker.stats.spool_bytes = worker.spool.bytes
             if destination.compaction.enabled:
                 self.compactors[destination.name] = Compactor(
                     destination, self.environ, self.config.encryption.keyring_file,

@@ -16,8 +16,10 @@ the store. When the store answers again, before anything new is written there, t
 are shipped oldest first, each object create-only in the order written (an object that
 exists already, from a trial write before the outage was declared, is the same bytes), and
 only once a batch is all in the store are its changes and transaction records counted
-towards the checkpoint and the batch deleted. The same happens at start for a spool a
-stopped process left.
+towards the checkpoint. The batch is deleted once the checkpoint has passed it (a member
+that is not the checkpointer: once its progress object carries it), since until then it is
+all that says those records are in the store. The same happens at start for a spool a
+stopped process left: every batch still there is shipped (again) and counted.
 
 A write that fails (the disk is full: `SpoolFull`, naming the folder) deletes the batch
 being written, so no partial object is ever left; the sink then drops what it had read and
@@ -46,6 +48,7 @@ from replicator.crypto import CryptoError, Keyring, decrypt, encrypt
 from replicator.events import Tier, TransactionRecord
 from replicator.position import Lsn
 from replicator.sink.members import decode_progress, encode_progress
+from replicator.sink.stats import SinkStats
 
 log = logging.getLogger(__name__)
 
@@ -157,15 +160,27 @@ class Shipped:
 class Spool:
     """The spool folder of one destination."""
 
-    def __init__(self, folder: Path, destination: str, keyring: Keyring) -> None:
+    def __init__(self, folder: Path, destination: str, keyring: Keyring,
+                 stats: SinkStats | None = None) -> None:
         self.root = folder / destination
         self.destination = destination
         self.keyring = keyring
-        self.bytes = 0
+        self.stats = stats or SinkStats()  # `spool_bytes` follows `bytes`
+        self._bytes = 0
         self.waiting = 0  # sealed batches not yet shipped
+        self.shipped: dict[Path, Lsn] = {}  # in the store, kept until counted: highest LSN
         self.oldest_us = 0  # at start: when the oldest batch left by an earlier run was written
         self._next = 1
         self._opened = False
+
+    @property
+    def bytes(self) -> int:
+        """What the spool holds (sealed batches, shipped or not)."""
+        return self._bytes
+
+    @bytes.setter
+    def bytes(self, value: int) -> None:
+        self._bytes = self.stats.spool_bytes = value
 
     def manifest_name(self, number: int) -> str:
         """The name a batch's manifest is encrypted under."""
@@ -193,7 +208,8 @@ class Spool:
         """The sealed batches, oldest first."""
         if not self.root.is_dir():
             return []
-        return sorted(p for p in self.root.iterdir() if p.name.isdigit() and p.is_dir())
+        return sorted(p for p in self.root.iterdir()
+                      if p.name.isdigit() and p.is_dir() and p not in self.shipped)
 
     def begin(self) -> SpoolBatch:
         self.open()
@@ -226,10 +242,21 @@ class Spool:
             if key.startswith(TRANSACTIONS):
                 _, found = decode_transaction_segment(decrypt(data, key, self.keyring))
                 records.extend(found)
-        size = await asyncio.to_thread(_size, batch)
-        await asyncio.to_thread(shutil.rmtree, batch)
-        self.bytes = max(0, self.bytes - size)
+        top = max([Lsn(0), *(c[1] for c in changes), *(r.commit_lsn for r in records)])
+        self.shipped[batch] = Lsn(0) if hold else top
         self.waiting = max(0, self.waiting - 1)
         log.info("destination %s: spool batch %s shipped (%d objects)", self.destination,
                  batch.name, len(keys))
         return Shipped(changes, records, hold)
+
+    async def release(self, checkpoint: Lsn | None = None) -> None:
+        """Delete the shipped batches the checkpoint has passed (all of them without one:
+        a member's progress object now carries what they held). Until then a batch stays,
+        and is shipped and counted again after a restart: its records' offsets are
+        committed, so it is all that says they are in the store."""
+        for batch, top in list(self.shipped.items()):
+            if checkpoint is None or (top and top < checkpoint):
+                size = await asyncio.to_thread(_size, batch)
+                await asyncio.to_thread(shutil.rmtree, batch, True)
+                self.bytes = max(0, self.bytes - size)
+                del self.shipped[batch]

@@ -180,7 +180,7 @@ class SinkWorker:
                                              self.writer.put_stored)
         # The local spool for a long outage of the store (sink/spool.py), and since when the
         # store has been failing.
-        self.spool = (Spool(destination.spool.dir, destination.name, keyring)
+        self.spool = (Spool(destination.spool.dir, destination.name, keyring, self.stats)
                       if destination.spool.dir is not None else None)
         self._down_since: float | None = None
         self._spooled_ts: dict[Tier, int] = {}  # oldest commit (us) spooled, per tier
@@ -566,7 +566,6 @@ class SinkWorker:
             self.writer.batch = None
         for entry in entries:
             entry.spooled = True
-        self.stats.spool_bytes = self.spool.bytes
         await self._commit(consumer, self.tracker.checkpoint)
 
     async def _ship(self) -> None:
@@ -583,7 +582,6 @@ class SinkWorker:
             else:  # to the checkpointer, through a progress object
                 self._unreported.extend(shipped.changes)
                 self._unreported_records.extend(shipped.records)
-            self.stats.spool_bytes = self.spool.bytes
         self._spooled_ts = {}
 
     def _failed(self, what: str, exc: BaseException) -> None:
@@ -647,6 +645,8 @@ class SinkWorker:
         self._note_pending()
         await self.checkpoints.prune()
         await self._progress.prune(checkpoint)
+        if self.spool is not None:
+            await self.spool.release(checkpoint)
         self.stats.flushes += 1
         self.stats.last_flush_at = time.time()
 
@@ -718,6 +718,7 @@ class SinkWorker:
             key, content = self._reporter.next(self._unreported, self._unreported_records)
             await self.writer.put_stored(key, content)
             self._unreported, self._unreported_records = [], []
+            await self.spool.release() if self.spool is not None else None
         checkpoint = max(self.tracker.checkpoint, await self.checkpoints.latest(None))
         self.tracker.checkpoint = self.stats.checkpoint = checkpoint
         await self._commit(consumer, checkpoint)
