@@ -560,6 +560,8 @@ def report(r: dict[str, Any]) -> None:
 
 async def main(changes: int, store: str, quick: bool, as_json: bool) -> None:
     logging.basicConfig(level=logging.WARNING)
+    # before the capture creates its state topic, the client logs each lookup as an error
+    logging.getLogger("aiokafka.cluster").setLevel(logging.CRITICAL)
 
     def say(text: str) -> None:
         print(text, flush=True)
