@@ -15,6 +15,7 @@ from replicator.cli.replay import replay, verify
 from replicator.cli.rollback import rollback
 from replicator.cli.run import run
 from replicator.cli.snapshot import snapshot
+from replicator.cli.status import status
 
 
 @click.group(cls=ReplicatorGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -31,4 +32,5 @@ main.add_command(replay)
 main.add_command(rollback)
 main.add_command(run)
 main.add_command(snapshot)
+main.add_command(status)
 main.add_command(verify)
