@@ -101,6 +101,8 @@ ROLLBACKS: Final = "rollbacks/"
 DEAD_LETTERS: Final = "deadletters/"
 CLAIMS: Final = "claims/"
 PROGRESS: Final = "progress/"
+RETENTION: Final = "retention/"
+RETENTION_FLOORS: Final = "retention/floor/"
 
 _HEX16: Final = "[0-9A-F]{16}"
 _DIGEST: Final = re.compile(r"[0-9a-f]{1,64}")
@@ -457,3 +459,26 @@ def progress_prefix(destination: str) -> str:
 def progress_key(destination: str, member: str, number: int) -> str:
     """`progress/<destination>/<member>/<number, 20 digits>.json`."""
     return f"{progress_prefix(destination)}{member}/{number:020d}.json"
+
+
+def retention_prefix(destination: str) -> str:
+    """`retention/<destination>/marks/`."""
+    return f"{RETENTION}{quote(destination, safe='')}/marks/"
+
+
+def retention_key(destination: str, at_us: int) -> str:
+    """`retention/<destination>/marks/<time>.json`: a retention run's mark of the objects it
+    found unneeded (sealed JSON; `replay.retention`), the time in UTC microseconds, 16 hex."""
+    return f"{retention_prefix(destination)}{at_us:016X}.json"
+
+
+def retention_floor_key(lsn: Lsn) -> str:
+    """`retention/floor/<lsn>`: retention deleted what points below *lsn* needed, so no
+    restore below it is possible (written before it deletes; the highest counts)."""
+    return f"{RETENTION_FLOORS}{lsn.hex_key()}"
+
+
+def parse_retention_floor(key: str) -> Lsn | None:
+    """The LSN of a `retention_floor_key`, or None for any other name."""
+    match = re.fullmatch(rf"retention/floor/({_HEX16})", key)
+    return Lsn(int(match[1], 16)) if match else None

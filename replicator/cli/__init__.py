@@ -12,6 +12,7 @@ from replicator.cli.dev import dev
 from replicator.cli.errors import ReplicatorGroup
 from replicator.cli.impact import impact
 from replicator.cli.replay import replay, verify
+from replicator.cli.retention import retention
 from replicator.cli.rollback import rollback
 from replicator.cli.run import run
 from replicator.cli.snapshot import snapshot
@@ -29,6 +30,7 @@ main.add_command(demo)
 main.add_command(dev)
 main.add_command(impact)
 main.add_command(replay)
+main.add_command(retention)
 main.add_command(rollback)
 main.add_command(run)
 main.add_command(snapshot)

@@ -39,12 +39,14 @@ from typing import Any
 
 from connectors.base import ObjectInfo, ObjectStore, run_bounded
 from replicator.archive.layout import (
+    RETENTION_FLOORS,
     SEGMENTS,
     SNAPSHOTS,
     audit_key,
     checkpoints_prefix,
     is_part_key,
     is_snapshot_key,
+    parse_retention_floor,
     schemas_prefix,
 )
 from replicator.archive.part import PartCorrupt, read_part_header
@@ -341,6 +343,12 @@ async def prepare(store: ObjectStore, keyring: Keyring, *, at: At,
     except ReplayRefused as exc:
         raise _naming_dead_letters(exc, parked, at, checkpoint, resolver) from None
     target = the_plan.target
+    floor = max((f for f in (parse_retention_floor(i.key) for i in listing) if f is not None),
+                default=Lsn(0))
+    if target < floor:
+        raise ReplayRefused(f"LSN {target} is before the oldest restorable point of this "
+                            f"archive, {floor}: retention deleted what earlier points needed; "
+                            f"restore at {floor} or later", nearest=floor)
     for table, why in the_plan.left_out:
         log.warning("%s is left out of the restore at %s: %s", table, target, why)
 
@@ -362,7 +370,7 @@ async def prepare(store: ObjectStore, keyring: Keyring, *, at: At,
                                 nearest=later[0] if later else None,
                                 tables=(table_plan.table,))
         bases[table_plan.table] = base
-    timeline.oldest = max(bases.values(), default=Lsn(0))
+    timeline.oldest = max([floor, *bases.values()])
 
     schemas = {t.table: schema_at(docs, t.table, target) for t in the_plan.tables}
     jobs = [TableJob(t.table, schemas[t.table], t.objects, bases[t.table], target,
@@ -381,6 +389,7 @@ async def _read_facts(store: ObjectStore, keyring: Keyring, destination: str | N
     checkpoint = await archive_checkpoint(store, dest, keyring=keyring)
     listing: list[ObjectInfo] = [info async for info in store.list(SEGMENTS)]
     listing += [info async for info in store.list(SNAPSHOTS)]
+    listing += [info async for info in store.list(RETENTION_FLOORS)]  # what retention left
     parked = await dead_letters(store)
     try:
         gaps = await recorded_gaps(store, keyring)

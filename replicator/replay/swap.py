@@ -75,10 +75,9 @@ class Override:
         return json.dumps(self.document(), sort_keys=True).encode()
 
 
-async def guard(conn: Any, calendar: PriorityConfig, changed: Sequence[str],
-                reason: str | None) -> str | None:
-    """Refuse (ReplayRefused) to change *changed* on a wedding day unless *reason*; the
-    guard's finding when it was overridden, else None (module docstring)."""
+async def wedding_day(conn: Any, calendar: PriorityConfig) -> str | None:
+    """What makes now a wedding day by *calendar* in the database of *conn* (a Saturday with
+    weddings upcoming, a wedding today or tomorrow), or None."""
     from psycopg import sql
 
     cur = await conn.execute("SELECT to_regclass(%s) IS NOT NULL",
@@ -109,9 +108,16 @@ async def guard(conn: Any, calendar: PriorityConfig, changed: Sequence[str],
               "upcoming"] if saturday and upcoming else []) + (
         [f"{soon} wedding(s) in {calendar.weddings_table} are today or tomorrow"]
         if soon else [])
-    if not found:
+    return " and ".join(found) if found else None
+
+
+async def guard(conn: Any, calendar: PriorityConfig, changed: Sequence[str],
+                reason: str | None) -> str | None:
+    """Refuse (ReplayRefused) to change *changed* on a wedding day unless *reason*; the
+    guard's finding when it was overridden, else None (module docstring)."""
+    why = await wedding_day(conn, calendar)
+    if why is None:
         return None
-    why = " and ".join(found)
     if not reason:
         raise ReplayRefused(
             f"changing {', '.join(changed)} is refused: {why}. Restore into another database, "

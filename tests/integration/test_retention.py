@@ -1,0 +1,112 @@
+"""Retention (replicator/replay/retention.py) on every store kind: a real archive (capture,
+Kafka, sinks) into a local folder, S3 (moto), Azure Blob (Azurite) and GCS
+(fake-gcs-server), compacted at a middle point; the window starts after that compaction.
+
+- A first run only marks; a restore of a point before the window, running while a second
+  run inside the grace period goes, still succeeds and equals the recorded state.
+- A run after the grace deletes: the capture's first snapshot and the changes below the
+  compaction go; a restore at every point inside the window still equals the recorded
+  state; a point before the window is refused, naming the oldest restorable point.
+- A run on a wedding day is refused without a reason; with one, its audit record is in the
+  archive before anything is deleted. A dry run deletes and writes nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from connectors.base import ObjectStore
+from connectors.registry import open_store
+from replicator.archive.layout import AUDIT, SEGMENTS, SNAPSHOTS
+from replicator.crypto import decrypt
+from replicator.position import Lsn
+from replicator.replay.compact import compact
+from replicator.replay.plan import ReplayRefused
+from replicator.replay.retention import retention
+from replicator.replay.targets import PostgresTarget
+from tests.conftest import StoreTarget
+from tests.integration.archive_helpers import keyring, sink_environ
+from tests.integration.replay_helpers import build_archive, restore_db, restored_state, run_replay
+
+pytestmark = pytest.mark.parametrize("pg_server_dsn", ["15"], indirect=True, ids=["pg15"])
+
+KEEP = timedelta(days=35)
+GRACE = timedelta(minutes=10)
+
+
+async def names(store: ObjectStore, prefix: str) -> set[str]:
+    return {info.key async for info in store.list(prefix)}
+
+
+async def test_retention_keeps_every_point_of_the_window(
+        pg_dsn: str, pg_server_dsn: str, kafka_bootstrap: str, topic_prefix: str,
+        tmp_path: Path, s3_target: StoreTarget, azure_target: StoreTarget,
+        gcs_target: StoreTarget) -> None:
+    points, dests = await build_archive(pg_dsn, kafka_bootstrap, topic_prefix, tmp_path,
+                                        s3_target, azure_target, gcs_target,
+                                        transactions=60, points_at=(9, 30, 59), pause=0.03)
+    early, middle, late = points
+    ring = keyring()
+    for dest in dests:
+        store = open_store(dest.url, sink_environ())
+        try:
+            await compact(store, ring, at=Lsn(middle.lsn))
+            # The window starts just after the compaction's point: its base is the compaction.
+            start = middle.at + (late.at - middle.at) / 2
+            now = start + KEEP
+            before = await names(store, "")
+            dry = await retention(store, ring, keep=KEEP, grace=GRACE, now=now,
+                                  dry_run=True)
+            assert dry.candidates > 0 and dry.due == 0
+            assert await names(store, "") == before  # a dry run writes nothing
+
+            first = await retention(store, ring, keep=KEEP, grace=GRACE, now=now)
+            assert first.candidates == dry.candidates and not first.deleted, dest.name
+            # A restore of a point now outside the window, running while a second run
+            # inside the grace goes on: nothing it reads is deleted.
+            with restore_db(pg_server_dsn) as target:
+                restoring = asyncio.create_task(
+                    run_replay(dest.url, PostgresTarget(target), Lsn(early.lsn)))
+                second = await retention(store, ring, keep=KEEP, grace=GRACE,
+                                         now=now + GRACE / 2)
+                await restoring
+                assert not second.deleted
+                assert restored_state(target) == early.state, dest.name
+
+            # Wedding day: refused without a reason, nothing deleted.
+            with pytest.raises(ReplayRefused, match="override-reason"):
+                await retention(store, ring, keep=KEEP, grace=GRACE, now=now + GRACE * 2,
+                                guard_finding="1 wedding(s) are today or tomorrow")
+            assert not (await names(store, AUDIT))
+            third = await retention(store, ring, keep=KEEP, grace=GRACE, now=now + GRACE * 2,
+                                    guard_finding="1 wedding(s) are today or tomorrow",
+                                    reason="the disk is full")
+            assert third.deleted and len(third.deleted) == third.due == first.candidates
+            assert not third.undeletable
+            after = await names(store, "")
+            assert not (set(third.deleted) & after)
+            audit = [k for k in after if k.startswith(AUDIT)]
+            assert audit == [third.audit]
+            record = json.loads(decrypt(await store.get(audit[0]), audit[0], ring))
+            assert record["operation"] == "retention" and record["reason"] == "the disk is full"
+            # What went: the capture's first snapshot, changes below the compaction.
+            assert any(k.startswith(SNAPSHOTS) and k.endswith(".part") for k in third.deleted)
+            assert any(k.startswith(SEGMENTS) for k in third.deleted)
+            assert any(k.startswith(SNAPSHOTS) for k in after)  # the compaction stays
+        finally:
+            await store.close()
+
+        # Every point inside the window restores as recorded; one before it is refused.
+        with restore_db(pg_server_dsn) as target:
+            await run_replay(dest.url, PostgresTarget(target), Lsn(late.lsn))
+            assert restored_state(target) == late.state, dest.name
+        with restore_db(pg_server_dsn) as target:
+            await run_replay(dest.url, PostgresTarget(target), Lsn(middle.lsn))
+            assert restored_state(target) == middle.state, dest.name
+        with restore_db(pg_server_dsn) as target, pytest.raises(ReplayRefused) as refused:
+            await run_replay(dest.url, PostgresTarget(target), Lsn(early.lsn))
+        assert "oldest restorable point" in str(refused.value), refused.value
