@@ -272,6 +272,25 @@ class CompactionConfig(_Model):
     min_changes_ratio: float = Field(default=0.02, ge=0)
 
 
+_DURATION = re.compile(r"[1-9][0-9]*[smhdw]")
+
+
+class RetentionConfig(_Model):
+    """Retention (`replicator.replay.retention`): after each compaction check, delete what no
+    point inside the last `keep` needs, once it has been unneeded for `grace`; skipped on a
+    wedding day. Off while `keep` is unset. Durations: `35d`, `12h`, `90m`, `2w`."""
+
+    keep: str | None = None
+    grace: str = "1h"
+
+    @field_validator("keep", "grace")
+    @classmethod
+    def _duration(cls, value: str | None) -> str | None:
+        if value is not None and not _DURATION.fullmatch(value.strip().lower()):
+            raise ValueError(f"{value!r} is not a duration like 35d, 12h, 90m or 2w")
+        return value if value is None else value.strip().lower()
+
+
 class SpoolConfig(_Model):
     """A local spool for an outage of the destination's store (`replicator.sink.spool`): once
     the store has failed for `after_s`, the sink writes its segments, encrypted as usual,
@@ -291,6 +310,7 @@ class DestinationConfig(_Model):
     flush: FlushConfig = Field(default_factory=FlushConfig)
     compaction: CompactionConfig = Field(default_factory=CompactionConfig)
     spool: SpoolConfig = Field(default_factory=SpoolConfig)
+    retention: RetentionConfig = Field(default_factory=RetentionConfig)
 
     @field_validator("name")
     @classmethod

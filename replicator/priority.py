@@ -214,3 +214,30 @@ def _text(row: Mapping[str, Any] | None, column: str) -> str | None:
         return None
     value = row.get(column)
     return None if value is None else str(value)
+
+
+async def wedding_day(conn: Any, calendar: PriorityConfig) -> str | None:
+    """What makes now a wedding day by *calendar* in the database of *conn* (a Saturday with
+    weddings upcoming, a wedding today or tomorrow), or None; `psycopg.Error` when the
+    calendar cannot be read."""
+    schema, table = split_qualified(calendar.weddings_table)
+    cur = await conn.execute("SELECT to_regclass(%s) IS NOT NULL", (
+        '"' + schema.replace('"', '""') + '"."' + table.replace('"', '""') + '"',))
+    row = await cur.fetchone()
+    if not row or not row[0]:
+        return None
+    day = sql.Identifier(calendar.wedding_date_column)
+    query = sql.SQL(
+        "WITH today AS (SELECT (now() AT TIME ZONE %s)::date AS d) "
+        "SELECT extract(isodow FROM (SELECT d FROM today)) = 6, "
+        "count(*) FILTER (WHERE {day}::date BETWEEN (SELECT d FROM today) "
+        "AND (SELECT d FROM today) + 1), "
+        "count(*) FILTER (WHERE {day}::date >= (SELECT d FROM today)) FROM {table}").format(
+            day=day, table=sql.Identifier(schema, table))
+    cur = await conn.execute(query, (calendar.timezone,))
+    saturday, soon, upcoming = await cur.fetchone()
+    found = ([f"it is Saturday and {upcoming} wedding(s) in {calendar.weddings_table} are "
+              "upcoming"] if saturday and upcoming else []) + (
+        [f"{soon} wedding(s) in {calendar.weddings_table} are today or tomorrow"]
+        if soon else [])
+    return " and ".join(found) if found else None

@@ -37,7 +37,7 @@ async def wedding_day_finding(config_path: Path | None) -> str | None:
     from psycopg.conninfo import make_conninfo
 
     from replicator.config import PriorityConfig, SourceConfig
-    from replicator.replay.swap import wedding_day
+    from replicator.priority import wedding_day
 
     raw = read_config(config_path)
     calendar = config_section(config_path, raw, "priority", PriorityConfig)

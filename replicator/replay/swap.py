@@ -40,6 +40,7 @@ from typing import Any
 
 from replicator.config import PriorityConfig
 from replicator.events import split_qualified
+from replicator.priority import wedding_day
 from replicator.replay.plan import ReplayRefused
 from replicator.replay.table import Column, TableSchema
 
@@ -75,47 +76,19 @@ class Override:
         return json.dumps(self.document(), sort_keys=True).encode()
 
 
-async def wedding_day(conn: Any, calendar: PriorityConfig) -> str | None:
-    """What makes now a wedding day by *calendar* in the database of *conn* (a Saturday with
-    weddings upcoming, a wedding today or tomorrow), or None."""
-    from psycopg import sql
-
-    cur = await conn.execute("SELECT to_regclass(%s) IS NOT NULL",
-                             (quoted(calendar.weddings_table),))
-    row = await cur.fetchone()
-    if not row or not row[0]:
-        return None
-    schema, table = split_qualified(calendar.weddings_table)
-    day = sql.Identifier(calendar.wedding_date_column)
-    query = sql.SQL(
-        "WITH today AS (SELECT (now() AT TIME ZONE %s)::date AS d) "
-        "SELECT extract(isodow FROM (SELECT d FROM today)) = 6, "
-        "count(*) FILTER (WHERE {day}::date BETWEEN (SELECT d FROM today) "
-        "AND (SELECT d FROM today) + 1), "
-        "count(*) FILTER (WHERE {day}::date >= (SELECT d FROM today)) FROM {table}").format(
-            day=day, table=sql.Identifier(schema, table))
+async def guard(conn: Any, calendar: PriorityConfig, changed: Sequence[str],
+                reason: str | None) -> str | None:
+    """Refuse (ReplayRefused) to change *changed* on a wedding day unless *reason*; the
+    guard's finding when it was overridden, else None (module docstring)."""
     import psycopg
 
     try:
-        cur = await conn.execute(query, (calendar.timezone,))
+        why = await wedding_day(conn, calendar)
     except psycopg.Error as exc:
         raise ReplayRefused(
             f"cannot read the wedding calendar {calendar.weddings_table}."
             f"{calendar.wedding_date_column} of the target: {first_line(exc)} (name the "
             "weddings table and date column in the [priority] section of --config)") from None
-    saturday, soon, upcoming = await cur.fetchone()
-    found = ([f"it is Saturday and {upcoming} wedding(s) in {calendar.weddings_table} are "
-              "upcoming"] if saturday and upcoming else []) + (
-        [f"{soon} wedding(s) in {calendar.weddings_table} are today or tomorrow"]
-        if soon else [])
-    return " and ".join(found) if found else None
-
-
-async def guard(conn: Any, calendar: PriorityConfig, changed: Sequence[str],
-                reason: str | None) -> str | None:
-    """Refuse (ReplayRefused) to change *changed* on a wedding day unless *reason*; the
-    guard's finding when it was overridden, else None (module docstring)."""
-    why = await wedding_day(conn, calendar)
     if why is None:
         return None
     if not reason:

@@ -30,7 +30,7 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,6 +63,9 @@ class CompactionStats:
     tables_compacted: int = 0
     last_success_at: float = 0.0  # wall clock (time.time())
     last_seconds: float = 0.0
+    retention_runs: int = 0
+    retention_failures: int = 0
+    retention_deleted: int = 0  # objects
 
 
 class Compactor:
@@ -72,6 +75,7 @@ class Compactor:
                  keyring_file: Path | None = None, *,
                  written: Callable[[], int] | None = None,
                  leader: Callable[[], bool] | None = None,
+                 wedding_day: Callable[[], Awaitable[str | None]] | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.destination = destination
         self.environ = child_environment(environ, destination.url)
@@ -81,6 +85,7 @@ class Compactor:
         # Whether this process runs the destination's compaction: of several sink processes
         # for one destination (sink/members.py), only the checkpointer does.
         self._leader = leader
+        self._wedding_day = wedding_day  # the calendar's finding, for retention
         self._clock = clock
         self._stopping = asyncio.Event()
 
@@ -125,15 +130,13 @@ class Compactor:
             last_started = self._clock()
             written_then = self._written() if self._written is not None else 0
             await self.run_once()
+            await self.run_retention()
 
-    async def run_once(self) -> bool:
-        """One compaction run; whether it succeeded. Failures are logged and counted (the
-        schedule goes on: a store down now may be back at the next check)."""
-        name = self.destination.name
-        started = time.monotonic()
-        self.stats.runs += 1
+    async def _child(self, command: list[str], what: str
+                     ) -> tuple[int | None, bytes, bytes] | None:
+        """Run *command*; its exit code and output, or None when the service stopped first."""
         child = await asyncio.create_subprocess_exec(
-            *self.command(), env=self.environ, stdout=asyncio.subprocess.PIPE,
+            *command, env=self.environ, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE)
         waiting = asyncio.ensure_future(child.communicate())
         stopping = asyncio.ensure_future(self._stopping.wait())
@@ -146,21 +149,74 @@ class Compactor:
             stopping.cancel()
         if not waiting.done():
             await _end(child, waiting)
-            log.info("compaction of destination %s stopped with the service", name)
-            return False
+            log.info("%s of destination %s stopped with the service", what,
+                     self.destination.name)
+            return None
         out, err = waiting.result()
+        return child.returncode, out, err
+
+    async def run_retention(self) -> bool:
+        """One retention run (`replicator retention`, `[destinations.retention]`), skipped
+        on a wedding day (a scheduled run never overrides the guard) or when the calendar
+        cannot be read; whether it ran and succeeded."""
+        settings, name = self.destination.retention, self.destination.name
+        if settings.keep is None:
+            return False
+        try:
+            finding = await self._wedding_day() if self._wedding_day is not None else None
+        except Exception as exc:  # the calendar cannot be read: do not delete today
+            log.warning("retention of destination %s skipped: the wedding calendar cannot be "
+                        "read (%s)", name, type(exc).__name__)
+            return False
+        if finding:
+            log.info("retention of destination %s skipped: %s", name, finding)
+            return False
+        command = [sys.executable, "-m", "replicator", "retention", "--from",
+                   self.destination.url, "--destination", name, "--keep", settings.keep,
+                   "--grace", settings.grace, "--nice", str(NICENESS), "--json"]
+        if self.keyring_file is not None:
+            command += ["--keyring", str(self.keyring_file)]
+        done = await self._child(command, "retention")
+        if done is None:
+            return False
+        code, out, err = done
+        self.stats.retention_runs += 1
+        if code != 0:
+            self.stats.retention_failures += 1
+            lines = err.decode(errors="replace").strip().splitlines()
+            log.warning("retention of destination %s failed (exit %s): %s", name, code,
+                        lines[-1] if lines else "no message")
+            return False
+        with contextlib.suppress(ValueError, IndexError):
+            report = json.loads(out.decode().strip().splitlines()[-1])
+            self.stats.retention_deleted += int(report.get("deleted", 0))
+            if report.get("deleted") or report.get("undeletable"):
+                log.info("retention of destination %s: %s objects deleted, %s not deletable",
+                         name, report.get("deleted"), len(report.get("undeletable") or {}))
+        return True
+
+    async def run_once(self) -> bool:
+        """One compaction run; whether it succeeded. Failures are logged and counted (the
+        schedule goes on: a store down now may be back at the next check)."""
+        name = self.destination.name
+        started = time.monotonic()
+        self.stats.runs += 1
+        done = await self._child(self.command(), "compaction")
+        if done is None:
+            return False
+        returncode, out, err = done
         seconds = time.monotonic() - started
         message = err.decode(errors="replace").strip().splitlines()
         last = message[-1] if message else "no message"
-        if child.returncode == EXIT_NEEDS_OPERATOR:
+        if returncode == EXIT_NEEDS_OPERATOR:
             # A refusal: nothing to compact yet (no checkpoint or no snapshot in the
             # archive yet, as after a first start); not a failure.
             log.info("compaction of destination %s: nothing to do now: %s", name, last)
             return True
-        if child.returncode != 0:
+        if returncode != 0:
             self.stats.failures += 1
             log.warning("compaction of destination %s failed (exit %s): %s", name,
-                        child.returncode, last)
+                        returncode, last)
             return False
         try:
             summary = json.loads(out.decode().strip().splitlines()[-1])
@@ -168,13 +224,13 @@ class Compactor:
             self.stats.failures += 1
             log.warning("compaction of destination %s printed no summary", name)
             return False
-        done = [t for t, s in summary.get("tables", {}).items() if s.get("done")]
-        self.stats.tables_compacted += len(done)
+        tables = [t for t, s in summary.get("tables", {}).items() if s.get("done")]
+        self.stats.tables_compacted += len(tables)
         self.stats.last_success_at = time.time()
         self.stats.last_seconds = seconds
-        if done:
-            log.info("compacted %s of destination %s at %s in %.1f s", ", ".join(done), name,
-                     summary.get("target"), seconds)
+        if tables:
+            log.info("compacted %s of destination %s at %s in %.1f s", ", ".join(tables),
+                     name, summary.get("target"), seconds)
         return True
 
 

@@ -22,6 +22,7 @@ from replicator.archive.layout import checkpoints_prefix
 from replicator.config import Config
 from replicator.crypto import CryptoError, Keyring
 from replicator.errors import OperatorError
+from replicator.priority import wedding_day
 from replicator.sink.compaction import CompactionStats, Compactor
 from replicator.sink.shared import SharedDecodes
 from replicator.sink.stats import SinkStats
@@ -45,6 +46,21 @@ def load_keyring(config: Config, environ: Mapping[str, str]) -> Keyring:
 
 def _rows_written(stats: SinkStats) -> Callable[[], int]:
     return lambda: stats.changes_written
+
+
+async def wedding_day_finding(config: Config) -> str | None:
+    """The wedding-day guard's finding from the source database's calendar (retention
+    does not run on a wedding day); `psycopg.Error` when it cannot be read."""
+    if not config.priority.weddings_table:
+        return None
+    import psycopg
+    from psycopg.conninfo import make_conninfo
+
+    src = config.source
+    password = src.password.get_secret_value() if src.password else None
+    dsn = make_conninfo(src.dsn, password=password) if password else src.dsn
+    async with await psycopg.AsyncConnection.connect(dsn, connect_timeout=10) as conn:
+        return await wedding_day(conn, config.priority)
 
 
 class Sinks:
@@ -92,7 +108,8 @@ class Sinks:
                 self.compactors[destination.name] = Compactor(
                     destination, self.environ, self.config.encryption.keyring_file,
                     written=_rows_written(worker.stats),
-                    leader=partial(getattr, worker, "checkpointer"))
+                    leader=partial(getattr, worker, "checkpointer"),
+                    wedding_day=partial(wedding_day_finding, self.config))
 
     async def _preflight(self, name: str, store: ObjectStore) -> None:
         """One LIST of the destination's checkpoints, to catch what only an operator can fix

@@ -22,12 +22,14 @@ import pytest
 from connectors.base import ObjectStore
 from connectors.registry import open_store
 from replicator.archive.layout import AUDIT, SEGMENTS, SNAPSHOTS
+from replicator.config import RetentionConfig
 from replicator.crypto import decrypt
 from replicator.position import Lsn
 from replicator.replay.compact import compact
 from replicator.replay.plan import ReplayRefused
 from replicator.replay.retention import retention
 from replicator.replay.targets import PostgresTarget
+from replicator.sink.compaction import Compactor
 from tests.conftest import StoreTarget
 from tests.integration.archive_helpers import keyring, sink_environ
 from tests.integration.replay_helpers import build_archive, restore_db, restored_state, run_replay
@@ -110,3 +112,40 @@ async def test_retention_keeps_every_point_of_the_window(
         with restore_db(pg_server_dsn) as target, pytest.raises(ReplayRefused) as refused:
             await run_replay(dest.url, PostgresTarget(target), Lsn(early.lsn))
         assert "oldest restorable point" in str(refused.value), refused.value
+
+
+async def test_the_service_runs_retention_after_compaction(
+        pg_dsn: str, kafka_bootstrap: str, topic_prefix: str, tmp_path: Path) -> None:
+    """`[destinations.retention]`: the service's compaction schedule runs `replicator
+    retention` after each compaction check, never on a wedding day."""
+    points, dests = await build_archive(pg_dsn, kafka_bootstrap, topic_prefix, tmp_path,
+                                        transactions=20, points_at=(5, 19))
+    dest = dests[0].model_copy(update={"retention": RetentionConfig(keep="1s", grace="1s")})
+    finding: list[str | None] = ["1 wedding(s) in public.weddings are today or tomorrow"]
+
+    async def calendar() -> str | None:
+        return finding[0]
+
+    compactor = Compactor(dest, sink_environ(), wedding_day=calendar)
+    assert await compactor.run_once()
+    store = open_store(dest.url, sink_environ())
+    try:
+        # A compaction at an earlier point too: the window's start (the last second, after
+        # the last commit) then has a base above the capture's snapshot.
+        await compact(store, keyring(), at=Lsn(points[0].lsn))
+        before = await names(store, "")
+        await asyncio.sleep(1.5)  # the window (the last second) starts after the compaction
+        assert not await compactor.run_retention()  # a wedding day: skipped
+        assert await names(store, "") == before and compactor.stats.retention_runs == 0
+        finding[0] = None
+        assert await compactor.run_retention()  # marks
+        await asyncio.sleep(1.5)
+        assert await compactor.run_retention()  # deletes what was unneeded for the grace
+        assert compactor.stats.retention_deleted > 0 and not compactor.stats.retention_failures
+        assert len(await names(store, SNAPSHOTS)) < len({k for k in before
+                                                         if k.startswith(SNAPSHOTS)})
+    finally:
+        await store.close()
+    with restore_db(pg_dsn) as target:
+        await run_replay(dest.url, PostgresTarget(target), Lsn(points[-1].lsn))
+        assert restored_state(target) == points[-1].state
