@@ -17,6 +17,7 @@ from replicator.cli.rollback import rollback
 from replicator.cli.run import run
 from replicator.cli.snapshot import snapshot
 from replicator.cli.status import status
+from replicator.cli.usage import usage
 
 
 @click.group(cls=ReplicatorGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -35,4 +36,5 @@ main.add_command(rollback)
 main.add_command(run)
 main.add_command(snapshot)
 main.add_command(status)
+main.add_command(usage)
 main.add_command(verify)

@@ -28,6 +28,7 @@ otherwise (`metrics.listen`), and exposes no configuration and no secrets.
 | `wedsync_compaction_runs_total` | destination | compaction runs (`replicator compact`) |
 | `wedsync_compaction_failures_total` | destination | compaction runs that failed |
 | `wedsync_compaction_last_success_timestamp_seconds` | destination | end of the last good run |
+| `wedsync_archive_objects`, `..._bytes` | destination, kind | the archive, after each compaction |
 """
 
 from __future__ import annotations
@@ -149,11 +150,18 @@ class PipelineCollector(Collector):
         last = GaugeMetricFamily("wedsync_compaction_last_success_timestamp_seconds",
                                  "End of the last successful compaction run (Unix time)",
                                  labels=["destination"])
+        objects = GaugeMetricFamily("wedsync_archive_objects", "Objects the archive holds",
+                                    labels=["destination", "kind"])
+        size = GaugeMetricFamily("wedsync_archive_bytes", "Bytes the archive holds",
+                                 labels=["destination", "kind"])
         for name, stats in sorted(self._compaction().items()):
             runs.add_metric([name], stats.runs)
             failed.add_metric([name], stats.failures)
             last.add_metric([name], stats.last_success_at)
-        yield from (runs, failed, last)
+            for kind, row in sorted(stats.usage.items()):
+                objects.add_metric([name, kind], row.get("objects", 0))
+                size.add_metric([name, kind], row.get("bytes", 0))
+        yield from (runs, failed, last, objects, size)
 
 
 #: What one client may take of the endpoint: the request line and headers together, the

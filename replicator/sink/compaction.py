@@ -31,7 +31,7 @@ import logging
 import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from replicator.config import DestinationConfig
@@ -66,6 +66,9 @@ class CompactionStats:
     retention_runs: int = 0
     retention_failures: int = 0
     retention_deleted: int = 0  # objects
+    # What the archive holds, by object kind (`replicator usage`, after each compaction):
+    # kind -> {"objects": n, "bytes": n}
+    usage: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 class Compactor:
@@ -131,6 +134,7 @@ class Compactor:
             written_then = self._written() if self._written is not None else 0
             await self.run_once()
             await self.run_retention()
+            await self.run_usage()
 
     async def _child(self, command: list[str], what: str
                      ) -> tuple[int | None, bytes, bytes] | None:
@@ -194,6 +198,24 @@ class Compactor:
                 log.info("retention of destination %s: %s objects deleted, %s not deletable",
                          name, report.get("deleted"), len(report.get("undeletable") or {}))
         return True
+
+    async def run_usage(self) -> None:
+        """Refresh `stats.usage` (`replicator usage --json`); a failure is only logged."""
+        command = [sys.executable, "-m", "replicator", "usage", "--from",
+                   self.destination.url, "--destination", self.destination.name, "--json"]
+        if self.keyring_file is not None:
+            command += ["--keyring", str(self.keyring_file)]
+        done = await self._child(command, "usage")
+        if done is None:
+            return
+        code, out, err = done
+        try:
+            if code != 0:
+                raise ValueError(err.decode(errors="replace").strip()[-300:])
+            self.stats.usage = json.loads(out.decode().strip().splitlines()[-1])["by_kind"]
+        except (ValueError, IndexError, KeyError) as exc:
+            log.warning("usage of destination %s not refreshed: %s", self.destination.name,
+                        exc)
 
     async def run_once(self) -> bool:
         """One compaction run; whether it succeeded. Failures are logged and counted (the

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 from datetime import timedelta
 from pathlib import Path
 
@@ -29,6 +31,7 @@ from replicator.replay.compact import compact
 from replicator.replay.plan import ReplayRefused
 from replicator.replay.retention import retention
 from replicator.replay.targets import PostgresTarget
+from replicator.replay.usage import usage
 from replicator.sink.compaction import Compactor
 from tests.conftest import StoreTarget
 from tests.integration.archive_helpers import keyring, sink_environ
@@ -138,10 +141,28 @@ async def test_the_service_runs_retention_after_compaction(
         assert not await compactor.run_retention()  # a wedding day: skipped
         assert await names(store, "") == before and compactor.stats.retention_runs == 0
         finding[0] = None
+        # What `replicator usage` says before, and what retention would free.
+        seen = await usage(store, keyring(), keep=timedelta(seconds=1))
+        listing = [info async for info in store.list("")]
+        assert seen.objects == len(listing) and seen.bytes == sum(i.size for i in listing)
+        assert {"change segments", "capture snapshot parts", "compaction snapshots",
+                "transaction records"} <= set(seen.by_kind)
+        assert {"public.guests", "public.vendors"} <= set(seen.by_table)
+        assert sum(seen.by_day.values()) > 0 and "earlier" not in seen.by_day
+        assert seen.retention is not None and seen.retention["objects"] > 0
+        done = await asyncio.to_thread(subprocess.run, [
+            sys.executable, "-m", "replicator", "usage", "--from", dest.url, "--json",
+            "--keep", "1s"], capture_output=True, text=True, env=sink_environ(), check=False)
+        assert done.returncode == 0, done.stderr
+        doc = json.loads(done.stdout.strip().splitlines()[-1])
+        assert doc["objects"] == seen.objects
+        assert doc["retention_would_free"]["objects"] == seen.retention["objects"]
         assert await compactor.run_retention()  # marks
         await asyncio.sleep(1.5)
         assert await compactor.run_retention()  # deletes what was unneeded for the grace
         assert compactor.stats.retention_deleted > 0 and not compactor.stats.retention_failures
+        await compactor.run_usage()  # the totals the service exports as metrics
+        assert compactor.stats.usage["change segments"]["objects"] > 0
         assert len(await names(store, SNAPSHOTS)) < len({k for k in before
                                                          if k.startswith(SNAPSHOTS)})
     finally:
