@@ -364,6 +364,15 @@ def listen_address(text: str) -> tuple[str, int]:
     return host or "127.0.0.1", int(port)
 
 
+class EveConfig(_Model):
+    """Eve snapshots (`replicator.eve`): `hours_before` each wedding of the calendar, an
+    on-demand snapshot of its rows, once; checked every `check_every_s`."""
+
+    enabled: bool = True
+    hours_before: float = Field(default=24.0, gt=0)
+    check_every_s: float = Field(default=300.0, gt=0)
+
+
 class Config(_Model):
     source: SourceConfig
     priority: PriorityConfig = Field(default_factory=PriorityConfig)
@@ -372,6 +381,7 @@ class Config(_Model):
     destinations: tuple[DestinationConfig, ...] = ()
     encryption: EncryptionConfig = Field(default_factory=EncryptionConfig)
     impact: ImpactConfig = Field(default_factory=ImpactConfig)
+    eve: EveConfig = Field(default_factory=EveConfig)
     shutdown_deadline_s: Annotated[float, Field(gt=0)] = 30.0
 
     @model_validator(mode="before")

@@ -102,6 +102,7 @@ DEAD_LETTERS: Final = "deadletters/"
 CLAIMS: Final = "claims/"
 PROGRESS: Final = "progress/"
 RETENTION: Final = "retention/"
+EVES: Final = "eves/"
 RETENTION_FLOORS: Final = "retention/floor/"
 
 _HEX16: Final = "[0-9A-F]{16}"
@@ -482,3 +483,11 @@ def parse_retention_floor(key: str) -> Lsn | None:
     """The LSN of a `retention_floor_key`, or None for any other name."""
     match = re.fullmatch(rf"retention/floor/({_HEX16})", key)
     return Lsn(int(match[1], 16)) if match else None
+
+
+def eve_key(wedding: str, day: str) -> str:
+    """`eves/<wedding>/<date>.json`: the eve snapshot of that wedding was taken (JSON,
+    encrypted: rows, when; `replicator.eve`)."""
+    if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", day) or not wedding:
+        raise ValueError(f"invalid eve record name parts {wedding!r}, {day!r}")
+    return f"{EVES}{quote(wedding, safe='')}/{day}.json"

@@ -112,6 +112,10 @@ def run(config_path: Path, only: str | None, accept_gap: bool, log_level: str) -
 
     capture = Capture(config, accept_gap=accept_gap) if only != "sinks" else None
     sinks = Sinks(config) if only != "capture" and config.destinations else None
+    from replicator.eve import EveSnapshots
+
+    eve = (EveSnapshots(config, capture.dsn) if capture is not None and config.eve.enabled
+           and config.priority.weddings_table else None)
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
@@ -124,6 +128,8 @@ def run(config_path: Path, only: str | None, accept_gap: bool, log_level: str) -
                 log.info("stopping: draining in-flight changes (signal again to exit at once)")
                 if capture is not None:
                     capture.stop()
+                if eve is not None:
+                    eve.stop()
                 if sinks is not None:
                     sinks.stop()
             else:
@@ -163,6 +169,8 @@ def run(config_path: Path, only: str | None, accept_gap: bool, log_level: str) -
                     tasks.append(group.create_task(capture.run(), name="capture"))
                 if sinks is not None:
                     tasks.append(group.create_task(sinks.run(), name="sinks"))
+                if eve is not None:
+                    tasks.append(group.create_task(eve.run(), name="eve snapshots"))
         finally:
             await metrics.stop()
 

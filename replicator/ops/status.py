@@ -36,7 +36,13 @@ from psycopg.conninfo import make_conninfo
 from connectors.base import ObjectStore
 from connectors.registry import open_store
 from replicator.archive import reader
-from replicator.archive.layout import is_manifest_key, parse_manifest_key, snapshots_prefix
+from replicator.archive.layout import (
+    EVES,
+    eve_key,
+    is_manifest_key,
+    parse_manifest_key,
+    snapshots_prefix,
+)
 from replicator.config import Config, DestinationConfig
 from replicator.crypto import Keyring
 from replicator.events import TIER_ORDER, Tier
@@ -413,4 +419,30 @@ async def gather(config: Config, keyring: Keyring | None, environ: dict[str, str
         jobs += [destination_status(d, config, keyring, report, limits, metrics, environ)
                  for d in config.destinations]
     await asyncio.gather(*jobs)
+    await _eves(config, report, environ)
     return report
+
+
+async def _eves(config: Config, report: Report, environ: dict[str, str]) -> None:
+    """Mark each critical wedding with whether its eve snapshot is in the first
+    destination (`eves/<wedding>/<date>.json`, replicator.eve)."""
+    weddings = report.readings.get("critical_weddings")
+    if not weddings or not config.destinations:
+        return
+    try:
+        store = open_store(config.destinations[0].url, environ)
+    except Exception:  # reported by the destination's own check
+        return
+    try:
+        names = {info.key async for info in store.list(EVES)}
+    except Exception:
+        return
+    finally:
+        await store.close()
+    for wedding in weddings:
+        wedding["eve_snapshot"] = eve_key(wedding["id"], wedding["date"]) in names
+    missing = [w["id"] for w in weddings if not w["eve_snapshot"]]
+    report.add("weddings", Level.OK, "eve snapshots: " + (
+        f"taken for all {len(weddings)}" if not missing else
+        f"{len(weddings) - len(missing)} of {len(weddings)} (not yet: "
+        + ", ".join(missing[:10]) + "; each is taken hours_before its day)"))

@@ -21,7 +21,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from connectors.base import ObjectStore
 from connectors.errors import StoreError
 from replicator.archive import reader
-from replicator.archive.layout import checkpoint_key, dead_letter_key, gap_key
+from replicator.archive.layout import checkpoint_key, dead_letter_key, eve_key, gap_key
 from replicator.archive.reader import CHECKPOINTS_KEPT, checkpoint_document, checkpoint_names
 from replicator.crypto import Keyring
 from replicator.events import TIER_ORDER, Tier
@@ -99,9 +99,19 @@ class RecordedGaps:
         produces anything after it, and this reads the state topic to its end now: so a
         checkpoint written after this never passes a gap the store does not show."""
         for key, value in await self._state.read_new():
-            if key.startswith("gap/") and value is not None:
+            if key.startswith(("gap/", "eve/")) and value is not None:
                 self._due[key] = value
         for key, value in list(self._due.items()):
+            if key.startswith("eve/"):  # an eve snapshot taken (replicator.eve)
+                try:
+                    name = eve_key(str(value["wedding"]), str(value["date"]))
+                except (KeyError, ValueError) as exc:
+                    log.warning("destination %s: state entry %s is not an eve record (%s)",
+                                self.destination, key, exc)
+                else:
+                    await self._put(name, json.dumps(value, sort_keys=True).encode())
+                del self._due[key]
+                continue
             start, end = Lsn(value["from_lsn"]), Lsn(value["to_lsn"])
             await self._put(gap_key(start, end), json.dumps(value, sort_keys=True).encode())
             del self._due[key]
