@@ -373,6 +373,43 @@ class EveConfig(_Model):
     check_every_s: float = Field(default=300.0, gt=0)
 
 
+class IncidentsConfig(_Model):
+    """Incident detection (`replicator.ops.incidents`): a critical or high wedding whose
+    distinct rows deleted or rewritten within `window_s` reach `share` of its rows (and at
+    least `min_rows`) raises an incident, at most once per `cooldown_s`."""
+
+    enabled: bool = True
+    share: float = Field(default=0.2, gt=0, le=1)
+    window_s: float = Field(default=60.0, gt=0)
+    min_rows: int = Field(default=10, ge=1)
+    cooldown_s: float = Field(default=600.0, ge=0)
+    impact_wait_s: float = Field(default=120.0, ge=0)
+
+
+class NotifyConfig(_Model):
+    """A webhook: each incident is POSTed to `url` as JSON."""
+
+    url: str
+    timeout_s: float = Field(default=10.0, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if not re.match(r"https?://[^/\s]+", value):
+            raise ValueError(f"{cls._display(value)!r} is not an http(s) URL")
+        return value
+
+    @staticmethod
+    def _display(url: str) -> str:
+        """*url* without credentials, path or query (they may hold a token)."""
+        match = re.match(r"(https?://)(?:[^@/]*@)?([^/?#]*)", url)
+        return f"{match[1]}{match[2]}/..." if match else "(not a URL)"
+
+    @property
+    def display(self) -> str:
+        return self._display(self.url)
+
+
 class Config(_Model):
     source: SourceConfig
     priority: PriorityConfig = Field(default_factory=PriorityConfig)
@@ -382,6 +419,8 @@ class Config(_Model):
     encryption: EncryptionConfig = Field(default_factory=EncryptionConfig)
     impact: ImpactConfig = Field(default_factory=ImpactConfig)
     eve: EveConfig = Field(default_factory=EveConfig)
+    incidents: IncidentsConfig = Field(default_factory=IncidentsConfig)
+    notify: tuple[NotifyConfig, ...] = ()
     shutdown_deadline_s: Annotated[float, Field(gt=0)] = 30.0
 
     @model_validator(mode="before")

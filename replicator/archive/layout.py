@@ -103,6 +103,7 @@ CLAIMS: Final = "claims/"
 PROGRESS: Final = "progress/"
 RETENTION: Final = "retention/"
 EVES: Final = "eves/"
+INCIDENTS: Final = "incidents/"
 RETENTION_FLOORS: Final = "retention/floor/"
 
 _HEX16: Final = "[0-9A-F]{16}"
@@ -491,3 +492,12 @@ def eve_key(wedding: str, day: str) -> str:
     if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", day) or not wedding:
         raise ValueError(f"invalid eve record name parts {wedding!r}, {day!r}")
     return f"{EVES}{quote(wedding, safe='')}/{day}.json"
+
+
+def incident_key(ident: str, part: str | None = None) -> str:
+    """`incidents/<id>.json` (the record), `incidents/<id>-<part>.json` (e.g. its impact
+    report); JSON, encrypted (`ops.incidents`)."""
+    if not re.fullmatch(r"[0-9a-f]{1,32}", ident) or (
+            part is not None and not re.fullmatch(r"[a-z]{1,16}", part)):
+        raise ValueError(f"invalid incident record name parts {ident!r}, {part!r}")
+    return f"{INCIDENTS}{ident}" + (f"-{part}" if part else "") + ".json"

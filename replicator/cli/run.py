@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -85,6 +86,16 @@ def setup_logging(level: str) -> None:
     logging.getLogger("aiokafka.cluster").setLevel(logging.CRITICAL)
 
 
+def _keyring_or_none(config: Any) -> Any:
+    """The archive's keys, for the incident watcher's impact reports; None without them."""
+    from replicator.sink.service import SinkSetupError, load_keyring
+
+    try:
+        return load_keyring(config, os.environ)
+    except SinkSetupError:
+        return None
+
+
 @click.command()
 @click.option("--config", "config_path", type=click.Path(path_type=Path), required=True,
               help="TOML configuration file (see examples/local.toml).")
@@ -116,6 +127,11 @@ def run(config_path: Path, only: str | None, accept_gap: bool, log_level: str) -
 
     eve = (EveSnapshots(config, capture.dsn) if capture is not None and config.eve.enabled
            and config.priority.weddings_table else None)
+    from replicator.ops.incidents import IncidentWatcher
+
+    watcher = (IncidentWatcher(config, capture.dsn, _keyring_or_none(config), dict(os.environ))
+               if capture is not None and config.incidents.enabled
+               and config.priority.weddings_table else None)
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
@@ -130,6 +146,8 @@ def run(config_path: Path, only: str | None, accept_gap: bool, log_level: str) -
                     capture.stop()
                 if eve is not None:
                     eve.stop()
+                if watcher is not None:
+                    watcher.stop()
                 if sinks is not None:
                     sinks.stop()
             else:
@@ -158,7 +176,8 @@ def run(config_path: Path, only: str | None, accept_gap: bool, log_level: str) -
         metrics = MetricsServer(
             config.metrics.listen,
             PipelineCollector(lambda: capture, lambda: sinks.stats if sinks else {},
-                              lambda: sinks.compaction_stats if sinks else {}),
+                              lambda: sinks.compaction_stats if sinks else {},
+                              lambda: watcher.total if watcher else None),
             ready=readiness)
         await metrics.start()  # first: if its port is taken, nothing else was opened
         try:
@@ -171,6 +190,8 @@ def run(config_path: Path, only: str | None, accept_gap: bool, log_level: str) -
                     tasks.append(group.create_task(sinks.run(), name="sinks"))
                 if eve is not None:
                     tasks.append(group.create_task(eve.run(), name="eve snapshots"))
+                if watcher is not None:
+                    tasks.append(group.create_task(watcher.run(), name="incident watcher"))
         finally:
             await metrics.stop()
 

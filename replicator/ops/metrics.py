@@ -13,6 +13,7 @@ otherwise (`metrics.listen`), and exposes no configuration and no secrets.
 | `wedsync_capture_transactions_total` | | transactions published |
 | `wedsync_capture_reconnects_total` | | stream reconnects |
 | `wedsync_capture_unresolved_weddings_total` | | changes whose wedding id did not resolve |
+| `wedsync_incidents_total` | | incidents raised (`ops.incidents`) |
 | `wedsync_sink_checkpoint_lsn` | destination, tier | durable position (tier `all`: overall) |
 | `wedsync_sink_lag_records` | destination, partition | records not yet read |
 | `wedsync_rpo_seconds` | destination, tier | age of the oldest change not yet durable (0: none) |
@@ -55,12 +56,18 @@ class MetricsError(OperatorError):
 class PipelineCollector(Collector):
     def __init__(self, capture: Callable[[], Any | None],
                  sinks: Callable[[], Mapping[str, Any]],
-                 compaction: Callable[[], Mapping[str, Any]] | None = None) -> None:
+                 compaction: Callable[[], Mapping[str, Any]] | None = None,
+                 incidents: Callable[[], int | None] | None = None) -> None:
         self._capture = capture
         self._sinks = sinks
         self._compaction = compaction or dict
+        self._incidents = incidents or (lambda: None)
 
     def collect(self) -> Iterator[Metric]:
+        incidents = self._incidents()
+        if incidents is not None:
+            yield CounterMetricFamily("wedsync_incidents", "Incidents raised (a bulk delete or "
+                                      "rewrite of a near wedding's rows)", value=incidents)
         capture = self._capture()
         if capture is not None:
             stats = capture.stats

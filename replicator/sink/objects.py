@@ -21,7 +21,13 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from connectors.base import ObjectStore
 from connectors.errors import StoreError
 from replicator.archive import reader
-from replicator.archive.layout import checkpoint_key, dead_letter_key, eve_key, gap_key
+from replicator.archive.layout import (
+    checkpoint_key,
+    dead_letter_key,
+    eve_key,
+    gap_key,
+    incident_key,
+)
 from replicator.archive.reader import CHECKPOINTS_KEPT, checkpoint_document, checkpoint_names
 from replicator.crypto import Keyring
 from replicator.events import TIER_ORDER, Tier
@@ -99,14 +105,15 @@ class RecordedGaps:
         produces anything after it, and this reads the state topic to its end now: so a
         checkpoint written after this never passes a gap the store does not show."""
         for key, value in await self._state.read_new():
-            if key.startswith(("gap/", "eve/")) and value is not None:
+            if key.startswith(("gap/", "eve/", "incident/")) and value is not None:
                 self._due[key] = value
         for key, value in list(self._due.items()):
-            if key.startswith("eve/"):  # an eve snapshot taken (replicator.eve)
+            if key.startswith(("eve/", "incident/")):  # replicator.eve, ops.incidents
                 try:
-                    name = eve_key(str(value["wedding"]), str(value["date"]))
+                    name = (eve_key(str(value["wedding"]), str(value["date"]))
+                            if key.startswith("eve/") else incident_key(str(value["id"])))
                 except (KeyError, ValueError) as exc:
-                    log.warning("destination %s: state entry %s is not an eve record (%s)",
+                    log.warning("destination %s: state entry %s is not a record (%s)",
                                 self.destination, key, exc)
                 else:
                     await self._put(name, json.dumps(value, sort_keys=True).encode())
