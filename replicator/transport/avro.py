@@ -37,21 +37,22 @@ import io
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import date, datetime, time, timedelta
-from decimal import Decimal
 from pathlib import Path
 from time import time_ns
 from typing import Any, Final, cast
-from uuid import UUID
 
 from fastavro import parse_schema, schemaless_reader, schemaless_writer
 from fastavro.schema import fingerprint, to_parsing_canonical_form
 
 from replicator import __version__
-from replicator.errors import ReplicatorError
 from replicator.events import ChangeEvent, TransactionRecord
-from replicator.keys import Infinity, Interval
-from replicator.position import Lsn
+from replicator.transport.avroencode import (
+    CONNECTOR,
+    CodecError,
+    EncodeError,
+    EnvelopeWriter,
+    _row,
+)
 from replicator.transport.avrovalues import (
     ARRAY,
     DATE,
@@ -68,28 +69,7 @@ from replicator.transport.avrovalues import (
     to_python,
     transaction_from_dict,
 )
-from replicator.transport.avrovalues import (
-    EPOCH as _EPOCH,
-)
-from replicator.transport.avrovalues import (
-    EPOCH_ORDINAL as _EPOCH_ORDINAL,
-)
-from replicator.transport.avrovalues import (
-    EPOCH_UTC as _EPOCH_UTC,
-)
-from replicator.transport.avrovalues import (
-    INT_MAX as _INT_MAX,
-)
-from replicator.transport.avrovalues import (
-    INT_MIN as _INT_MIN,
-)
-from replicator.transport.avrovalues import (
-    LONG_MAX as _LONG_MAX,
-)
-from replicator.transport.avrovalues import (
-    LONG_MIN as _LONG_MIN,
-)
-from replicator.transport.avrowrite import Unsupported, compile_writer, write_long, write_string
+from replicator.transport.avrowrite import Unsupported
 
 __all__ = [
     "ARRAY",
@@ -119,7 +99,6 @@ __all__ = [
 ]
 
 SCHEMA_DIR: Final = Path(__file__).resolve().parents[2] / "schemas"
-CONNECTOR: Final = "wedsync-replicator"
 SINGLE_OBJECT_MARKER: Final = b"\xc3\x01"
 CONFLUENT_MAGIC: Final = 0
 _CONFLUENT_BYTE: Final = bytes([CONFLUENT_MAGIC])
@@ -164,15 +143,6 @@ EVENT_RECORD: Final = f"{NAMESPACE}.ChangeEvent"
 TRANSACTION_RECORD: Final = f"{NAMESPACE}.TransactionRecord"
 
 
-
-class CodecError(ReplicatorError, ValueError):
-    """A message cannot be encoded or decoded."""
-
-
-class EncodeError(CodecError):
-    """A value has no Avro form; the message names the column and Python type, not the value."""
-
-
 class UnknownSchemaError(CodecError):
     """The message was written with a schema this codec does not know."""
 
@@ -188,168 +158,6 @@ def load_schema(name: str) -> dict[str, Any]:
     """The JSON of `schemas/<name>.avsc`."""
     schema: dict[str, Any] = json.loads((SCHEMA_DIR / f"{name}.avsc").read_text())
     return schema
-
-
-# --- Python value -> Avro union datum --------------------------------------------------------
-
-
-_MICRO: Final = timedelta(microseconds=1)
-
-# Hints are Postgres base type names, array types with or without the leading underscore.
-_JSON_KINDS: Final = frozenset({"json", "jsonb", "_json", "_jsonb", "json[]", "jsonb[]"})
-_INFINITY_KINDS: Final[dict[str, str]] = {
-    variant: kind
-    for kind, names in {
-        "date": ("date",),
-        "timestamp": ("timestamp", "timestamp without time zone"),
-        "timestamptz": ("timestamptz", "timestamp with time zone"),
-        "interval": ("interval",),
-    }.items()
-    for name in names
-    for variant in (name, f"_{name}", f"{name}[]")
-}
-_INFINITE: Final[dict[tuple[str, bool], tuple[str, dict[str, int]]]] = {
-    ("date", True): (DATE, {"days": _INT_MAX}),
-    ("date", False): (DATE, {"days": _INT_MIN}),
-    ("timestamp", True): (TIMESTAMP, {"micros": _LONG_MAX}),
-    ("timestamp", False): (TIMESTAMP, {"micros": _LONG_MIN}),
-    ("timestamptz", True): (TIMESTAMPTZ, {"micros": _LONG_MAX}),
-    ("timestamptz", False): (TIMESTAMPTZ, {"micros": _LONG_MIN}),
-    ("interval", True): (INTERVAL, {"months": _INT_MAX, "days": _INT_MAX, "micros": _LONG_MAX}),
-    ("interval", False): (INTERVAL, {"months": _INT_MIN, "days": _INT_MIN, "micros": _LONG_MIN}),
-}
-
-Datum = tuple[str, Any] | None
-_Encoder = Callable[[Any, str | None], Datum]
-
-
-def _none(value: None, kind: str | None) -> Datum:
-    return None
-
-
-def _bool(value: bool, kind: str | None) -> Datum:
-    return ("boolean", value)
-
-
-def _long(value: int, kind: str | None) -> Datum:
-    return ("long", value)
-
-
-def _double(value: float, kind: str | None) -> Datum:
-    return ("double", value)
-
-
-def _str(value: str, kind: str | None) -> Datum:
-    if kind is not None and kind in _JSON_KINDS:
-        return (JSON, {"text": value})
-    return ("string", value)
-
-
-def _bytes(value: bytes, kind: str | None) -> Datum:
-    return ("bytes", value)
-
-
-def _numeric(value: Decimal, kind: str | None) -> Datum:
-    # 'f' never uses an exponent (str() would print 1E-7) and keeps the scale: 1.50 stays 1.50.
-    return (NUMERIC, {"text": format(value, "f")})
-
-
-def _datetime(value: datetime, kind: str | None) -> Datum:
-    if value.tzinfo is None:
-        return (TIMESTAMP, {"micros": (value - _EPOCH) // _MICRO})
-    return (TIMESTAMPTZ, {"micros": (value - _EPOCH_UTC) // _MICRO})
-
-
-def _date(value: date, kind: str | None) -> Datum:
-    return (DATE, {"days": value.toordinal() - _EPOCH_ORDINAL})
-
-
-def _time_micros(value: time) -> int:
-    return ((value.hour * 60 + value.minute) * 60 + value.second) * 1_000_000 + value.microsecond
-
-
-def _time(value: time, kind: str | None) -> Datum:
-    offset = value.utcoffset()
-    if offset is None:
-        return (TIME, {"micros": _time_micros(value)})
-    return (TIMETZ, {"micros": _time_micros(value), "offset_s": offset // timedelta(seconds=1)})
-
-
-def _interval(value: Interval, kind: str | None) -> Datum:
-    return (
-        INTERVAL,
-        {"months": value.months, "days": value.days, "micros": value.microseconds},
-    )
-
-
-def _uuid(value: UUID, kind: str | None) -> Datum:
-    return (UUID_, {"text": str(value)})
-
-
-def _array(value: list[Any], kind: str | None) -> Datum:
-    return (ARRAY, {"items": [_value(item, kind) for item in value]})
-
-
-def _infinity(value: Infinity, kind: str | None) -> Datum:
-    target = _INFINITY_KINDS.get(kind) if kind is not None else None
-    if target is None:
-        raise EncodeError(
-            f"{value.value} needs the column's type (date, timestamp, timestamptz or interval) "
-            f"in column_types, got {kind!r}"
-        )
-    return _INFINITE[target, value is Infinity.POSITIVE]
-
-
-_ENCODERS: Final[dict[type, _Encoder]] = {
-    type(None): _none,
-    bool: _bool,
-    int: _long,
-    float: _double,
-    str: _str,
-    bytes: _bytes,
-    Decimal: _numeric,
-    datetime: _datetime,
-    date: _date,
-    time: _time,
-    Interval: _interval,
-    UUID: _uuid,
-    list: _array,
-    Infinity: _infinity,
-}
-
-
-def _encoder_for(cls: type) -> _Encoder:
-    """Subclasses (an IntEnum, an `Lsn`) encode like their nearest known base."""
-    for base in cls.__mro__[1:]:
-        encoder = _ENCODERS.get(base)
-        if encoder is not None:
-            _ENCODERS[cls] = encoder
-            return encoder
-    raise EncodeError(f"a {cls.__name__} has no Avro Value form")
-
-
-def _value(value: Any, kind: str | None) -> Datum:
-    cls = type(value)
-    encoder = _ENCODERS.get(cls) or _encoder_for(cls)
-    return encoder(value, kind)
-
-
-def _row(row: Mapping[str, Any], hints: Mapping[str, str] | None) -> dict[str, Datum]:
-    encoders = _ENCODERS
-    out: dict[str, Datum] = {}
-    name = ""
-    try:
-        if hints:
-            for name, value in row.items():
-                cls = type(value)
-                out[name] = (encoders.get(cls) or _encoder_for(cls))(value, hints.get(name))
-        else:
-            for name, value in row.items():
-                cls = type(value)
-                out[name] = (encoders.get(cls) or _encoder_for(cls))(value, None)
-    except EncodeError as exc:
-        raise EncodeError(f"column {name}: {exc}") from None
-    return out
 
 
 # --- the codec -------------------------------------------------------------------------------
@@ -375,112 +183,6 @@ class _Schema:
         )
 
 
-def _long_bytes(n: int) -> bytes:
-    out = bytearray()
-    write_long(out, n)
-    return bytes(out)
-
-
-class _EnvelopeWriter:
-    """The envelope's Avro body, written straight from a `ChangeEvent`: the bytes fastavro
-    writes for `EventCodec.event_datum` (checked by `tests/unit/test_avrowrite.py`), at about a
-    third of the cost. The parts that repeat (source constants, table names, column names,
-    ops, tiers) are encoded once; values go through `_ENCODERS` as for fastavro, then the
-    compiled Value union (`avrowrite`). Raises `Unsupported` (or `EncodeError`) for what it
-    does not take; the caller then uses fastavro."""
-
-    def __init__(self, schema: Mapping[str, Any], name: str) -> None:
-        fields = {f["name"]: f["type"] for f in schema["fields"]}
-        # ["null", {"type": "map", "values": <Value union, with the named types inline>}]
-        self._value = compile_writer(fields["before"][1]["values"],
-                                     namespace=str(schema.get("namespace", "")))
-        self._name = name
-        self._text: dict[str, bytes] = {}  # a string's Avro encoding (names, constants)
-        self._source: dict[tuple[str, str, str], bytes] = {}  # db, schema, table -> prefix
-        self._ts_ms, self._ts_ms_bytes = -1, b""
-        self._commit: tuple[Lsn, int, int] | None = None
-        self._commit_bytes = b""
-
-    def _string(self, text: str) -> bytes:
-        encoded = self._text.get(text)
-        if encoded is None:
-            out = bytearray()
-            write_string(out, text)
-            encoded = self._text[text] = bytes(out)
-        return encoded
-
-    def _row(self, out: bytearray, row: Mapping[str, Any], hints: Mapping[str, str] | None
-             ) -> None:
-        if not row:
-            out.append(0)
-            return
-        write_long(out, len(row))
-        encoders, value, text = _ENCODERS, self._value, self._string
-        for name, item in row.items():
-            out += text(name)
-            cls = type(item)
-            value(out, (encoders.get(cls) or _encoder_for(cls))(
-                item, hints.get(name) if hints else None))
-        out.append(0)
-
-    def write(self, out: bytearray, event: ChangeEvent, hints: Mapping[str, str] | None,
-              ts_ms: int) -> tuple[int, int]:
-        """Appends the body to *out*; where in *out* `ts_ms` is (start, end)."""
-        if event.before is None:
-            out.append(0)
-        else:
-            out.append(2)
-            self._row(out, event.before, hints)
-        if event.after is None:
-            out.append(0)
-        else:
-            out.append(2)
-            self._row(out, event.after, hints)
-        self._row(out, event.key, hints)
-        unchanged = event.unchanged
-        if unchanged:
-            write_long(out, len(unchanged))
-            for column in unchanged:
-                write_string(out, column)
-        out.append(0)
-        text = self._string
-        out += text(str(event.op))
-        if ts_ms != self._ts_ms:  # the same for every change of a millisecond
-            self._ts_ms, self._ts_ms_bytes = ts_ms, _long_bytes(ts_ms)
-        at = len(out)
-        out += self._ts_ms_bytes
-        where = (at, len(out))
-        source_key = (event.db, event.schema, event.table)
-        prefix = self._source.get(source_key)
-        if prefix is None:
-            prefix = self._source[source_key] = b"".join(
-                text(part) for part in (__version__, CONNECTOR, self._name, *source_key))
-        out += prefix
-        commit_lsn, seq = event.position
-        commit = (commit_lsn, event.xid, event.commit_ts_us)
-        if commit != self._commit:  # the same for every change of a transaction
-            commit_us = commit[2]
-            self._commit = commit
-            self._commit_bytes = b"".join(
-                _long_bytes(n) for n in (int(commit_lsn), commit[1], commit_us // 1000,
-                                         commit_us))
-        out += self._commit_bytes
-        write_long(out, seq)
-        if event.origin is None:
-            out.append(0)
-        else:
-            out.append(2)
-            write_string(out, event.origin)
-        out += text(str(event.tier))
-        wedding = event.wedding_id
-        if wedding is None:
-            out.append(0)
-        else:
-            out.append(2)
-            write_string(out, wedding)
-        return where
-
-
 class EventCodec:
     """Encodes and decodes the envelope and the transaction record.
 
@@ -495,9 +197,8 @@ class EventCodec:
         self._event = _Schema.of(load_schema("change_event"))
         self._transaction = _Schema.of(load_schema("transaction"))
         self._header_event = SINGLE_OBJECT_MARKER + self._event.fingerprint
-        self._fast = _EnvelopeWriter(load_schema("change_event"), name)
+        self._fast = EnvelopeWriter(load_schema("change_event"), name)
         self._header_transaction = SINGLE_OBJECT_MARKER + self._transaction.fingerprint
-        self._fast_transaction = compile_writer(load_schema("transaction"))
         # Writer schemas by fingerprint and by registry id; the reader is always our own.
         self._by_fingerprint: dict[bytes, _Schema] = {
             self._event.fingerprint: self._event,
@@ -645,12 +346,12 @@ class EventCodec:
 
     def encode_transaction(self, record: TransactionRecord, *, schema_id: int | None = None
                            ) -> bytes:
-        datum = self.transaction_datum(record)
         out = bytearray(_prefix(self._header_transaction, schema_id))
-        try:  # the compiled writer (`avrowrite`): the same bytes as fastavro's, faster
-            self._fast_transaction(out, datum)
+        try:  # the compiled writer (`avroencode`): the same bytes as fastavro's, faster
+            self._fast.write_transaction(out, record)
         except (Unsupported, TypeError, ValueError, OverflowError, KeyError):
-            return self._write(self._transaction, self._header_transaction, datum, schema_id)
+            return self._write(self._transaction, self._header_transaction,
+                               self.transaction_datum(record), schema_id)
         return bytes(out)
 
     def _write(self, schema: _Schema, header: bytes, datum: dict[str, Any],

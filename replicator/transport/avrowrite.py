@@ -35,6 +35,10 @@ class Unsupported(Exception):
     """This writer does not take the datum; write it with fastavro."""
 
 
+#: Any 14 bits as the two varint bytes that hold them when more bytes follow.
+_FOURTEEN = tuple(bytes([(c & 0x7F) | 0x80, (c >> 7) | 0x80]) for c in range(1 << 14))
+
+
 def write_long(out: bytearray, n: Any) -> None:
     if type(n) is not int:
         raise Unsupported(f"a long must be an int, not {type(n).__name__}")
@@ -44,7 +48,10 @@ def write_long(out: bytearray, n: Any) -> None:
     if n < _LONG_MIN or n > _LONG_MAX:
         raise Unsupported("a long out of range")
     z = (n << 1) ^ (n >> 63)
-    while z > 0x7F:
+    while z > 0x3FFF:  # two bytes at a time while more follow
+        out += _FOURTEEN[z & 0x3FFF]
+        z >>= 14
+    if z > 0x7F:
         out.append((z & 0x7F) | 0x80)
         z >>= 7
     out.append(z)

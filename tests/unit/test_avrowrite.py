@@ -169,3 +169,27 @@ def test_transaction_records_are_written_as_fastavro_writes_them(
         return
     assert codec.encode_transaction(record) == body.getvalue()
     assert codec.encode_transaction(record, schema_id=9)[5:] == body.getvalue()[10:]
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(0, 2**63 - 2), st.integers(0, 2**63 - 1),
+       st.integers(-(2**62), 2**62), st.integers(0, 2**32 - 1),
+       st.dictionaries(st.text(max_size=12), st.integers(0, 2**40), max_size=3),
+       st.booleans())
+def test_a_transaction_after_its_changes_is_written_as_fastavro_writes_it(
+        lsn: int, end: int, commit_us: int, xid: int, counts: dict[str, int],
+        same_commit: bool) -> None:
+    # The record reuses the longs its changes' envelopes were written with: only when the
+    # commit is the same one.
+    from replicator.events import TransactionRecord
+
+    codec = EventCodec("wedsync", clock=lambda: NOW_NS)
+    change = event({"id": 1}, position=ChangePosition(Lsn(lsn), 0), xid=xid,
+                   commit_ts_us=commit_us)
+    codec.encode_event_digested(change)
+    record = TransactionRecord(Lsn(lsn if same_commit else lsn ^ 1), Lsn(end), commit_us, xid,
+                               counts, None, {"critical": len(counts)}, {"public.t": "c2:00"})
+    body = io.BytesIO()
+    body.write(codec._header_transaction)
+    schemaless_writer(body, codec.parsed_transaction_schema, codec.transaction_datum(record))
+    assert codec.encode_transaction(record) == body.getvalue()
