@@ -685,17 +685,18 @@ class Capture:
         commit_lsn = record.commit_lsn
         watermark.begin_tx(commit_lsn, record.end_lsn, len(events) + 1)
         kinds = assembler.column_kinds
-        tiers: Counter[str] = Counter()
+        tiers: dict[str, int] = {}
         digests: dict[str, int] = {}
         delivered = partial(watermark.delivered, commit_lsn)  # one per transaction
+        classify, publish = self.calendar.classify, self.producer.publish_event
         for event in events:
-            self.calendar.classify(event)
-            tiers[event.tier.value] += 1
-            await self.producer.publish_event(event, kinds.get(event.qualified_table), digests,
-                                              delivered)
-        record.tier_counts = dict(tiers)
+            classify(event)
+            tier = str(event.tier)
+            tiers[tier] = tiers.get(tier, 0) + 1
+            await publish(event, kinds.get(event.qualified_table), digests, delivered)
+        record.tier_counts = tiers
         record.digests = {table: digest_text(total) for table, total in digests.items()}
-        watermark.track(commit_lsn, await self.producer.send_transaction(record))
+        await self.producer.publish_transaction(record, delivered)
         self.stats.events += len(events)
         by_tier = self.stats.events_by_tier
         for tier, count in tiers.items():

@@ -45,7 +45,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from functools import partial
+from functools import lru_cache, partial
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final
@@ -136,6 +136,25 @@ def _report_to(on_delivered: Callable[[BaseException | None], None],
     except Exception as exc:  # a bug in the callback must not stop the delivery reports
         logger.exception("a delivery report's callback failed")
         on_failure(exc)
+
+
+def _ignore_report(error: CKafkaError | None, message: Message) -> None:
+    """A placeholder until the first callback-reported message (`_report_to`)."""
+
+
+def _compact_json(values: Mapping[str, int]) -> bytes:
+    """`json.dumps(values, separators=(",", ":"), sort_keys=True)`, encoded; the common
+    one-entry map of an exact int without the encoder's set-up (a header per transaction)."""
+    if len(values) == 1:
+        for name, count in values.items():
+            if type(name) is str and type(count) is int:
+                return b"{%s:%d}" % (_json_name(name), count)
+    return json.dumps(values, separators=(",", ":"), sort_keys=True).encode()
+
+
+@lru_cache(maxsize=1024)
+def _json_name(name: str) -> bytes:
+    return json.dumps(name).encode()
 
 
 def topic_names(prefix: str) -> dict[Tier, str]:
@@ -266,6 +285,11 @@ class EventProducer:
         self._transactions = transactions_topic(config.topic_prefix)
         self._schemas = schemas_topic(config.topic_prefix)
         self._schema_ids: dict[str, int] = {}
+        # The common message key's start, per table and key column (`_key`).
+        self._key_prefixes: dict[tuple[str, str], bytes] = {}
+        # The last delivery callback and the report made for it (`_report_to`).
+        self._reported_to: Callable[[BaseException | None], None] | None = None
+        self._report: Callable[[CKafkaError | None, Message], None] = _ignore_report
         self._failure: BaseException | None = None
         self._stopped = False
 
@@ -394,7 +418,12 @@ class EventProducer:
         """Queue *event* on its tier's topic; returns the delivery future (librdkafka's
         `Message`). With *digests*, the event's content digest (`avro.content_digest`) is added
         to its table's entry."""
-        delivery = await self._send_event(event, column_types, digests, None)
+        producer = self._ready()
+        topic, value, key, headers = self._event_message(event, column_types, digests)
+        if len(value) + len(key) > self._claim_above:
+            value = await self._claimed(event, value, headers)
+            producer = self._ready()
+        delivery = await self._send(producer, topic, value, key, None, headers)
         assert delivery is not None
         return delivery
 
@@ -404,15 +433,31 @@ class EventProducer:
     ) -> None:
         """`send_event` without a future, for the capture's stream: *on_delivered* is called
         once, on the loop, with None when Kafka has the message or with the error."""
-        await self._send_event(event, column_types, digests, on_delivered)
+        producer = self._ready()
+        topic, value, key, headers = self._event_message(event, column_types, digests)
+        if len(value) + len(key) > self._claim_above:
+            value = await self._claimed(event, value, headers)
+            producer = self._ready()
+        if not self._produce(producer, topic, value, key, None, headers,
+                             self._report_to(on_delivered)):
+            await self._send(producer, topic, value, key, None, headers, on_delivered)
 
-    async def _send_event(
+    def _report_to(self, on_delivered: Callable[[BaseException | None], None]
+                   ) -> Callable[[CKafkaError | None, Message], None]:
+        """The delivery report handing to *on_delivered*: made once for a run of messages
+        with the same callback (the capture passes one per transaction)."""
+        if on_delivered is not self._reported_to:
+            self._reported_to = on_delivered
+            self._report = partial(_report_to, on_delivered, self._on_failure)
+        return self._report
+
+    def _event_message(
         self, event: ChangeEvent, column_types: Mapping[str, str] | None,
         digests: dict[str, int] | None,
-        on_delivered: Callable[[BaseException | None], None] | None,
-    ) -> asyncio.Future[Any] | None:
-        producer = self._ready()
-        topic = self._topics[event.tier]
+    ) -> tuple[str, bytes, bytes, _Headers]:
+        """The topic, value, key and headers of *event*'s message."""
+        tier = event.tier
+        topic = self._topics[tier]
         table = event.qualified_table
         if digests is not None:
             value, digest = self._codec.encode_event_digested(
@@ -422,11 +467,11 @@ class EventProducer:
             value = self._codec.encode_event(event, column_types,
                                              schema_id=self._schema_ids.get(topic))
         commit_lsn, seq = event.position
-        fixed = self._headers.get((table, event.op, event.tier))
+        op = event.op
+        fixed = self._headers.get((table, op, tier))
         if fixed is None:
-            fixed = self._headers[table, event.op, event.tier] = (
-                ("table", table.encode()), ("op", str(event.op).encode()),
-                ("tier", str(event.tier).encode()))
+            fixed = self._headers[table, op, tier] = (
+                ("table", table.encode()), ("op", str(op).encode()), ("tier", str(tier).encode()))
         if commit_lsn != self._lsn_header[0]:  # the same for every change of a transaction
             self._lsn_header = (commit_lsn, ("lsn", str(commit_lsn).encode()))
         headers: _Headers = [fixed[0], fixed[1], self._lsn_header[1],
@@ -440,12 +485,29 @@ class EventProducer:
             headers.append(self._ts_header[1])
             if wedding is not None:
                 headers.append((WEDDING_HEADER, wedding.encode()))
-        key = message_key(event)
-        if len(value) + len(key) > self._claim_above:
-            claim, value = await self._claim(event, value)
-            headers.append((CLAIM_HEADER, claim.encode()))
-            producer = self._ready()
-        return await self._send(producer, topic, value, key, None, headers, on_delivered)
+        return topic, value, self._key(event, table), headers
+
+    def _key(self, event: ChangeEvent, table: str) -> bytes:
+        """`keys.message_key`, with the common key (one integer column) from a prefix made
+        once per table and column."""
+        key = event.key
+        if len(key) == 1:
+            for name, value in key.items():
+                if type(value) is int:
+                    prefix = self._key_prefixes.get((table, name))
+                    if prefix is None:
+                        prefix = message_key(event)[:-len(b"%d}" % value)]
+                        if len(self._key_prefixes) < 4096:
+                            self._key_prefixes[table, name] = prefix
+                    return prefix + b"%d}" % value
+        return message_key(event)
+
+    async def _claimed(self, event: ChangeEvent, value: bytes, headers: _Headers) -> bytes:
+        """A change too large for Kafka: its value goes to the claims store, the reference
+        takes its place (and a header names the claim)."""
+        claim, value = await self._claim(event, value)
+        headers.append((CLAIM_HEADER, claim.encode()))
+        return value
 
     async def _claim(self, event: ChangeEvent, value: bytes) -> tuple[str, bytes]:
         if self._claims is None:
@@ -460,23 +522,37 @@ class EventProducer:
     async def send_transaction(self, record: TransactionRecord) -> asyncio.Future[Any]:
         """Queue *record* on the transactions topic, partition 0; returns the delivery future."""
         producer = self._ready()
-        topic = self._transactions
-        value = self._codec.encode_transaction(record, schema_id=self._schema_ids.get(topic))
-        headers: _Headers = [("lsn", str(record.commit_lsn).encode()),
-                             ("end_lsn", str(record.end_lsn).encode())]
-        # What a sink's completeness tracker needs, so that it need not decode the value
-        # (`sink/raw.py`); a transaction of very many tables sends none of it.
-        counts = json.dumps(record.counts, separators=(",", ":"), sort_keys=True).encode()
-        if len(counts) <= MAX_COUNTS_HEADER:
-            headers += [(TS_HEADER, b"%d" % record.commit_ts_us), ("xid", b"%d" % record.xid),
-                        ("counts", counts),
-                        ("tiers", json.dumps(record.tier_counts, separators=(",", ":"),
-                                             sort_keys=True).encode())]
-        delivery = await self._send(producer, topic, value,
-                                    record.commit_lsn.hex_key().encode(),
+        value, key, headers = self._transaction_message(record)
+        delivery = await self._send(producer, self._transactions, value, key,
                                     TRANSACTIONS_PARTITION, headers)
         assert delivery is not None
         return delivery
+
+    async def publish_transaction(self, record: TransactionRecord,
+                                  on_delivered: Callable[[BaseException | None], None]) -> None:
+        """`send_transaction` without a future, as `publish_event`."""
+        producer = self._ready()
+        value, key, headers = self._transaction_message(record)
+        if not self._produce(producer, self._transactions, value, key, TRANSACTIONS_PARTITION,
+                             headers, self._report_to(on_delivered)):
+            await self._send(producer, self._transactions, value, key, TRANSACTIONS_PARTITION,
+                             headers, on_delivered)
+
+    def _transaction_message(self, record: TransactionRecord
+                             ) -> tuple[bytes, bytes, _Headers]:
+        value = self._codec.encode_transaction(
+            record, schema_id=self._schema_ids.get(self._transactions))
+        commit_lsn = record.commit_lsn
+        if commit_lsn != self._lsn_header[0]:
+            self._lsn_header = (commit_lsn, ("lsn", str(commit_lsn).encode()))
+        headers: _Headers = [self._lsn_header[1], ("end_lsn", str(record.end_lsn).encode())]
+        # What a sink's completeness tracker needs, so that it need not decode the value
+        # (`sink/raw.py`); a transaction of very many tables sends none of it.
+        counts = _compact_json(record.counts)
+        if len(counts) <= MAX_COUNTS_HEADER:
+            headers += [(TS_HEADER, b"%d" % record.commit_ts_us), ("xid", b"%d" % record.xid),
+                        ("counts", counts), ("tiers", _compact_json(record.tier_counts))]
+        return value, commit_lsn.hex_key().encode(), headers
 
     async def _send(self, producer: Producer, topic: str, value: bytes, key: bytes,
                     partition: int | None, headers: _Headers,
@@ -489,28 +565,35 @@ class EventProducer:
             report = partial(_report, delivery, self._on_failure)
         else:
             report = partial(_report_to, on_delivered, self._on_failure)
-        while True:
-            try:
-                if partition is None:
-                    producer.produce(topic, value, key, headers=headers, on_delivery=report)
-                else:
-                    producer.produce(topic, value, key, partition, headers=headers,
-                                     on_delivery=report)
-                break
-            except BufferError:  # librdkafka's queue is full: wait for deliveries
-                producer.poll(0)
-                await asyncio.sleep(POLL_S)
-                self._ready()
-            except KafkaException as exc:
-                error = exc.args[0] if exc.args else None
-                failure = ProducerError(f"cannot queue a message for {topic}: "
-                                        f"{error.str() if error is not None else exc}")
-                self._failure = self._failure or failure
-                raise failure from None
+        while not self._produce(producer, topic, value, key, partition, headers, report):
+            # librdkafka's queue is full: wait for deliveries
+            producer.poll(0)
+            await asyncio.sleep(POLL_S)
+            self._ready()
+        return delivery  # None with on_delivered
+
+    def _produce(self, producer: Producer, topic: str, value: bytes, key: bytes,
+                 partition: int | None, headers: _Headers,
+                 report: Callable[[CKafkaError | None, Message], None]) -> bool:
+        """Hand one message to librdkafka; False when its queue is full (nothing was sent)."""
+        try:
+            if partition is None:
+                producer.produce(topic, value, key, headers=headers, on_delivery=report)
+            else:
+                producer.produce(topic, value, key, partition, headers=headers,
+                                 on_delivery=report)
+        except BufferError:
+            return False
+        except KafkaException as exc:
+            error = exc.args[0] if exc.args else None
+            failure = ProducerError(f"cannot queue a message for {topic}: "
+                                    f"{error.str() if error is not None else exc}")
+            self._failure = self._failure or failure
+            raise failure from None
         self._sent += 1
         if self._sent % POLL_EVERY == 0:
             producer.poll(0)
-        return delivery  # None with on_delivered
+        return True
 
     def _on_failure(self, error: BaseException) -> None:
         if self._failure is None:
