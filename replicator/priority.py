@@ -26,8 +26,9 @@ A configured weddings table (or parent table, or column) that the database lacks
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Mapping
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -46,8 +47,22 @@ class CalendarMissing(OperatorError):
 
 
 def _today(zone: str) -> Callable[[], date]:
+    """Today in *zone*. Asked once per change, so the day is read from the clock again only
+    at the next midnight there (and at least every second, should the clock be set)."""
     tz = ZoneInfo(zone)
-    return lambda: datetime.now(tz).date()
+    day, until = date.min, 0.0
+
+    def today() -> date:
+        nonlocal day, until
+        now = time.time()
+        if now < until:
+            return day
+        day = datetime.fromtimestamp(now, tz).date()
+        midnight = datetime.combine(day + timedelta(days=1), datetime.min.time(), tzinfo=tz)
+        until = min(midnight.timestamp(), now + 1.0)
+        return day
+
+    return today
 
 
 def _as_date(value: object) -> date | None:
@@ -56,6 +71,9 @@ def _as_date(value: object) -> date | None:
     if isinstance(value, date):
         return value
     return None  # NULL, or an Infinity marker: no wedding day to count towards
+
+
+_CRITICAL, _HIGH, _NORMAL, _LOW = Tier.CRITICAL, Tier.HIGH, Tier.NORMAL, Tier.LOW
 
 
 class WeddingCalendar:
@@ -71,6 +89,11 @@ class WeddingCalendar:
         self._parent_links = {
             link.parent: link for link in config.tables.values() if link.parent is not None
         }
+        # The configuration is frozen: what classifying reads for every change, read once.
+        self._calendar = config.calendar
+        self._weddings_table = config.weddings_table
+        self._links = config.tables
+        self._default_tier = config.default_tier
 
     # --- warm-up --------------------------------------------------------------------------
 
@@ -110,44 +133,49 @@ class WeddingCalendar:
 
     def tier_for_date(self, day: date | None) -> Tier:
         if day is None:
-            return Tier.LOW
+            return _LOW
         days = (day - self.today()).days
         c = self.config
         if days < 0:
-            return Tier.LOW
+            return _LOW
         if days <= c.critical_days:
-            return Tier.CRITICAL
+            return _CRITICAL
         if days <= c.high_days:
-            return Tier.HIGH
+            return _HIGH
         if days <= c.normal_days:
-            return Tier.NORMAL
-        return Tier.LOW
+            return _NORMAL
+        return _LOW
 
     def tier_for_wedding(self, wedding_id: str) -> Tier:
-        if wedding_id not in self.dates:
+        dates = self.dates
+        if wedding_id not in dates:
             self.unresolved += 1
-            return self.config.default_tier
-        return self.tier_for_date(self.dates[wedding_id])
+            return self._default_tier
+        return self.tier_for_date(dates[wedding_id])
 
     def classify(self, event: ChangeEvent) -> None:
         """Set `event.tier` and `event.wedding_id`, learning from the event first."""
-        if not self.config.calendar:
-            event.tier = self.config.default_tier
+        if not self._calendar:
+            event.tier = self._default_tier
             return
-        self.observe(event)
         qualified = event.qualified_table
+        # As `observe`, for every change: only the weddings and parent tables teach.
+        if qualified == self._weddings_table:
+            self._observe_wedding(event)
+        elif qualified in self.parents:
+            self._observe_parent(qualified, event)
         row = event.after if event.after is not None else event.before
         wedding_id: str | None = None
-        if qualified == self.config.weddings_table:
+        if qualified == self._weddings_table:
             wedding_id = _text(row, self.config.wedding_id_column)
         else:
-            link = self.config.tables.get(qualified)
+            link = self._links.get(qualified)
             if link is None:
-                event.tier = self.config.default_tier
+                event.tier = self._default_tier
                 return
             wedding_id = self._wedding_of(link, row)
         event.wedding_id = wedding_id
-        event.tier = (self.config.default_tier if wedding_id is None
+        event.tier = (self._default_tier if wedding_id is None
                       else self.tier_for_wedding(wedding_id))
 
     def observe(self, event: ChangeEvent) -> None:

@@ -39,7 +39,7 @@ import struct
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import IO, Any
+from typing import IO, Any, cast
 
 from replicator.errors import ReplicatorError
 from replicator.events import (
@@ -89,6 +89,7 @@ class _Table:
     key_index: tuple[int, ...]
     names: tuple[str, ...]
     qualified: str
+    key_names: tuple[str, ...]  # the names of `key_index`
 
 
 @dataclass(slots=True)
@@ -205,14 +206,14 @@ class Assembler:
     def feed(self, message: pg.PgOutputMessage) -> Committed | None:
         """Apply one decoded message; returns a transaction when one commits."""
         kind = type(message)
-        if kind is pg.Insert or kind is pg.Update or kind is pg.Delete:
+        if kind is _UPDATE or kind is _INSERT or kind is _DELETE:
             self._row(message)  # type: ignore[arg-type]
             return None
-        if kind is pg.Begin:
+        if kind is _BEGIN:
             assert isinstance(message, pg.Begin)
-            self._current = _Open(message.xid, message.commit_ts)
+            self._current = _Open(message.xid, message.commit_ts, None, None, [], 0, 0, None, [])
             return None
-        if kind is pg.Commit:
+        if kind is _COMMIT:
             assert isinstance(message, pg.Commit)
             tx, self._current = self._current, None
             if tx is None:
@@ -318,7 +319,7 @@ class Assembler:
         self._relations.append(rel)
         self.column_kinds[qualified] = column_types(rel.columns, self.registry)
         self.tables[rel.oid] = _Table(rel, decoder, rel.namespace, rel.name, key, names,
-                                      qualified)
+                                      qualified, tuple(names[i] for i in key))
 
     def _table(self, oid: int) -> _Table:
         table = self.tables.get(oid)
@@ -341,46 +342,58 @@ class Assembler:
             if message.relation_oid in self.ignored:
                 return
             table = self._table(message.relation_oid)
-        tx = self._open_for(message.xid)
+        xid = message.xid
+        tx = self._current if xid is None else self._open_for(xid)
         if tx is None:
             raise CaptureError(f"row change on {table.qualified} outside a transaction")
         names = table.names
         before: dict[str, Any] | None = None
         after: dict[str, Any] | None = None
         unchanged: tuple[str, ...] = ()
-        if type(message) is pg.Insert:
-            op = Op.CREATE
-            after = dict(zip(names, table.decoder.decode(message.new), strict=True))
-            source = after
-        elif type(message) is pg.Update:
-            op = Op.UPDATE
+        kind = type(message)
+        if kind is _UPDATE:
+            op = _OP_UPDATE
+            message = cast(pg.Update, message)
             values = table.decoder.decode(message.new)
             if message.old is not None:
                 before = _image(names, table.decoder.decode(message.old), message.old_kind,
                                 table.key_index)
-            after = {}
-            missing = []
-            for name, value in zip(names, values, strict=True):
-                if value is _UNCHANGED:
-                    if before is not None and message.old_kind == "O" \
-                            and before.get(name, _UNCHANGED) is not _UNCHANGED:
-                        after[name] = before[name]
+            if _UNCHANGED not in values:
+                after = dict(zip(names, values, strict=True))
+            else:
+                after = {}
+                missing = []
+                for name, value in zip(names, values, strict=True):
+                    if value is _UNCHANGED:
+                        if before is not None and message.old_kind == "O" \
+                                and before.get(name, _UNCHANGED) is not _UNCHANGED:
+                            after[name] = before[name]
+                        else:
+                            missing.append(name)
                     else:
-                        missing.append(name)
-                else:
-                    after[name] = value
-            unchanged = tuple(missing)
+                        after[name] = value
+                unchanged = tuple(missing)
+            source = after
+        elif kind is _INSERT:
+            op = _OP_CREATE
+            message = cast(pg.Insert, message)
+            after = dict(zip(names, table.decoder.decode(message.new), strict=True))
             source = after
         else:
-            assert type(message) is pg.Delete
-            op = Op.DELETE
+            op = _OP_DELETE
+            message = cast(pg.Delete, message)
             before = _image(names, table.decoder.decode(message.old), message.old_kind,
                             table.key_index)
             source = before
-        key = {names[i]: source.get(names[i]) for i in table.key_index}
+        key_names = table.key_names
+        if len(key_names) == 1:
+            name = key_names[0]
+            key = {name: source.get(name)}
+        else:
+            key = {name: source.get(name) for name in key_names}
         event = ChangeEvent(op, table.schema, table.name, _NO_POSITION, 0, tx.xid, key,
                             before, after, unchanged, None, self.db, qualified=table.qualified)
-        tx.changes.append((message.xid or tx.xid, event))
+        tx.changes.append((xid or tx.xid, event))
 
     def _truncate(self, message: pg.Truncate) -> None:
         tx = self._open_for(message.xid)
@@ -402,16 +415,20 @@ class Assembler:
         commit_us = commit_ts + _EPOCH_SHIFT_US
         counts: dict[str, int] = {}
         events = []
+        origin = tx.origin
         for seq, (_, event) in enumerate(tx.changes):
-            event.position = ChangePosition(commit_lsn, seq)
+            event.position = _position(ChangePosition, (commit_lsn, seq))
             event.commit_ts_us = commit_us
-            event.origin = tx.origin
+            event.origin = origin
             qualified = event.qualified
             counts[qualified] = counts.get(qualified, 0) + 1
             events.append(event)
-        record = TransactionRecord(commit_lsn, end_lsn, commit_us, tx.xid, counts, tx.origin)
-        relations, self._relations = tuple(self._relations), []
-        ddl = tuple(content for _, content in tx.ddl)
+        record = TransactionRecord(commit_lsn, end_lsn, commit_us, tx.xid, counts, origin, {}, {})
+        if self._relations:
+            relations, self._relations = tuple(self._relations), []
+        else:
+            relations = ()
+        ddl = tuple([content for _, content in tx.ddl]) if tx.ddl else ()
         if tx.spill is None:
             return Committed(record, events, relations, ddl)
         spill, tx.spill = tx.spill, None
@@ -424,6 +441,10 @@ class Assembler:
 
 
 _NO_POSITION = ChangePosition(Lsn(0), -1)
+_position: Any = tuple.__new__  # a ChangePosition without its Python-level __new__
+_BEGIN, _COMMIT = pg.Begin, pg.Commit
+_INSERT, _UPDATE, _DELETE = pg.Insert, pg.Update, pg.Delete
+_OP_CREATE, _OP_UPDATE, _OP_DELETE = Op.CREATE, Op.UPDATE, Op.DELETE
 
 # Python's own overhead of one held change (the event, its row dicts, the key), roughly, and
 # of one column value in a row dict.

@@ -317,6 +317,9 @@ _KEY: Final = ord("K")
 _OLD: Final = ord("O")
 
 _new: Any = tuple.__new__  # skips the NamedTuple's Python-level __new__ on the hot path
+_lsn: Any = int.__new__  # an Lsn without range checks: unpacked ">Q" values are always valid
+_BEGIN_SIZE: Final = _BEGIN.size
+_COMMIT_SIZE: Final = _COMMIT.size
 
 
 def _string(buf: bytes, pos: int) -> tuple[str, int]:
@@ -428,12 +431,13 @@ _DataHandler: TypeAlias = Callable[[bytes, int, "int | None"], tuple[PgOutputMes
 
 def _begin(buf: bytes, pos: int) -> tuple[PgOutputMessage, int]:
     final_lsn, ts, xid = _BEGIN.unpack_from(buf, pos)
-    return Begin(Lsn(final_lsn), ts, xid), pos + _BEGIN.size
+    return _new(Begin, (_lsn(Lsn, final_lsn), ts, xid)), pos + _BEGIN_SIZE
 
 
 def _commit(buf: bytes, pos: int) -> tuple[PgOutputMessage, int]:
     flags, commit_lsn, end_lsn, ts = _COMMIT.unpack_from(buf, pos)
-    return Commit(flags, Lsn(commit_lsn), Lsn(end_lsn), ts), pos + _COMMIT.size
+    return (_new(Commit, (flags, _lsn(Lsn, commit_lsn), _lsn(Lsn, end_lsn), ts)),
+            pos + _COMMIT_SIZE)
 
 
 def _origin(buf: bytes, pos: int) -> tuple[PgOutputMessage, int]:

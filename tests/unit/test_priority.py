@@ -73,3 +73,20 @@ def test_unlinked_tables_and_deleted_weddings() -> None:
     cal.classify(event("weddings", after={"id": 5, "wedding_date": TODAY}))
     cal.classify(event("weddings", Op.DELETE, before={"id": 5}))
     assert "5" not in cal.dates
+
+
+def test_today_is_read_again_at_midnight_in_the_zone(monkeypatch: pytest.MonkeyPatch) -> None:
+    from datetime import UTC, datetime
+    from zoneinfo import ZoneInfo
+
+    import replicator.priority as priority
+
+    now = [0.0]
+    monkeypatch.setattr(priority.time, "time", lambda: now[0])
+    # Sao Paulo's clocks went from 00:00 to 01:00 on 2018-11-04: that day began at 01:00.
+    for zone, first in (("UTC", datetime(2026, 11, 28, 23, 59, 58, tzinfo=UTC)),
+                        ("America/Sao_Paulo", datetime(2018, 11, 4, 2, 59, 58, tzinfo=UTC))):
+        today = priority._today(zone)
+        for step in range(0, 5):
+            now[0] = first.timestamp() + step * 0.5
+            assert today() == datetime.fromtimestamp(now[0], ZoneInfo(zone)).date(), (zone, step)
