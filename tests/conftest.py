@@ -20,11 +20,18 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from hypothesis import settings
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 from replicator.devstack.settings import S3_ACCESS_KEY, S3_REGION, S3_SECRET_KEY, StackSettings
 from replicator.devstack.stack import Stack
+
+# Hypothesis's per-example deadline is a timing assertion: on a busy two-core machine an
+# example can take longer than 200 ms without anything being wrong. Speed is measured in
+# benchmarks/, not here.
+settings.register_profile("replicator", deadline=None)
+settings.load_profile("replicator")
 
 PG_VERSIONS = ("15", "18")
 
