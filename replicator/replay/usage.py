@@ -6,9 +6,10 @@ From one listing of the store and the archived transaction records (no object is
   snapshot parts, compaction snapshots, schemas, checkpoints, dead letters, claims, audit
   and rollback records, progress and retention objects, anything else);
 - per table (segments and snapshot objects, by the table in their names);
-- per tier, where an object's name says it: none does today (a segment holds one tier's
-  changes of one table, but its name and header do not record which), so the tier
-  breakdown is reported as not recorded rather than guessed;
+- per tier: no object records its tier (a segment holds one tier's changes of one table,
+  but neither its name nor its header says which), so the transaction records' changes per
+  tier are counted, and the change segments' bytes are shared out in proportion to them
+  (`bytes_estimated`);
 - growth per day over the last `days` days: the bytes of change segments and compaction
   snapshots by the day their last change committed (from the transaction records, which
   map an LSN to its commit time; objects not placed, e.g. those older than the records
@@ -105,12 +106,13 @@ class Usage:
     by_kind: dict[str, dict[str, int]] = field(default_factory=dict)
     by_table: dict[str, dict[str, int]] = field(default_factory=dict)
     by_day: dict[str, int] = field(default_factory=dict)  # YYYY-MM-DD -> bytes, "earlier"
+    by_tier: dict[str, dict[str, int]] = field(default_factory=dict)
     retention: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {"destination": self.destination, "objects": self.objects,
                 "bytes": self.bytes, "by_kind": self.by_kind, "by_table": self.by_table,
-                "by_tier": {"note": "not recorded in object names or segment headers"},
+                "by_tier": self.by_tier,
                 "growth_per_day": self.by_day, "retention_would_free": self.retention}
 
 
@@ -127,7 +129,15 @@ async def usage(store: ObjectStore, keyring: Keyring, *, days: int = 30,
     dest = await find_destination(store, destination)
     report = Usage(dest)
     listing: list[ObjectInfo] = [info async for info in store.list("")]
-    timeline = await Archive(store, keyring).read_timeline()
+    archive = Archive(store, keyring)
+    timeline = await archive.read_timeline()
+    changes: dict[str, int] = defaultdict(int)
+    seen: set[int] = set()
+    for record in await archive.transactions():
+        if record.xid and record.commit_lsn not in seen:  # snapshots have no tier counts
+            seen.add(record.commit_lsn)
+            for tier, n in record.tier_counts.items():
+                changes[tier] += n
     points = list(timeline.points)
     lsns = [p.commit_lsn for p in points]
     first_day = (now - timedelta(days=days)).date()
@@ -148,6 +158,10 @@ async def usage(store: ObjectStore, keyring: Keyring, *, days: int = 30,
         growth[day.isoformat() if day is not None and day >= first_day else "earlier"] += (
             info.size)
     report.by_day = dict(sorted(growth.items()))
+    segment_bytes = report.by_kind.get("change segments", {}).get("bytes", 0)
+    total = sum(changes.values())
+    report.by_tier = {tier: {"changes": n, "bytes_estimated": round(segment_bytes * n / total)}
+                      for tier, n in sorted(changes.items())} if total else {}
     if keep is not None:
         found, note, floor = await unneeded(store, keyring, now - keep, dest)
         report.retention = {"keep_s": keep.total_seconds(), "objects": len(found),

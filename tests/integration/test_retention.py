@@ -149,6 +149,9 @@ async def test_the_service_runs_retention_after_compaction(
                 "transaction records"} <= set(seen.by_kind)
         assert {"public.guests", "public.vendors"} <= set(seen.by_table)
         assert sum(seen.by_day.values()) > 0 and "earlier" not in seen.by_day
+        assert set(seen.by_tier) <= {"critical", "high", "normal", "low"} and seen.by_tier
+        assert sum(t["bytes_estimated"] for t in seen.by_tier.values()) == pytest.approx(
+            seen.by_kind["change segments"]["bytes"], abs=len(seen.by_tier))
         assert seen.retention is not None and seen.retention["objects"] > 0
         done = await asyncio.to_thread(subprocess.run, [
             sys.executable, "-m", "replicator", "usage", "--from", dest.url, "--json",
