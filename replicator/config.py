@@ -375,13 +375,15 @@ class EveConfig(_Model):
 
 class IncidentsConfig(_Model):
     """Incident detection (`replicator.ops.incidents`): a critical or high wedding whose
-    distinct rows deleted or rewritten within `window_s` reach `share` of its rows (and at
-    least `min_rows`) raises an incident, at most once per `cooldown_s`."""
+    distinct rows deleted or rewritten within `window_s`, by transactions each touching at
+    least `bulk_rows` of them, reach `share` of its rows (and at least `min_rows`) raises an
+    incident, at most once per `cooldown_s`."""
 
     enabled: bool = True
     share: float = Field(default=0.2, gt=0, le=1)
     window_s: float = Field(default=60.0, gt=0)
     min_rows: int = Field(default=10, ge=1)
+    bulk_rows: int = Field(default=5, ge=1)  # a transaction touching this many rows of a wedding
     cooldown_s: float = Field(default=600.0, ge=0)
     impact_wait_s: float = Field(default=120.0, ge=0)
 

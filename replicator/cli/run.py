@@ -114,6 +114,13 @@ def run(config_path: Path, only: str | None, accept_gap: bool, log_level: str) -
     commit; a second one exits at once. Nothing is lost either way: what was not confirmed or
     committed is read again on the next start.
     """
+    # A stop asked for while the service is still starting (loading its configuration and
+    # modules) is kept, and carried out as soon as the event loop handles signals: the
+    # default action would kill the process without a clean stop.
+    from replicator.entry import EARLY as early  # recorded since the process began
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: early.append(signum))
     setup_logging(log_level)
     tune_gc()
     config = load_config(config_path)
@@ -157,6 +164,8 @@ def run(config_path: Path, only: str | None, accept_gap: bool, log_level: str) -
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, on_signal)
+        if early:
+            on_signal()
         tasks: list[asyncio.Task[None]] = []
 
         def readiness() -> bool | str:

@@ -3,7 +3,10 @@
 A watcher beside the capture reads the critical and high tier topics in a consumer group of
 its own (`<prefix>.incidents`, from the newest records: it watches, it does not archive), from
 the Kafka key and headers only (no record is decoded). Per wedding it keeps the distinct rows
-(table and key) deleted or updated within the last `incidents.window_s` seconds. When they
+(table and key) deleted or updated within the last `incidents.window_s` seconds by *bulk*
+transactions: those that deleted or updated at least `incidents.bulk_rows` (5) rows of that
+wedding. Ordinary work, many small transactions each touching a row or two, never counts,
+however busy; a script deleting one row per transaction is not caught either. When the rows
 reach `incidents.min_rows` it counts the wedding's rows in the source (its directly linked
 tables of `[priority.tables]`); if the rows touched are at least `incidents.share` of the
 rows it had (rows now plus those deleted in the window), it raises an incident, once per
@@ -80,19 +83,23 @@ class Incident:
 class IncidentDetector:
     """The rule, on what the watcher feeds it (pure logic)."""
 
-    def __init__(self, *, window_s: float, min_rows: int, cooldown_s: float) -> None:
+    def __init__(self, *, window_s: float, min_rows: int, cooldown_s: float,
+                 bulk_rows: int = 5) -> None:
         self.window_s = window_s
         self.min_rows = min_rows
         self.cooldown_s = cooldown_s
-        # wedding -> (time, table, key, op) of each delete or update in the window
-        self._seen: dict[str, deque[tuple[float, str, bytes, bytes]]] = defaultdict(deque)
+        self.bulk_rows = bulk_rows
+        # wedding -> (time, table, key, op, transaction) of each delete or update in the window
+        self._seen: dict[str, deque[tuple[float, str, bytes, bytes, bytes]]] = (
+            defaultdict(deque))
         self._tier: dict[str, str] = {}
         self._raised: dict[str, float] = {}
 
     def observe(self, wedding: str, tier: str, table: str, key: bytes, op: bytes,
-                at: float) -> None:
+                at: float, transaction: bytes = b"") -> None:
+        """A change read: *transaction* is its commit position (the `lsn` header)."""
         if op in _TOUCHING:
-            self._seen[wedding].append((at, table, key, op))
+            self._seen[wedding].append((at, table, key, op, transaction))
             self._tier[wedding] = tier
 
     def candidates(self, now: float) -> dict[str, tuple[int, int, dict[str, int]]]:
@@ -107,10 +114,15 @@ class IncidentDetector:
                 continue
             if now - self._raised.get(wedding, -1e18) < self.cooldown_s:
                 continue
-            rows = {(table, key) for _, table, key, _ in seen}
+            per_tx: dict[bytes, set[tuple[str, bytes]]] = defaultdict(set)
+            for _, table, key, _, tx in seen:
+                per_tx[tx].add((table, key))
+            bulk = {tx for tx, touched in per_tx.items() if len(touched) >= self.bulk_rows}
+            rows = {(table, key) for _, table, key, _, tx in seen if tx in bulk}
             if len(rows) < self.min_rows:
                 continue
-            deleted = {(table, key) for _, table, key, op in seen if op == b"d"}
+            deleted = {(table, key) for _, table, key, op, tx in seen
+                       if op == b"d" and tx in bulk}
             per_table: dict[str, int] = defaultdict(int)
             for table, _ in rows:
                 per_table[table] += 1
@@ -133,7 +145,8 @@ class IncidentWatcher:
         self.environ = environ
         settings = config.incidents
         self.detector = IncidentDetector(window_s=settings.window_s, min_rows=settings.min_rows,
-                                         cooldown_s=settings.cooldown_s)
+                                         cooldown_s=settings.cooldown_s,
+                                         bulk_rows=settings.bulk_rows)
         self.total = 0  # wedsync_incidents_total
         self.notified = 0
         self._stopping = asyncio.Event()
@@ -265,7 +278,8 @@ class IncidentWatcher:
                                 continue
                             self.detector.observe(wedding.decode(), watched[tp.topic],
                                                   headers.get("table", b"").decode(),
-                                                  record.key, headers.get("op", b""), now)
+                                                  record.key, headers.get("op", b""), now,
+                                                  headers.get("lsn", b""))
                     await self.check(state, now)
                 except asyncio.CancelledError:
                     raise

@@ -82,13 +82,15 @@ Fact = tuple[str, int, int]  # (table, id, version)
 @dataclass
 class Workload:
     """Upserts into guests (all three weddings, so every tier) and vendors, each setting a
-    unique version; `truth` and `commits` grow only after COMMIT returned."""
+    unique version; `truth`, `commits` and `by_xid` grow only after COMMIT returned."""
 
     dsn: str
     seed: int = 7
     pause_s: float = 0.02
     truth: set[Fact] = field(default_factory=set)
     commits: list[tuple[float, int]] = field(default_factory=list)  # (loop time, LSN inside)
+    # xid (as pgoutput gives it: mod 2^32) -> the versions that transaction committed
+    by_xid: dict[int, list[Fact]] = field(default_factory=dict)
 
     @property
     def end(self) -> int:
@@ -120,11 +122,13 @@ class Workload:
                             "INSERT INTO vendors VALUES (%s, %s, 1) ON CONFLICT (id) DO UPDATE "
                             "SET name = EXCLUDED.name", (vid, str(version)))
                         writes.append(("vendors", vid, version))
-                    cur = await conn.execute("SELECT pg_current_wal_insert_lsn() - '0/0'")
+                    cur = await conn.execute("SELECT pg_current_wal_insert_lsn() - '0/0', "
+                                             "txid_current() % 4294967296")
                     row = await cur.fetchone()
                 assert row is not None
                 self.truth.update(writes)  # only after COMMIT returned
                 self.commits.append((loop.time(), int(row[0])))
+                self.by_xid[int(row[1])] = writes
                 done += 1
                 await asyncio.sleep(self.pause_s)
 

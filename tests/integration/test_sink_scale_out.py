@@ -40,6 +40,8 @@ from tests.integration.capture_helpers import make_config, setup_schema, wait_fo
 from tests.integration.replay_helpers import restore_db, run_replay, table_state
 from tests.integration.sink_helpers import NO_COMPACTION
 from tests.integration.test_archive_faults import (
+    Fact,
+    Workload,
     checkpoint_of,
     kill_quietly,
     start_run,
@@ -49,50 +51,7 @@ from tests.integration.test_archive_faults import (
     write_config,
 )
 
-Fact = tuple[str, int, int]  # (table, id, version)
 MEMBERS = 3
-
-
-@dataclass
-class XidWorkload:
-    """Upserts of guests (three weddings, so three tiers) and vendors, each setting a unique
-    version; per committed transaction its xid (as pgoutput gives it) and its versions."""
-
-    dsn: str
-    seed: int = 11
-    pause_s: float = 0.01
-    by_xid: dict[int, list[Fact]] = field(default_factory=dict)
-    last_inside: int = 0  # an LSN inside the last committed transaction
-
-    async def run(self, stop: asyncio.Event) -> None:
-        rnd = random.Random(self.seed)
-        version = 0
-        async with await psycopg.AsyncConnection.connect(self.dsn, autocommit=True) as conn:
-            while not stop.is_set():
-                writes: list[Fact] = []
-                async with conn.transaction():
-                    for _ in range(rnd.randint(1, 4)):
-                        version += 1
-                        gid = rnd.randint(1, 300)
-                        await conn.execute(
-                            "INSERT INTO guests (id, wedding_id, name, notes) VALUES "
-                            "(%s, %s, %s, %s) ON CONFLICT (id) DO UPDATE SET notes = "
-                            "EXCLUDED.notes", (gid, 1 + gid % 3, f"guest {gid}", str(version)))
-                        writes.append(("guests", gid, version))
-                    if rnd.random() < 0.4:
-                        version += 1
-                        vid = rnd.randint(1, 40)
-                        await conn.execute(
-                            "INSERT INTO vendors VALUES (%s, %s, 1) ON CONFLICT (id) DO UPDATE "
-                            "SET name = EXCLUDED.name", (vid, str(version)))
-                        writes.append(("vendors", vid, version))
-                    cur = await conn.execute("SELECT txid_current() % 4294967296, "
-                                             "pg_current_wal_insert_lsn() - '0/0'")
-                    row = await cur.fetchone()
-                assert row is not None
-                self.by_xid[int(row[0])] = writes  # only after COMMIT returned
-                self.last_inside = int(row[1])
-                await asyncio.sleep(self.pause_s)
 
 
 @dataclass
@@ -156,7 +115,7 @@ async def test_three_sink_processes_share_a_destination(
     store = open_store(dests[0].url, env)
     capture_log = tmp_path / "capture.log"
     logs = [tmp_path / f"sink{n}.log" for n in range(MEMBERS)]
-    load = XidWorkload(pg_dsn)
+    load = Workload(pg_dsn, seed=11, pause_s=0.01)
     stop, watching = asyncio.Event(), asyncio.Event()
     watcher = Watcher(store, name)
     capture = start_run(cfg, "capture", capture_log, os.environ)
@@ -179,7 +138,7 @@ async def test_three_sink_processes_share_a_destination(
         tasks = [asyncio.create_task(load.run(stop)), asyncio.create_task(watcher.run(watching))]
         sinks = [start_run(cfg, "sinks", log, env) for log in logs]
         await asyncio.sleep(5)
-        await past(load.last_inside, 90)  # three members move the checkpoint
+        await past(load.end, 90)  # three members move the checkpoint
         await asyncio.sleep(random.Random(5).uniform(0.2, 1.5))  # often mid-flush
         victim = sinks[1]
         assert victim is not None
@@ -187,13 +146,13 @@ async def test_three_sink_processes_share_a_destination(
         assert await asyncio.to_thread(victim.wait, 30) == -signal.SIGKILL
         sinks[1] = None
         # Its partitions go to the other two once its session times out (30 s).
-        await past(load.last_inside, 120)
+        await past(load.end, 120)
         sinks[1] = start_run(cfg, "sinks", logs[1], env)
         await asyncio.sleep(8)
-        await past(load.last_inside, 120)  # and again with the third member back
+        await past(load.end, 120)  # and again with the third member back
         stop.set()
         await tasks[0]
-        await past(load.last_inside, 120)
+        await past(load.end, 120)
         for proc, log in zip(sinks, logs, strict=True):
             assert proc is not None
             await stop_gracefully(proc, log)

@@ -47,6 +47,7 @@ from tests.integration.sink_helpers import NO_COMPACTION
 from tests.integration.test_archive_faults import (
     Workload,
     assert_all_archived,
+    assert_running,
     finish,
     kill_quietly,
     read_whole_archive,
@@ -120,10 +121,7 @@ async def pipeline_with_outage(pg_dsn: str, kafka: str, prefix: str, tmp_path: P
 
         def alive() -> None:
             assert capture.poll() is None, tail(capture_log)
-            for task in tasks:
-                if task.done():
-                    task.result()
-                    raise AssertionError("a task stopped early")
+            assert_running(tasks)
 
         async def past(lsn: int, within: float) -> None:
             async def moved() -> bool:
@@ -294,10 +292,7 @@ async def test_records_expired_before_archiving_are_never_silent(
 
     def alive() -> None:
         assert capture.poll() is None, tail(capture_log)
-        for task in tasks:
-            if task.done():
-                task.result()
-                raise AssertionError("a task stopped early")
+        assert_running(tasks)
 
     try:
         await wait_for_slot(pg_dsn, config.source.slot, alive)

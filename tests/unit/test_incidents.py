@@ -19,10 +19,13 @@ def test_distinct_rows_touched_in_the_window() -> None:
     for n in range(30):  # the same three rows, again and again: never a candidate
         d.observe("1", "critical", "public.guests", b"%d" % (n % 3), b"u", 100.0 + n)
     assert d.candidates(130.0) == {}
-    for n in range(12):
-        d.observe("1", "critical", "public.guests", b"k%d" % n, b"d", 131.0)
-    d.observe("1", "critical", "public.guests", b"x", b"c", 131.0)  # inserts do not count
-    assert d.candidates(131.0) == {"1": (15, 12, {"public.guests": 15})}
+    for n in range(40):  # busy but ordinary: one or two rows per transaction
+        d.observe("1", "critical", "public.guests", b"o%d" % n, b"d", 120.0, b"tx%d" % (n // 2))
+    assert d.candidates(130.0) == {}
+    for n in range(12):  # one transaction deleting twelve rows: a bulk change
+        d.observe("1", "critical", "public.guests", b"k%d" % n, b"d", 131.0, b"bulk")
+    d.observe("1", "critical", "public.guests", b"x", b"c", 131.0, b"bulk")  # inserts: no
+    assert d.candidates(131.0) == {"1": (12, 12, {"public.guests": 12})}
     assert d.tier_of("1") == "critical"
     d.raised("1", 131.0)
     assert d.candidates(132.0) == {}  # cooldown
@@ -32,7 +35,7 @@ def test_distinct_rows_touched_in_the_window() -> None:
 def test_old_observations_leave_the_window() -> None:
     d = detector()
     for n in range(10):
-        d.observe("2", "high", "public.guests", b"%d" % n, b"d", 0.0)
+        d.observe("2", "high", "public.guests", b"%d" % n, b"d", 0.0, b"tx")
     assert "2" in d.candidates(59.0)
     assert d.candidates(61.0) == {}
 
