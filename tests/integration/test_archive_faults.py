@@ -155,6 +155,19 @@ class ArchiveContents:
     transactions: int
 
 
+def fact_of(record: dict[str, Any]) -> Fact | None:
+    """The version a `Workload` change wrote, from its archived record (None: a delete, or a
+    row the workload did not version)."""
+    if record["after"] is None:
+        return None
+    table = record["source"]["table"]
+    after = to_python(record["after"])
+    value = after.get("notes" if table == "guests" else "name")
+    if value is None or not str(value).isdigit():
+        return None
+    return table, int(after["id"]), int(value)
+
+
 async def read_whole_archive(store: ObjectStore, ring: Keyring) -> ArchiveContents:
     """Decrypt, decode and verify every object under segments/ and transactions/ (any
     corrupt, partial or misnamed object raises), and collect the versions archived."""
@@ -174,13 +187,9 @@ async def read_whole_archive(store: ObjectStore, ring: Keyring) -> ArchiveConten
             yield record
 
     async for record in every_record():
-        if record["after"] is None:
-            continue
-        table = record["source"]["table"]
-        after = to_python(record["after"])
-        value = after.get("notes" if table == "guests" else "name")
-        if value is not None and str(value).isdigit():
-            facts.add((table, int(after["id"]), int(value)))
+        fact = fact_of(record)
+        if fact is not None:
+            facts.add(fact)
     async for info in store.list("transactions/"):
         parse_segment_key(info.key)
         _, txs = decode_transaction_segment(decrypt(await store.get(info.key), info.key, ring))

@@ -33,7 +33,6 @@ from replicator.archive.segment import decode_transaction_segment
 from replicator.crypto import decrypt
 from replicator.replay.plan import LATEST
 from replicator.replay.targets import PostgresTarget
-from replicator.transport.avro import to_python
 from tests.integration import archive_readers as archive
 from tests.integration.archive_helpers import destinations, keyring, sink_environ, with_destinations
 from tests.integration.capture_helpers import make_config, setup_schema, wait_for
@@ -43,6 +42,7 @@ from tests.integration.test_archive_faults import (
     Fact,
     Workload,
     checkpoint_of,
+    fact_of,
     kill_quietly,
     start_run,
     stop_gracefully,
@@ -77,17 +77,8 @@ class Watcher:
 
 
 async def segment_facts(store: ObjectStore, key: str) -> set[Fact]:
-    facts: set[Fact] = set()
     _, records = await archive.read_segment(store, key, keyring())
-    for record in records:
-        if record["after"] is None:
-            continue
-        table = record["source"]["table"]
-        after = to_python(record["after"])
-        value = after.get("notes" if table == "guests" else "name")
-        if value is not None and str(value).isdigit():
-            facts.add((table, int(after["id"]), int(value)))
-    return facts
+    return {fact for fact in map(fact_of, records) if fact is not None}
 
 
 async def transaction_ends(store: ObjectStore) -> dict[int, int]:
