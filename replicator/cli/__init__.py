@@ -1,40 +1,55 @@
 """The `replicator` command. Only this package turns errors into exit codes and messages, in
-one place: `cli.errors.ReplicatorGroup`."""
+one place: `cli.errors.ReplicatorGroup`.
+
+Each subcommand's module is imported only when that subcommand runs (or when `--help` lists
+them), so a `replay` or `status` does not carry the capture's and the sinks' libraries in its
+memory: `replay --memory-budget` counts the whole process.
+"""
 
 from __future__ import annotations
+
+import importlib
+from typing import Any
 
 import click
 
 from replicator import __version__
-from replicator.cli.compact import compact
-from replicator.cli.demo import demo
-from replicator.cli.dev import dev
 from replicator.cli.errors import ReplicatorGroup
-from replicator.cli.impact import impact
-from replicator.cli.replay import replay, verify
-from replicator.cli.retention import retention
-from replicator.cli.rollback import rollback
-from replicator.cli.run import run
-from replicator.cli.snapshot import snapshot
-from replicator.cli.status import status
-from replicator.cli.usage import usage
+
+# name -> "module:attribute"
+COMMANDS = {
+    "compact": "replicator.cli.compact:compact",
+    "demo": "replicator.cli.demo:demo",
+    "dev": "replicator.cli.dev:dev",
+    "impact": "replicator.cli.impact:impact",
+    "replay": "replicator.cli.replay:replay",
+    "retention": "replicator.cli.retention:retention",
+    "rollback": "replicator.cli.rollback:rollback",
+    "run": "replicator.cli.run:run",
+    "snapshot": "replicator.cli.snapshot:snapshot",
+    "status": "replicator.cli.status:status",
+    "usage": "replicator.cli.usage:usage",
+    "verify": "replicator.cli.replay:verify",
+}
 
 
-@click.group(cls=ReplicatorGroup, context_settings={"help_option_names": ["-h", "--help"]})
+class LazyGroup(ReplicatorGroup):
+    """A group whose subcommands are imported on first use."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        target = COMMANDS.get(cmd_name)
+        if target is None:
+            return None
+        module, _, attribute = target.partition(":")
+        command: Any = getattr(importlib.import_module(module), attribute)
+        assert isinstance(command, click.Command), target
+        return command
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="replicator")
 def main() -> None:
     """Change-data-capture replicator and point-in-time backup for WedSync."""
-
-
-main.add_command(compact)
-main.add_command(demo)
-main.add_command(dev)
-main.add_command(impact)
-main.add_command(replay)
-main.add_command(retention)
-main.add_command(rollback)
-main.add_command(run)
-main.add_command(snapshot)
-main.add_command(status)
-main.add_command(usage)
-main.add_command(verify)

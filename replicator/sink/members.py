@@ -29,7 +29,9 @@ Progress objects are sealed like checkpoints (encrypted under their name with th
 keys): one that does not decrypt is not counted (logged), so a forged object cannot make a
 checkpoint claim a change that is not in the store; the checkpoint waits instead.
 
-A member that owns every partition (one process, the usual case) writes no progress objects.
+A member that owns every partition (one process, the usual case) writes no progress objects;
+after it takes that role it reads and prunes those an earlier member left (one killed and
+started again runs beside its own old session until that times out), and then stops listing.
 """
 
 from __future__ import annotations
@@ -148,6 +150,12 @@ class ProgressReader:
     def reset(self) -> None:
         """Read every object again (a new tracker starts from the stored checkpoint)."""
         self._read = {}
+        self.pending = True
+
+    pending = True
+    """Objects may be left to read or prune. A solo member (every partition its own) reads
+    them only while this holds: after a start or a rebalance, what an earlier member of the
+    group reported and the checkpoint has not passed yet, until every one is pruned."""
 
     async def read_new(self) -> tuple[list[tuple[Tier, Lsn, int]], bool,
                                       list[TransactionRecord]]:
@@ -188,6 +196,7 @@ class ProgressReader:
         hold); a failure is only logged (the next pass tries again)."""
         old = [name for name, top in self._read.items() if top and top < checkpoint]
         if not old:
+            self.pending = bool(self._read)
             return
         try:
             await self.store.delete(old)
@@ -197,6 +206,7 @@ class ProgressReader:
             return
         for name in old:
             del self._read[name]
+        self.pending = bool(self._read)
 
 
 class _Member(Protocol):

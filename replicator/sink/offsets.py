@@ -17,11 +17,12 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from aiokafka import TopicPartition
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import IllegalStateError
 
 from replicator.position import INVALID_LSN, Lsn
 
-__all__ = ["OffsetLedger", "Pending", "align"]
+__all__ = ["OffsetLedger", "Pending", "align", "backlog"]
 
 
 @dataclass(slots=True)
@@ -141,3 +142,24 @@ def align(assigned: set[TopicPartition], lag: dict[str, int], offsets: OffsetLed
     # Everything read is written and the checkpoint still cannot pass the horizon: waiting
     # would be forever; read on.
     return set(), set(), False
+
+
+async def backlog(consumer: AIOKafkaConsumer) -> dict[str, int]:
+    """Records not read yet, per assigned partition (`"<topic>/<partition>"`). Before the
+    first fetch the consumer knows no high-water marks: it asks for them, so that a backlog
+    found at start-up is already read critical-first."""
+    lag: dict[str, int] = {}
+    assignment = consumer.assignment()
+    unknown = [tp for tp in assignment if consumer.highwater(tp) is None]
+    ends = await consumer.end_offsets(unknown) if unknown else {}
+    for tp in assignment:
+        high = consumer.highwater(tp)
+        if high is None:
+            high = ends.get(tp)
+        if high is None:
+            continue
+        try:
+            lag[f"{tp.topic}/{tp.partition}"] = max(0, high - await consumer.position(tp))
+        except IllegalStateError:
+            continue  # revoked meanwhile by a rebalance
+    return lag

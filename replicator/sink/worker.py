@@ -6,7 +6,8 @@ topics and the transactions topic, so a slow or failing destination never holds 
 Buffers are kept per tier and table. A tier is flushed when its interval has passed since
 its oldest buffered change (critical 5 s, high 30 s, normal 60 s, low 300 s by default), or
 when the buffers reach `max_rows` / `max_bytes`. Under backlog, critical partitions are read
-first: lower tiers are paused while critical partitions are behind.
+first: lower tiers are not read while critical partitions are behind (left out of the read,
+not paused, so that the records already fetched for them are kept: `_prioritise`).
 
 A flush, in this order:
 
@@ -40,11 +41,12 @@ checkpoint waits for the slowest partition: transaction records are small and qu
 and lower tiers wait while critical partitions are behind, so without a bound the sink would
 hold one entry per transaction of the whole backlog. Once `READ_AHEAD_ROWS * flush.max_rows`
 records are read and not committed, the partitions already past the lowest commit LSN held
-above the checkpoint are paused, and those not yet past it are read (even a lower tier while
-critical partitions are behind); once every partition is past it or at its end, the buffers
-are flushed, the checkpoint passes it and the memory is released. (Partitions are read in
-commit order. If the checkpoint still cannot pass with everything read written, say a parked
-record's transaction, reading goes on rather than waiting forever.)
+above the checkpoint wait (left out of the read), and those not yet past it are read (even
+a lower tier while critical partitions are behind); once every partition is past it or at
+its end, the buffers are flushed, the checkpoint passes it and the memory is released.
+(Partitions are read in commit order. If the checkpoint still cannot pass with everything
+read written, say a parked record's transaction, reading goes on rather than waiting
+forever.)
 
 A record that cannot be decoded is parked, not retried: at the next flush it is written as a
 dead letter, `deadletters/<topic>/<partition>-<offset>.json` (encrypted JSON: the raw key,
@@ -94,7 +96,7 @@ from replicator.sink.checkpoint import CompletenessTracker
 from replicator.sink.claims import ClaimResolver, claim_of
 from replicator.sink.members import ROLES, ProgressReader, ProgressWriter, Revocations, role_of
 from replicator.sink.objects import CheckpointObjects, RecordedGaps, dead_letter, lost_range
-from replicator.sink.offsets import OffsetLedger, Pending, align
+from replicator.sink.offsets import OffsetLedger, Pending, align, backlog
 from replicator.sink.raw import raw_change, raw_transaction
 from replicator.sink.shared import SharedDecodes
 from replicator.sink.spool import Spool
@@ -285,8 +287,8 @@ class SinkWorker:
         return None
 
     async def _poll(self, consumer: AIOKafkaConsumer) -> None:
-        await self._prioritise(consumer)
-        batch = await consumer.getmany(timeout_ms=200, max_records=self.poll_records)
+        wanted = await self._prioritise(consumer)
+        batch = await consumer.getmany(*wanted, timeout_ms=200, max_records=self.poll_records)
         for tp, records in batch.items():
             if records and self._next_offset.get(tp, records[0].offset) < records[0].offset:
                 # Records skipped: deleted by Kafka's retention before they were archived?
@@ -350,30 +352,19 @@ class SinkWorker:
                   "; every checkpoint holds until an operator deals with it" if hold else
                   "; its transaction stays above the checkpoint")
 
-    async def _prioritise(self, consumer: AIOKafkaConsumer) -> None:
-        """Pause every partition while this destination can take no more (`_full`), else the
-        lower tiers while critical partitions are behind (read critical first)."""
+    async def _prioritise(self, consumer: AIOKafkaConsumer) -> tuple[TopicPartition, ...]:
+        """The partitions to read now: none while this destination can take no more
+        (`_full`: every partition paused), else not the lower tiers while critical partitions
+        are behind (read critical first), nor those too far ahead of the checkpoint.
+
+        Partitions held back only for priority or read-ahead are left out of the read rather
+        than paused: aiokafka throws away the records it has already fetched for a partition
+        that is paused, and would fetch them again once it is resumed. An empty result reads
+        every partition not paused."""
         critical_topic = self.tiers[Tier.CRITICAL]
-        behind = False
-        lag: dict[str, int] = {}
-        assignment = consumer.assignment()
-        unknown = [tp for tp in assignment if consumer.highwater(tp) is None]
-        # Before the first fetch the consumer knows no high-water marks: ask, so that a
-        # backlog found at start-up is already read critical-first.
-        ends = await consumer.end_offsets(unknown) if unknown else {}
-        for tp in assignment:
-            high = consumer.highwater(tp)
-            if high is None:
-                high = ends.get(tp)
-            if high is None:
-                continue
-            try:
-                pending = max(0, high - await consumer.position(tp))
-            except IllegalStateError:
-                continue  # revoked meanwhile by a rebalance
-            lag[f"{tp.topic}/{tp.partition}"] = pending
-            if tp.topic == critical_topic and pending > CRITICAL_BACKLOG:
-                behind = True
+        lag = await backlog(consumer)
+        behind = any(n > CRITICAL_BACKLOG for key, n in lag.items()
+                     if key.rsplit("/", 1)[0] == critical_topic)
         self.stats.lag = lag
         self._note_pending()
         full = self._full()
@@ -395,9 +386,13 @@ class SinkWorker:
             waiting = set()
         if not full:
             waiting = (waiting | ahead) - needed
+        wanted = tuple(assigned - waiting)
         with contextlib.suppress(IllegalStateError):  # a rebalance took some meanwhile
-            consumer.resume(*(assigned - waiting))
-            consumer.pause(*waiting)
+            if wanted:
+                consumer.resume(*assigned)
+            else:
+                consumer.pause(*assigned)
+        return wanted
 
     def _note_pending(self) -> None:
         """`stats.pending_since_us`, for `wedsync_rpo_seconds`: per tier, the commit time of
@@ -619,7 +614,7 @@ class SinkWorker:
         if not self.checkpointer:  # 2'. report to the checkpointer; 3. commit what it passed
             await self._member_pass(consumer)
             return
-        if not self.solo:  # 2. what the other members wrote, then the checkpoint
+        if not self.solo or self._progress.pending:  # 2. what the other members wrote
             changes, hold, found = await self._progress.read_new()
             self.tracker.records_durable(found)
             self.tracker.changes_durable(changes)
@@ -750,7 +745,7 @@ class SinkWorker:
             if restored is None:
                 return
             self.tracker = CompletenessTracker(*restored)
-            self._progress.reset()
+            self._progress.reset()  # and a solo reads once what members left (then prunes)
         else:
             self.tracker = CompletenessTracker(self.tracker.checkpoint)
         log.info("destination %s: this process is %s of its sink group", self.destination.name,
