@@ -93,6 +93,9 @@ class Toxiproxy:
     async def proxy(self, name: str, upstream: str) -> int:
         """A proxy to *upstream* on a free port of 127.0.0.1; its port."""
         port = free_port()
+        # One left by a soak that was killed: replaced (a soak runs alone on its stack).
+        with contextlib.suppress(RuntimeError):
+            await self._call("DELETE", f"/proxies/{name}")
         await self._call("POST", "/proxies", {"name": name, "listen": f"127.0.0.1:{port}",
                                               "upstream": upstream, "enabled": True})
         self.names.append(name)

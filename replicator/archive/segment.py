@@ -104,6 +104,7 @@ from replicator.archive.layout import (
     segment_key,
     transactions_key,
 )
+from replicator.archive.ordering import ordered as _ordered
 from replicator.errors import ReplicatorError
 from replicator.events import ChangeEvent, TransactionRecord, join_qualified
 from replicator.keys import canonical_key
@@ -410,26 +411,6 @@ def _zstd_available() -> bool:
         return importlib.util.find_spec(module) is not None
     except ModuleNotFoundError:  # the parent package is missing
         return False
-
-
-def _ordered(items: Iterable[_T], position: Callable[[_T], tuple[int, int]],
-             identity: Callable[[_T], object] | None = None) -> list[_T]:
-    """Sorted by position (then identity), a repeated identity kept once (its first
-    occurrence). The identity is the position, except for transaction records: a snapshot's
-    records (xid 0) share their LSN, one per table."""
-    ident = identity or position
-    out: list[_T] = []
-    seen: set[object] = set()
-    last: tuple[int, int] | None = None
-    for item in sorted(items, key=lambda i: (position(i), repr(ident(i)))):
-        here, key = position(item), ident(item)
-        if here != last:
-            seen.clear()
-            last = here
-        if key not in seen:
-            seen.add(key)
-            out.append(item)
-    return out
 
 
 def _transaction_identity(record: Mapping[str, Any]) -> object:

@@ -98,6 +98,14 @@ class _Tx:
         return self.expected is not None and all(self.complete_for(t) for t in TIER_ORDER)
 
 
+_TIERS: Final = {tier.value: tier for tier in Tier}
+
+
+def _tier(name: str) -> Tier:
+    tier = _TIERS.get(name)
+    return Tier(name) if tier is None else tier  # (which raises ValueError)
+
+
 class CompletenessTracker:
     def __init__(self, checkpoint: Lsn = INVALID_LSN,
                  tier_checkpoints: dict[Tier, Lsn] | None = None) -> None:
@@ -129,7 +137,7 @@ class CompletenessTracker:
                 continue
             tx = self._tx(record.commit_lsn, record.end_lsn)
             expected: dict[Tier | str, int] = {
-                Tier(t): n for t, n in record.tier_counts.items()}
+                _tier(t): n for t, n in record.tier_counts.items()}
             if not expected and record.total:
                 # A record without tier counts (written before they existed): its changes
                 # count together, whatever their tier.

@@ -46,11 +46,27 @@ _tables: dict[bytes, str] = {}
 _TABLES_KEPT: Final = 10_000
 
 
-@lru_cache(maxsize=8)
-def _lsn(text: bytes) -> Lsn:
-    """An `lsn` or `end_lsn` header (`16/B374D848`); the same few texts come again and again
-    (every change of a transaction), so they are parsed once."""
-    return Lsn.parse(text.decode())
+_new_lsn: Any = int.__new__  # an Lsn without Lsn()'s checks: `_parse_lsn` made the value
+
+
+def _parse_lsn(text: bytes) -> Lsn:
+    """An `lsn` or `end_lsn` header: the Postgres form (`16/B374D848`), each half 1 to 8 hex
+    digits; ValueError otherwise."""
+    high, slash, low = text.partition(b"/")
+    if not slash or not 0 < len(high) <= 8 or not 0 < len(low) <= 8 \
+            or not (high + low).isalnum():
+        raise ValueError(f"invalid LSN {text!r}")
+    value: Lsn = _new_lsn(Lsn, (int(high, 16) << 32) | int(low, 16))
+    return value
+
+
+# The same few texts come again and again (every change of a transaction): parsed once.
+_lsn = lru_cache(maxsize=8)(_parse_lsn)
+
+# Transaction records' `counts` and `tiers` headers repeat a few texts (`{"public.guests":
+# 1}`): each is parsed once. The dicts returned are shared: read them, never change them
+# (`transaction_from_dict` copies them).
+_json = lru_cache(maxsize=1024)(json.loads)
 
 
 def raw_change(headers: Sequence[tuple[str, bytes]], value: bytes,
@@ -107,9 +123,10 @@ def raw_transaction(headers: Sequence[tuple[str, bytes]], value: bytes,
     if body is None:
         return None
     try:
-        counts = json.loads(found["counts"])
-        tiers = json.loads(found["tiers"])
-        record = {"commit_lsn": _lsn(found["lsn"]), "end_lsn": _lsn(found["end_lsn"]),
+        counts = _json(found["counts"])
+        tiers = _json(found["tiers"])
+        record = {"commit_lsn": _parse_lsn(found["lsn"]),
+                  "end_lsn": _parse_lsn(found["end_lsn"]),
                   "commit_ts_us": int(found["ts_us"]), "xid": int(found["xid"]),
                   "counts": counts, "tier_counts": tiers, "origin": None, "digests": {}}
     except ValueError:  # not the capture's headers (a JSONDecodeError is a ValueError)

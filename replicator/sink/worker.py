@@ -465,7 +465,9 @@ class SinkWorker:
         else:
             self.stats.raw_transactions += 1
         value, body = found
-        entry = self.offsets.track(tp, record.offset, Lsn(value["commit_lsn"]))
+        commit_lsn = value["commit_lsn"]
+        entry = self.offsets.track(tp, record.offset, commit_lsn if type(commit_lsn) is Lsn
+                                   else Lsn(commit_lsn))
         self._read_lsn[tp] = entry.commit_lsn
         self._tx_buffer.append((value, body, entry))
         self._oldest.setdefault(Tier.CRITICAL, self.clock())

@@ -137,9 +137,10 @@ _TIERS: Final[dict[str, Tier]] = {tier.value: tier for tier in Tier}
 
 
 def transaction_from_dict(decoded: Mapping[str, Any]) -> TransactionRecord:
+    commit_lsn, end_lsn = decoded["commit_lsn"], decoded["end_lsn"]
     return TransactionRecord(
-        commit_lsn=Lsn(decoded["commit_lsn"]),
-        end_lsn=Lsn(decoded["end_lsn"]),
+        commit_lsn=commit_lsn if type(commit_lsn) is Lsn else Lsn(commit_lsn),
+        end_lsn=end_lsn if type(end_lsn) is Lsn else Lsn(end_lsn),
         commit_ts_us=decoded["commit_ts_us"],
         xid=decoded["xid"],
         counts=dict(decoded["counts"]),

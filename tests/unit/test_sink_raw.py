@@ -92,3 +92,33 @@ def test_transaction_decoded_instead() -> None:
         assert raw_transaction(headers, TX_VALUE, CODEC.own_transaction_body) is None, headers
     # A change's value is not a transaction record's.
     assert raw_transaction(TX, VALUE, CODEC.own_transaction_body) is None
+
+
+def test_lsn_headers_parsed_strictly() -> None:
+    from replicator.position import Lsn
+    from replicator.sink.raw import _parse_lsn
+
+    for text in ("0/0", "16/B374D848", "FFFFFFFF/FFFFFFFF", "a/b"):
+        parsed = _parse_lsn(text.encode())
+        assert type(parsed) is Lsn and parsed == Lsn.parse(text.upper()), text
+    for bad in (b"", b"/", b"16/", b"/1", b"1-2", b"123456789/0", b"0/123456789", b"+1/2",
+                b"1/ 2", b"1_0/2", b"g/0", b"1/2/3"):
+        try:
+            _parse_lsn(bad)
+        except ValueError:
+            continue
+        raise AssertionError(f"{bad!r} parsed")
+
+
+def test_transaction_header_dicts_are_copied_out() -> None:
+    """The parsed `counts` are shared between records with the same header text: a
+    record built from one owns its dicts."""
+    from replicator.sink.raw import raw_transaction
+    from replicator.transport.avrovalues import transaction_from_dict
+
+    first = raw_transaction(TX, TX_VALUE, CODEC.own_transaction_body)
+    second = raw_transaction(TX, TX_VALUE, CODEC.own_transaction_body)
+    assert first is not None and second is not None
+    tx = transaction_from_dict(first[0])
+    tx.counts["public.other"] = 1
+    assert transaction_from_dict(second[0]).counts == {"public.guests": 2}
