@@ -63,10 +63,21 @@ def _parse_lsn(text: bytes) -> Lsn:
 # The same few texts come again and again (every change of a transaction): parsed once.
 _lsn = lru_cache(maxsize=8)(_parse_lsn)
 
-# Transaction records' `counts` and `tiers` headers repeat a few texts (`{"public.guests":
-# 1}`): each is parsed once. The dicts returned are shared: read them, never change them
-# (`transaction_from_dict` copies them).
-_json = lru_cache(maxsize=1024)(json.loads)
+
+
+@lru_cache(maxsize=1024)
+def _counts_header(text: bytes) -> dict[str, int] | None:
+    """A transaction record's `counts` or `tiers` header (`{"public.guests":1}`): names to
+    numbers, or None when it is not. The same few texts repeat, so each is read once; the
+    dict returned is shared: read it, never change it (`transaction_from_dict` copies)."""
+    try:
+        value = json.loads(text)
+    except ValueError:  # a JSONDecodeError or UnicodeDecodeError is a ValueError
+        return None
+    if isinstance(value, dict) and all(type(k) is str and type(n) is int
+                                       for k, n in value.items()):
+        return value
+    return None
 
 
 def raw_change(headers: Sequence[tuple[str, bytes]], value: bytes,
@@ -122,20 +133,13 @@ def raw_transaction(headers: Sequence[tuple[str, bytes]], value: bytes,
     body = own_body(value)
     if body is None:
         return None
+    counts = _counts_header(found["counts"])
+    tiers = _counts_header(found["tiers"])
+    if counts is None or tiers is None:
+        return None
     try:
-        counts = _json(found["counts"])
-        tiers = _json(found["tiers"])
-        record = {"commit_lsn": _parse_lsn(found["lsn"]),
-                  "end_lsn": _parse_lsn(found["end_lsn"]),
-                  "commit_ts_us": int(found["ts_us"]), "xid": int(found["xid"]),
-                  "counts": counts, "tier_counts": tiers, "origin": None, "digests": {}}
-    except ValueError:  # not the capture's headers (a JSONDecodeError is a ValueError)
+        return {"commit_lsn": _parse_lsn(found["lsn"]), "end_lsn": _parse_lsn(found["end_lsn"]),
+                "commit_ts_us": int(found["ts_us"]), "xid": int(found["xid"]),
+                "counts": counts, "tier_counts": tiers, "origin": None, "digests": {}}, body
+    except ValueError:  # not the capture's headers
         return None
-    if not (_counts(counts) and _counts(tiers)):
-        return None
-    return record, body
-
-
-def _counts(value: object) -> bool:
-    return isinstance(value, dict) and all(
-        type(k) is str and type(n) is int for k, n in value.items())

@@ -441,7 +441,8 @@ class SinkWorker:
             self.shared.put(where, record.value, found)
         facts, body, snapshot_row = found
         table = facts[0]
-        position = (Lsn(facts[1][0]), int(facts[1][1]))
+        lsn, seq = facts[1]
+        position = (lsn if type(lsn) is Lsn else Lsn(lsn), seq if type(seq) is int else int(seq))
         size = len(record.value)
         entry = self.offsets.track(tp, record.offset, position[0])
         self._read_lsn[tp] = position[0]
