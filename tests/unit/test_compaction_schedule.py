@@ -4,12 +4,24 @@
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Callable
 
 import pytest
 
 from replicator.config import CompactionConfig, DestinationConfig
 from replicator.sink import compaction
 from replicator.sink.compaction import Compactor
+
+
+async def until(condition: Callable[[], bool], within: float = 10.0) -> None:
+    """Polls *condition* for up to *within* seconds of the clock (a busy machine makes each
+    sleep longer, so no count of sleeps bounds the time)."""
+    deadline = time.monotonic() + within
+    while True:  # until it holds or the time is up
+        if condition() or time.monotonic() >= deadline:
+            return
+        await asyncio.sleep(0.01)
 
 
 def compactor(written: list[int] | None, **settings: float) -> Compactor:
@@ -61,19 +73,13 @@ async def test_the_schedule_runs_once_per_burst(monkeypatch: pytest.MonkeyPatch)
     await asyncio.sleep(0.1)
     assert runs == []  # nothing written, an hour to the next check
     written[0] = 100
-    for _ in range(200):
-        if runs:
-            break
-        await asyncio.sleep(0.01)
+    await until(lambda: bool(runs))
     assert runs == [100]
     written[0] = 150  # 50 rows since that check: not yet
     await asyncio.sleep(0.1)
     assert runs == [100]
     written[0] = 200
-    for _ in range(200):
-        if len(runs) == 2:
-            break
-        await asyncio.sleep(0.01)
+    await until(lambda: len(runs) == 2)
     assert runs == [100, 200]
     c.stop()
     await asyncio.wait_for(task, 5)
