@@ -84,6 +84,10 @@ def setup_logging(level: str) -> None:
     # "Topic ... not found in cluster metadata" at ERROR while a just-created topic's metadata
     # propagates; real failures surface as exceptions on the calls that need the topic.
     logging.getLogger("aiokafka.cluster").setLevel(logging.CRITICAL)
+    # The Azure SDK logs every HTTP request and response at INFO (about 30 lines a second
+    # from one busy destination); the store's failures reach our own log as they matter.
+    for noisy in ("azure", "botocore", "aiobotocore", "urllib3", "google"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def _keyring_or_none(config: Any) -> Any:

@@ -77,3 +77,24 @@ def test_failing_as_takes_the_named_services_errors_as_failures_first() -> None:
     with pytest.raises(CommandFailed, match=r"^compaction stopped: no such directory"), \
             failing_as("compaction stopped", (Fatal, OSError)):
         raise Fatal("no such directory", url="file:///nothing")
+
+
+def test_store_sdks_do_not_log_each_request() -> None:
+    """The Azure SDK logs every request at INFO: `run`'s logging keeps the stores' client
+    libraries at WARNING, and ours at the level asked for."""
+    import logging
+
+    from replicator.cli.run import setup_logging
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        root.handlers[:] = []  # as in a fresh process (basicConfig does nothing otherwise)
+        setup_logging("info")
+        sdk = logging.getLogger("azure.core.pipeline.policies.http_logging_policy")
+        assert not sdk.isEnabledFor(logging.INFO)
+        assert sdk.isEnabledFor(logging.WARNING)
+        assert not logging.getLogger("botocore.endpoint").isEnabledFor(logging.INFO)
+        assert logging.getLogger("replicator.sink.worker").isEnabledFor(logging.INFO)
+    finally:
+        root.handlers[:], root.level = handlers, level
