@@ -28,7 +28,8 @@ Measured:
   both must be 0.
 
 `--json` prints one JSON object on the last line: `minutes`, `lost`, `rss_mb_start` and
-`rss_mb_end` (per process), `rpo_p99_s` (per tier), and details beside them.
+`rss_mb_end` (per process), `rpo_p99_s` (per tier), and details beside them (`windows`: per
+window the RSS of each process and what each destination's sink holds, `wedsync_sink_held`).
 
     .venv/bin/python -m benchmarks.soak [--minutes 60] [--quick] [--rate 2000] [--json]
 """
@@ -259,6 +260,25 @@ class Checkpoints:
         return history[n][0] if n < len(history) else None
 
 
+_HELD = re.compile(r'^wedsync_sink_held\{destination="([^"]+)",what="([^"]+)"\} (\S+)$')
+
+
+async def held_now(port: int) -> dict[str, dict[str, int]]:
+    """What each destination's sink holds in memory now (`wedsync_sink_held`), from the
+    sinks' /metrics; empty when it does not answer."""
+    held: dict[str, dict[str, int]] = {}
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session, \
+                session.get(f"http://127.0.0.1:{port}/metrics") as response:
+            text = await response.text()
+    except (aiohttp.ClientError, TimeoutError):
+        return held
+    for line in text.splitlines():
+        if (match := _HELD.match(line)) is not None:
+            held.setdefault(match[1], {})[match[2]] = int(float(match[3]))
+    return held
+
+
 def p99(values: list[float]) -> float | None:
     if not values:
         return None
@@ -371,6 +391,7 @@ async def run(minutes: float, rate: float, quick: bool, ddl_every: float, say: A
         started = time.monotonic()
         window, n_ddl, faults, statements = 0, 0, [], []
         rss_start: dict[str, float] = {}
+        windows: list[dict[str, Any]] = []  # per window: RSS and what each sink holds
         while time.monotonic() - started < minutes * 60:
             left = minutes * 60 - (time.monotonic() - started)
             length = min(WINDOW_S, left)
@@ -390,9 +411,16 @@ async def run(minutes: float, rate: float, quick: bool, ddl_every: float, say: A
             if (time.monotonic() - started) // ddl_every > n_ddl:
                 n_ddl += 1
                 statements.append(await ddl(dsn, n_ddl))
+            held = await held_now(services[1].metrics_port)
+            windows.append({"minute": round((time.monotonic() - started) / 60, 1),
+                             "rss_mb": {s.role: round(s.rss_mb(), 1) for s in services},
+                             "held": held})
             say(f"  {(time.monotonic() - started) / 60:5.1f} min: {len(commits)} commits, "
                 f"fault {fault!r}, RSS " + ", ".join(f"{s.role} {s.rss_mb():.0f} MB"
-                                                   for s in services))
+                                                   for s in services)
+                + "; sinks hold " + "; ".join(
+                    f"{dest} " + " ".join(f"{k}={v}" for k, v in sorted(what.items()))
+                    for dest, what in sorted(held.items())))
             if not all(service.alive() for service in services):
                 break  # reported below, with what it left undone
         rss_end = {s.role: round(s.rss_mb(), 1) for s in services}
@@ -467,6 +495,7 @@ async def run(minutes: float, rate: float, quick: bool, ddl_every: float, say: A
             "tracebacks": {s.role: s.tracebacks() for s in services},
             "exited": exited,
             "checkpoint_polls": checkpoints.polls,
+            "windows": windows,
         })
         return result
     finally:

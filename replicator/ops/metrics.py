@@ -26,10 +26,18 @@ otherwise (`metrics.listen`), and exposes no configuration and no secrets.
 | `wedsync_sink_raw_records_total` | destination, kind | records archived undecoded |
 | `wedsync_sink_spool_bytes` | destination | bytes in the local spool, not yet shipped |
 | `wedsync_sink_spooling` | destination | 1 while flushes go into the local spool (store out) |
+| `wedsync_sink_held` | destination, what | what the sink holds in memory (below) |
+| `process_resident_memory_bytes`, … | | the process (Prometheus's standard metrics) |
 | `wedsync_compaction_runs_total` | destination | compaction runs (`replicator compact`) |
 | `wedsync_compaction_failures_total` | destination | compaction runs that failed |
 | `wedsync_compaction_last_success_timestamp_seconds` | destination | end of the last good run |
 | `wedsync_archive_objects`, `..._bytes` | destination, kind | the archive, after each compaction |
+
+`wedsync_sink_held`'s `what`: `buffered_rows` and `buffered_bytes` (changes read, not yet
+written), `uncommitted_runs` (records read whose offsets are not committed yet, in runs),
+`tracked_transactions` (the completeness tracker's), `transaction_records` (read, not yet
+written). The process metrics (`process_resident_memory_bytes`, `process_cpu_seconds_total`,
+`process_open_fds`, ...) come from Linux's /proc.
 """
 
 from __future__ import annotations
@@ -40,7 +48,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -130,7 +138,13 @@ class PipelineCollector(Collector):
         spooling = GaugeMetricFamily("wedsync_sink_spooling",
                                      "1 while flushes go into the local spool (the store is out)",
                                      labels=["destination"])
+        held = GaugeMetricFamily("wedsync_sink_held",
+                                 "What the sink holds in memory (buffered rows and bytes, "
+                                 "uncommitted offset runs, tracked transactions, transaction "
+                                 "records not yet written)", labels=["destination", "what"])
         for name, stats in sorted(sinks.items()):
+            for what, count in sorted(stats.held.items()):
+                held.add_metric([name, what], count)
             spool.add_metric([name], stats.spool_bytes)
             spooling.add_metric([name], 1 if stats.spooling else 0)
             raw.add_metric([name, "change"], stats.raw_changes)
@@ -149,7 +163,7 @@ class PipelineCollector(Collector):
             dead.add_metric([name], stats.dead_letters)
             paused.add_metric([name], 1 if stats.paused else 0)
         yield from (checkpoint, lag, rpo, written, segments, failures, breaker, dead, paused,
-                    raw, spool, spooling)
+                    raw, spool, spooling, held)
         runs = CounterMetricFamily("wedsync_compaction_runs", "Compaction runs",
                                    labels=["destination"])
         failed = CounterMetricFamily("wedsync_compaction_failures", "Failed compaction runs",
@@ -198,6 +212,8 @@ class MetricsServer:
         self.host, self.port = _listen_address(listen)
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(collector)
+        # The standard process metrics (memory, CPU, open files), where /proc has them.
+        ProcessCollector(registry=self.registry)
         self.ready = ready
         self.request_timeout_s = request_timeout_s
         self.max_connections = max_connections

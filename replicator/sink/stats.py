@@ -38,6 +38,11 @@ class SinkStats:
     # tier -> commit time (us) of the oldest change its checkpoint has not passed
     # (`SinkWorker._note_pending`); a tier with nothing pending is absent
     pending_since_us: dict[str, int] = field(default_factory=dict)
+    # What the sink holds in memory now (`SinkWorker._note_pending`): "buffered_rows",
+    # "buffered_bytes" (changes read, not yet written), "uncommitted_runs" (the offset
+    # ledger's runs: records read whose offsets are not committed yet), "tracked_transactions"
+    # (the completeness tracker's), "transaction_records" (read, not yet written).
+    held: dict[str, int] = field(default_factory=dict)
 
     def rpo_seconds(self, now: float) -> dict[str, float]:
         """Per tier, the age at *now* (epoch seconds) of the oldest committed change not yet

@@ -353,14 +353,10 @@ class SinkWorker:
                   "; its transaction stays above the checkpoint")
 
     async def _prioritise(self, consumer: AIOKafkaConsumer) -> tuple[TopicPartition, ...]:
-        """The partitions to read now: none while this destination can take no more
-        (`_full`: every partition paused), else not the lower tiers while critical partitions
-        are behind (read critical first), nor those too far ahead of the checkpoint.
-
-        Partitions held back only for priority or read-ahead are left out of the read rather
-        than paused: aiokafka throws away the records it has already fetched for a partition
-        that is paused, and would fetch them again once it is resumed. An empty result reads
-        every partition not paused."""
+        """The partitions to read now: none while this destination can take no more (`_full`:
+        all paused), else not lower tiers while critical is behind, nor those too far ahead of
+        the checkpoint: left out of the read, not paused (aiokafka drops what it fetched for a
+        paused partition, and fetches it again on resume). Empty: every one not paused."""
         critical_topic = self.tiers[Tier.CRITICAL]
         lag = await backlog(consumer)
         behind = any(n > CRITICAL_BACKLOG for key, n in lag.items()
@@ -411,6 +407,10 @@ class SinkWorker:
                   and tier in self.tracker.passed_ts_us):
                 pending[tier.value] = self.tracker.passed_ts_us[tier]
         self.stats.pending_since_us = pending
+        self.stats.held = {"buffered_rows": self._rows, "buffered_bytes": self._bytes,
+                           "uncommitted_runs": len(self.offsets),
+                           "tracked_transactions": self.tracker.tracked,
+                           "transaction_records": len(self._tx_buffer)}
 
     def _unwritten(self) -> bool:
         return bool(self._rows or self._tx_buffer or self._schema_buffer or self._dead_buffer)

@@ -100,6 +100,13 @@ async def test_every_committed_change_reaches_every_destination(
         assert line in scraped and float(scraped.split(line)[1].split()[0]) > inside
     assert 'wedsync_capture_events_total{tier="low"}' in scraped
     assert "wedsync_capture_confirmed_lsn" in scraped
+    # Where a sink's memory goes, beside the process's own figures.
+    for d in dests:
+        for what in ("buffered_rows", "buffered_bytes", "uncommitted_runs",
+                     "tracked_transactions", "transaction_records"):
+            assert f'wedsync_sink_held{{destination="{d.name}",what="{what}"}}' in scraped
+    resident = scraped.split("\nprocess_resident_memory_bytes ")[1].split()[0]
+    assert float(resident) > 20e6
     expected = source_rows(pg_dsn)
     for d in dests:
         history = await archived_schemas(d.url, "public.guests")
