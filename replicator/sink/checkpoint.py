@@ -29,6 +29,7 @@ import bisect
 import itertools
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Final
 
 from replicator.events import TIER_ORDER, Tier, TransactionRecord
@@ -83,7 +84,9 @@ class _Tx:
     end_lsn: Lsn
     expected: dict[Tier | str, int] | None = None  # None until the record is durable
     seen: dict[Tier, SeqSet] = field(default_factory=dict)
-    tables: set[str] = field(default_factory=set)  # of the snapshot records counted
+    # Of the snapshot records (xid 0) counted; None for any other transaction (a set costs
+    # 216 bytes, and a sink far behind tracks tens of thousands of transactions).
+    tables: set[str] | None = None
     commit_ts_us: int = 0  # from its record
     done: bool = False  # passed by `advance`, kept because the checkpoint is below it
 
@@ -104,6 +107,13 @@ _TIERS: Final = {tier.value: tier for tier in Tier}
 def _tier(name: str) -> Tier:
     tier = _TIERS.get(name)
     return Tier(name) if tier is None else tier  # (which raises ValueError)
+
+
+@lru_cache(maxsize=256)
+def _expected(tier_counts: tuple[tuple[str, int], ...]) -> dict[Tier | str, int]:
+    """A record's changes expected per tier. The same few counts repeat ({low: 1}), so
+    transactions share one dict each: never change one in place."""
+    return {_tier(t): n for t, n in tier_counts}
 
 
 class CompletenessTracker:
@@ -136,18 +146,19 @@ class CompletenessTracker:
             if record.commit_lsn < self.checkpoint:
                 continue
             tx = self._tx(record.commit_lsn, record.end_lsn)
-            expected: dict[Tier | str, int] = {
-                _tier(t): n for t, n in record.tier_counts.items()}
+            expected = _expected(tuple(record.tier_counts.items()))
             if not expected and record.total:
                 # A record without tier counts (written before they existed): its changes
                 # count together, whatever their tier.
                 expected = {_ANY: record.total}
             if tx.expected is not None:
                 # A duplicate; or, for a snapshot (xid 0), another table's rows at one LSN.
-                if record.xid == 0 and not tx.tables & record.counts.keys():
+                if record.xid == 0 and not (tx.tables or set()) & record.counts.keys():
+                    summed = dict(tx.expected)  # (maybe shared: never changed in place)
                     for tier, n in expected.items():
-                        tx.expected[tier] = tx.expected.get(tier, 0) + n
-                    tx.tables.update(record.counts)
+                        summed[tier] = summed.get(tier, 0) + n
+                    tx.expected = summed
+                    tx.tables = (tx.tables or set()) | record.counts.keys()
                     if tx.done:
                         # Its earlier tables were complete and passed (a snapshot's end LSN is
                         # below its own LSN, so it stayed): wait for this table's rows too.
@@ -157,7 +168,8 @@ class CompletenessTracker:
             tx.end_lsn = record.end_lsn
             tx.commit_ts_us = record.commit_ts_us
             tx.expected = expected
-            tx.tables.update(record.counts)
+            if record.xid == 0:
+                tx.tables = set(record.counts)
             self._queue(record.commit_lsn)
 
     def _queue(self, commit_lsn: Lsn) -> None:

@@ -208,3 +208,23 @@ def test_a_five_million_row_snapshot_is_tracked_in_a_bitmap() -> None:
     tx = tracker._txs[lsn]
     assert len(tx.seen[Tier.LOW]) == 5_000_000
     assert len(tx.seen[Tier.LOW]._bits) < 1_300_000
+
+
+def test_a_snapshots_tables_adding_up_leave_other_transactions_counts_alone() -> None:
+    """Transactions with the same tier counts share one dict of them; a snapshot's second
+    table at the same LSN adds to its own count, never to that shared one."""
+    tracker = CompletenessTracker()
+    tracker.records_durable([record(50, {Tier.CRITICAL: 2})])  # the shared {critical: 2}
+    tracker.records_durable([
+        TransactionRecord(Lsn(100), Lsn(99), 0, 0, {"public.weddings": 2},
+                          tier_counts={"critical": 2}),
+        TransactionRecord(Lsn(100), Lsn(99), 0, 0, {"public.vendors": 2},
+                          tier_counts={"critical": 2})])
+    tracker.records_durable([record(200, {Tier.CRITICAL: 2})])
+    tracker.changes_durable([(Tier.CRITICAL, Lsn(50), 0), (Tier.CRITICAL, Lsn(50), 1)])
+    assert tracker.advance() == Lsn(51)  # still two changes expected at 50, not four
+    tracker.changes_durable([(Tier.CRITICAL, Lsn(100), s) for s in range(3)])
+    tracker.changes_durable([(Tier.CRITICAL, Lsn(200), 0), (Tier.CRITICAL, Lsn(200), 1)])
+    assert tracker.advance() == Lsn(51)  # the snapshot waits for its fourth row
+    tracker.changes_durable([(Tier.CRITICAL, Lsn(100), 3)])
+    assert tracker.advance() == Lsn(201)
