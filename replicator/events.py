@@ -46,6 +46,8 @@ class Tier(enum.StrEnum):
 
 #: Consumption order under backlog: nearest wedding first.
 TIER_ORDER: tuple[Tier, ...] = (Tier.CRITICAL, Tier.HIGH, Tier.NORMAL, Tier.LOW)
+#: A tier by its name, without an Enum call (hot paths).
+TIER_BY_NAME: dict[str, Tier] = {tier.value: tier for tier in TIER_ORDER}
 
 Row = Mapping[str, Any]
 

@@ -47,6 +47,12 @@ class Lsn(int):
         return super().__new__(cls, value)
 
     @classmethod
+    def of(cls, value: int) -> Lsn:
+        """*value* itself when it already is an Lsn (no checks again, for hot paths), else
+        `Lsn(value)`."""
+        return value if type(value) is cls else cls(value)
+
+    @classmethod
     def parse(cls, text: str) -> Lsn:
         """Parse the Postgres form, e.g. `16/B374D848` (as `pg_current_wal_lsn()` prints)."""
         match = _LSN_TEXT.fullmatch(text) if isinstance(text, str) else None

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any, TypeVar
+from operator import itemgetter
+from typing import TypeVar
 
 __all__ = ["ordered"]
 
@@ -17,7 +18,7 @@ def ordered(items: Iterable[_T], position: Callable[[_T], tuple[int, int]],
     records (xid 0) share their LSN, one per table."""
     ident = identity or position
     keyed = sorted([(position(item), n, item) for n, item in enumerate(items)],
-                   key=_first_two)
+                   key=itemgetter(0, 1))
     out: list[_T] = []
     i, count = 0, len(keyed)
     while i < count:
@@ -36,7 +37,3 @@ def ordered(items: Iterable[_T], position: Callable[[_T], tuple[int, int]],
                     out.append(item)
         i = j
     return out
-
-
-def _first_two(entry: tuple[Any, int, Any]) -> tuple[Any, int]:
-    return entry[0], entry[1]

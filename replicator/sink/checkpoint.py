@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Final
 
-from replicator.events import TIER_ORDER, Tier, TransactionRecord
+from replicator.events import TIER_BY_NAME, TIER_ORDER, Tier, TransactionRecord
 from replicator.position import INVALID_LSN, Lsn, mark_seq
 
 _ANY: Final = "any"  # the tier key of a record without tier counts
@@ -101,11 +101,8 @@ class _Tx:
         return self.expected is not None and all(self.complete_for(t) for t in TIER_ORDER)
 
 
-_TIERS: Final = {tier.value: tier for tier in Tier}
-
-
 def _tier(name: str) -> Tier:
-    tier = _TIERS.get(name)
+    tier = TIER_BY_NAME.get(name)
     return Tier(name) if tier is None else tier  # (which raises ValueError)
 
 

@@ -50,12 +50,10 @@ from connectors.base import ObjectStore
 from connectors.errors import NotFound, StoreError
 from replicator.archive.layout import progress_key, progress_prefix
 from replicator.crypto import CryptoError, Keyring, decrypt
-from replicator.events import TIER_ORDER, Tier, TransactionRecord
+from replicator.events import TIER_BY_NAME, Tier, TransactionRecord
 from replicator.position import INVALID_LSN, Lsn
 
 log = logging.getLogger(__name__)
-
-_TIERS: Final = {tier.value: tier for tier in TIER_ORDER}
 
 
 def encode_progress(destination: str, member: str,
@@ -95,7 +93,7 @@ def decode_progress(doc: dict[str, Any]) -> tuple[list[tuple[Tier, Lsn, int]], b
     if not isinstance(raw, dict) or not isinstance(doc.get("hold"), bool):
         raise ValueError("not a progress object")
     for name, entries in raw.items():
-        tier = _TIERS.get(name)
+        tier = TIER_BY_NAME.get(name)
         if tier is None or not isinstance(entries, list):
             raise ValueError(f"unknown tier {name!r}")
         for lsn, seqs in entries:
@@ -146,16 +144,15 @@ class ProgressReader:
         self._read: dict[str, Lsn] = {}  # name -> highest commit LSN (INVALID: holds)
         self.seen_any = False  # some progress object was found (other members exist)
         self.refused = 0  # objects that did not decrypt or parse
+        # Objects may be left to read or prune. A solo member (every partition its own) reads
+        # them only while this holds: after a start or a rebalance, what an earlier member
+        # of the group reported and the checkpoint has not passed yet, until all are pruned.
+        self.pending = True
 
     def reset(self) -> None:
         """Read every object again (a new tracker starts from the stored checkpoint)."""
         self._read = {}
         self.pending = True
-
-    pending = True
-    """Objects may be left to read or prune. A solo member (every partition its own) reads
-    them only while this holds: after a start or a rebalance, what an earlier member of the
-    group reported and the checkpoint has not passed yet, until every one is pruned."""
 
     async def read_new(self) -> tuple[list[tuple[Tier, Lsn, int]], bool,
                                       list[TransactionRecord]]:

@@ -64,7 +64,6 @@ def _parse_lsn(text: bytes) -> Lsn:
 _lsn = lru_cache(maxsize=8)(_parse_lsn)
 
 
-
 @lru_cache(maxsize=1024)
 def _counts_header(text: bytes) -> dict[str, int] | None:
     """A transaction record's `counts` or `tiers` header (`{"public.guests":1}`): names to

@@ -441,8 +441,7 @@ class SinkWorker:
             self.shared.put(where, record.value, found)
         facts, body, snapshot_row = found
         table = facts[0]
-        lsn, seq = facts[1]
-        position = (lsn if type(lsn) is Lsn else Lsn(lsn), seq if type(seq) is int else int(seq))
+        position = (Lsn.of(facts[1][0]), int(facts[1][1]))
         size = len(record.value)
         entry = self.offsets.track(tp, record.offset, position[0])
         self._read_lsn[tp] = position[0]
@@ -466,9 +465,7 @@ class SinkWorker:
         else:
             self.stats.raw_transactions += 1
         value, body = found
-        commit_lsn = value["commit_lsn"]
-        entry = self.offsets.track(tp, record.offset, commit_lsn if type(commit_lsn) is Lsn
-                                   else Lsn(commit_lsn))
+        entry = self.offsets.track(tp, record.offset, Lsn.of(value["commit_lsn"]))
         self._read_lsn[tp] = entry.commit_lsn
         self._tx_buffer.append((value, body, entry))
         self._oldest.setdefault(Tier.CRITICAL, self.clock())

@@ -13,7 +13,7 @@ from decimal import Decimal
 from typing import Any, Final
 from uuid import UUID
 
-from replicator.events import ChangeEvent, Op, Tier, TransactionRecord
+from replicator.events import TIER_BY_NAME, ChangeEvent, Op, TransactionRecord
 from replicator.keys import Infinity, Interval
 from replicator.position import ChangePosition, Lsn
 
@@ -127,20 +127,18 @@ def event_from_dict(decoded: Mapping[str, Any], *, python_values: bool = True,
         unchanged=tuple(decoded["unchanged"]),
         origin=source["origin"],
         db=source["db"],
-        tier=_TIERS[decoded["priority"]],
+        tier=TIER_BY_NAME[decoded["priority"]],
         wedding_id=decoded["wedding_id"],
     )
 
 
 _OPS: Final[dict[str, Op]] = {op.value: op for op in Op}
-_TIERS: Final[dict[str, Tier]] = {tier.value: tier for tier in Tier}
 
 
 def transaction_from_dict(decoded: Mapping[str, Any]) -> TransactionRecord:
-    commit_lsn, end_lsn = decoded["commit_lsn"], decoded["end_lsn"]
     return TransactionRecord(
-        commit_lsn=commit_lsn if type(commit_lsn) is Lsn else Lsn(commit_lsn),
-        end_lsn=end_lsn if type(end_lsn) is Lsn else Lsn(end_lsn),
+        commit_lsn=Lsn.of(decoded["commit_lsn"]),
+        end_lsn=Lsn.of(decoded["end_lsn"]),
         commit_ts_us=decoded["commit_ts_us"],
         xid=decoded["xid"],
         counts=dict(decoded["counts"]),
