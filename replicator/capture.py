@@ -614,14 +614,19 @@ class Capture:
         streaming = ("parallel" if proto >= 4 else "on") if src.streaming and proto >= 2 else None
         await self.producer.start()
         decoder = pg.Decoder(proto)
+        # Replicated-in changes left out: by the server from PostgreSQL 16 (pgoutput's
+        # `origin 'none'`), else by the assembler.
+        skip = src.replicated_changes == "skip"
+        by_server = skip and self.server_version >= 160000
         assembler = Assembler(db=self.db, registry=self.registry,
                               primary_keys={t: i.primary_key for t, i in self.tables.items()},
                               on_message=self._on_message,
-                              spill_bytes=src.spill_threshold_mb << 20, spill_dir=src.spill_dir)
+                              spill_bytes=src.spill_threshold_mb << 20, spill_dir=src.spill_dir,
+                              skip_replicated=skip and not by_server)
         async with ReplicationStream(
             self.dsn, slot=src.slot, publication=src.publication, start_lsn=start_lsn,
             protocol_version=proto, streaming=streaming, two_phase=src.two_phase,
-            status_interval_s=src.status_interval_s,
+            status_interval_s=src.status_interval_s, origin="none" if by_server else None,
         ) as stream:
             log.info("streaming slot %s from %s (pgoutput v%d)", src.slot, start_lsn, proto)
             heartbeat = asyncio.create_task(self._heartbeat())

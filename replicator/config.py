@@ -23,11 +23,13 @@ from pydantic import (
     ConfigDict,
     Field,
     SecretStr,
+    TypeAdapter,
     ValidationError,
     field_validator,
     model_validator,
 )
 
+from replicator.archive.merge import ConflictPolicy
 from replicator.errors import OperatorError
 from replicator.events import Tier, join_qualified, split_qualified
 
@@ -66,6 +68,10 @@ class SourceConfig(_Model):
         "MiB sends the rest to a temporary file until its commit")
     spill_dir: str | None = Field(
         default=None, description="where those files go (default: TMPDIR or /tmp)")
+    # Changes PostgreSQL itself replicated into the source (a logical-replication subscriber's
+    # apply worker, any session bound to a replication origin): "tag" captures them with
+    # their origin's name; "skip" leaves them out (a two-way setup then does not echo).
+    replicated_changes: Literal["tag", "skip"] = "tag"
 
     @field_validator("dsn")
     @classmethod
@@ -414,6 +420,68 @@ class NotifyConfig(_Model):
         return self._display(self.url)
 
 
+class ConflictRule(_Model):
+    """One table's conflict rule, `[conflicts."schema.table"]` (`archive.merge`, whose rules
+    it configures). Versions of one key from different origins within `window_s` of the
+    latest compete: the writer's role (the value of `role_column` in the version's row, the
+    `before` image for a delete) ranks by `precedence`, strongest first; then the later
+    commit, then the greater origin name. Outside the window the latest commit wins. With
+    `column_groups`, the competition is held again for each group of columns, with
+    `group_precedence[group]` in place of `precedence` where given. A table without a rule:
+    the latest commit wins."""
+
+    role_column: str = ""
+    precedence: tuple[str, ...] = ()
+    window_s: float = Field(default=0.0, ge=0, le=7 * 86_400)
+    column_groups: dict[str, tuple[str, ...]] = Field(default_factory=dict)
+    group_precedence: dict[str, tuple[str, ...]] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _valid(self) -> ConflictRule:
+        if self.precedence and not self.role_column:
+            raise ValueError("precedence needs role_column: the column of each row that names "
+                             "its writer's role")
+        if self.group_precedence and not self.role_column:
+            raise ValueError("group_precedence needs role_column")
+        self.policy()  # the merge module's own checks (a column in two groups, ...)
+        return self
+
+    def policy(self) -> ConflictPolicy:
+        return ConflictPolicy(
+            window_us=round(self.window_s * 1_000_000), precedence=self.precedence,
+            role_column=self.role_column,
+            column_groups=dict(self.column_groups) or None,
+            group_precedence=dict(self.group_precedence) or None)
+
+
+def _conflict_tables(value: dict[str, ConflictRule]) -> dict[str, ConflictRule]:
+    out: dict[str, ConflictRule] = {}
+    for name, rule in value.items():
+        table = _qualified(name)
+        if table in out:
+            raise ValueError(f"two conflict rules for {table}")
+        out[table] = rule
+    return out
+
+
+def conflict_policies(section: object) -> dict[str, ConflictPolicy]:
+    """A `[conflicts]` section (as TOML read it, or already validated) as the merge module's
+    policies, by qualified table name; `ConfigError` naming the key when it is not valid."""
+    if not section:
+        return {}
+    try:
+        rules = _CONFLICTS.validate_python(section)
+        tables = _conflict_tables(rules)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, "conflicts")) from None
+    except ValueError as exc:
+        raise ConfigError(f"conflicts: {exc}") from None
+    return {table: rule.policy() for table, rule in tables.items()}
+
+
+_CONFLICTS = TypeAdapter(dict[str, ConflictRule])
+
+
 class Config(_Model):
     source: SourceConfig
     priority: PriorityConfig = Field(default_factory=PriorityConfig)
@@ -425,6 +493,7 @@ class Config(_Model):
     eve: EveConfig = Field(default_factory=EveConfig)
     incidents: IncidentsConfig = Field(default_factory=IncidentsConfig)
     notify: tuple[NotifyConfig, ...] = ()
+    conflicts: dict[str, ConflictRule] = Field(default_factory=dict)
     shutdown_deadline_s: Annotated[float, Field(gt=0)] = 30.0
 
     @model_validator(mode="before")
@@ -436,12 +505,22 @@ class Config(_Model):
         return data
 
     @property
+    def policies(self) -> dict[str, ConflictPolicy]:
+        """`[conflicts]` as the merge module's policies, by qualified table name."""
+        return {table: rule.policy() for table, rule in self.conflicts.items()}
+
+    @property
     def claims_url(self) -> str | None:
         """The store of claimed (too large) changes: `kafka.claims_url`, else the first
         destination's store; None when neither is configured."""
         if self.kafka.claims_url is not None:
             return self.kafka.claims_url
         return self.destinations[0].url if self.destinations else None
+
+    @field_validator("conflicts")
+    @classmethod
+    def _conflicts(cls, value: dict[str, ConflictRule]) -> dict[str, ConflictRule]:
+        return _conflict_tables(value)
 
     @field_validator("destinations")
     @classmethod
@@ -498,12 +577,12 @@ def _secret(env: Mapping[str, str], name: str) -> str | None:
     return None
 
 
-def _describe(exc: ValidationError) -> str:
-    """One line per problem, each naming the dotted key; input values are left out because
-    they may hold secrets."""
+def _describe(exc: ValidationError, within: str = "") -> str:
+    """One line per problem, each naming the dotted key (below *within*); input values are
+    left out because they may hold secrets."""
     lines = []
     for err in exc.errors():
-        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        key = ".".join([within] * bool(within) + [str(p) for p in err["loc"]]) or "(top level)"
         message = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
         lines.append(f"{key}: {message}")
     return "; ".join(lines)

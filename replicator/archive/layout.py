@@ -14,6 +14,7 @@ A destination's objects live under its store's root and namespace:
     checkpoints/<destination>/<tier>/<lsn>                 ... of that wedding tier
     audit/<time>-<id>.json                                 an operator's override of a guard
     deadletters/<topic>/<partition>-<offset>.json          a record a sink could not decode
+    conflicts/<table>/<time>-<digest>.json                 a cross-origin conflict a sink saw
 
 and in the claims store (`kafka.claims_url`, by default the first destination's store):
 
@@ -46,6 +47,7 @@ from replicator.position import Lsn
 __all__ = [
     "AUDIT",
     "CHECKPOINTS",
+    "CONFLICTS",
     "DEAD_LETTERS",
     "GAPS",
     "ROLLBACKS",
@@ -61,6 +63,8 @@ __all__ = [
     "checkpoint_key",
     "checkpoints_prefix",
     "claim_key",
+    "conflict_key",
+    "conflicts_prefix",
     "dead_letter_key",
     "destination_of",
     "gap_key",
@@ -71,6 +75,7 @@ __all__ = [
     "manifest_key",
     "parse_audit_key",
     "parse_checkpoint_key",
+    "parse_conflict_key",
     "parse_dead_letter_key",
     "parse_gap_key",
     "parse_manifest_key",
@@ -105,6 +110,7 @@ RETENTION: Final = "retention/"
 EVES: Final = "eves/"
 INCIDENTS: Final = "incidents/"
 RETENTION_FLOORS: Final = "retention/floor/"
+CONFLICTS: Final = "conflicts/"
 
 _HEX16: Final = "[0-9A-F]{16}"
 _DIGEST: Final = re.compile(r"[0-9a-f]{1,64}")
@@ -386,6 +392,38 @@ def parse_audit_key(key: str) -> tuple[int, str]:
         raise ValueError(f"object {key} is not an audit record name "
                          "(audit/<16 hex digits>-<hex id>.json)")
     return int(match["at"], 16), match["id"]
+
+
+# --- conflicts -------------------------------------------------------------------------------
+
+_CONFLICT: Final = re.compile(
+    rf"conflicts/(?P<table>[^/]+)/(?P<at>{_HEX16})-(?P<digest>[0-9a-f]{{16,64}})\.json")
+
+
+def conflicts_prefix(table: str | None = None) -> str:
+    """`conflicts/`, or `conflicts/<table>/`: a LIST of it gives the conflicts by time."""
+    return CONFLICTS if table is None else f"{CONFLICTS}{_table(table, 'a conflict')}/"
+
+
+def conflict_key(table: str, at_us: int, digest: str) -> str:
+    """`conflicts/<table>/<time>-<digest>.json`: one cross-origin conflict (JSON, encrypted).
+    The time is the later of the two versions' commit times (UTC microseconds as 16 hex
+    digits, so names sort by time); *digest* (lower-case hex, 16 to 64 digits) names the
+    decision, so the same conflict seen twice is one object."""
+    if not re.fullmatch(r"[0-9a-f]{16,64}", digest) or not 0 <= at_us < 1 << 64:
+        raise ValueError(f"invalid conflict record name parts {at_us!r}, {digest!r}")
+    return f"{conflicts_prefix(table)}{at_us:016X}-{digest}.json"
+
+
+def parse_conflict_key(key: str) -> tuple[str, int]:
+    """Inverse of `conflict_key`: the table and the time; `ValueError` naming *key*."""
+    match = _CONFLICT.fullmatch(key)
+    table = None if match is None else _unquoted(match["table"])
+    if match is None or table is None or conflict_key(table, int(match["at"], 16),
+                                                      match["digest"]) != key:
+        raise ValueError(f"object {key} is not a conflict record name "
+                         "(conflicts/<table>/<16 hex digits>-<hex digest>.json)")
+    return table, int(match["at"], 16)
 
 
 # --- checkpoints -----------------------------------------------------------------------------

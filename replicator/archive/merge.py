@@ -21,7 +21,10 @@ Deletes and truncates are versions. A delete that is the newest version makes th
 `Tombstone`, and because the delete stays the per-origin maximum, an older insert arriving
 later cannot resurrect the row. A TRUNCATE (op `t`, empty key) is a version of every key of its
 table at its position, in its origin: a key whose newest version is older is deleted; a later
-version survives. Snapshot rows (op `r`) are versions at their position like any other.
+version survives. Snapshot rows (op `r`) are versions at their position like any other, but
+in rule 2 their commit time is 0: a snapshot row stands for changes committed before the
+snapshot at times it does not know (the capture's snapshot stamps its rows with the time it
+was taken, a compaction snapshot keeps none), so any change of another origin is later.
 
 Unchanged TOAST. An update may omit a TOASTed column that did not change: it is absent from
 `after` and named in `unchanged`. Its value is that of the nearest older version *of the same
@@ -275,14 +278,19 @@ def _candidate(history: _History | None, truncate: ChangeEvent | None,
     return _Candidate(event, _role(event.after, policy))
 
 
+def _time(state: KeyState) -> int:
+    """A version's commit time in rule 2: a snapshot row's is 0 (module docstring)."""
+    return 0 if state.op is Op.READ else state.commit_ts_us
+
+
 def _decide(key: MergeKey, group: str | None, candidates: list[_Candidate],
             policy: ConflictPolicy) -> tuple[_Candidate, list[ConflictDecision]]:
     """Rule 2 among one version per origin; returns the winner and one decision per loser."""
-    latest = max(c.state.commit_ts_us for c in candidates)
-    contenders = [c for c in candidates if latest - c.state.commit_ts_us <= policy.window_us]
+    latest = max(_time(c.state) for c in candidates)
+    contenders = [c for c in candidates if latest - _time(c.state) <= policy.window_us]
 
     def strength(c: _Candidate) -> tuple[int, int, tuple[bool, str]]:
-        return policy.rank(c.role, group), c.state.commit_ts_us, _origin_order(c.state.origin)
+        return policy.rank(c.role, group), _time(c.state), _origin_order(c.state.origin)
 
     winner = max(contenders, key=strength)
     won = strength(winner)
@@ -291,7 +299,7 @@ def _decide(key: MergeKey, group: str | None, candidates: list[_Candidate],
         if loser is winner:
             continue
         lost = strength(loser)
-        if latest - loser.state.commit_ts_us > policy.window_us:
+        if latest - _time(loser.state) > policy.window_us:
             reason = ConflictReason.OUTSIDE_WINDOW
         elif lost[0] != won[0]:
             reason = ConflictReason.PRECEDENCE
@@ -362,6 +370,24 @@ class Merger:
     def state(self) -> dict[MergeKey, KeyState]:
         """Every key's state; reports the cross-origin decisions not reported before."""
         return {key: self._resolve(key, histories) for key, histories in self._keys.items()}
+
+    def resolve(self, key: MergeKey) -> KeyState | None:
+        """One key's state (None: no version of it was added); reports its decisions not
+        reported before."""
+        histories = self._keys.get(key)
+        return None if histories is None else self._resolve(key, histories)
+
+    def head(self, key: MergeKey, origin: str | None) -> ChangeEvent | None:
+        """*origin*'s newest version of *key* (as added: unchanged columns not filled)."""
+        history = self._keys.get(key, {}).get(origin)
+        return None if history is None else history.head
+
+    def forget(self, key: MergeKey) -> None:
+        """Drop everything known of *key* (a caller that bounds its memory: a version of
+        the key added later starts afresh)."""
+        self._keys.pop(key, None)
+        for group in (None, *(self._policies.get(key[0], self._default).column_groups or ())):
+            self._reported.pop((key, group), None)
 
     def _resolve(self, key: MergeKey, histories: dict[str | None, _History]) -> KeyState:
         policy = self._policies.get(key[0], self._default)

@@ -17,7 +17,14 @@ from typing import Any
 
 import click
 
-from replicator.cli.replay import open_archive, parse_at_option, run_archive_command, split_tables
+from replicator.cli.replay import (
+    BadOption,
+    load_conflicts,
+    open_archive,
+    parse_at_option,
+    run_archive_command,
+    split_tables,
+)
 from replicator.cli.run import setup_logging
 
 
@@ -37,13 +44,19 @@ from replicator.cli.run import setup_logging
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--nice", type=click.IntRange(0, 19), default=0, show_default=True,
               help="Lower this process's CPU priority by this much (the service uses 10).")
+@click.option("--config", "config_file", type=click.Path(path_type=Path), metavar="FILE",
+              help="The service's configuration: its [conflicts] rules decide rows written "
+                   "by several origins, as in every restore.")
+@click.option("--conflicts", "conflicts_json", metavar="JSON",
+              help="The [conflicts] rules as one JSON object (how the service passes them).")
 @click.option("--keyring", "keyring_file", type=click.Path(path_type=Path),
               help="Key file (name base64 lines); default: REPLICATOR_KEK_* variables.")
 @click.option("--log-level", default="warning", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
 def compact(store_url: str, at_text: str, tables: str | None, min_changes: int,
             min_changes_ratio: float, destination: str | None, as_json: bool, nice: int,
-            keyring_file: Path | None, log_level: str) -> None:
+            config_file: Path | None, conflicts_json: str | None, keyring_file: Path | None,
+            log_level: str) -> None:
     """Write a compaction snapshot of every table (or --tables) at a point.
 
     A restore at or after that point then reads the snapshot and the changes after it only.
@@ -53,6 +66,7 @@ def compact(store_url: str, at_text: str, tables: str | None, min_changes: int,
     if nice:
         os.nice(nice)
     at = parse_at_option(at_text)
+    policies = _conflicts(config_file, conflicts_json)
     store, keyring = open_archive(store_url, keyring_file, os.environ)
 
     from connectors.errors import StoreError
@@ -62,7 +76,8 @@ def compact(store_url: str, at_text: str, tables: str | None, min_changes: int,
         async with store:
             return await run_compaction(store, keyring, at=at, tables=split_tables(tables),
                                         destination=destination, min_changes=min_changes,
-                                        min_changes_ratio=min_changes_ratio)
+                                        min_changes_ratio=min_changes_ratio,
+                                        policies=policies)
 
     summary = run_archive_command(main(), failed="compaction stopped",
                                   errors=(StoreError, OSError))
@@ -73,3 +88,18 @@ def compact(store_url: str, at_text: str, tables: str | None, min_changes: int,
             if not table.done:
                 click.echo(f"{table.table}: passed over: {table.reason}")
         click.echo(summary.line())
+
+
+def _conflicts(config_file: Path | None, conflicts_json: str | None) -> dict[str, Any]:
+    if config_file is not None and conflicts_json is not None:
+        raise BadOption("give --config or --conflicts, not both")
+    if conflicts_json is None:
+        return load_conflicts(config_file)
+    from replicator.config import ConfigError, conflict_policies
+
+    try:
+        return conflict_policies(json.loads(conflicts_json))
+    except json.JSONDecodeError as exc:
+        raise BadOption(f"--conflicts: not valid JSON: {exc}") from None
+    except ConfigError as exc:
+        raise BadOption(f"--conflicts: {exc}") from None

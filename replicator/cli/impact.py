@@ -24,6 +24,7 @@ from replicator.cli.replay import (
     BadOption,
     config_section,
     load_calendar,
+    load_conflicts,
     open_archive,
     read_config,
     run_archive_command,
@@ -93,6 +94,7 @@ def impact(store_url: str, since_text: str, until_text: str | None, tables: str 
     until = parse_time(until_text, "--until") if until_text is not None else None
     calendar, heartbeat_s = load_calendar(config_file)
     link = load_vendor_link(config_file)
+    policies = load_conflicts(config_file)
     store, keyring = open_archive(store_url, keyring_file, os.environ)
 
     from replicator.replay.impact import impact as run_impact
@@ -102,7 +104,7 @@ def impact(store_url: str, since_text: str, until_text: str | None, tables: str 
             return await run_impact(store, keyring, since=since, until=until,
                                     tables=split_tables(tables), wedding=wedding,
                                     destination=destination, calendar=calendar,
-                                    vendors=link, heartbeat_s=heartbeat_s)
+                                    vendors=link, heartbeat_s=heartbeat_s, policies=policies)
 
     report = run_archive_command(main(), failed="impact could not run")
     for warning in report.warnings:
@@ -166,6 +168,15 @@ def readable(report: Any) -> str:
         for name, counts in doc["unresolved"].items():
             table.add_row(*row(name, str(counts["inserts"]), str(counts["updates"]),
                                str(counts["deletes"]), str(counts.get("truncates", 0))))
+        console.print(table)
+    if doc["conflicts"]:
+        table = Table("time", "table", "key", "group", "decided by", "winner", "loser",
+                      title="conflicts between origins")
+        for c in doc["conflicts"]:
+            def side(v: dict[str, Any]) -> str:
+                return f"{v['origin'] or '(local)'} {v['role'] or '-'} {v['op']}"
+            table.add_row(*row(c["at"], c["table"], json.dumps(c["key"]), c["group"] or "row",
+                               c["rule"], side(c["winner"]), side(c["loser"])))
         console.print(table)
     if report.wedding is not None:
         console.print("with --wedding, changes of unknown wedding are not counted")

@@ -95,6 +95,18 @@ def load_calendar(path: Path | None) -> tuple[Any, float]:
     return calendar, float(heartbeat)
 
 
+def load_conflicts(path: Path | None) -> dict[str, Any]:
+    """`--config`'s `[conflicts]`: the conflict rules by table (none without `--config`)."""
+    if path is None:
+        return {}
+    from replicator.config import ConfigError, conflict_policies
+
+    try:
+        return conflict_policies(read_config(path).get("conflicts"))
+    except ConfigError as exc:
+        raise BadOption(f"--config {path}: {exc}") from None
+
+
 def parse_at_option(text: str) -> Any:
     from replicator.replay.plan import parse_at
 
@@ -181,9 +193,11 @@ def replay(store_url: str, at_text: str, to: str | None, tables: str | None,
         raise click.UsageError("give --to (a Postgres DSN or a directory), or --dry-run")
     at = parse_at_option(at_text)
     calendar, heartbeat_s = load_calendar(config_file)
+    policies = load_conflicts(config_file)
     store, keyring = open_archive(store_url, keyring_file, os.environ)
     if tiered:
-        _tiered(store, keyring, at, to, calendar, heartbeat_s, tables=split_tables(tables),
+        _tiered(store, keyring, at, to, calendar, heartbeat_s, policies,
+                tables=split_tables(tables),
                 wedding=wedding, dry_run=dry_run, replace_existing=replace_existing,
                 destination=destination, allow_stale=allow_stale,
                 create_database=create_database, jobs=jobs, as_json=as_json)
@@ -197,7 +211,8 @@ def replay(store_url: str, at_text: str, to: str | None, tables: str | None,
         async with store:
             prepared = await prepare(store, keyring, at=at, tables=split_tables(tables),
                                      wedding=wedding, destination=destination,
-                                     allow_stale=allow_stale, heartbeat_s=heartbeat_s)
+                                     allow_stale=allow_stale, heartbeat_s=heartbeat_s,
+                                     policies=policies)
             if dry_run:
                 return prepared
             assert to is not None
@@ -229,8 +244,8 @@ def replay(store_url: str, at_text: str, to: str | None, tables: str | None,
 
 
 def _tiered(store: Any, keyring: Any, at: Any, to: str | None, calendar: Any,
-            heartbeat_s: float, *, tables: list[str] | None, wedding: str | None,
-            dry_run: bool, replace_existing: bool, destination: str | None,
+            heartbeat_s: float, policies: dict[str, Any], *, tables: list[str] | None,
+            wedding: str | None, dry_run: bool, replace_existing: bool, destination: str | None,
             allow_stale: bool, create_database: bool, jobs: int, as_json: bool) -> None:
     """`replay --tiered` (`replicator.replay.tiered`)."""
     from replicator.replay.targets import is_dsn
@@ -253,7 +268,8 @@ def _tiered(store: Any, keyring: Any, at: Any, to: str | None, calendar: Any,
             return await replay_tiered(store, keyring, to, at=at, calendar=calendar,
                                        tables=tables, destination=destination, jobs=jobs,
                                        allow_stale=allow_stale, heartbeat_s=heartbeat_s,
-                                       create_database=create_database, on_step=told)
+                                       create_database=create_database, on_step=told,
+                                       policies=policies)
 
     summary = run_archive_command(main(), failed="tiered replay stopped; the steps committed "
                                                  "so far stay (each step is a transaction)")
@@ -295,13 +311,16 @@ def _plan_text(doc: dict[str, Any]) -> str:
 @click.option("--wait", "wait_s", type=float, default=120.0, show_default=True,
               help="With --against: seconds to wait for the archive to reach the live point.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
+@click.option("--config", "config_file", type=click.Path(path_type=Path), metavar="FILE",
+              help="The service's configuration: its [conflicts] rules decide rows written "
+                   "by several origins, as in the service.")
 @click.option("--keyring", "keyring_file", type=click.Path(path_type=Path),
               help="Key file (name base64 lines); default: REPLICATOR_KEK_* variables.")
 @click.option("--log-level", default="warning", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
 def verify(store_url: str, at_text: str, against: str | None, scratch: str | None,
            tables: str | None, destination: str | None, wait_s: float, as_json: bool,
-           keyring_file: Path | None, log_level: str) -> None:
+           config_file: Path | None, keyring_file: Path | None, log_level: str) -> None:
     """Restore to a point and prove it right: every table's changes against the transaction
     records, its rows and content hash; with --scratch, a real restore into a new database;
     with --against, the live database as of the same LSN.
@@ -311,6 +330,7 @@ def verify(store_url: str, at_text: str, against: str | None, scratch: str | Non
     """
     setup_logging(log_level)
     at = parse_at_option(at_text)
+    policies = load_conflicts(config_file)
     store, keyring = open_archive(store_url, keyring_file, os.environ)
 
     import psycopg
@@ -321,7 +341,7 @@ def verify(store_url: str, at_text: str, against: str | None, scratch: str | Non
         async with store:
             return await run_verify(store, keyring, at=at, tables=split_tables(tables),
                                     destination=destination, scratch_dsn=scratch,
-                                    against_dsn=against, wait_s=wait_s)
+                                    against_dsn=against, wait_s=wait_s, policies=policies)
 
     report = run_archive_command(main(), failed="verify could not run",
                                  errors=(OSError, psycopg.Error))

@@ -19,6 +19,7 @@ import click
 from replicator.cli.replay import (
     BadOption,
     load_calendar,
+    load_conflicts,
     open_archive,
     parse_at_option,
     read_config,
@@ -86,6 +87,7 @@ def rollback(store_url: str, wedding: str, at_text: str, to: str, reason: str, d
     if isinstance(at, str):
         raise BadOption("--at: give the moment to roll back to (a time or an LSN)")
     calendar, heartbeat_s = load_calendar(config_file)
+    policies = load_conflicts(config_file)
     store, keyring = open_archive(store_url, keyring_file, os.environ)
     others = [(name, url) for name, url in config_destinations(config_file) if url != store_url]
 
@@ -106,7 +108,7 @@ def rollback(store_url: str, wedding: str, at_text: str, to: str, reason: str, d
                     store, keyring, to, wedding=wedding, at=at, reason=reason,
                     dry_run=dry_run, copies=copies, override_reason=override_reason,
                     calendar=calendar, destination=destination, allow_stale=allow_stale,
-                    heartbeat_s=heartbeat_s)
+                    heartbeat_s=heartbeat_s, policies=policies)
         finally:
             for _, other in opened:
                 await other.close()

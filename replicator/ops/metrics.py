@@ -27,12 +27,15 @@ otherwise (`metrics.listen`), and exposes no configuration and no secrets.
 | `wedsync_sink_spool_bytes` | destination | bytes in the local spool, not yet shipped |
 | `wedsync_sink_spooling` | destination | 1 while flushes go into the local spool (store out) |
 | `wedsync_sink_held` | destination, what | what the sink holds in memory (below) |
+| `wedsync_conflicts_total` | destination, table, rule, group | cross-origin conflicts seen |
 | `process_resident_memory_bytes`, … | | the process (Prometheus's standard metrics) |
 | `wedsync_compaction_runs_total` | destination | compaction runs (`replicator compact`) |
 | `wedsync_compaction_failures_total` | destination | compaction runs that failed |
 | `wedsync_compaction_last_success_timestamp_seconds` | destination | end of the last good run |
 | `wedsync_archive_objects`, `..._bytes` | destination, kind | the archive, after each compaction |
 
+`wedsync_conflicts_total` (`sink/conflicts.py`): `rule` is what decided (`precedence`,
+`commit_time`, `origin`), `group` the column group (empty: the whole row).
 `wedsync_sink_held`'s `what`: `buffered_rows` and `buffered_bytes` (changes read, not yet
 written), `uncommitted_runs` (records read whose offsets are not committed yet, in runs),
 `tracked_transactions` (the completeness tracker's), `transaction_records` (read, not yet
@@ -142,7 +145,12 @@ class PipelineCollector(Collector):
                                  "What the sink holds in memory (buffered rows and bytes, "
                                  "uncommitted offset runs, tracked transactions, transaction "
                                  "records not yet written)", labels=["destination", "what"])
+        conflicts = CounterMetricFamily("wedsync_conflicts", "Cross-origin conflicts seen, by "
+                                        "the rule that decided them", labels=[
+                                            "destination", "table", "rule", "group"])
         for name, stats in sorted(sinks.items()):
+            for (table, rule, group), count in sorted(stats.conflicts.items()):
+                conflicts.add_metric([name, table, rule, group], count)
             for what, count in sorted(stats.held.items()):
                 held.add_metric([name, what], count)
             spool.add_metric([name], stats.spool_bytes)
@@ -163,7 +171,7 @@ class PipelineCollector(Collector):
             dead.add_metric([name], stats.dead_letters)
             paused.add_metric([name], 1 if stats.paused else 0)
         yield from (checkpoint, lag, rpo, written, segments, failures, breaker, dead, paused,
-                    raw, spool, spooling, held)
+                    raw, spool, spooling, held, conflicts)
         runs = CounterMetricFamily("wedsync_compaction_runs", "Compaction runs",
                                    labels=["destination"])
         failed = CounterMetricFamily("wedsync_compaction_failures", "Failed compaction runs",

@@ -34,7 +34,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -49,6 +49,7 @@ from replicator.archive.layout import (
     snapshot_key,
     snapshot_prefix,
 )
+from replicator.archive.merge import ConflictPolicy
 from replicator.archive.reader import Archive
 from replicator.archive.snapshot import SnapshotHeader, SnapshotWriter, manifest
 from replicator.archive.timeline import LsnColumn
@@ -133,13 +134,15 @@ class CompactSummary:
 async def compact(store: ObjectStore, keyring: Keyring, *, at: At = LATEST,
                   tables: Sequence[str] | None = None, destination: str | None = None,
                   min_changes: int = 0, min_changes_ratio: float = 0.0,
-                  part_bytes: int = PART_BYTES) -> CompactSummary:
+                  part_bytes: int = PART_BYTES,
+                  policies: Mapping[str, ConflictPolicy] | None = None) -> CompactSummary:
     """Write a compaction snapshot of each table at *at* (module docstring); a table with
     fewer changes since its base than *min_changes*, or than *min_changes_ratio* times its
-    rows at the base, is passed over. Raises what `replay` raises (`ReplayRefused`,
+    rows at the base, is passed over. *policies*: the conflict rules by table, as a restore
+    applies them (`run.prepare`). Raises what `replay` raises (`ReplayRefused`,
     `ReplayFailed`) for the archive's problems."""
     started = time.perf_counter()
-    prepared, unrestorable = await _prepare(store, keyring, at, tables, destination)
+    prepared, unrestorable = await _prepare(store, keyring, at, tables, destination, policies)
     target = prepared.plan.target
     summary = CompactSummary(target, prepared.destination)
     archive = prepared.archive
@@ -196,7 +199,8 @@ async def compact(store: ObjectStore, keyring: Keyring, *, at: At = LATEST,
 
 
 async def _prepare(store: ObjectStore, keyring: Keyring, at: At, tables: Sequence[str] | None,
-                   destination: str | None) -> tuple[Prepared, dict[str, str]]:
+                   destination: str | None, policies: Mapping[str, ConflictPolicy] | None,
+                   ) -> tuple[Prepared, dict[str, str]]:
     """`prepare` for the tables that can be restored at *at*; the others (no snapshot of them
     at that point yet), each with the reason. Refused when none can."""
     wanted: list[str] | None = None if tables is None else list(tables)
@@ -204,7 +208,7 @@ async def _prepare(store: ObjectStore, keyring: Keyring, at: At, tables: Sequenc
     while True:
         try:
             prepared = await prepare(store, keyring, at=at, tables=wanted,
-                                     destination=destination)
+                                     destination=destination, policies=policies)
             return prepared, unrestorable
         except ReplayRefused as exc:
             if not exc.tables:

@@ -262,7 +262,7 @@ class _Changes:
 def _pass1(archive: Archive, job: TableJob, objects: Sequence[JobObject],
            fetch: Callable[[str], bytes], stats: TableStats) -> _Changes:
     """Pass 1 (module docstring), in a thread: *fetch* gets an object's stored bytes."""
-    found = _Changes()
+    found = _Changes(job.new_merger())
     low = job.first_change
     for obj in objects:
         if obj.kind is ObjectKind.PART:  # an on-demand snapshot: versions like changes

@@ -29,6 +29,10 @@ What it reads, and why (docs/ARCHITECTURE.md, "Replay"):
   boundaries and time zone; a wedding without a calendar row has no date and no tier.
 - An update names the row's new wedding only: a row moved from one wedding to another counts
   for the new one.
+- The cross-origin conflicts the sinks recorded (`conflicts/<table>/…`, `sink/conflicts.py`)
+  whose time (the later version's commit) is in the window, for the selected tables (with
+  `wedding`: those whose versions name it): the key, the rule that decided, both versions'
+  origin, role and op, and the winner. A record that cannot be read is a warning.
 
 `objects_read` counts the objects fetched whole (transaction records, schemas, segments, the
 restore's objects), `headers_read` the ranged header reads not used as the whole object, and
@@ -42,6 +46,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import json
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -54,10 +59,13 @@ from connectors.errors import NotFound, StoreError
 from replicator.archive.layout import (
     SEGMENTS,
     SNAPSHOTS,
+    conflicts_prefix,
     is_part_key,
+    parse_conflict_key,
     parse_segment_key,
     segments_prefix,
 )
+from replicator.archive.merge import ConflictPolicy
 from replicator.archive.part import row_fields
 from replicator.archive.reader import (
     Archive,
@@ -70,7 +78,7 @@ from replicator.archive.reader import checkpoint as archive_checkpoint
 from replicator.archive.render import copy_escape, text, utc_text
 from replicator.archive.segment import SegmentError, SegmentHeader, read_header
 from replicator.config import PriorityConfig, VendorLink
-from replicator.crypto import CryptoError, Keyring, decrypt_stream
+from replicator.crypto import CryptoError, Keyring, decrypt, decrypt_stream
 from replicator.errors import ReplicatorError
 from replicator.events import Op, Tier, TransactionRecord
 from replicator.position import Lsn
@@ -308,6 +316,7 @@ class ImpactReport:
     # and vendor link restored as of the window's end
     steps_s: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    conflicts: list[dict[str, Any]] = field(default_factory=list)  # in the window, by time
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -326,6 +335,7 @@ class ImpactReport:
             "seconds": round(self.seconds, 3),
             "steps_s": {k: round(v, 3) for k, v in self.steps_s.items()},
             "warnings": list(self.warnings),
+            "conflicts": list(self.conflicts),
         }
 
     def csv_rows(self) -> list[list[str]]:
@@ -408,6 +418,39 @@ async def _fetch(reads: _Reads, key: str, end: int | None = None) -> bytes:
         raise ReplayFailed(f"object {key} is missing from the store", object=key) from None
     except StoreError as exc:
         raise ReplayFailed(f"cannot read object {key}: {exc}", object=key) from None
+
+
+async def _conflicts(reads: _Reads, keyring: Keyring, tables: Sequence[str], since_us: int,
+                     until_us: int, wedding: str | None, warnings: list[str]
+                     ) -> list[dict[str, Any]]:
+    """The conflict records of *tables* in the window (module docstring), by time."""
+    names = []
+    for table in tables:
+        async for info in reads.list(conflicts_prefix(table)):
+            try:
+                _, at = parse_conflict_key(info.key)
+            except ValueError as exc:
+                warnings.append(str(exc))
+                continue
+            if since_us <= at <= until_us:
+                names.append((at, info.key))
+    found = []
+    for at, key in sorted(names):
+        try:
+            doc = json.loads(decrypt(await _fetch(reads, key), key, keyring))
+            sides = {side: doc[side] for side in ("winner", "loser")}
+            entry = {"at": utc_text(at), "table": doc["table"], "key": doc["key"],
+                     "group": doc["group"], "rule": doc["rule"], "object": key,
+                     **{side: {f: v.get(f) for f in ("origin", "role", "op", "commit_time",
+                                                     "lsn", "wedding_id")}
+                        for side, v in sides.items()}}
+        except (CryptoError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            warnings.append(f"conflict record {key} cannot be read: {exc}")
+            continue
+        if wedding is None or wedding in (entry["winner"]["wedding_id"],
+                                          entry["loser"]["wedding_id"]):
+            found.append(entry)
+    return found
 
 
 def _header_of(key: str, data: bytes, keyring: Keyring) -> SegmentHeader | None:
@@ -507,7 +550,8 @@ def _unrestored(found: _Found, cut: Lsn, exc: ReplayFailed, warnings: list[str])
 async def _dates_and_vendors(reads: _Reads, keyring: Keyring, facts: ArchiveFacts, *, cut: Lsn,
                              weddings: set[str], wedding: str | None, known: set[str],
                              calendar: PriorityConfig | None, link: VendorLink | None,
-                             warnings: list[str]) -> _Found:
+                             warnings: list[str],
+                             policies: Mapping[str, ConflictPolicy] | None = None) -> _Found:
     """The calendar table and the vendor link's table restored as of *cut*, keeping the rows
     of *weddings* (with *wedding*: a wedding restore of that one)."""
     found = _Found()
@@ -531,7 +575,8 @@ async def _dates_and_vendors(reads: _Reads, keyring: Keyring, facts: ArchiveFact
     while columns:
         try:
             prepared = await prepare(reads, keyring, at=cut, tables=sorted(columns),
-                                     wedding=wedding, allow_stale=True, facts=facts)
+                                     wedding=wedding, allow_stale=True, facts=facts,
+                                     policies=policies)
             break
         except ReplayRefused as exc:
             refused = [t for t in exc.tables if t in columns] or sorted(columns)
@@ -584,14 +629,15 @@ async def impact(store: ObjectStore, keyring: Keyring, *, since: datetime,
                  until: datetime | None = None, tables: Sequence[str] | None = None,
                  wedding: str | None = None, destination: str | None = None,
                  calendar: PriorityConfig | None = None, vendors: VendorLink | None = None,
-                 heartbeat_s: float = 10.0, today: Callable[[], date] | None = None
-                 ) -> ImpactReport:
+                 heartbeat_s: float = 10.0, today: Callable[[], date] | None = None,
+                 policies: Mapping[str, ConflictPolicy] | None = None) -> ImpactReport:
     """The weddings touched by the changes committed in `[since, until]` (module
     docstring). *calendar*: the `[priority]` section (None: no dates or tiers); *vendors*:
-    the `[impact]` vendor link; *today*: for the tiers (default: today in the calendar's
-    time zone). Raises `ReplayRefused` for a window that cannot be asked (since after until,
-    or entirely after the newest archived commit), a table or wedding the archive does not
-    hold, and `ReplayFailed` for an object it cannot use."""
+    the `[impact]` vendor link; *policies*: the conflict rules by table; *today*: for the
+    tiers (default: today in the calendar's time zone). Raises `ReplayRefused` for a window
+    that cannot be asked (since after until, or entirely after the newest archived commit),
+    a table or wedding the archive does not hold, and `ReplayFailed` for an object it cannot
+    use."""
     started = time.perf_counter()
     since_us = epoch_us(since)
     until_us = None if until is None else epoch_us(until)
@@ -684,7 +730,7 @@ async def impact(store: ObjectStore, keyring: Keyring, *, since: datetime,
             found = await _dates_and_vendors(
                 reads, keyring, facts, cut=Lsn(max(cut_at)), weddings=touched,
                 wedding=wedding, known=known | set(timeline.snapshots), calendar=calendar,
-                link=vendors, warnings=report.warnings)
+                link=vendors, warnings=report.warnings, policies=policies)
         else:
             found = _Found()
             report.warnings.append(f"nothing is archived at or before {utc_text(end_us)}: "
@@ -701,6 +747,8 @@ async def impact(store: ObjectStore, keyring: Keyring, *, since: datetime,
         _describe(tally.weddings.values(), found, calendar, today)
         report.calendar = (calendar.weddings_table
                            if calendar is not None and found.dates is not None else None)
+    report.conflicts = await _conflicts(reads, keyring, selected, since_us, end_us, wedding,
+                                        report.warnings)
     report.weddings = ordered(tally.weddings.values())
     report.unresolved = dict(sorted(tally.unresolved.items()))
     for table, counts in report.unresolved.items():

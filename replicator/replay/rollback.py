@@ -48,13 +48,14 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 from connectors.base import ObjectStore
 from replicator.archive.layout import audit_key, rollback_key
+from replicator.archive.merge import ConflictPolicy
 from replicator.archive.render import utc_text
 from replicator.config import PriorityConfig
 from replicator.crypto import Keyring, encrypt
@@ -405,17 +406,20 @@ async def rollback(store: ObjectStore, keyring: Keyring, dsn: str, *, wedding: s
                    reason: str, dry_run: bool = False, copies: Sequence[Copy] = (),
                    override_reason: str | None = None, calendar: PriorityConfig | None = None,
                    destination: str | None = None, allow_stale: bool = False,
-                   heartbeat_s: float = 10.0) -> RollbackReport:
+                   heartbeat_s: float = 10.0,
+                   policies: Mapping[str, ConflictPolicy] | None = None) -> RollbackReport:
     """Put *wedding*'s rows in the live database *dsn* back as they were at *at* (module
-    docstring). *copies*: the stores the snapshot and audit record go to (the archive read
-    is not added by itself)."""
+    docstring), the conflict rules *policies* deciding rows of several origins. *copies*:
+    the stores the snapshot and audit record go to (the archive read is not added by
+    itself)."""
     from replicator.replay.run import apply, prepare
 
     if not reason.strip():
         raise ReplayRefused("--reason must say why the wedding is rolled back (it is recorded)")
     started = time.perf_counter()
     prepared = await prepare(store, keyring, at=at, wedding=wedding, destination=destination,
-                             allow_stale=allow_stale, heartbeat_s=heartbeat_s)
+                             allow_stale=allow_stale, heartbeat_s=heartbeat_s,
+                             policies=policies)
     planned = time.perf_counter() - started
     point = str(prepared.plan.target)
     ts = prepared.archive.timeline.times.get(int(prepared.plan.target))

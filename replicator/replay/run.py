@@ -31,7 +31,7 @@ import dataclasses
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import partial
@@ -49,6 +49,7 @@ from replicator.archive.layout import (
     parse_retention_floor,
     schemas_prefix,
 )
+from replicator.archive.merge import ConflictPolicy
 from replicator.archive.part import PartCorrupt, read_part_header
 from replicator.archive.reader import (
     Archive,
@@ -301,13 +302,15 @@ async def prepare(store: ObjectStore, keyring: Keyring, *, at: At,
                   tables: Sequence[str] | None = None, wedding: str | None = None,
                   destination: str | None = None, allow_stale: bool = False,
                   heartbeat_s: float = 10.0, weddings: frozenset[str] | None = None,
-                  label: str | None = None, facts: ArchiveFacts | None = None) -> Prepared:
+                  label: str | None = None, facts: ArchiveFacts | None = None,
+                  policies: Mapping[str, ConflictPolicy] | None = None) -> Prepared:
     """Read what the plan needs and plan. A time later than the newest archived commit by
     more than *heartbeat_s* is refused unless *allow_stale* (`plan.check_fresh`).
     *weddings*: restore the rows of these weddings (a `tiered` step; *label* names them),
     reading only the objects whose header says one of them may be inside. *facts*: an
     earlier `Prepared.facts` of the same destination, read again from nothing (its archive,
-    the timeline and the counters included, is shared)."""
+    the timeline and the counters included, is shared). *policies*: the conflict rules
+    (`[conflicts]`) by table; a table without one: the latest commit wins across origins."""
     started = time.perf_counter()
     tables = None if tables is None else list(tables)  # read twice: for schemas, and by plan
     if facts is None:
@@ -377,7 +380,7 @@ async def prepare(store: ObjectStore, keyring: Keyring, *, at: At,
                      wedding if weddings is None else (label or "the weddings"),
                      check_counts=wedding is None and weddings is None, headers=headers,
                      compacted=t.base_kind == "snapshot", cleared=t.base_kind == "recreated",
-                     weddings=weddings)
+                     weddings=weddings, policy=(policies or {}).get(t.table))
             for t in the_plan.tables]
     return Prepared(the_plan, archive, jobs, dest, schemas, time.perf_counter() - started,
                     {info.key: info.size for info in listing}, facts)
@@ -493,10 +496,11 @@ async def replay(store: ObjectStore, keyring: Keyring, target: Target, *, at: At
                  destination: str | None = None, jobs: int = 4,
                  progress: Callable[[str], None] | None = None,
                  memory_budget_mb: float | None = None, allow_stale: bool = False,
-                 heartbeat_s: float = 10.0) -> ReplaySummary:
+                 heartbeat_s: float = 10.0,
+                 policies: Mapping[str, ConflictPolicy] | None = None) -> ReplaySummary:
     prepared = await prepare(store, keyring, at=at, tables=tables, wedding=wedding,
                              destination=destination, allow_stale=allow_stale,
-                             heartbeat_s=heartbeat_s)
+                             heartbeat_s=heartbeat_s, policies=policies)
     return await apply(prepared, target, jobs=jobs, progress=progress,
                        memory_budget_mb=memory_budget_mb)
 

@@ -26,7 +26,7 @@ from replicator.archive.layout import (
     parse_part_key,
     parse_segment_key,
 )
-from replicator.archive.merge import Merger, Tombstone
+from replicator.archive.merge import ConflictPolicy, Merger, Tombstone
 from replicator.archive.part import (
     KEY_SEPARATOR,
     PartHeader,
@@ -186,6 +186,12 @@ class TableJob:
     # The base is an empty table: the table was dropped at `base` and created again after it
     # (nothing at or below `base` is applied: the old table's rows are gone).
     cleared: bool = False
+    # The table's conflict rule (`[conflicts]`); None: the latest commit wins across origins.
+    policy: ConflictPolicy | None = None
+
+    def new_merger(self) -> Merger:
+        """A merger with the table's conflict rule."""
+        return Merger(None if self.policy is None else {self.table: self.policy})
 
     def owns(self, wedding_id: str | None) -> bool:
         """Whether a row of *wedding_id* is one this wedding restore keeps."""

@@ -29,11 +29,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from connectors.base import ObjectStore
+from replicator.archive.merge import ConflictPolicy
 from replicator.archive.render import utc_text
 from replicator.config import PriorityConfig
 from replicator.crypto import Keyring
@@ -206,13 +207,14 @@ async def replay_tiered(store: ObjectStore, keyring: Keyring, dsn: str, *, at: A
                         tables: Sequence[str] | None = None, destination: str | None = None,
                         jobs: int = 4, allow_stale: bool = False, heartbeat_s: float = 10.0,
                         create_database: bool = False,
-                        on_step: Callable[[Step], None] | None = None) -> TieredSummary:
+                        on_step: Callable[[Step], None] | None = None,
+                        policies: Mapping[str, ConflictPolicy] | None = None) -> TieredSummary:
     """The tiered restore of the module docstring; *on_step* is told of each step as it
-    becomes usable."""
+    becomes usable; *policies*: the conflict rules by table (`run.prepare`)."""
     started = time.perf_counter()
     calendar = calendar or PriorityConfig()
     full = await prepare(store, keyring, at=at, tables=tables, destination=destination,
-                         allow_stale=allow_stale, heartbeat_s=heartbeat_s)
+                         allow_stale=allow_stale, heartbeat_s=heartbeat_s, policies=policies)
     point = full.plan.target
     ts = full.archive.timeline.times.get(int(point))
     summary = TieredSummary(point, utc_text(ts) if ts is not None else None, full.destination)
@@ -239,7 +241,8 @@ async def replay_tiered(store: ObjectStore, keyring: Keyring, dsn: str, *, at: A
         reads = full.archive.objects_read
         step = await prepare(store, keyring, at=point, tables=selected,
                              destination=full.destination, weddings=ids,
-                             label=f"the {tier.value} weddings", facts=full.facts)
+                             label=f"the {tier.value} weddings", facts=full.facts,
+                             policies=policies)
         result = await apply(step, _Step(dsn, replace_existing=True), jobs=jobs)
         now = time.perf_counter()
         done(Step(tier.value, len(ids), result.rows, now - started, now - began,

@@ -30,6 +30,7 @@ from replicator.archive.layout import (
     AUDIT,
     CHECKPOINTS,
     CLAIMS,
+    CONFLICTS,
     DEAD_LETTERS,
     GAPS,
     PROGRESS,
@@ -56,7 +57,8 @@ __all__ = ["Usage", "usage"]
 _KINDS = ((SEGMENTS, "change segments"), (TRANSACTIONS, "transaction records"),
           (SCHEMAS, "schemas"), (CHECKPOINTS, "checkpoints"), (DEAD_LETTERS, "dead letters"),
           (CLAIMS, "claims"), (AUDIT, "audit records"), (ROLLBACKS, "rollbacks"),
-          (PROGRESS, "progress"), (GAPS, "gaps"), (RETENTION, "retention"))
+          (PROGRESS, "progress"), (GAPS, "gaps"), (RETENTION, "retention"),
+          (CONFLICTS, "conflicts"))
 
 
 def kind_of(key: str) -> str:

@@ -49,6 +49,7 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from connectors.base import ObjectStore
+from replicator.archive.merge import ConflictPolicy
 from replicator.archive.reader import ReplayFailed
 from replicator.archive.reader import checkpoint as archive_checkpoint
 from replicator.archive.render import TableHash, utc_text
@@ -362,10 +363,12 @@ def _compare_live(check: TableCheck, live: TableHash | None, problem: str | None
 async def verify(store: ObjectStore, keyring: Keyring, *, at: At = LATEST,
                  tables: Sequence[str] | None = None, destination: str | None = None,
                  scratch_dsn: str | None = None, against_dsn: str | None = None,
-                 wait_s: float = 120.0) -> VerifyReport:
+                 wait_s: float = 120.0,
+                 policies: Mapping[str, ConflictPolicy] | None = None) -> VerifyReport:
     started = time.perf_counter()
     if against_dsn is None:
-        prepared = await prepare(store, keyring, at=at, tables=tables, destination=destination)
+        prepared = await prepare(store, keyring, at=at, tables=tables, destination=destination,
+                                 policies=policies)
         report = _report(prepared)
         await _restore_hashes(prepared, report)
     else:
@@ -376,7 +379,7 @@ async def verify(store: ObjectStore, keyring: Keyring, *, at: At = LATEST,
             point = Lsn(consistent - 1)
             await _wait_checkpoint(store, keyring, destination, consistent, wait_s)
             prepared = await prepare(store, keyring, at=point, tables=tables,
-                                     destination=destination)
+                                     destination=destination, policies=policies)
             report = _report(prepared)
             report.against = True
             differ: dict[str, list[str]] = {}

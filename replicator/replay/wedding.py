@@ -9,7 +9,6 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from replicator.archive.merge import Merger
 from replicator.archive.part import PartCorrupt, PartHeader, pg_key_text
 from replicator.archive.reader import Archive
 from replicator.archive.render import copy_escape
@@ -56,7 +55,7 @@ async def restore_wedding(archive: Archive, job: TableJob, emit: Emit,
     base, target = job.first_change, int(job.target)
     owners = job.weddings if job.weddings is not None else frozenset((job.wedding,))
     headers = job.headers or {}
-    merger = Merger()
+    merger = job.new_merger()
     seen: dict[int, bytearray] = {}
     wanted: set[str] = set()  # key texts of the wedding's rows
     unknown_deletes: list[dict[str, Any]] = []

@@ -34,7 +34,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from replicator.config import DestinationConfig
+from replicator.config import ConflictRule, DestinationConfig
 
 EXIT_NEEDS_OPERATOR = 2  # `replicator compact` refused: nothing it can do at this point
 
@@ -79,8 +79,11 @@ class Compactor:
                  written: Callable[[], int] | None = None,
                  leader: Callable[[], bool] | None = None,
                  wedding_day: Callable[[], Awaitable[str | None]] | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 conflicts: Mapping[str, ConflictRule] | None = None) -> None:
         self.destination = destination
+        # `[conflicts]`: compaction folds rows written by several origins as restores do.
+        self.conflicts = dict(conflicts or {})
         self.environ = child_environment(environ, destination.url)
         self.keyring_file = keyring_file
         self.stats = CompactionStats()
@@ -104,6 +107,10 @@ class Compactor:
                    "--nice", str(NICENESS), "--json"]
         if self.keyring_file is not None:
             command += ["--keyring", str(self.keyring_file)]
+        if self.conflicts:
+            command += ["--conflicts", json.dumps(
+                {table: rule.model_dump(mode="json") for table, rule in self.conflicts.items()},
+                sort_keys=True)]
         return command
 
     def due(self, now: float, last_started: float, written_then: int) -> bool:

@@ -95,7 +95,8 @@ class Sinks:
             self._stores.append(store)
             await self._preflight(destination.name, bare)
             worker = SinkWorker(destination, self.config.kafka, store, keyring,
-                                claims_url=self.config.claims_url, shared=shared)
+                                claims_url=self.config.claims_url, shared=shared,
+                                conflicts=self.config.policies)
             self.workers[destination.name] = worker
             if worker.spool is not None:
                 try:
@@ -109,7 +110,8 @@ class Sinks:
                     destination, self.environ, self.config.encryption.keyring_file,
                     written=_rows_written(worker.stats),
                     leader=partial(getattr, worker, "checkpointer"),
-                    wedding_day=partial(wedding_day_finding, self.config))
+                    wedding_day=partial(wedding_day_finding, self.config),
+                    conflicts=self.config.conflicts)
 
     async def _preflight(self, name: str, store: ObjectStore) -> None:
         """One LIST of the destination's checkpoints, to catch what only an operator can fix

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 
 from replicator.events import TIER_ORDER, Tier
@@ -43,6 +44,10 @@ class SinkStats:
     # ledger's runs: records read whose offsets are not committed yet), "tracked_transactions"
     # (the completeness tracker's), "transaction_records" (read, not yet written).
     held: dict[str, int] = field(default_factory=dict)
+    # Cross-origin conflicts seen (sink/conflicts.py): (table, rule, group) -> count; and the
+    # keys the watch let go of early to stay within its bound.
+    conflicts: Counter[tuple[str, str, str]] = field(default_factory=Counter)
+    conflicts_forgotten: int = 0
 
     def rpo_seconds(self, now: float) -> dict[str, float]:
         """Per tier, the age at *now* (epoch seconds) of the oldest committed change not yet

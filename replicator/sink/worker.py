@@ -81,10 +81,7 @@ from aiokafka.structs import OffsetAndMetadata
 
 from connectors.base import ObjectStore, run_bounded
 from connectors.errors import StoreError
-from replicator.archive.segment import (
-    EventFacts,
-    event_facts,
-)
+from replicator.archive.segment import EventFacts, event_facts
 from replicator.backoff import Backoff
 from replicator.config import DestinationConfig, KafkaConfig
 from replicator.crypto import Keyring
@@ -94,6 +91,7 @@ from replicator.position import INVALID_LSN, Lsn
 from replicator.sink.breaker import BreakerState, CircuitBreaker, CircuitOpen, TokenBucket
 from replicator.sink.checkpoint import CompletenessTracker
 from replicator.sink.claims import ClaimResolver, claim_of
+from replicator.sink.conflicts import ConflictWatch, Rules
 from replicator.sink.members import ROLES, ProgressReader, ProgressWriter, Revocations, role_of
 from replicator.sink.objects import CheckpointObjects, RecordedGaps, dead_letter, lost_range
 from replicator.sink.offsets import OffsetLedger, Pending, align, backlog
@@ -127,8 +125,8 @@ _TIER_NAMES = tuple(tier.value for tier in TIER_ORDER)
 class SinkWorker:
     def __init__(self, destination: DestinationConfig, kafka: KafkaConfig, store: ObjectStore,
                  keyring: Keyring, *, clock: Any = time.monotonic,
-                 claims_url: str | None = None,
-                 shared: SharedDecodes[Any] | None = None) -> None:
+                 claims_url: str | None = None, shared: SharedDecodes[Any] | None = None,
+                 conflicts: Rules | None = None) -> None:
         self.destination = destination
         self.kafka = kafka
         self.store = store
@@ -138,6 +136,8 @@ class SinkWorker:
         # What the other sinks of this process decoded already (sink/shared.py).
         self.shared: SharedDecodes[Any] = shared or SharedDecodes(1)
         self.stats = SinkStats()
+        # Tables with a conflict rule: their changes are decoded and watched (sink/conflicts).
+        self.watch = ConflictWatch(conflicts, self.stats) if conflicts else None
         self.breaker = CircuitBreaker()
         self.bucket = TokenBucket(destination.bandwidth_bytes_per_s)
         self.writer = ArchiveWriter(destination, store, keyring, self.bucket, self.stats)
@@ -453,6 +453,8 @@ class SinkWorker:
             self._pending_ts[tier] = facts[2]
         self._rows += 1
         self._bytes += size
+        if self.watch is not None and self.watch.watches(table):  # records written first
+            self._dead_buffer += self.watch.see(record.key, record.value, self.codec)
 
     def _add_transaction(self, tp: TopicPartition, record: ConsumerRecord[Any, Any]) -> None:
         found = raw_transaction(record.headers, record.value, self.codec.own_transaction_body)

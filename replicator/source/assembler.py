@@ -116,8 +116,12 @@ class Assembler:
         on_message: Callable[[pg.LogicalMessage], None] | None = None,
         spill_bytes: int = SPILL_BYTES,
         spill_dir: str | None = None,
+        skip_replicated: bool = False,
     ) -> None:
         self.db = db
+        # Leave out the changes of transactions with a replication origin (replicated in:
+        # `source.replicated_changes = "skip"` where the server cannot filter them).
+        self.skip_replicated = skip_replicated
         self.registry = registry or TypeRegistry()
         self.primary_keys = primary_keys or {}
         self.on_message = on_message
@@ -413,6 +417,11 @@ class Assembler:
 
     def _finish(self, tx: _Open, commit_lsn: Lsn, end_lsn: Lsn, commit_ts: int) -> Committed:
         commit_us = commit_ts + _EPOCH_SHIFT_US
+        if self.skip_replicated and tx.origin is not None:  # replicated in: left out
+            tx.changes.clear()
+            if tx.spill is not None:
+                tx.spill.close()
+                tx.spill = None
         counts: dict[str, int] = {}
         events = []
         origin = tx.origin

@@ -316,6 +316,7 @@ class ReplicationStream:
         messages: bool = True,
         two_phase: bool = False,
         status_interval_s: float = 1.0,
+        origin: str | None = None,
     ) -> None:
         if not slot or not publication:
             raise ValueError("a replication stream needs a slot and a publication name")
@@ -340,6 +341,10 @@ class ReplicationStream:
         self.messages = messages
         self.two_phase = two_phase
         self.status_interval_s = status_interval_s
+        # pgoutput's `origin` (PostgreSQL 16+): "none" leaves out changes that have one.
+        if origin not in (None, "none", "any"):
+            raise ValueError(f"origin must be 'none', 'any' or None, not {origin!r}")
+        self.origin = origin
 
         self.server_wal_end: Lsn = INVALID_LSN
         self.received_lsn: Lsn = INVALID_LSN
@@ -422,6 +427,8 @@ class ReplicationStream:
             options.append(("streaming", self.streaming))
         if self.two_phase:
             options.append(("two_phase", "true"))
+        if self.origin is not None:
+            options.append(("origin", self.origin))
         return sql.SQL("START_REPLICATION SLOT {} LOGICAL {} ({})").format(
             sql.Identifier(self.slot),
             sql.SQL(str(self.start_lsn)),

@@ -139,3 +139,72 @@ def test_the_file_must_be_utf8_text(tmp_path: Path) -> None:
     path.write_bytes(GOOD.replace("wedsync", "wedsync\xe9").encode("latin-1"))
     with pytest.raises(ConfigError, match=r"latin1\.toml: not UTF-8 text"):
         load_config(path, environ={})
+
+
+RULES = GOOD + """
+[conflicts."timeline_items"]
+role_column = "updated_by_role"
+precedence = ["venue", "planner", "photographer", "florist", "couple"]
+window_s = 300
+column_groups = { schedule = ["starts_at", "ends_at"], notes = ["notes"] }
+group_precedence = { notes = ["photographer", "venue"] }
+
+[conflicts.'"odd.schema"."Shot List"']
+window_s = 1.5
+"""
+
+
+def test_conflict_rules_load_as_the_merge_policies(tmp_path: Path) -> None:
+    from replicator.archive.merge import ConflictPolicy
+    from replicator.config import conflict_policies
+
+    cfg = load_config(write(tmp_path, RULES), environ={})
+    policies = cfg.policies
+    assert set(policies) == {"public.timeline_items", '"odd.schema"."Shot List"'}
+    timeline = policies["public.timeline_items"]
+    assert timeline == ConflictPolicy(
+        window_us=300_000_000, precedence=("venue", "planner", "photographer", "florist",
+                                           "couple"),
+        role_column="updated_by_role",
+        column_groups={"schedule": ("starts_at", "ends_at"), "notes": ("notes",)},
+        group_precedence={"notes": ("photographer", "venue")})
+    assert timeline.rank("venue") > timeline.rank("couple") > timeline.rank("nobody") == 0
+    assert timeline.rank("photographer", "notes") > timeline.rank("venue", "notes")
+    odd = policies['"odd.schema"."Shot List"']
+    assert odd.window_us == 1_500_000 and odd.precedence == () and odd.column_groups is None
+    # The same section as the service hands it to its compaction child (JSON, then parsed).
+    dumped = {t: r.model_dump(mode="json") for t, r in cfg.conflicts.items()}
+    assert conflict_policies(dumped) == policies
+    assert conflict_policies(None) == {} and load_config(write(tmp_path, GOOD), {}).policies == {}
+
+
+@pytest.mark.parametrize(("rule", "needle"), [
+    ('precedence = ["venue"]', "precedence needs role_column"),
+    ('role_column = "r"\nwindow_s = -1', "conflicts.t.window_s"),
+    ('role_column = "r"\nwindow_s = "soon"', "conflicts.t.window_s"),
+    ('role_column = "r"\nprecedence = ["venue", "venue"]', "lists venue more than once"),
+    ('role_column = "r"\ncolumn_groups = { a = ["x"], b = ["x"] }',
+     "column 'x' in two groups"),
+    ('role_column = "r"\ncolumn_groups = { a = [] }', "column group 'a' has no columns"),
+    ('role_column = "r"\ngroup_precedence = { a = ["venue"] }', "names 'a', which is not"),
+    ('role_colum = "r"', "conflicts.t.role_colum: unknown key"),
+])
+def test_a_bad_conflict_rule_names_its_table_and_key(tmp_path: Path, rule: str,
+                                                       needle: str) -> None:
+    from replicator.config import conflict_policies
+
+    text = GOOD + f'\n[conflicts."t"]\n{rule}\n'
+    with pytest.raises(ConfigError, match=r"replicator\.toml") as info:
+        load_config(write(tmp_path, text), environ={})
+    assert needle in str(info.value)
+    assert "conflicts" in str(info.value)
+    import tomllib
+
+    with pytest.raises(ConfigError, match="conflicts"):
+        conflict_policies(tomllib.loads(text)["conflicts"])
+
+
+def test_two_spellings_of_one_table_are_refused(tmp_path: Path) -> None:
+    text = GOOD + '\n[conflicts."t"]\nwindow_s = 1\n[conflicts."public.t"]\nwindow_s = 2\n'
+    with pytest.raises(ConfigError, match="two conflict rules for public.t"):
+        load_config(write(tmp_path, text), environ={})

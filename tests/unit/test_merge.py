@@ -381,3 +381,19 @@ def test_invalid_policies_are_refused_with_the_reason(kwargs: dict[str, Any],
     fields: dict[str, Any] = {"window_us": 0, "precedence": ROLES, "role_column": ROLE}
     with pytest.raises(ValueError, match=message):
         ConflictPolicy(**{**fields, **kwargs})
+
+
+def test_a_snapshot_row_is_older_than_any_change_of_another_origin() -> None:
+    # The capture stamps a snapshot row with the time of the snapshot; a change replicated in
+    # later may carry an older commit time (its origin's). The row stands for changes made
+    # before the snapshot, so across origins it counts as time 0 and loses.
+    snapshot = ev("r", 1, lsn=5, ts=1_000, after={"id": 1, ROLE: "venue", "start": 1})
+    change = ev("u", 1, lsn=9, ts=100, origin="b", after={"id": 1, ROLE: "couple", "start": 2})
+    decisions: list[ConflictDecision] = []
+    for versions in ([snapshot, change], [change, snapshot]):
+        state = merge(versions, {QT: POLICY}, on_decision=decisions.append)
+        assert state[k(1)] is change
+    assert decisions and all(d.reason is ConflictReason.OUTSIDE_WINDOW for d in decisions)
+    # Within one origin the position still decides: a later snapshot row beats an older change.
+    local = ev("u", 1, lsn=3, ts=2_000, after={"id": 1, ROLE: "couple", "start": 3})
+    assert merge([local, snapshot], {QT: POLICY})[k(1)] is snapshot
