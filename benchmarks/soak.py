@@ -25,7 +25,8 @@ Measured:
   lasts while some checkpoint still advances, until none moved for the flush interval plus
   180 s, and at most that plus the load's length), plus rows that differ between each
   destination's restore and the source (`replicator verify --against`, after the load):
-  both must be 0.
+  both must be 0. A table verify could not restore (a store it could not read even after
+  its retries) is not counted as lost but listed in `unverified`, and fails the run too.
 
 `--json` prints one JSON object on the last line: `minutes`, `lost`, `rss_mb_start` and
 `rss_mb_end` (per process), `rpo_p99_s` (per tier), and details beside them (`windows`: per
@@ -337,9 +338,23 @@ async def verify_against(url: str, dsn: str, environ: dict[str, str]) -> dict[st
     return doc
 
 
+def _unreadable(table: dict[str, Any]) -> bool:
+    """A table verify could not restore (a store it could not read): not checked, not lost."""
+    problems = table.get("problems") or []
+    return bool(problems) and all(str(p).startswith("restore failed") for p in problems)
+
+
 def rows_differing(report: dict[str, Any]) -> int:
     return sum(abs((t.get("live_rows") or 0) - (t.get("rows") or 0)) or (0 if t.get("ok") else 1)
-               for t in report.get("tables", {}).values())
+               for t in report.get("tables", {}).values() if not _unreadable(t))
+
+
+def unverified(report: dict[str, Any]) -> list[str]:
+    """The tables verify could not restore, or every table when it did not run."""
+    tables = report.get("tables")
+    if not tables:
+        return [] if report.get("ok") else ["(verify did not run)"]
+    return sorted(name for name, t in tables.items() if _unreadable(t))
 
 
 async def run(minutes: float, rate: float, quick: bool, ddl_every: float, say: Any
@@ -472,6 +487,7 @@ async def run(minutes: float, rate: float, quick: bool, ddl_every: float, say: A
         differing = sum(rows_differing(r) for r in reports.values())
         result.update({
             "lost": never + differing,
+            "unverified": {dest: unverified(r) for dest, r in reports.items() if unverified(r)},
             "rss_mb_start": rss_start,
             "rss_mb_end": rss_end,
             "rpo_p99_s": {tier: p99(values) for tier, values in rpo_s.items()},
@@ -529,7 +545,7 @@ def main() -> int:
         print(json.dumps(result, sort_keys=True))
     else:
         print(json.dumps(result, indent=2, sort_keys=True))
-    return 0 if result["lost"] == 0 else 1
+    return 0 if result["lost"] == 0 and not result["unverified"] else 1
 
 
 if __name__ == "__main__":

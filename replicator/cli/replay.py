@@ -33,12 +33,15 @@ class BadOption(OperatorError):
 
 
 def open_archive(url: str, keyring_file: Path | None, environ: Mapping[str, str]) -> Any:
+    """The store of *url*, each request retried on a transient failure (a dropped connection,
+    a timeout, a 5xx: up to 6 attempts within 60 s, `connectors.retry`), and the keyring."""
     from connectors.errors import StoreError
     from connectors.registry import open_store
+    from connectors.retry import RetryingStore
     from replicator.crypto import CryptoError, Keyring
 
     try:
-        store = open_store(url, environ)
+        store = RetryingStore(open_store(url, environ))
     except (ValueError, StoreError) as exc:
         raise BadOption(f"--from: {exc}") from exc
     try:
