@@ -487,7 +487,8 @@ async def run(minutes: float, rate: float, quick: bool, ddl_every: float, say: A
         differing = sum(rows_differing(r) for r in reports.values())
         result.update({
             "lost": never + differing,
-            "unverified": {dest: unverified(r) for dest, r in reports.items() if unverified(r)},
+            "unverified": {dest: tables for dest, r in reports.items()
+                           if (tables := unverified(r))},
             "rss_mb_start": rss_start,
             "rss_mb_end": rss_end,
             "rpo_p99_s": {tier: p99(values) for tier, values in rpo_s.items()},

@@ -418,9 +418,8 @@ def conflict_key(table: str, at_us: int, digest: str) -> str:
 def parse_conflict_key(key: str) -> tuple[str, int]:
     """Inverse of `conflict_key`: the table and the time; `ValueError` naming *key*."""
     match = _CONFLICT.fullmatch(key)
-    table = None if match is None else _unquoted(match["table"])
-    if match is None or table is None or conflict_key(table, int(match["at"], 16),
-                                                      match["digest"]) != key:
+    if match is None or conflict_key(table := _unquoted(match["table"]), int(match["at"], 16),
+                                     match["digest"]) != key:
         raise ValueError(f"object {key} is not a conflict record name "
                          "(conflicts/<table>/<16 hex digits>-<hex digest>.json)")
     return table, int(match["at"], 16)

@@ -71,6 +71,7 @@ __all__ = [
     "VersionRef",
     "merge",
     "merge_key",
+    "message_merge_key",
 ]
 
 MergeKey: TypeAlias = tuple[str, str]
@@ -91,7 +92,12 @@ KeyState: TypeAlias = ChangeEvent | Tombstone
 
 def merge_key(event: ChangeEvent) -> MergeKey:
     """`(schema.table, canonical JSON of the key columns)`, the Kafka message key's two parts."""
-    table, _, columns = message_key(event).partition(b"\x00")
+    return message_merge_key(message_key(event))
+
+
+def message_merge_key(key: bytes) -> MergeKey:
+    """The merge key of a Kafka message key (`keys.message_key`: table NUL canonical key)."""
+    table, _, columns = key.partition(b"\x00")
     return table.decode(), columns.decode()
 
 
@@ -138,11 +144,15 @@ class ConflictPolicy:
                                  f"not one of the column groups ({', '.join(groups) or 'none'})")
             _check_unique(f"group_precedence[{group!r}]", order)
 
+    def order(self, group: str | None = None) -> tuple[str, ...]:
+        """The roles, strongest first, that decide *group* (None: the whole row)."""
+        if group is not None and self.group_precedence and group in self.group_precedence:
+            return self.group_precedence[group]
+        return self.precedence
+
     def rank(self, role: str | None, group: str | None = None) -> int:
         """Higher is stronger: the first listed role ranks highest, unknown roles rank 0."""
-        order = self.precedence
-        if group is not None and self.group_precedence and group in self.group_precedence:
-            order = self.group_precedence[group]
+        order = self.order(group)
         if role is None or role not in order:
             return 0
         return len(order) - order.index(role)

@@ -43,13 +43,14 @@ from replicator.archive.merge import (
     MergeKey,
     Merger,
     VersionRef,
+    message_merge_key,
 )
 from replicator.events import ChangeEvent, Op
 from replicator.sink.stats import SinkStats
 from replicator.transport.avro import EventCodec
 from replicator.transport.avrovalues import event_from_dict
 
-__all__ = ["KEEP_S", "MAX_KEYS", "ConflictWatch", "Rules", "message_merge_key"]
+__all__ = ["KEEP_S", "MAX_KEYS", "ConflictWatch", "Rules"]
 
 #: The conflict rules by qualified table name (`config.Config.policies`).
 Rules: TypeAlias = Mapping[str, ConflictPolicy]
@@ -60,12 +61,6 @@ KEEP_S: Final = 900.0
 #: Keys remembered at most, over every watched table.
 MAX_KEYS: Final = 200_000
 FORMAT: Final = 1
-
-
-def message_merge_key(key: bytes) -> MergeKey:
-    """The merge key of a Kafka message key (`keys.message_key`: table NUL canonical key)."""
-    table, _, columns = key.partition(b"\x00")
-    return table.decode(), columns.decode()
 
 
 def _jsonable(value: Any) -> Any:
@@ -162,10 +157,6 @@ class ConflictWatch:
     def _record(self, decision: ConflictDecision) -> tuple[str, bytes]:
         table, key = decision.key
         policy = self.policies[table]
-        order = policy.precedence
-        if decision.group is not None and policy.group_precedence \
-                and decision.group in policy.group_precedence:
-            order = policy.group_precedence[decision.group]
         winner, loser = decision.winner, decision.loser
         ident = json.dumps([table, key, decision.group, _ref_id(winner), _ref_id(loser)])
         digest = hashlib.sha256(ident.encode()).hexdigest()[:32]
@@ -178,7 +169,7 @@ class ConflictWatch:
             "rule": decision.reason.value,
             "window_s": policy.window_us / 1e6,
             "role_column": policy.role_column or None,
-            "precedence": list(order),
+            "precedence": list(policy.order(decision.group)),
             "winner": self._version(decision.key, winner),
             "loser": self._version(decision.key, loser),
         }

@@ -206,5 +206,5 @@ def test_a_bad_conflict_rule_names_its_table_and_key(tmp_path: Path, rule: str,
 
 def test_two_spellings_of_one_table_are_refused(tmp_path: Path) -> None:
     text = GOOD + '\n[conflicts."t"]\nwindow_s = 1\n[conflicts."public.t"]\nwindow_s = 2\n'
-    with pytest.raises(ConfigError, match="two conflict rules for public.t"):
+    with pytest.raises(ConfigError, match=r"two conflict rules for public\.t"):
         load_config(write(tmp_path, text), environ={})

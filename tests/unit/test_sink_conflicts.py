@@ -13,13 +13,13 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from replicator.archive.layout import conflict_key, conflicts_prefix, parse_conflict_key
-from replicator.archive.merge import ConflictPolicy, Merger, merge_key
+from replicator.archive.merge import ConflictPolicy, Merger, merge_key, message_merge_key
 from replicator.events import ChangeEvent, Op
 from replicator.keys import message_key
 from replicator.ops.metrics import PipelineCollector
 from replicator.position import ChangePosition, Lsn
 from replicator.sink.compaction import CompactionStats
-from replicator.sink.conflicts import ConflictWatch, message_merge_key
+from replicator.sink.conflicts import ConflictWatch
 from replicator.sink.stats import SinkStats
 from replicator.transport.avro import EventCodec
 
@@ -181,3 +181,19 @@ def test_the_metric_counts_by_table_rule_and_group() -> None:
     text = generate_latest(registry).decode()
     assert re.search(r'^wedsync_conflicts_total\{destination="local",group="notes",'
                      r'rule="precedence",table="public.timeline_items"\} 2\.0$', text, re.M), text
+
+
+def test_the_service_hands_its_rules_to_its_compaction_child() -> None:
+    from replicator.config import ConflictRule, DestinationConfig, conflict_policies
+    from replicator.sink.compaction import Compactor
+
+    rule = ConflictRule(role_column="role", precedence=ROLES, window_s=60,
+                        column_groups={"schedule": ("starts_at",), "notes": ("notes",)},
+                        group_precedence={"notes": ("photographer", "venue")})
+    compactor = Compactor(DestinationConfig(name="local", url="file:///tmp/archive"), {},
+                          conflicts={TABLE: rule})
+    command = compactor.command()
+    rules = json.loads(command[command.index("--conflicts") + 1])
+    assert conflict_policies(rules) == {TABLE: RULE}
+    assert "--conflicts" not in Compactor(
+        DestinationConfig(name="local", url="file:///tmp/archive"), {}).command()
